@@ -1,0 +1,522 @@
+//! The `taskhost` command line: flags in Celery's style, resolution of settings (flags, then
+//! Celery's environment variables, then `taskhost.toml`), and the five commands.
+
+use crate::config::{FileConfig, GrantTable};
+use crate::protocol::NewTask;
+use crate::results::Backend;
+use crate::sandbox::{Outcome, Sandbox, SandboxOptions, Scope, Task};
+use crate::worker::WorkerConfig;
+use crate::{broker, dev, node, plugins, results, worker};
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A Celery-compatible worker that runs each task type as a sandboxed WebAssembly component.
+#[derive(Debug, Parser)]
+#[command(name = "taskhost", version, propagate_version = true)]
+pub struct Cli {
+    /// Log level, as Celery's: DEBUG, INFO, WARNING, ERROR, CRITICAL [default: INFO for worker
+    /// and dev, WARNING otherwise]. RUST_LOG, if set, overrides it.
+    #[arg(short = 'l', long, global = true, value_enum, ignore_case = true)]
+    pub loglevel: Option<LogLevel>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Celery's log levels.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warning,
+    Error,
+    Critical,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume Celery queues from Redis and run their tasks in the plugins of a directory.
+    Worker(WorkerArgs),
+    /// Try it out: a worker on a private redis-server (unless a broker is given) that stops
+    /// with it, with the plugins of a directory.
+    Dev(WorkerArgs),
+    /// Send a task, as Celery's `send_task` would; with --wait, print its result.
+    Call(CallArgs),
+    /// Run one task in a plugin file, locally, without Redis: the plugin author's loop.
+    Exec(ExecArgs),
+    /// List the plugins of a directory: their tasks and WIT version, or why each was refused.
+    Plugins(PluginsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Queues to consume, comma-separated, highest priority first [default: celery].
+    #[arg(short = 'Q', long = "queues", value_delimiter = ',')]
+    pub queues: Vec<String>,
+    /// Tasks run at once [default: 4].
+    #[arg(short = 'c', long, env = "CELERY_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Broker URL, e.g. redis://localhost:6379/0.
+    #[arg(short = 'b', long, env = "CELERY_BROKER_URL")]
+    pub broker: Option<String>,
+    /// Result backend URL [default: the broker].
+    #[arg(long, env = "CELERY_RESULT_BACKEND")]
+    pub result_backend: Option<String>,
+    /// Directory of plugin .wasm files [default: ./plugins.d].
+    #[arg(short = 'p', long, env = "TASKHOST_PLUGINS")]
+    pub plugins: Option<PathBuf>,
+    /// Config file [default: ./taskhost.toml if present].
+    #[arg(long, env = "TASKHOST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Node name, as Celery's --hostname (%h, %n, %d expand) [default: celery@%h].
+    #[arg(short = 'n', long)]
+    pub hostname: Option<String>,
+    /// Seconds running tasks get to finish when the worker is asked to stop.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_grace: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// Task name, e.g. demo.add.
+    pub name: String,
+    /// Positional arguments, a JSON array.
+    #[arg(long, default_value = "[]")]
+    pub args: String,
+    /// Keyword arguments, a JSON object.
+    #[arg(long, default_value = "{}")]
+    pub kwargs: String,
+    /// Queue to send to.
+    #[arg(short = 'Q', long, default_value = "celery")]
+    pub queue: String,
+    /// Priority 0-9 (on Redis, 0 is served first).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=9))]
+    pub priority: u8,
+    /// Run no sooner than this many seconds from now.
+    #[arg(long)]
+    pub countdown: Option<f64>,
+    /// Revoke the task if it has not started within this many seconds.
+    #[arg(long)]
+    pub expires: Option<f64>,
+    /// Wait for the result and print it (exit 1 if the task failed).
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds to wait with --wait.
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout: f64,
+    /// Broker URL [default: CELERY_BROKER_URL, else a running `taskhost dev`].
+    #[arg(short = 'b', long, env = "CELERY_BROKER_URL")]
+    pub broker: Option<String>,
+    /// Result backend URL [default: the broker].
+    #[arg(long, env = "CELERY_RESULT_BACKEND")]
+    pub result_backend: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The plugin file (.wasm).
+    pub plugin: PathBuf,
+    /// Task name, e.g. demo.add.
+    pub name: String,
+    /// Positional arguments, a JSON array.
+    #[arg(long, default_value = "[]")]
+    pub args: String,
+    /// Keyword arguments, a JSON object.
+    #[arg(long, default_value = "{}")]
+    pub kwargs: String,
+    /// Run as this retry of the task.
+    #[arg(long, default_value_t = 0)]
+    pub retries: u32,
+    /// Config file whose grants apply [default: ./taskhost.toml if present].
+    #[arg(long, env = "TASKHOST_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PluginsArgs {
+    /// Directory of plugin .wasm files.
+    pub dir: PathBuf,
+    /// Config file whose grants apply [default: ./taskhost.toml if present].
+    #[arg(long, env = "TASKHOST_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// Parses the command line, sets up logging and runs the command; returns the exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Worker(_) | Command::Dev(_) => LogLevel::Info,
+        _ => LogLevel::Warning,
+    };
+    init_logging(cli.loglevel.unwrap_or(default_level));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: LogLevel) {
+    let level = match level {
+        LogLevel::Debug => "debug",
+        LogLevel::Info => "info",
+        LogLevel::Warning => "warn",
+        LogLevel::Error | LogLevel::Critical => "error",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,taskhost={level}")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
+    match command {
+        Command::Worker(args) => {
+            let config = worker_config(&args, None)?;
+            worker::run(config, shutdown_signal()).await?;
+        }
+        Command::Dev(args) => run_dev(&args).await?,
+        Command::Call(args) => return call(&args).await,
+        Command::Exec(args) => return exec(&args).await,
+        Command::Plugins(args) => return list_plugins(&args).await,
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+/// Resolves a worker's settings: flags (and Celery's environment variables) first, then the
+/// config file. `dev_broker` stands in when no broker is configured.
+fn worker_config(args: &WorkerArgs, dev_broker: Option<&str>) -> anyhow::Result<WorkerConfig> {
+    let (file, path) = FileConfig::load(args.config.as_deref())?;
+    let grants = file.grants(&|var| std::env::var(var).ok())?;
+    let section = &file.worker;
+    let broker_url = args
+        .broker
+        .clone()
+        .or_else(|| section.broker_url.clone())
+        .or_else(|| dev_broker.map(str::to_owned))
+        .context("no broker: pass --broker redis://HOST:PORT/DB or set CELERY_BROKER_URL (or try `taskhost dev`)")?;
+    broker::client(&broker_url)?;
+    let backend_url = args
+        .result_backend
+        .clone()
+        .or_else(|| section.result_backend.clone())
+        .unwrap_or_else(|| broker_url.clone());
+    broker::client(&backend_url).context("result backend")?;
+    let queues = if args.queues.is_empty() {
+        section.queues.clone().unwrap_or_else(|| vec!["celery".into()])
+    } else {
+        args.queues.clone()
+    };
+    if let Some(bad) = queues.iter().find(|q| q.trim().is_empty() || q.contains('\n')) {
+        bail!("invalid queue name {bad:?}");
+    }
+    let concurrency = args.concurrency.or(section.concurrency).unwrap_or(4);
+    if concurrency == 0 || concurrency > 10_000 {
+        bail!("concurrency must be between 1 and 10000, got {concurrency}");
+    }
+    let plugins_dir = match (&args.plugins, &section.plugins) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(dir)) => relative_to_config(dir, path.as_deref()),
+        (None, None) => PathBuf::from("plugins.d"),
+    };
+    if !plugins_dir.is_dir() {
+        bail!(
+            "plugin directory {} does not exist: pass --plugins DIR (a folder of .wasm files)",
+            plugins_dir.display()
+        );
+    }
+    if !args.shutdown_grace.is_finite() || args.shutdown_grace < 0.0 {
+        bail!("--shutdown-grace must be a number of seconds, got {}", args.shutdown_grace);
+    }
+    Ok(WorkerConfig {
+        node: node::node_name(args.hostname.as_deref().or(section.hostname.as_deref())),
+        queues,
+        concurrency,
+        broker_url,
+        backend_url,
+        result_expires: section.result_expires.unwrap_or(results::DEFAULT_EXPIRES),
+        plugins_dir,
+        grants,
+        shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
+    })
+}
+
+fn relative_to_config(dir: &Path, config: Option<&Path>) -> PathBuf {
+    match config.and_then(Path::parent) {
+        Some(base) if dir.is_relative() => base.join(dir),
+        _ => dir.to_path_buf(),
+    }
+}
+
+async fn run_dev(args: &WorkerArgs) -> anyhow::Result<()> {
+    let (file, _) = FileConfig::load(args.config.as_deref())?;
+    let configured = args.broker.is_some() || file.worker.broker_url.is_some();
+    let redis = if configured {
+        None
+    } else {
+        Some(dev::PrivateRedis::start().await?)
+    };
+    let dev_url = redis.as_ref().map(dev::PrivateRedis::url);
+    let config = worker_config(args, dev_url.as_deref())?;
+    let _state = dev::StateFile::write(&config.broker_url)?;
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| {
+            let cwd = std::env::current_dir().ok()?;
+            Some(p.strip_prefix(&cwd).map(Path::to_path_buf).unwrap_or(p))
+        })
+        .map_or_else(|| "taskhost".to_owned(), |p| p.display().to_string());
+    let origin = if redis.is_some() { "private redis-server, stops with this process" } else { "configured" };
+    eprintln!(
+        "\ntaskhost dev: broker {} ({origin}), plugins from {}\n\
+         send a task from another terminal:\n    {exe} call demo.add --args '[2,3]' --wait\n\
+         stop with Ctrl-C\n",
+        broker::redact(&config.broker_url),
+        config.plugins_dir.display()
+    );
+    worker::run(config, shutdown_signal()).await
+}
+
+async fn call(args: &CallArgs) -> anyhow::Result<std::process::ExitCode> {
+    let task_args: Value = serde_json::from_str(&args.args)
+        .with_context(|| format!("--args is not JSON: {:?}", args.args))?;
+    if !task_args.is_array() {
+        bail!("--args must be a JSON array, e.g. '[2, 3]'");
+    }
+    let kwargs: Value = serde_json::from_str(&args.kwargs)
+        .with_context(|| format!("--kwargs is not JSON: {:?}", args.kwargs))?;
+    if !kwargs.is_object() {
+        bail!("--kwargs must be a JSON object, e.g. '{{\"x\": 1}}'");
+    }
+    let seconds = |flag: &str, v: Option<f64>| -> anyhow::Result<Option<Duration>> {
+        match v {
+            None => Ok(None),
+            Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
+            Some(s) => bail!("{flag} must be a non-negative number of seconds, got {s}"),
+        }
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let countdown = seconds("--countdown", args.countdown)?;
+    let expires = seconds("--expires", args.expires)?;
+    let timeout = seconds("--timeout", Some(args.timeout))?.unwrap_or(Duration::from_secs(60));
+    let broker_url = args
+        .broker
+        .clone()
+        .or_else(dev::running_broker)
+        .context("no broker: pass --broker redis://HOST:PORT/DB or set CELERY_BROKER_URL (or start `taskhost dev`)")?;
+    let backend_url = args.result_backend.clone().unwrap_or_else(|| broker_url.clone());
+    let task = NewTask {
+        id: uuid::Uuid::new_v4().to_string(),
+        task: args.name.clone(),
+        args: task_args,
+        kwargs,
+        queue: args.queue.clone(),
+        priority: args.priority,
+        eta: countdown.map(|d| now + d),
+        expires: expires.map(|d| now + d),
+    };
+    let client = broker::client(&broker_url)?;
+    let mut conn = broker::manager(&client, &broker_url).await?;
+    let waiter = if args.wait {
+        let backend = Backend::connect(&backend_url, results::DEFAULT_EXPIRES).await?;
+        Some(backend.subscribe(&task.id).await?)
+    } else {
+        None
+    };
+    broker::publish(&mut conn, &task.queue, task.priority, &task.encode()).await?;
+    let Some(waiter) = waiter else {
+        println!("{}", task.id);
+        return Ok(std::process::ExitCode::SUCCESS);
+    };
+    let doc = waiter.wait(timeout).await?;
+    let status = doc.get("status").and_then(Value::as_str).unwrap_or("?");
+    let result = doc.get("result").cloned().unwrap_or(Value::Null);
+    if status == "SUCCESS" {
+        println!("{result}");
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let kind = result.get("exc_type").and_then(Value::as_str).unwrap_or("Error");
+    let message = match result.get("exc_message") {
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_owned))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Some(other) => other.to_string(),
+        None => result.to_string(),
+    };
+    eprintln!("{status} {}: {kind}: {message}", task.id);
+    Ok(std::process::ExitCode::FAILURE)
+}
+
+fn local_sandbox(grants: &GrantTable) -> anyhow::Result<Arc<Sandbox>> {
+    Ok(Arc::new(Sandbox::new(&SandboxOptions {
+        max_instances: 4,
+        max_memory_bytes: grants.max_memory_bytes(),
+    })?))
+}
+
+async fn exec(args: &ExecArgs) -> anyhow::Result<std::process::ExitCode> {
+    let task_args: Value = serde_json::from_str(&args.args)
+        .with_context(|| format!("--args is not JSON: {:?}", args.args))?;
+    let kwargs: Value = serde_json::from_str(&args.kwargs)
+        .with_context(|| format!("--kwargs is not JSON: {:?}", args.kwargs))?;
+    if !task_args.is_array() || !kwargs.is_object() {
+        bail!("--args must be a JSON array and --kwargs a JSON object");
+    }
+    if !args.plugin.is_file() {
+        bail!("plugin file {} does not exist", args.plugin.display());
+    }
+    let (file, _) = FileConfig::load(args.config.as_deref())?;
+    let grants = file.grants(&|var| std::env::var(var).ok())?;
+    let sandbox = local_sandbox(&grants)?;
+    let plugin = plugins::load_file(&sandbox, &args.plugin, &grants)
+        .await
+        .map_err(|e| anyhow::anyhow!("plugin {} refused: {e}", args.plugin.display()))?;
+    let Some(spec) = plugin.tasks.iter().find(|t| t.name == args.name) else {
+        let served: Vec<&str> = plugin.tasks.iter().map(|t| t.name.as_str()).collect();
+        bail!("{} does not serve task {:?} (it serves: {})", args.plugin.display(), args.name, served.join(", "));
+    };
+    let id = uuid::Uuid::new_v4().to_string();
+    let task = Task {
+        id: id.clone(),
+        name: args.name.clone(),
+        args: task_args.to_string(),
+        kwargs: kwargs.to_string(),
+        retries: args.retries,
+        root_id: Some(id.clone()),
+        parent_id: None,
+        soft_deadline_ms: None,
+        hostname: node::node_name(None),
+    };
+    let scope = Scope {
+        plugin: plugin.name.clone(),
+        task_name: args.name.clone(),
+        task_id: id.as_str().into(),
+        grants: grants.for_plugin(&plugin.name),
+        progress: None,
+    };
+    let hard = scope.grants.limits.time_limit.or_else(|| {
+        spec.defaults.time_limit.filter(|s| s.is_finite() && *s > 0.0).map(Duration::from_secs_f64)
+    });
+    match sandbox.run(&plugin.pre, scope, &task, hard).await {
+        Outcome::Success(json) => {
+            println!("{json}");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Outcome::Failure(exc) => {
+            eprintln!("FAILURE {}: {}", exc.kind, exc.message);
+            Ok(std::process::ExitCode::FAILURE)
+        }
+        Outcome::Retry { countdown, reason } => {
+            let when = countdown.map_or_else(|| "after its backoff".to_owned(), |c| format!("in {c} s"));
+            eprintln!(
+                "RETRY requested ({when}; rerun with --retries {}): {}: {}",
+                args.retries + 1,
+                reason.kind,
+                reason.message
+            );
+            Ok(std::process::ExitCode::from(3))
+        }
+        Outcome::Reject(reason) => {
+            eprintln!("REJECTED: {reason}");
+            Ok(std::process::ExitCode::FAILURE)
+        }
+    }
+}
+
+async fn list_plugins(args: &PluginsArgs) -> anyhow::Result<std::process::ExitCode> {
+    let (file, _) = FileConfig::load(args.config.as_deref())?;
+    let grants = file.grants(&|var| std::env::var(var).ok())?;
+    let sandbox = local_sandbox(&grants)?;
+    let registry = plugins::Registry::load_dir(&sandbox, &args.dir, &grants).await?;
+    for plugin in registry.plugins() {
+        println!(
+            "{}  version {}  wit {}@{}  {}",
+            plugin.name,
+            plugin.version,
+            crate::sandbox::WIT_PACKAGE,
+            plugin.wit_version,
+            plugin.path.display()
+        );
+        for task in &plugin.tasks {
+            println!("    {}{}", task.name, describe_defaults(&task.defaults));
+        }
+    }
+    for refused in registry.refused() {
+        println!("{}  REFUSED: {}", refused.path.display(), refused.error);
+    }
+    if registry.plugins().is_empty() && registry.refused().is_empty() {
+        println!("no .wasm files in {}", args.dir.display());
+    }
+    Ok(if registry.refused().is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+fn describe_defaults(d: &crate::sandbox::TaskDefaults) -> String {
+    let mut parts = Vec::new();
+    if let Some(q) = &d.queue {
+        parts.push(format!("queue={q}"));
+    }
+    if let Some(n) = d.max_retries {
+        parts.push(format!("max_retries={n}"));
+    }
+    if let Some(b) = d.retry_backoff {
+        parts.push(format!("retry_backoff={b}"));
+    }
+    if let Some(b) = d.retry_backoff_max {
+        parts.push(format!("retry_backoff_max={b}"));
+    }
+    if let Some(j) = d.retry_jitter {
+        parts.push(format!("retry_jitter={j}"));
+    }
+    if let Some(t) = d.soft_time_limit {
+        parts.push(format!("soft_time_limit={t}"));
+    }
+    if let Some(t) = d.time_limit {
+        parts.push(format!("time_limit={t}"));
+    }
+    if let Some(r) = &d.rate_limit {
+        parts.push(format!("rate_limit={r}"));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("  ({})", parts.join(", "))
+    }
+}

@@ -1,0 +1,25 @@
+//! taskhost: a worker host for Celery task queues on Redis that runs every task type as a
+//! sandboxed, hot-loadable WebAssembly component.
+//!
+//! # Layout
+//! - [`cli`]: the `taskhost` command line and how settings are resolved.
+//! - [`config`]: `taskhost.toml`, the operator's grants and limits per plugin.
+//! - [`protocol`]: Celery's message and result formats (pure, no I/O).
+//! - [`broker`]: Redis queues: atomic fetch into the in-flight list, ack, delay, dead letters.
+//! - [`results`]: the result backend: storing states, waiting for results.
+//! - [`plugins`]: loading `.wasm` files, the registry of task names.
+//! - [`sandbox`]: the wasmtime engine, per-task stores, the host side of the WIT imports.
+//! - [`worker`]: the fetch → run → settle loop.
+//! - [`dev`]: the private redis-server of `taskhost dev`.
+//! - [`node`]: the worker's name.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod node;
+pub mod plugins;
+pub mod protocol;
+pub mod results;
+pub mod sandbox;
+pub mod worker;

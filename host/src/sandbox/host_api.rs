@@ -1,0 +1,55 @@
+//! The host side of `taskhost:plugin/host`: what a running task may ask of the worker.
+
+use super::TaskState;
+use super::bindings::taskhost::plugin::{host, types};
+
+impl types::Host for TaskState {}
+
+impl host::Host for TaskState {
+    async fn log(&mut self, level: host::Level, message: String, fields: Vec<(String, String)>) {
+        let scope = &self.scope;
+        let fields = fields
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        macro_rules! emit {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "taskhost::plugin",
+                    plugin = %scope.plugin, task = %scope.task_name, task_id = %scope.task_id,
+                    "{message}{}{fields}", if fields.is_empty() { "" } else { " " }
+                )
+            };
+        }
+        match level {
+            host::Level::Trace => emit!(trace),
+            host::Level::Debug => emit!(debug),
+            host::Level::Info => emit!(info),
+            host::Level::Warn => emit!(warn),
+            host::Level::Error => emit!(error),
+        }
+    }
+
+    async fn update_state(&mut self, state: String, meta: String) -> Result<(), String> {
+        let meta: serde_json::Value =
+            serde_json::from_str(&meta).map_err(|e| format!("meta is not JSON: {e}"))?;
+        if state.is_empty() {
+            return Err("state must not be empty".into());
+        }
+        match &self.scope.progress {
+            Some(progress) => progress.update(state, meta).await,
+            None => {
+                tracing::info!(
+                    plugin = %self.scope.plugin, task_id = %self.scope.task_id, %state, %meta,
+                    "task progress"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    async fn config(&mut self, key: String) -> Option<String> {
+        self.scope.grants.config.get(&key).cloned()
+    }
+}

@@ -1,0 +1,76 @@
+//! Outbound HTTP for plugins (`wasi:http/outgoing-handler`): only to the origins the operator
+//! granted the plugin, each request with timeouts. The check runs on the final URI before any
+//! DNS lookup or connection, so a denied request never leaves the host.
+
+use crate::config::{Grants, Origin};
+use http_body_util::BodyExt;
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+/// Time to establish a connection when the plugin sets none.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time to the first byte of the answer when the plugin sets none.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time between bytes of the answer when the plugin sets none.
+const BETWEEN_BYTES_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The per-task HTTP policy: which plugin is asking, and what it was granted.
+pub struct HttpPolicy {
+    pub plugin: Arc<str>,
+    pub task_id: Arc<str>,
+    pub grants: Arc<Grants>,
+}
+
+type ResponseFuture = Box<
+    dyn Future<
+            Output = wasmtime_wasi_http::Result<(
+                http::Response<WasiBody>,
+                Box<dyn Future<Output = Result<(), Error>> + Send>,
+            )>,
+        > + Send,
+>;
+
+impl WasiHttpHooks for HttpPolicy {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> ResponseFuture {
+        let allowed = Origin::of(request.uri()).map(|origin| {
+            let ok = self.grants.allows(&origin);
+            (origin, ok)
+        });
+        match allowed {
+            Ok((_, true)) => {}
+            Ok((origin, false)) => {
+                tracing::warn!(
+                    plugin = %self.plugin, task_id = %self.task_id, %origin,
+                    "denied HTTP request: origin not granted to this plugin (allow_http in taskhost.toml)"
+                );
+                return Box::new(async { Err(Error::HttpRequestDenied) });
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    plugin = %self.plugin, task_id = %self.task_id, uri = %request.uri(),
+                    "denied HTTP request: {reason}"
+                );
+                return Box::new(async { Err(Error::HttpRequestDenied) });
+            }
+        }
+        let options = options.unwrap_or_default();
+        let options = RequestOptions {
+            connect_timeout: options.connect_timeout.or(Some(CONNECT_TIMEOUT)),
+            first_byte_timeout: options.first_byte_timeout.or(Some(FIRST_BYTE_TIMEOUT)),
+            between_bytes_timeout: options.between_bytes_timeout.or(Some(BETWEEN_BYTES_TIMEOUT)),
+        };
+        Box::new(async move {
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
+            ))
+        })
+    }
+}

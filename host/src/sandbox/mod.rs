@@ -1,0 +1,393 @@
+//! The sandbox: one wasmtime engine, the linker of everything a plugin may import, and running
+//! one task in a fresh instance under its plugin's limits.
+//!
+//! Owns: engine configuration (pooling allocator, epoch interruption for CPU fairness), the
+//! per-task store state ([`TaskState`]), the host side of the WIT imports (`host_api`, `http`,
+//! `output`), and turning whatever happens in a run (result, failure, trap, time limit) into an
+//! [`Outcome`]. Knows nothing of Redis or Celery beyond the [`Exception`] shape of a failure.
+//!
+//! Default deny: a store gets a WASI context with no preopened directories, no environment, no
+//! arguments, no sockets or name lookup, captured stdio, and outbound HTTP only through
+//! [`http::HttpPolicy`].
+
+mod host_api;
+mod http;
+mod output;
+
+use crate::config::Grants;
+use crate::protocol::Exception;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime::component::{Component, Linker, ResourceTable, types::ComponentItem};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+/// Generated from `wit/plugin.wit`.
+#[allow(missing_docs, clippy::all)]
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        world: "plugin",
+        path: "../wit",
+        imports: { default: async },
+        exports: { default: async },
+    });
+}
+
+pub use bindings::exports::taskhost::plugin::handler::{Task, TaskInfo};
+pub use bindings::taskhost::plugin::types::TaskDefaults;
+use bindings::taskhost::plugin::types::{Failure as WitFailure, TaskError};
+
+/// The WIT package plugins are built against, and the versions of it this host runs.
+pub const WIT_PACKAGE: &str = "taskhost:plugin";
+pub const SUPPORTED_WIT_VERSIONS: &[&str] = &["0.1.0"];
+
+/// How often the epoch advances: a running guest yields to other tasks at least this often.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// How a task run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The result, as JSON text.
+    Success(String),
+    /// The plugin asked to run again.
+    Retry {
+        countdown: Option<f64>,
+        reason: Exception,
+    },
+    /// The task failed: the plugin said so, or the host stopped it.
+    Failure(Exception),
+    /// The plugin refused the message.
+    Reject(String),
+}
+
+/// Publishes a running task's progress (`update-state`).
+pub trait Progress: Send + Sync {
+    fn update(
+        &self,
+        state: String,
+        meta: serde_json::Value,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+}
+
+/// Who is running: the plugin, the task, and what the plugin is granted.
+#[derive(Clone)]
+pub struct Scope {
+    pub plugin: Arc<str>,
+    pub task_name: String,
+    pub task_id: Arc<str>,
+    pub grants: Arc<Grants>,
+    pub progress: Option<Arc<dyn Progress>>,
+}
+
+/// The state of one store: everything one task run can reach.
+pub struct TaskState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    http_policy: http::HttpPolicy,
+    table: ResourceTable,
+    limits: StoreLimits,
+    stdout: output::Capture,
+    stderr: output::Capture,
+    scope: Scope,
+}
+
+impl WasiView for TaskState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for TaskState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_policy,
+        }
+    }
+}
+
+/// A component linked against the host's imports, ready to instantiate per task.
+pub type PluginPre = bindings::PluginPre<TaskState>;
+
+/// Why a component cannot be used as a plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("not a WebAssembly component: {0}")]
+    Compile(String),
+    #[error(
+        "not a taskhost plugin: it exports no {WIT_PACKAGE}/handler interface (exports: {0})"
+    )]
+    NoHandler(String),
+    #[error(
+        "built for {WIT_PACKAGE}@{found}, but this host supports {WIT_PACKAGE}@{supported}: rebuild it against this host's wit/",
+        supported = SUPPORTED_WIT_VERSIONS.join(", ")
+    )]
+    WitVersion { found: String },
+    #[error("cannot link: {0}")]
+    Link(String),
+    #[error("its tasks() failed: {0}")]
+    Tasks(String),
+}
+
+/// Sizing of the sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    /// Instances that may exist at once (running tasks plus plugin loads).
+    pub max_instances: u32,
+    /// The largest linear memory any plugin may be granted.
+    pub max_memory_bytes: usize,
+}
+
+/// The engine and linker shared by every plugin and task.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<TaskState>,
+}
+
+impl Sandbox {
+    /// Builds the engine (pooling allocator sized by `options`, epoch interruption) and the
+    /// linker, and starts the epoch ticker (it stops when the engine is dropped).
+    pub fn new(options: &SandboxOptions) -> anyhow::Result<Self> {
+        let n = options.max_instances.max(1);
+        let mut pool = PoolingAllocationConfig::default();
+        // A Rust component holds a few core instances (the module and its adapter shims), and
+        // one or two memories and tables.
+        pool.total_component_instances(n)
+            .total_core_instances(n * 8)
+            .total_memories(n * 2)
+            .total_tables(n * 4)
+            .total_stacks(n)
+            .max_memory_size(options.max_memory_bytes);
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        bindings::Plugin::add_to_linker::<TaskState, wasmtime::component::HasSelf<TaskState>>(
+            &mut linker,
+            |state| state,
+        )?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("taskhost-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
+        Ok(Self { engine, linker })
+    }
+
+    /// Compiles a component (CPU-heavy: call it off the async runtime's workers), checks it is
+    /// a plugin for a WIT version this host supports, and links it.
+    pub fn prepare(&self, wasm: &[u8]) -> Result<(PluginPre, String), PrepareError> {
+        let component = Component::new(&self.engine, wasm)
+            .map_err(|e| PrepareError::Compile(format!("{e:#}")))?;
+        let version = self.wit_version(&component)?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PrepareError::Link(format!("{e:#}")))?;
+        let pre = PluginPre::new(instance_pre).map_err(|e| PrepareError::Link(format!("{e:#}")))?;
+        Ok((pre, version))
+    }
+
+    /// The version of the `handler` interface the component exports.
+    fn wit_version(&self, component: &Component) -> Result<String, PrepareError> {
+        let prefix = format!("{WIT_PACKAGE}/handler");
+        let ty = component.component_type();
+        let mut names = Vec::new();
+        for (name, item) in ty.exports(&self.engine) {
+            if let (Some(rest), ComponentItem::ComponentInstance(_)) =
+                (name.strip_prefix(&prefix), item.ty)
+            {
+                let version = rest.strip_prefix('@').unwrap_or("unversioned").to_owned();
+                if SUPPORTED_WIT_VERSIONS.contains(&version.as_str()) {
+                    return Ok(version);
+                }
+                return Err(PrepareError::WitVersion { found: version });
+            }
+            names.push(name.to_owned());
+        }
+        Err(PrepareError::NoHandler(if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(", ")
+        }))
+    }
+
+    fn store(&self, scope: Scope) -> Store<TaskState> {
+        let stdout = output::Capture::default();
+        let stderr = output::Capture::default();
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_ip_name_lookup(false)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(scope.grants.limits.memory_bytes)
+            .build();
+        let state = TaskState {
+            wasi,
+            http: WasiHttpCtx::new(),
+            http_policy: http::HttpPolicy {
+                plugin: scope.plugin.clone(),
+                task_id: scope.task_id.clone(),
+                grants: scope.grants.clone(),
+            },
+            table: ResourceTable::new(),
+            limits,
+            stdout,
+            stderr,
+            scope,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        // Yield to the runtime at every epoch tick, so a busy guest cannot starve other tasks.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+        store
+    }
+
+    /// Asks a linked plugin which tasks it serves.
+    pub async fn tasks(&self, pre: &PluginPre, scope: Scope) -> Result<Vec<TaskInfo>, PrepareError> {
+        let mut store = self.store(scope);
+        let call = async {
+            let plugin = pre.instantiate_async(&mut store).await?;
+            plugin.taskhost_plugin_handler().call_tasks(&mut store).await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), call).await {
+            Ok(Ok(tasks)) => Ok(tasks),
+            Ok(Err(e)) => Err(PrepareError::Tasks(format!("{e:#}"))),
+            Err(_) => Err(PrepareError::Tasks("did not return within 10 s".into())),
+        }
+    }
+
+    /// Runs one task in a fresh instance. `hard_limit` interrupts it.
+    pub async fn run(
+        &self,
+        pre: &PluginPre,
+        scope: Scope,
+        task: &Task,
+        hard_limit: Option<Duration>,
+    ) -> Outcome {
+        let (plugin, task_name, task_id) =
+            (scope.plugin.clone(), scope.task_name.clone(), scope.task_id.clone());
+        let mut store = self.store(scope);
+        let call = async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance
+                .taskhost_plugin_handler()
+                .call_run(&mut store, task)
+                .await
+        };
+        let result = match hard_limit {
+            Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| limit),
+            None => Ok(call.await),
+        };
+        let (stdout, stderr) = drain_output(&store, &plugin, &task_name, &task_id);
+        match result {
+            Err(limit) => Outcome::Failure(Exception::new(
+                "TimeLimitExceeded",
+                format!("hard time limit ({:.1} s) exceeded", limit.as_secs_f64()),
+            )),
+            Ok(Ok(Ok(json))) => Outcome::Success(json),
+            Ok(Ok(Err(failure))) => from_wit(failure),
+            Ok(Err(error)) => Outcome::Failure(trap_exception(&error, &stderr, &stdout)),
+        }
+    }
+}
+
+/// Logs what the guest printed, and returns it for error reports.
+fn drain_output(
+    store: &Store<TaskState>,
+    plugin: &str,
+    task: &str,
+    task_id: &str,
+) -> (String, String) {
+    let (stdout, dropped_out) = store.data().stdout.take();
+    let (stderr, dropped_err) = store.data().stderr.take();
+    for line in stdout.lines().filter(|l| !l.is_empty()) {
+        tracing::info!(target: "taskhost::plugin", plugin, task, task_id, stream = "stdout", "{line}");
+    }
+    for line in stderr.lines().filter(|l| !l.is_empty()) {
+        tracing::warn!(target: "taskhost::plugin", plugin, task, task_id, stream = "stderr", "{line}");
+    }
+    if dropped_out + dropped_err > 0 {
+        tracing::warn!(plugin, task, task_id, dropped_bytes = dropped_out + dropped_err,
+            "plugin output over {} bytes per stream was dropped", output::CAPTURE_LIMIT);
+    }
+    (stdout, stderr)
+}
+
+fn from_wit(failure: WitFailure) -> Outcome {
+    let exception = |e: TaskError| Exception {
+        kind: if e.kind.is_empty() { "Exception".into() } else { e.kind },
+        message: e.message,
+        traceback: e.traceback,
+    };
+    match failure {
+        WitFailure::Error(e) => Outcome::Failure(exception(e)),
+        WitFailure::Retry(r) => Outcome::Retry {
+            countdown: r.countdown.filter(|c| c.is_finite() && *c >= 0.0),
+            reason: exception(r.reason),
+        },
+        WitFailure::Reject(reason) => Outcome::Reject(reason),
+    }
+}
+
+/// Names what stopped a guest: a stack overflow, or a trap (a Rust guest's panic prints its
+/// message on stderr before it traps, so that message is the error's).
+fn trap_exception(error: &wasmtime::Error, stderr: &str, stdout: &str) -> Exception {
+    let trap = error.downcast_ref::<wasmtime::Trap>().copied();
+    let panic = stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains("panicked at") || l.contains("memory allocation"))
+        .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()));
+    let mut exception = match trap {
+        Some(wasmtime::Trap::StackOverflow) => {
+            Exception::new("StackOverflow", "the plugin overflowed its wasm stack")
+        }
+        Some(trap) => Exception::new(
+            "PluginTrap",
+            match panic {
+                Some(msg) => format!("{trap}: {}", msg.trim()),
+                None => trap.to_string(),
+            },
+        ),
+        None => Exception::new("PluginTrap", format!("{error:#}")),
+    };
+    let output = [stdout, stderr]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join("\n");
+    exception.traceback = Some(if output.is_empty() {
+        format!("{error:?}")
+    } else {
+        format!("{error:?}\n\nplugin output:\n{output}")
+    });
+    exception
+}
+
+/// Whether `name` is a plugin file this host loads.
+pub fn is_plugin_file(path: &std::path::Path) -> bool {
+    path.extension().is_some_and(|e| e == "wasm")
+}

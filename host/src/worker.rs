@@ -1,0 +1,669 @@
+//! The worker: fetch → run → settle, with at most `concurrency` tasks running, and a clean stop.
+//!
+//! Fetching: a non-blocking Lua fetch takes messages in kombu's priority order into the
+//! in-flight list; when the queues are empty, one waker per queue list blocks on `BLMOVE` (which
+//! also moves atomically), so an idle worker answers a new task at once without polling.
+//! Settling: every outcome ends in the result backend and removes the message from the
+//! in-flight list; a message that cannot be run goes to the dead-letter list, never nowhere.
+//! A message whose `eta` is in the future waits in the delayed set, which every worker drains.
+
+use crate::broker::{Broker, Delivery};
+use crate::config::GrantTable;
+use crate::plugins::{Plugin, Registry, TaskSpec};
+use crate::protocol::{self, Exception, State, TaskMessage};
+use crate::results::Backend;
+use crate::sandbox::{Outcome, Progress, Sandbox, SandboxOptions, Scope, Task};
+use anyhow::Context as _;
+use serde_json::{Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+/// Celery's default `max_retries`.
+pub const DEFAULT_MAX_RETRIES: u32 = 3;
+
+/// Everything a worker needs, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub node: String,
+    pub queues: Vec<String>,
+    pub concurrency: usize,
+    pub broker_url: String,
+    pub backend_url: String,
+    pub result_expires: u64,
+    pub plugins_dir: PathBuf,
+    pub grants: GrantTable,
+    /// How long running tasks may take to finish once a stop is asked for.
+    pub shutdown_grace: Duration,
+}
+
+/// What every task handler shares.
+struct Shared {
+    sandbox: Arc<Sandbox>,
+    registry: Arc<Registry>,
+    broker: Broker,
+    backend: Backend,
+    grants: GrantTable,
+    node: String,
+    /// Wakes the delayed-set mover when a message is scheduled.
+    scheduled: Notify,
+    /// Deliveries being handled, so a stop that cannot wait for them can return them.
+    running: Mutex<HashMap<u64, Delivery>>,
+    next_id: AtomicU64,
+}
+
+/// Runs a worker until `shutdown` completes, then stops fetching, lets running tasks finish
+/// (up to the grace period), returns unstarted and unfinished messages to their queues.
+///
+/// # Errors
+/// When the plugin directory cannot be read or Redis cannot be reached at start.
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let slots = u32::try_from(config.concurrency).unwrap_or(u32::MAX).saturating_add(2);
+    let sandbox = Arc::new(Sandbox::new(&SandboxOptions {
+        max_instances: slots,
+        max_memory_bytes: config.grants.max_memory_bytes(),
+    })?);
+    let registry = Arc::new(
+        Registry::load_dir(&sandbox, &config.plugins_dir, &config.grants).await?,
+    );
+    let broker = Broker::connect(&config.broker_url, &config.node).await?;
+    let backend = Backend::connect(&config.backend_url, config.result_expires).await?;
+    tracing::info!(
+        node = %config.node,
+        broker = %crate::broker::redact(&config.broker_url),
+        queues = %config.queues.join(","),
+        concurrency = config.concurrency,
+        plugins = registry.plugins().len(),
+        refused = registry.refused().len(),
+        tasks = %registry.task_names().join(","),
+        "worker ready"
+    );
+    let shared = Arc::new(Shared {
+        sandbox,
+        registry,
+        broker,
+        backend,
+        grants: config.grants.clone(),
+        node: config.node.clone(),
+        scheduled: Notify::new(),
+        running: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(0),
+    });
+    // A stop is a flag every loop watches, so that no Redis call that moves messages is ever
+    // cancelled half-way (its messages would be moved with nobody to handle them).
+    let (stop_tx, mut stop) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mover = tokio::spawn(move_due_messages(shared.clone(), stop.clone()));
+    let mut fetcher = Fetcher::start(&shared, &config.queues, stop.clone());
+    let semaphore = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+
+    loop {
+        while let Some(done) = tasks.try_join_next() {
+            if let Err(e) = done {
+                tracing::error!("task handler ended abnormally: {e}");
+            }
+        }
+        let permit = tokio::select! {
+            permit = semaphore.clone().acquire_owned() => permit.context("semaphore closed")?,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let Some(delivery) = fetcher.next(semaphore.available_permits() + 1).await else {
+            break;
+        };
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            lock(&shared.running).insert(id, delivery.clone());
+            handle(&shared, &delivery).await;
+            lock(&shared.running).remove(&id);
+            drop(permit);
+        });
+    }
+
+    tracing::info!(
+        running = tasks.len(),
+        grace_s = config.shutdown_grace.as_secs_f64(),
+        "stopping: no new tasks; waiting for running ones"
+    );
+    let unstarted = fetcher.stop().await;
+    let finished = tokio::time::timeout(config.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    let unfinished: Vec<Delivery> = lock(&shared.running).drain().map(|(_, d)| d).collect();
+    let returned = unstarted.len() + unfinished.len();
+    for delivery in unstarted.iter().chain(&unfinished) {
+        if let Err(e) = shared.broker.requeue(delivery).await {
+            tracing::error!(
+                "could not return a message to {}: {e}; it stays in {}",
+                delivery.source,
+                shared.broker.inflight_key()
+            );
+        }
+    }
+    mover.abort();
+    tracing::info!(returned_to_queue = returned, "worker stopped");
+    Ok(())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Takes messages: first from what the wakers already moved, then the Lua fetch, then (when
+/// every queue is empty) by arming the wakers and waiting.
+struct Fetcher {
+    shared: Arc<Shared>,
+    keys: Vec<String>,
+    buffered: VecDeque<Delivery>,
+    from_wakers: mpsc::Receiver<Delivery>,
+    armed: watch::Sender<bool>,
+    wakers: JoinSet<()>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Fetcher {
+    fn start(shared: &Arc<Shared>, queues: &[String], stop: watch::Receiver<bool>) -> Self {
+        let keys = crate::broker::source_keys(queues);
+        let (tx, from_wakers) = mpsc::channel(keys.len() * 2);
+        let (armed, armed_rx) = watch::channel(false);
+        let mut wakers = JoinSet::new();
+        for key in &keys {
+            wakers.spawn(waker(
+                shared.broker.clone(),
+                key.clone(),
+                armed_rx.clone(),
+                stop.clone(),
+                tx.clone(),
+            ));
+        }
+        Self {
+            shared: shared.clone(),
+            keys,
+            buffered: VecDeque::new(),
+            from_wakers,
+            armed,
+            wakers,
+            stop,
+        }
+    }
+
+    /// The next message, or none once a stop is asked for; `room` is how many could start now.
+    async fn next(&mut self, room: usize) -> Option<Delivery> {
+        let mut failures = 0u32;
+        loop {
+            if *self.stop.borrow() {
+                return None;
+            }
+            while let Ok(d) = self.from_wakers.try_recv() {
+                self.buffered.push_back(d);
+            }
+            if let Some(d) = self.buffered.pop_front() {
+                return Some(d);
+            }
+            match self.shared.broker.fetch(&self.keys, room).await {
+                Ok(fetched) if !fetched.is_empty() => {
+                    failures = 0;
+                    self.buffered.extend(fetched);
+                }
+                Ok(_) => {
+                    failures = 0;
+                    self.armed.send_replace(true);
+                    let woken = tokio::select! {
+                        woken = self.from_wakers.recv() => woken,
+                        _ = self.stop.wait_for(|s| *s) => None,
+                    };
+                    self.armed.send_replace(false);
+                    if let Some(d) = woken {
+                        return Some(d);
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    let pause = backoff(failures);
+                    tracing::error!("fetching from the broker failed (retrying in {pause:?}): {e}");
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        _ = self.stop.wait_for(|s| *s) => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the wakers and returns what was fetched but not started.
+    async fn stop(mut self) -> Vec<Delivery> {
+        self.armed.send_replace(false);
+        while self.wakers.join_next().await.is_some() {}
+        while let Ok(d) = self.from_wakers.try_recv() {
+            self.buffered.push_back(d);
+        }
+        self.buffered.into()
+    }
+}
+
+/// Blocks on one queue list while armed, handing what it moves to the fetcher.
+async fn waker(
+    broker: Broker,
+    key: String,
+    mut armed: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+    tx: mpsc::Sender<Delivery>,
+) {
+    let mut conn = None;
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            r = armed.wait_for(|a| *a) => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let c = match &mut conn {
+            Some(c) => c,
+            None => match broker.blocking_connection().await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(queue = %key, "cannot open a blocking connection: {e}");
+                    tokio::time::sleep(backoff(failures)).await;
+                    continue;
+                }
+            },
+        };
+        match broker.blocking_fetch(c, &key).await {
+            Ok(Some(delivery)) => {
+                failures = 0;
+                if let Err(mpsc::error::SendError(d)) = tx.send(delivery).await {
+                    let _ = broker.requeue(&d).await;
+                    return;
+                }
+            }
+            Ok(None) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                conn = None;
+                tracing::warn!(queue = %key, "blocking fetch failed: {e}");
+                tokio::time::sleep(backoff(failures)).await;
+            }
+        }
+    }
+}
+
+/// 100 ms doubling up to 5 s, for retrying the broker.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)).min(5_000))
+}
+
+/// Moves due messages from the delayed set to their queues, waking when the next is due.
+async fn move_due_messages(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let now = now_ms();
+        let wait = match shared.broker.move_due(now).await {
+            Ok((moved, next)) => {
+                if moved > 0 {
+                    tracing::debug!(moved, "moved due messages to their queues");
+                }
+                next.map_or(1_000, |due| (due - now).clamp(0, 1_000))
+            }
+            Err(e) => {
+                tracing::warn!("moving due messages failed: {e}");
+                1_000
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0))) => {}
+            () = shared.scheduled.notified() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// Handles one delivery from decode to settlement.
+async fn handle(shared: &Shared, delivery: &Delivery) {
+    let message = match TaskMessage::decode(&delivery.raw) {
+        Ok(m) => m,
+        Err(bad) => {
+            let reason = format!("undecodable message: {}", bad.error);
+            if let Some(id) = &bad.task_id {
+                let exc = Exception::new("DecodeError", reason.clone());
+                store(shared, id, State::Failure, exc.to_json(), None, None, None).await;
+            }
+            dead_letter(shared, delivery, &reason, bad.task_id.as_deref(), bad.task_name.as_deref())
+                .await;
+            return;
+        }
+    };
+    let now = OffsetDateTime::now_utc();
+    if message.expires.is_some_and(|e| e <= now) {
+        let exc = Exception::new("TaskRevokedError", "expired");
+        store_for(shared, &message, State::Revoked, exc.to_json(), None).await;
+        tracing::info!(task_id = %message.id, task = %message.task, "task expired before it ran: REVOKED");
+        settle(shared, delivery, &message).await;
+        return;
+    }
+    if let Some(eta) = message.eta.filter(|eta| *eta > now) {
+        let due = i64::try_from(eta.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+        let scheduled = retrying("schedule a message with an eta", || {
+            shared
+                .broker
+                .ack_and_schedule(delivery, &delivery.source, &delivery.raw, Some(due))
+        })
+        .await;
+        if scheduled {
+            shared.scheduled.notify_one();
+            tracing::debug!(task_id = %message.id, task = %message.task, eta = %protocol::format_time(eta), "scheduled");
+        }
+        return;
+    }
+    let Some((plugin, spec)) = shared.registry.resolve(&message.task) else {
+        let exc = Exception::new("NotRegistered", message.task.clone());
+        store_for(shared, &message, State::Failure, exc.to_json(), None).await;
+        let reason = format!("task {:?} is not served by any plugin", message.task);
+        dead_letter(shared, delivery, &reason, Some(&message.id), Some(&message.task)).await;
+        return;
+    };
+    let started = Instant::now();
+    let outcome = run_task(shared, plugin, spec, &message).await;
+    let runtime = started.elapsed().as_secs_f64();
+    let log = |outcome: &str| {
+        tracing::info!(
+            task_id = %message.id, task = %message.task, plugin = %plugin.name,
+            version = %plugin.version, runtime_s = runtime, "task {outcome}"
+        );
+    };
+    match outcome {
+        Outcome::Success(json) => match serde_json::from_str::<Value>(&json) {
+            Ok(value) => {
+                log("succeeded");
+                store_for(shared, &message, State::Success, value, None).await;
+                settle(shared, delivery, &message).await;
+            }
+            Err(e) => {
+                let exc = Exception::new("EncodeError", format!("plugin returned invalid JSON: {e}"));
+                fail(shared, delivery, &message, &exc).await;
+            }
+        },
+        Outcome::Failure(exc) => {
+            log("failed");
+            fail(shared, delivery, &message, &exc).await;
+        }
+        Outcome::Retry { countdown, reason } => {
+            retry(shared, delivery, &message, spec, countdown, reason).await;
+        }
+        Outcome::Reject(reason) => {
+            log("rejected");
+            let exc = Exception::new("Reject", reason.clone());
+            store_for(shared, &message, State::Failure, exc.to_json(), None).await;
+            let reason = format!("rejected by plugin {}: {reason}", plugin.name);
+            dead_letter(shared, delivery, &reason, Some(&message.id), Some(&message.task)).await;
+        }
+    }
+}
+
+/// Runs the task in its plugin under the applicable limits: the producer's `timelimit`, else
+/// the operator's, else the plugin's declared defaults.
+async fn run_task(shared: &Shared, plugin: &Arc<Plugin>, spec: &TaskSpec, message: &TaskMessage) -> Outcome {
+    let grants = shared.grants.for_plugin(&plugin.name);
+    let seconds = |s: f64| (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s));
+    let hard = message.time_limit.1.and_then(seconds).or(grants.limits.time_limit).or_else(|| {
+        spec.defaults.time_limit.and_then(seconds)
+    });
+    let soft = message.time_limit.0.and_then(seconds).or(grants.limits.soft_time_limit).or_else(|| {
+        spec.defaults.soft_time_limit.and_then(seconds)
+    });
+    let soft_deadline_ms = soft.map(|d| {
+        u64::try_from(now_ms()).unwrap_or(0) + u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    });
+    let task = Task {
+        id: message.id.clone(),
+        name: message.task.clone(),
+        args: message.args.to_string(),
+        kwargs: message.kwargs.to_string(),
+        retries: message.retries,
+        root_id: message.root_id.clone(),
+        parent_id: message.parent_id.clone(),
+        soft_deadline_ms,
+        hostname: shared.node.clone(),
+    };
+    let progress = ProgressWriter {
+        backend: shared.backend.clone(),
+        task_id: message.id.clone(),
+        parent_id: message.parent_id.clone(),
+        group: message.group.clone(),
+    };
+    let scope = Scope {
+        plugin: plugin.name.clone(),
+        task_name: message.task.clone(),
+        task_id: message.id.as_str().into(),
+        grants,
+        progress: Some(Arc::new(progress)),
+    };
+    shared.sandbox.run(&plugin.pre, scope, &task, hard).await
+}
+
+/// Stores a FAILURE and settles the message.
+async fn fail(shared: &Shared, delivery: &Delivery, message: &TaskMessage, exc: &Exception) {
+    tracing::warn!(task_id = %message.id, task = %message.task, "{}: {}", exc.kind, exc.message);
+    store_for(shared, message, State::Failure, exc.to_json(), exc.traceback.as_deref()).await;
+    settle(shared, delivery, message).await;
+}
+
+/// Celery's retry: after `max_retries` the task fails with the reason; before, the RETRY state
+/// is stored, then the next try is published (with an eta after the countdown) and this
+/// message settled, in one transaction.
+async fn retry(
+    shared: &Shared,
+    delivery: &Delivery,
+    message: &TaskMessage,
+    spec: &TaskSpec,
+    countdown: Option<f64>,
+    reason: Exception,
+) {
+    let max_retries = spec.defaults.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
+    if message.retries >= max_retries {
+        let mut exc = reason;
+        exc.message = format!("{} (gave up after {} retries)", exc.message, message.retries);
+        fail(shared, delivery, message, &exc).await;
+        return;
+    }
+    let countdown = countdown.unwrap_or_else(|| {
+        retry_countdown(
+            message.retries,
+            spec.defaults.retry_backoff.unwrap_or(1.0),
+            spec.defaults.retry_backoff_max.unwrap_or(600.0),
+            spec.defaults.retry_jitter.unwrap_or(true),
+        )
+    });
+    tracing::info!(
+        task_id = %message.id, task = %message.task, retries = message.retries + 1,
+        countdown_s = countdown, "task retrying: {}: {}", reason.kind, reason.message
+    );
+    store_for(shared, message, State::Retry, reason.to_json(), reason.traceback.as_deref()).await;
+    let eta = (countdown > 0.0)
+        .then(|| OffsetDateTime::now_utc() + Duration::from_secs_f64(countdown));
+    let next = message.retry_message(eta);
+    let due = eta.map(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX));
+    let queued = retrying("publish a retry", || {
+        shared.broker.ack_and_schedule(delivery, &delivery.source, &next, due)
+    })
+    .await;
+    if queued && due.is_some() {
+        shared.scheduled.notify_one();
+    }
+}
+
+/// Celery's exponential backoff: `min(maximum, factor * 2^retries)`, drawn uniformly from
+/// `[0, that]` with jitter.
+pub fn retry_countdown(retries: u32, factor: f64, maximum: f64, jitter: bool) -> f64 {
+    let countdown = (factor * 2f64.powi(i32::try_from(retries.min(62)).unwrap_or(62))).min(maximum);
+    let countdown = if countdown.is_finite() { countdown.max(0.0) } else { maximum.max(0.0) };
+    if jitter { fastrand::f64() * countdown } else { countdown }
+}
+
+async fn store_for(
+    shared: &Shared,
+    message: &TaskMessage,
+    state: State,
+    result: Value,
+    traceback: Option<&str>,
+) {
+    if message.ignore_result && state != State::Retry {
+        return;
+    }
+    store(
+        shared,
+        &message.id,
+        state,
+        result,
+        traceback,
+        message.parent_id.as_deref(),
+        message.group.as_deref(),
+    )
+    .await;
+}
+
+async fn store(
+    shared: &Shared,
+    task_id: &str,
+    state: State,
+    result: Value,
+    traceback: Option<&str>,
+    parent_id: Option<&str>,
+    group: Option<&str>,
+) {
+    let doc = protocol::result_document(
+        task_id,
+        state,
+        result,
+        traceback,
+        parent_id,
+        group,
+        OffsetDateTime::now_utc(),
+    );
+    retrying("store a result", || shared.backend.store(task_id, &doc)).await;
+}
+
+async fn settle(shared: &Shared, delivery: &Delivery, message: &TaskMessage) {
+    let ok = retrying("acknowledge a message", || shared.broker.ack(delivery)).await;
+    if !ok {
+        tracing::error!(task_id = %message.id, "message stays in {}", shared.broker.inflight_key());
+    }
+}
+
+async fn dead_letter(
+    shared: &Shared,
+    delivery: &Delivery,
+    reason: &str,
+    task_id: Option<&str>,
+    task: Option<&str>,
+) {
+    tracing::error!(
+        task_id = task_id.unwrap_or("-"), task = task.unwrap_or("-"),
+        queue = %crate::broker::queue_of(&delivery.source),
+        "message dead-lettered to {}: {reason}", crate::broker::DEAD_LETTER_KEY
+    );
+    retrying("dead-letter a message", || {
+        shared.broker.dead_letter(delivery, reason, task_id, task, &shared.node)
+    })
+    .await;
+}
+
+/// Retries a Redis write a few times with backoff; logs and returns false if it never worked
+/// (the message then stays in the in-flight list: late, never lost).
+async fn retrying<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    what: &str,
+    mut op: impl FnMut() -> F,
+) -> bool {
+    for attempt in 1..=5u32 {
+        match op().await {
+            Ok(_) => return true,
+            Err(e) if attempt == 5 => {
+                tracing::error!("could not {what} after {attempt} attempts: {e}");
+            }
+            Err(e) => {
+                tracing::warn!("could not {what} (attempt {attempt}): {e}");
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+        }
+    }
+    false
+}
+
+/// Stores a running task's progress as its state.
+struct ProgressWriter {
+    backend: Backend,
+    task_id: String,
+    parent_id: Option<String>,
+    group: Option<String>,
+}
+
+impl Progress for ProgressWriter {
+    fn update(
+        &self,
+        state: String,
+        meta: Value,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let mut doc = json!({
+                "status": state,
+                "result": meta,
+                "traceback": null,
+                "children": [],
+                "date_done": null,
+                "task_id": self.task_id,
+            });
+            if let (Some(parent), Some(map)) = (&self.parent_id, doc.as_object_mut()) {
+                map.insert("parent_id".into(), json!(parent));
+            }
+            if let (Some(group), Some(map)) = (&self.group, doc.as_object_mut()) {
+                map.insert("group_id".into(), json!(group));
+            }
+            self.backend
+                .store(&self.task_id, &doc.to_string())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(retry_countdown(0, 1.0, 600.0, false), 1.0);
+        assert_eq!(retry_countdown(3, 1.0, 600.0, false), 8.0);
+        assert_eq!(retry_countdown(20, 1.0, 600.0, false), 600.0);
+        assert_eq!(retry_countdown(u32::MAX, 2.0, 60.0, false), 60.0);
+        for _ in 0..100 {
+            let c = retry_countdown(2, 1.0, 600.0, true);
+            assert!((0.0..=4.0).contains(&c));
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! The demo plugin: small tasks that show every outcome a task can have, used by the README, the
+//! tests and the benchmarks.
+
+use serde_json::Value;
+use taskhost_sdk::{Failure, Result, tasks};
+
+tasks! {
+    /// x + y. Overflow is a failure, not a wrap.
+    #[task(name = "demo.add")]
+    fn add(x: i64, y: i64) -> Result<i64> {
+        x.checked_add(y)
+            .ok_or_else(|| Failure::error("OverflowError", format!("{x} + {y} overflows a 64-bit integer")))
+    }
+
+    /// Returns its argument unchanged, whatever JSON it is.
+    #[task(name = "demo.echo")]
+    fn echo(value: Value) -> Result<Value> {
+        Ok(value)
+    }
+
+    /// Sleeps `ms` milliseconds on the WASI monotonic clock, then returns null.
+    #[task(name = "demo.sleep")]
+    fn sleep(ms: u64) -> Result<()> {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        Ok(())
+    }
+
+    /// Fails with `message`; Python's `.get()` raises `RuntimeError(message)`.
+    #[task(name = "demo.fail")]
+    fn fail(message: String) -> Result<()> {
+        Err(Failure::error("RuntimeError", message))
+    }
+
+    /// Asks to be retried (at once) until its retry count equals `times`, then returns it.
+    #[task(name = "demo.retry", max_retries = 10)]
+    fn retry(times: u32) -> Result<u32> {
+        let retries = taskhost_sdk::task().retries;
+        if retries < times {
+            return Err(Failure::retry_in(0.0, "RuntimeError", format!("retry {retries} of {times}")));
+        }
+        Ok(retries)
+    }
+}

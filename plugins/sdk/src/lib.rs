@@ -1,0 +1,371 @@
+//! The guest side of taskhost: write Celery tasks as plain Rust functions, build them with
+//! `cargo build --target wasm32-wasip2 --release`, and drop the `.wasm` into a worker's plugin
+//! directory.
+//!
+//! ```ignore
+//! use taskhost_sdk::{tasks, Failure, Result};
+//!
+//! tasks! {
+//!     /// Adds two integers.
+//!     #[task(name = "demo.add")]
+//!     fn add(x: i64, y: i64) -> Result<i64> {
+//!         Ok(x + y)
+//!     }
+//!
+//!     #[task(name = "demo.flaky", max_retries = 5, retry_backoff = 0.5)]
+//!     fn flaky() -> Result<()> {
+//!         Err(Failure::retry("Unavailable", "try again"))
+//!     }
+//! }
+//! ```
+//!
+//! The [`tasks!`] macro keeps your functions as they are, and generates the component's exports:
+//! the list of task names with their defaults, and a dispatcher that binds Celery's positional
+//! `args` and keyword `kwargs` to the parameters by position and name (as Python would), and
+//! serialises the result to JSON. A bad argument becomes a `TypeError` failure naming the
+//! parameter, never a trap. [`task()`] tells the running task's id, retries and worker; [`log`],
+//! [`update_state`] and [`config`] reach the host.
+//!
+//! # Layout
+//! - [`bindings`]: what `wit-bindgen` generates from `wit/plugin.wit`.
+//! - this file: the author-facing API ([`Failure`], [`TaskDefaults`], [`task()`], [`config`],
+//!   [`update_state`], [`log`]) and the [`tasks!`] macro.
+//! - `args`: binding Celery arguments to parameters.
+
+mod args;
+
+/// Generated from `wit/plugin.wit`. Plugin authors rarely need it directly.
+#[allow(missing_docs, unsafe_code, clippy::all)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "plugin",
+        path: "../../wit",
+        pub_export_macro: true,
+        default_bindings_module: "taskhost_sdk::bindings",
+    });
+}
+
+use bindings::exports::taskhost::plugin::handler;
+use bindings::taskhost::plugin::host;
+use bindings::taskhost::plugin::types;
+use serde::Serialize;
+use std::cell::RefCell;
+
+#[doc(hidden)]
+pub use args::Args;
+#[doc(hidden)]
+pub use serde_json;
+
+/// What a task function returns: its value (serialised to JSON) or a [`Failure`].
+pub type Result<T, E = Failure> = std::result::Result<T, E>;
+
+/// Why a task did not succeed. Build one with [`Failure::error`], [`Failure::retry`],
+/// [`Failure::retry_in`] or [`Failure::reject`]; `?` on any standard error makes an `Exception`
+/// failure carrying the error's message.
+#[derive(Debug, Clone)]
+pub struct Failure(types::Failure);
+
+impl Failure {
+    /// Fail the task. `kind` is the exception type Python raises on `AsyncResult.get()`:
+    /// Python's builtin names (`ValueError`, `KeyError`, `RuntimeError`, ...) re-raise as those
+    /// builtins; any other name is raised as an exception class of that name.
+    pub fn error(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self(types::Failure::Error(task_error(kind, message)))
+    }
+
+    /// Ask to be run again after the task's exponential backoff, until its `max_retries`.
+    /// Once retries are exhausted the task fails with this kind and message.
+    pub fn retry(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self(types::Failure::Retry(types::RetryRequest {
+            countdown: None,
+            reason: task_error(kind, message),
+        }))
+    }
+
+    /// Ask to be run again in `seconds`, until the task's `max_retries`.
+    pub fn retry_in(seconds: f64, kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self(types::Failure::Retry(types::RetryRequest {
+            countdown: Some(seconds),
+            reason: task_error(kind, message),
+        }))
+    }
+
+    /// Refuse the message: it is not retried and goes to the dead-letter list with `reason`.
+    pub fn reject(reason: impl Into<String>) -> Self {
+        Self(types::Failure::Reject(reason.into()))
+    }
+
+    /// Attach a traceback (free text) to an error or retry.
+    pub fn with_traceback(mut self, traceback: impl Into<String>) -> Self {
+        match &mut self.0 {
+            types::Failure::Error(e) | types::Failure::Retry(types::RetryRequest { reason: e, .. }) => {
+                e.traceback = Some(traceback.into());
+            }
+            types::Failure::Reject(_) => {}
+        }
+        self
+    }
+}
+
+impl<E: std::error::Error> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Failure::error("Exception", error.to_string())
+    }
+}
+
+fn task_error(kind: impl Into<String>, message: impl Into<String>) -> types::TaskError {
+    types::TaskError {
+        kind: kind.into(),
+        message: message.into(),
+        traceback: None,
+    }
+}
+
+/// Defaults a task declares for itself; set them in `#[task(...)]`, e.g.
+/// `#[task(name = "x.y", max_retries = 3, retry_backoff = 2.0, time_limit = 60.0)]`.
+/// The operator's configuration overrides them.
+#[derive(Debug, Clone)]
+pub struct TaskDefaults(types::TaskDefaults);
+
+impl Default for TaskDefaults {
+    fn default() -> Self {
+        Self(types::TaskDefaults {
+            queue: None,
+            max_retries: None,
+            retry_backoff: None,
+            retry_backoff_max: None,
+            retry_jitter: None,
+            soft_time_limit: None,
+            time_limit: None,
+            rate_limit: None,
+        })
+    }
+}
+
+impl TaskDefaults {
+    /// No defaults: the host's apply.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Queue the task is meant for.
+    pub fn queue(mut self, queue: &str) -> Self {
+        self.0.queue = Some(queue.to_owned());
+        self
+    }
+    /// Retries allowed before the task fails.
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.0.max_retries = Some(n);
+        self
+    }
+    /// Base of the exponential retry backoff, in seconds.
+    pub fn retry_backoff(mut self, seconds: f64) -> Self {
+        self.0.retry_backoff = Some(seconds);
+        self
+    }
+    /// Ceiling of the retry backoff, in seconds.
+    pub fn retry_backoff_max(mut self, seconds: f64) -> Self {
+        self.0.retry_backoff_max = Some(seconds);
+        self
+    }
+    /// Whether to randomise the backoff (Celery's `retry_jitter`).
+    pub fn retry_jitter(mut self, jitter: bool) -> Self {
+        self.0.retry_jitter = Some(jitter);
+        self
+    }
+    /// Soft time limit in seconds (see [`TaskContext::soft_deadline_ms`]).
+    pub fn soft_time_limit(mut self, seconds: f64) -> Self {
+        self.0.soft_time_limit = Some(seconds);
+        self
+    }
+    /// Hard time limit in seconds: the run is interrupted.
+    pub fn time_limit(mut self, seconds: f64) -> Self {
+        self.0.time_limit = Some(seconds);
+        self
+    }
+    /// Celery rate-limit notation, e.g. `"10/s"`.
+    pub fn rate_limit(mut self, limit: &str) -> Self {
+        self.0.rate_limit = Some(limit.to_owned());
+        self
+    }
+}
+
+/// The running task, as the producer sent it and the worker runs it.
+#[derive(Debug, Clone, Default)]
+pub struct TaskContext {
+    /// Celery task id.
+    pub id: String,
+    /// Task name.
+    pub name: String,
+    /// Retries so far (0 on the first run).
+    pub retries: u32,
+    /// Workflow root id.
+    pub root_id: Option<String>,
+    /// Id of the task that sent this one.
+    pub parent_id: Option<String>,
+    /// Soft deadline in milliseconds since the Unix epoch: past it, wrap up and return.
+    pub soft_deadline_ms: Option<u64>,
+    /// Name of the worker running the task.
+    pub hostname: String,
+}
+
+thread_local! {
+    static CURRENT: RefCell<TaskContext> = RefCell::new(TaskContext::default());
+}
+
+/// The task being run (an empty context outside a run).
+pub fn task() -> TaskContext {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// One of this plugin's config values, as the operator set them in `taskhost.toml`.
+pub fn config(key: &str) -> Option<String> {
+    host::config(key)
+}
+
+/// Publish progress (Celery's `update_state`): `state` such as `"PROGRESS"`, `meta` any
+/// serialisable value. A waiting producer sees it as the task's state.
+pub fn update_state(state: &str, meta: &impl Serialize) -> Result<(), String> {
+    let meta = serde_json::to_string(meta).map_err(|e| e.to_string())?;
+    host::update_state(state, &meta)
+}
+
+/// Structured logging into the worker's log, tagged with plugin, task name and id.
+pub mod log {
+    use super::host;
+
+    /// Log `message` with extra `key=value` fields.
+    pub fn event(level: host::Level, message: &str, fields: &[(&str, &str)]) {
+        let fields: Vec<(String, String)> = fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        host::log(level, message, &fields);
+    }
+    /// Log at debug level.
+    pub fn debug(message: &str) {
+        event(host::Level::Debug, message, &[]);
+    }
+    /// Log at info level.
+    pub fn info(message: &str) {
+        event(host::Level::Info, message, &[]);
+    }
+    /// Log at warn level.
+    pub fn warn(message: &str) {
+        event(host::Level::Warn, message, &[]);
+    }
+    /// Log at error level.
+    pub fn error(message: &str) {
+        event(host::Level::Error, message, &[]);
+    }
+    pub use super::host::Level;
+}
+
+/// Machinery the [`tasks!`] macro expands to. Not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    use super::*;
+
+    pub use handler::{Guest, Task, TaskInfo};
+    pub use types::Failure as WitFailure;
+
+    pub fn task_info(name: &str, defaults: TaskDefaults) -> TaskInfo {
+        TaskInfo {
+            name: name.to_owned(),
+            defaults: defaults.0,
+        }
+    }
+
+    /// Runs one task: sets the context, binds arguments, serialises the outcome.
+    pub fn run(
+        task: Task,
+        dispatch: impl FnOnce(&str, &mut Args) -> Result<String, Failure>,
+    ) -> std::result::Result<String, WitFailure> {
+        let mut args = match Args::parse(&task.name, &task.args, &task.kwargs) {
+            Ok(args) => args,
+            Err(failure) => return Err(failure.0),
+        };
+        let name = task.name.clone();
+        CURRENT.with(|c| {
+            *c.borrow_mut() = TaskContext {
+                id: task.id,
+                name: task.name,
+                retries: task.retries,
+                root_id: task.root_id,
+                parent_id: task.parent_id,
+                soft_deadline_ms: task.soft_deadline_ms,
+                hostname: task.hostname,
+            }
+        });
+        dispatch(&name, &mut args).map_err(|f| f.0)
+    }
+
+    /// Serialises a task function's return value.
+    pub fn output<T: Serialize>(result: Result<T, Failure>) -> Result<String, Failure> {
+        let value = result?;
+        serde_json::to_string(&value)
+            .map_err(|e| Failure::error("EncodeError", format!("result is not JSON: {e}")))
+    }
+
+    pub fn not_served(name: &str) -> Failure {
+        Failure::error(
+            "NotRegistered",
+            format!("this plugin does not serve task {name:?}"),
+        )
+    }
+}
+
+/// Declare a plugin's tasks: each `#[task(name = "...", defaults...)]` function becomes a task.
+///
+/// Parameters are bound from Celery's `args` (by position) and `kwargs` (by name); each must
+/// implement `serde::Deserialize`. An `Option<T>` parameter may be left out. The function
+/// returns `taskhost_sdk::Result<T>` with `T: serde::Serialize`. Defaults that may follow the
+/// name are the methods of [`TaskDefaults`]: `queue`, `max_retries`, `retry_backoff`,
+/// `retry_backoff_max`, `retry_jitter`, `soft_time_limit`, `time_limit`, `rate_limit`.
+///
+/// Doc comments may go before or after `#[task(...)]`, other attributes after it. Use the
+/// macro once per plugin crate: it exports the component's `handler` interface.
+#[macro_export]
+macro_rules! tasks {
+    ($(
+        $(#[doc = $doc:literal])*
+        #[task(name = $name:literal $(, $key:ident = $value:expr)* $(,)?)]
+        $(#[$attr:meta])*
+        $vis:vis fn $func:ident ( $($arg:ident : $ty:ty),* $(,)? ) -> $ret:ty $body:block
+    )*) => {
+        $(
+            $(#[doc = $doc])*
+            $(#[$attr])*
+            $vis fn $func($($arg: $ty),*) -> $ret $body
+        )*
+
+        struct __TaskhostPlugin;
+
+        impl $crate::__private::Guest for __TaskhostPlugin {
+            fn tasks() -> ::std::vec::Vec<$crate::__private::TaskInfo> {
+                ::std::vec![$(
+                    $crate::__private::task_info(
+                        $name,
+                        $crate::TaskDefaults::new() $(.$key($value))*,
+                    )
+                ),*]
+            }
+
+            fn run(
+                task: $crate::__private::Task,
+            ) -> ::std::result::Result<::std::string::String, $crate::__private::WitFailure> {
+                $crate::__private::run(task, |name, args| match name {
+                    $(
+                        $name => {
+                            $( let $arg: $ty = args.next(stringify!($arg))?; )*
+                            args.finish()?;
+                            $crate::__private::output($func($($arg),*))
+                        }
+                    )*
+                    other => ::std::result::Result::Err($crate::__private::not_served(other)),
+                })
+            }
+        }
+
+        $crate::bindings::export!(__TaskhostPlugin with_types_in $crate::bindings);
+    };
+}
