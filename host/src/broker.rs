@@ -36,11 +36,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum BrokerError {
     #[error("invalid Redis URL {url:?}: {reason}")]
     Url { url: String, reason: String },
-    #[error("cannot connect to Redis at {url}: {source}")]
-    Connect {
-        url: String,
-        source: redis::RedisError,
-    },
+    #[error("cannot connect to Redis at {url}: {reason}")]
+    Connect { url: String, reason: String },
     #[error(transparent)]
     Redis(#[from] redis::RedisError),
 }
@@ -69,9 +66,9 @@ pub async fn manager(client: &Client, url: &str) -> Result<ConnectionManager, Br
     client
         .get_connection_manager_with_config(config)
         .await
-        .map_err(|source| BrokerError::Connect {
+        .map_err(|e| BrokerError::Connect {
             url: redact(url),
-            source,
+            reason: e.to_string(),
         })
 }
 
@@ -174,9 +171,9 @@ impl Broker {
         redis::cmd("PING")
             .query_async::<()>(&mut conn)
             .await
-            .map_err(|source| BrokerError::Connect {
+            .map_err(|e| BrokerError::Connect {
                 url: redact(url),
-                source,
+                reason: e.to_string(),
             })?;
         Ok(Self {
             client,
@@ -278,13 +275,21 @@ impl Broker {
                 member.extend_from_slice(key.as_bytes());
                 member.push(b'\n');
                 member.extend_from_slice(message);
-                pipe.cmd("ZADD").arg(DELAYED_KEY).arg(due).arg(member).ignore();
+                pipe.cmd("ZADD")
+                    .arg(DELAYED_KEY)
+                    .arg(due)
+                    .arg(member)
+                    .ignore();
             }
             None => {
                 pipe.cmd("LPUSH").arg(key).arg(message).ignore();
             }
         }
-        pipe.cmd("LREM").arg(&self.inflight).arg(1).arg(&delivery.raw).ignore();
+        pipe.cmd("LREM")
+            .arg(&self.inflight)
+            .arg(1)
+            .arg(&delivery.raw)
+            .ignore();
         pipe.query_async::<()>(&mut self.conn.clone()).await?;
         Ok(())
     }
@@ -313,7 +318,8 @@ impl Broker {
             "worker": node,
             "time": crate::protocol::format_time(time::OffsetDateTime::now_utc()),
         });
-        if let (Some(entry), serde_json::Value::Object(message)) = (entry.as_object_mut(), message) {
+        if let (Some(entry), serde_json::Value::Object(message)) = (entry.as_object_mut(), message)
+        {
             entry.extend(message);
         }
         redis::pipe()
@@ -361,7 +367,11 @@ impl Broker {
             .arg(500)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        let next = next.parse::<f64>().ok().filter(|n| *n >= 0.0).map(|n| n as i64);
+        let next = next
+            .parse::<f64>()
+            .ok()
+            .filter(|n| *n >= 0.0)
+            .map(|n| n as i64);
         Ok((moved, next))
     }
 }

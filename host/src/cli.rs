@@ -152,7 +152,10 @@ pub fn main() -> std::process::ExitCode {
         _ => LogLevel::Warning,
     };
     init_logging(cli.loglevel.unwrap_or(default_level));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -235,11 +238,17 @@ fn worker_config(args: &WorkerArgs, dev_broker: Option<&str>) -> anyhow::Result<
         .unwrap_or_else(|| broker_url.clone());
     broker::client(&backend_url).context("result backend")?;
     let queues = if args.queues.is_empty() {
-        section.queues.clone().unwrap_or_else(|| vec!["celery".into()])
+        section
+            .queues
+            .clone()
+            .unwrap_or_else(|| vec!["celery".into()])
     } else {
         args.queues.clone()
     };
-    if let Some(bad) = queues.iter().find(|q| q.trim().is_empty() || q.contains('\n')) {
+    if let Some(bad) = queues
+        .iter()
+        .find(|q| q.trim().is_empty() || q.contains('\n'))
+    {
         bail!("invalid queue name {bad:?}");
     }
     let concurrency = args.concurrency.or(section.concurrency).unwrap_or(4);
@@ -258,7 +267,10 @@ fn worker_config(args: &WorkerArgs, dev_broker: Option<&str>) -> anyhow::Result<
         );
     }
     if !args.shutdown_grace.is_finite() || args.shutdown_grace < 0.0 {
-        bail!("--shutdown-grace must be a number of seconds, got {}", args.shutdown_grace);
+        bail!(
+            "--shutdown-grace must be a number of seconds, got {}",
+            args.shutdown_grace
+        );
     }
     Ok(WorkerConfig {
         node: node::node_name(args.hostname.as_deref().or(section.hostname.as_deref())),
@@ -298,7 +310,11 @@ async fn run_dev(args: &WorkerArgs) -> anyhow::Result<()> {
             Some(p.strip_prefix(&cwd).map(Path::to_path_buf).unwrap_or(p))
         })
         .map_or_else(|| "taskhost".to_owned(), |p| p.display().to_string());
-    let origin = if redis.is_some() { "private redis-server, stops with this process" } else { "configured" };
+    let origin = if redis.is_some() {
+        "private redis-server, stops with this process"
+    } else {
+        "configured"
+    };
     eprintln!(
         "\ntaskhost dev: broker {} ({origin}), plugins from {}\n\
          send a task from another terminal:\n    {exe} call demo.add --args '[2,3]' --wait\n\
@@ -336,7 +352,10 @@ async fn call(args: &CallArgs) -> anyhow::Result<std::process::ExitCode> {
         .clone()
         .or_else(dev::running_broker)
         .context("no broker: pass --broker redis://HOST:PORT/DB or set CELERY_BROKER_URL (or start `taskhost dev`)")?;
-    let backend_url = args.result_backend.clone().unwrap_or_else(|| broker_url.clone());
+    let backend_url = args
+        .result_backend
+        .clone()
+        .unwrap_or_else(|| broker_url.clone());
     let task = NewTask {
         id: uuid::Uuid::new_v4().to_string(),
         task: args.name.clone(),
@@ -367,7 +386,10 @@ async fn call(args: &CallArgs) -> anyhow::Result<std::process::ExitCode> {
         println!("{result}");
         return Ok(std::process::ExitCode::SUCCESS);
     }
-    let kind = result.get("exc_type").and_then(Value::as_str).unwrap_or("Error");
+    let kind = result
+        .get("exc_type")
+        .and_then(Value::as_str)
+        .unwrap_or("Error");
     let message = match result.get("exc_message") {
         Some(Value::Array(parts)) => parts
             .iter()
@@ -407,7 +429,12 @@ async fn exec(args: &ExecArgs) -> anyhow::Result<std::process::ExitCode> {
         .map_err(|e| anyhow::anyhow!("plugin {} refused: {e}", args.plugin.display()))?;
     let Some(spec) = plugin.tasks.iter().find(|t| t.name == args.name) else {
         let served: Vec<&str> = plugin.tasks.iter().map(|t| t.name.as_str()).collect();
-        bail!("{} does not serve task {:?} (it serves: {})", args.plugin.display(), args.name, served.join(", "));
+        bail!(
+            "{} does not serve task {:?} (it serves: {})",
+            args.plugin.display(),
+            args.name,
+            served.join(", ")
+        );
     };
     let id = uuid::Uuid::new_v4().to_string();
     let task = Task {
@@ -429,7 +456,10 @@ async fn exec(args: &ExecArgs) -> anyhow::Result<std::process::ExitCode> {
         progress: None,
     };
     let hard = scope.grants.limits.time_limit.or_else(|| {
-        spec.defaults.time_limit.filter(|s| s.is_finite() && *s > 0.0).map(Duration::from_secs_f64)
+        spec.defaults
+            .time_limit
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(Duration::from_secs_f64)
     });
     match sandbox.run(&plugin.pre, scope, &task, hard).await {
         Outcome::Success(json) => {
@@ -441,7 +471,8 @@ async fn exec(args: &ExecArgs) -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::FAILURE)
         }
         Outcome::Retry { countdown, reason } => {
-            let when = countdown.map_or_else(|| "after its backoff".to_owned(), |c| format!("in {c} s"));
+            let when =
+                countdown.map_or_else(|| "after its backoff".to_owned(), |c| format!("in {c} s"));
             eprintln!(
                 "RETRY requested ({when}; rerun with --retries {}): {}: {}",
                 args.retries + 1,

@@ -34,7 +34,9 @@ pub enum ConfigError {
     },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("{place}: environment variable {var} is not set (write ${{{var}:-default}} for a default)")]
+    #[error(
+        "{place}: environment variable {var} is not set (write ${{{var}:-default}} for a default)"
+    )]
     MissingEnv { place: String, var: String },
     #[error("{place}: unterminated ${{...}} in {value:?}")]
     BadReference { place: String, value: String },
@@ -224,7 +226,9 @@ pub struct Origin {
 impl Origin {
     /// Parses the origin of a URL; a path and query are ignored.
     pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| e.to_string())?;
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| e.to_string())?;
         Self::of(&uri)
     }
 

@@ -38,7 +38,14 @@ impl PrivateRedis {
         let mut command = Command::new("redis-server");
         command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "yes"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ])
             .arg("--dir")
             .arg(&dir)
             .stdin(Stdio::null())
@@ -64,15 +71,24 @@ impl PrivateRedis {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!("redis-server on port {} exited at start ({status})", self.port);
+                bail!(
+                    "redis-server on port {} exited at start ({status})",
+                    self.port
+                );
             }
-            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                if redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok() {
-                    return Ok(());
-                }
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
             }
             if start.elapsed() > timeout {
-                bail!("redis-server on port {} did not answer within {timeout:?}", self.port);
+                bail!(
+                    "redis-server on port {} did not answer within {timeout:?}",
+                    self.port
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -114,7 +130,9 @@ pub fn state_path() -> PathBuf {
         return PathBuf::from(path);
     }
     use std::os::unix::fs::MetadataExt;
-    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0);
     std::env::temp_dir().join(format!("taskhost-dev-{uid}.json"))
 }
 

@@ -74,9 +74,8 @@ impl Registry {
         dir: &Path,
         grants: &GrantTable,
     ) -> anyhow::Result<Self> {
-        let entries = std::fs::read_dir(dir).map_err(|e| {
-            anyhow::anyhow!("cannot read plugin directory {}: {e}", dir.display())
-        })?;
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| anyhow::anyhow!("cannot read plugin directory {}: {e}", dir.display()))?;
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .filter(|p| crate::sandbox::is_plugin_file(p) && p.is_file())
@@ -95,7 +94,10 @@ impl Registry {
         }
         for name in grants.configured() {
             if !registry.plugins.iter().any(|p| &*p.name == name) {
-                tracing::warn!(plugin = name, "taskhost.toml has a section for a plugin that is not loaded");
+                tracing::warn!(
+                    plugin = name,
+                    "taskhost.toml has a section for a plugin that is not loaded"
+                );
             }
         }
         Ok(registry)
@@ -179,7 +181,10 @@ pub async fn load_file(
     for info in infos {
         let valid = !info.name.is_empty()
             && info.name.len() <= 200
-            && !info.name.chars().any(|c| c.is_whitespace() || c.is_control());
+            && !info
+                .name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control());
         if !valid {
             return Err(LoadError::BadTaskName(info.name));
         }

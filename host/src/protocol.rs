@@ -199,11 +199,17 @@ impl TaskMessage {
         let mut envelope = self.envelope.clone();
         if let Some(Value::Object(headers)) = envelope.get_mut("headers") {
             headers.insert("retries".into(), json!(self.retries.saturating_add(1)));
-            headers.insert("eta".into(), eta.map_or(Value::Null, |t| json!(format_time(t))));
+            headers.insert(
+                "eta".into(),
+                eta.map_or(Value::Null, |t| json!(format_time(t))),
+            );
             headers.insert("parent_id".into(), json!(self.id));
         }
         if let Some(Value::Object(properties)) = envelope.get_mut("properties") {
-            properties.insert("delivery_tag".into(), json!(uuid::Uuid::new_v4().to_string()));
+            properties.insert(
+                "delivery_tag".into(),
+                json!(uuid::Uuid::new_v4().to_string()),
+            );
         }
         Value::Object(envelope).to_string().into_bytes()
     }
@@ -490,13 +496,17 @@ mod tests {
         assert_eq!((m.priority, m.routing_key()), (3, Some("high")));
         assert_eq!(m.eta, new.eta);
         let retried = TaskMessage::decode(&m.retry_message(None)).expect("decodes");
-        assert_eq!((retried.retries, retried.parent_id.as_deref()), (1, Some("abc")));
+        assert_eq!(
+            (retried.retries, retried.parent_id.as_deref()),
+            (1, Some("abc"))
+        );
         assert_eq!(retried.id, "abc");
     }
 
     #[test]
     fn rejects_what_is_not_a_task_with_a_reason() {
-        let cases: &[(&[u8], fn(&DecodeError) -> bool)] = &[
+        type Check = fn(&DecodeError) -> bool;
+        let cases: &[(&[u8], Check)] = &[
             (b"\xff\xfe", |e| matches!(e, DecodeError::NotJson(_))),
             (b"[1,2]", |e| *e == DecodeError::NotAnObject),
             (br#"{"headers": {}}"#, |e| *e == DecodeError::ProtocolV1),
@@ -519,7 +529,12 @@ mod tests {
         ];
         for (raw, check) in cases {
             let err = TaskMessage::decode(raw).expect_err("must not decode");
-            assert!(check(&err.error), "{:?} for {:?}", err.error, String::from_utf8_lossy(raw));
+            assert!(
+                check(&err.error),
+                "{:?} for {:?}",
+                err.error,
+                String::from_utf8_lossy(raw)
+            );
         }
         let err = TaskMessage::decode(br#"{"headers": {"task": "t", "id": "i"}, "body": "{}"}"#)
             .expect_err("bad body");
@@ -538,11 +553,17 @@ mod tests {
 
     #[test]
     fn exceptions_map_to_python_modules() {
-        assert_eq!(Exception::new("ValueError", "x").to_json()["exc_module"], "builtins");
+        assert_eq!(
+            Exception::new("ValueError", "x").to_json()["exc_module"],
+            "builtins"
+        );
         assert_eq!(
             Exception::new("NotRegistered", "x").to_json()["exc_module"],
             "celery.exceptions"
         );
-        assert_eq!(Exception::new("HTTPError", "x").to_json()["exc_message"], json!(["x"]));
+        assert_eq!(
+            Exception::new("HTTPError", "x").to_json()["exc_message"],
+            json!(["x"])
+        );
     }
 }

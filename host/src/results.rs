@@ -65,9 +65,9 @@ impl Backend {
         redis::cmd("PING")
             .query_async::<()>(&mut conn)
             .await
-            .map_err(|source| BrokerError::Connect {
+            .map_err(|e| BrokerError::Connect {
                 url: broker::redact(url),
-                source,
+                reason: e.to_string(),
             })?;
         Ok(Self {
             client,
@@ -120,10 +120,10 @@ impl Waiter {
             .query_async(&mut self.conn)
             .await
             .map_err(BrokerError::from)?;
-        if let Some(doc) = stored.map(|s| self.parse(&s)).transpose()? {
-            if is_ready(&doc) {
-                return Ok(doc);
-            }
+        if let Some(doc) = stored.map(|s| self.parse(&s)).transpose()?
+            && is_ready(&doc)
+        {
+            return Ok(doc);
         }
         let mut messages = self.pubsub.on_message();
         loop {
@@ -135,10 +135,11 @@ impl Waiter {
                 });
             };
             let payload: String = message.get_payload().map_err(BrokerError::from)?;
-            let doc = serde_json::from_str::<Value>(&payload).map_err(|e| WaitError::BadResult {
-                task_id: self.task_id.clone(),
-                reason: e.to_string(),
-            })?;
+            let doc =
+                serde_json::from_str::<Value>(&payload).map_err(|e| WaitError::BadResult {
+                    task_id: self.task_id.clone(),
+                    reason: e.to_string(),
+                })?;
             if is_ready(&doc) {
                 return Ok(doc);
             }

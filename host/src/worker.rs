@@ -68,16 +68,17 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let slots = u32::try_from(config.concurrency).unwrap_or(u32::MAX).saturating_add(2);
+    let slots = u32::try_from(config.concurrency)
+        .unwrap_or(u32::MAX)
+        .saturating_add(2);
     let sandbox = Arc::new(Sandbox::new(&SandboxOptions {
         max_instances: slots,
         max_memory_bytes: config.grants.max_memory_bytes(),
     })?);
-    let registry = Arc::new(
-        Registry::load_dir(&sandbox, &config.plugins_dir, &config.grants).await?,
-    );
     let broker = Broker::connect(&config.broker_url, &config.node).await?;
     let backend = Backend::connect(&config.backend_url, config.result_expires).await?;
+    let registry =
+        Arc::new(Registry::load_dir(&sandbox, &config.plugins_dir, &config.grants).await?);
     tracing::info!(
         node = %config.node,
         broker = %crate::broker::redact(&config.broker_url),
@@ -165,7 +166,9 @@ pub async fn run(
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Takes messages: first from what the wakers already moved, then the Lua fetch, then (when
@@ -352,8 +355,14 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
                 let exc = Exception::new("DecodeError", reason.clone());
                 store(shared, id, State::Failure, exc.to_json(), None, None, None).await;
             }
-            dead_letter(shared, delivery, &reason, bad.task_id.as_deref(), bad.task_name.as_deref())
-                .await;
+            dead_letter(
+                shared,
+                delivery,
+                &reason,
+                bad.task_id.as_deref(),
+                bad.task_name.as_deref(),
+            )
+            .await;
             return;
         }
     };
@@ -383,7 +392,14 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         let exc = Exception::new("NotRegistered", message.task.clone());
         store_for(shared, &message, State::Failure, exc.to_json(), None).await;
         let reason = format!("task {:?} is not served by any plugin", message.task);
-        dead_letter(shared, delivery, &reason, Some(&message.id), Some(&message.task)).await;
+        dead_letter(
+            shared,
+            delivery,
+            &reason,
+            Some(&message.id),
+            Some(&message.task),
+        )
+        .await;
         return;
     };
     let started = Instant::now();
@@ -403,7 +419,8 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
                 settle(shared, delivery, &message).await;
             }
             Err(e) => {
-                let exc = Exception::new("EncodeError", format!("plugin returned invalid JSON: {e}"));
+                let exc =
+                    Exception::new("EncodeError", format!("plugin returned invalid JSON: {e}"));
                 fail(shared, delivery, &message, &exc).await;
             }
         },
@@ -419,22 +436,40 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
             let exc = Exception::new("Reject", reason.clone());
             store_for(shared, &message, State::Failure, exc.to_json(), None).await;
             let reason = format!("rejected by plugin {}: {reason}", plugin.name);
-            dead_letter(shared, delivery, &reason, Some(&message.id), Some(&message.task)).await;
+            dead_letter(
+                shared,
+                delivery,
+                &reason,
+                Some(&message.id),
+                Some(&message.task),
+            )
+            .await;
         }
     }
 }
 
 /// Runs the task in its plugin under the applicable limits: the producer's `timelimit`, else
 /// the operator's, else the plugin's declared defaults.
-async fn run_task(shared: &Shared, plugin: &Arc<Plugin>, spec: &TaskSpec, message: &TaskMessage) -> Outcome {
+async fn run_task(
+    shared: &Shared,
+    plugin: &Arc<Plugin>,
+    spec: &TaskSpec,
+    message: &TaskMessage,
+) -> Outcome {
     let grants = shared.grants.for_plugin(&plugin.name);
     let seconds = |s: f64| (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s));
-    let hard = message.time_limit.1.and_then(seconds).or(grants.limits.time_limit).or_else(|| {
-        spec.defaults.time_limit.and_then(seconds)
-    });
-    let soft = message.time_limit.0.and_then(seconds).or(grants.limits.soft_time_limit).or_else(|| {
-        spec.defaults.soft_time_limit.and_then(seconds)
-    });
+    let hard = message
+        .time_limit
+        .1
+        .and_then(seconds)
+        .or(grants.limits.time_limit)
+        .or_else(|| spec.defaults.time_limit.and_then(seconds));
+    let soft = message
+        .time_limit
+        .0
+        .and_then(seconds)
+        .or(grants.limits.soft_time_limit)
+        .or_else(|| spec.defaults.soft_time_limit.and_then(seconds));
     let soft_deadline_ms = soft.map(|d| {
         u64::try_from(now_ms()).unwrap_or(0) + u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
     });
@@ -468,7 +503,14 @@ async fn run_task(shared: &Shared, plugin: &Arc<Plugin>, spec: &TaskSpec, messag
 /// Stores a FAILURE and settles the message.
 async fn fail(shared: &Shared, delivery: &Delivery, message: &TaskMessage, exc: &Exception) {
     tracing::warn!(task_id = %message.id, task = %message.task, "{}: {}", exc.kind, exc.message);
-    store_for(shared, message, State::Failure, exc.to_json(), exc.traceback.as_deref()).await;
+    store_for(
+        shared,
+        message,
+        State::Failure,
+        exc.to_json(),
+        exc.traceback.as_deref(),
+    )
+    .await;
     settle(shared, delivery, message).await;
 }
 
@@ -486,7 +528,10 @@ async fn retry(
     let max_retries = spec.defaults.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
     if message.retries >= max_retries {
         let mut exc = reason;
-        exc.message = format!("{} (gave up after {} retries)", exc.message, message.retries);
+        exc.message = format!(
+            "{} (gave up after {} retries)",
+            exc.message, message.retries
+        );
         fail(shared, delivery, message, &exc).await;
         return;
     }
@@ -502,13 +547,22 @@ async fn retry(
         task_id = %message.id, task = %message.task, retries = message.retries + 1,
         countdown_s = countdown, "task retrying: {}: {}", reason.kind, reason.message
     );
-    store_for(shared, message, State::Retry, reason.to_json(), reason.traceback.as_deref()).await;
-    let eta = (countdown > 0.0)
-        .then(|| OffsetDateTime::now_utc() + Duration::from_secs_f64(countdown));
+    store_for(
+        shared,
+        message,
+        State::Retry,
+        reason.to_json(),
+        reason.traceback.as_deref(),
+    )
+    .await;
+    let eta =
+        (countdown > 0.0).then(|| OffsetDateTime::now_utc() + Duration::from_secs_f64(countdown));
     let next = message.retry_message(eta);
     let due = eta.map(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX));
     let queued = retrying("publish a retry", || {
-        shared.broker.ack_and_schedule(delivery, &delivery.source, &next, due)
+        shared
+            .broker
+            .ack_and_schedule(delivery, &delivery.source, &next, due)
     })
     .await;
     if queued && due.is_some() {
@@ -520,8 +574,16 @@ async fn retry(
 /// `[0, that]` with jitter.
 pub fn retry_countdown(retries: u32, factor: f64, maximum: f64, jitter: bool) -> f64 {
     let countdown = (factor * 2f64.powi(i32::try_from(retries.min(62)).unwrap_or(62))).min(maximum);
-    let countdown = if countdown.is_finite() { countdown.max(0.0) } else { maximum.max(0.0) };
-    if jitter { fastrand::f64() * countdown } else { countdown }
+    let countdown = if countdown.is_finite() {
+        countdown.max(0.0)
+    } else {
+        maximum.max(0.0)
+    };
+    if jitter {
+        fastrand::f64() * countdown
+    } else {
+        countdown
+    }
 }
 
 async fn store_for(
@@ -587,7 +649,9 @@ async fn dead_letter(
         "message dead-lettered to {}: {reason}", crate::broker::DEAD_LETTER_KEY
     );
     retrying("dead-letter a message", || {
-        shared.broker.dead_letter(delivery, reason, task_id, task, &shared.node)
+        shared
+            .broker
+            .dead_letter(delivery, reason, task_id, task, &shared.node)
     })
     .await;
 }

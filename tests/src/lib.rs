@@ -1,0 +1,293 @@
+//! The test harness: real `redis-server` processes on free ports, really compiled plugins, the
+//! `taskhost` binary driven as a user would, Python Celery from PyPI, and stand-in HTTP services.
+//!
+//! Every process a test starts is killed and reaped when its handle drops (and dies with the
+//! test process if that is killed). Waits poll a real condition under one deadline and fail with
+//! what they waited for; on a failing test the worker's log is printed.
+
+mod http;
+mod process;
+mod python;
+
+pub use http::{HttpStub, Reply, Request};
+pub use process::{Process, RedisServer};
+pub use python::python;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long any single wait in a test may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// The target directory this test binary was built into.
+pub fn target_dir() -> PathBuf {
+    // current_exe is <target>/<profile>/deps/<test binary>.
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
+        .unwrap_or_else(|| root().join("target"))
+}
+
+fn profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+struct Built {
+    taskhost: PathBuf,
+    plugins: PathBuf,
+}
+
+/// Builds the `taskhost` binary (in this test's profile) and the plugins (for wasm32-wasip2,
+/// in release, as a plugin author builds them), once per test binary.
+fn built() -> &'static Built {
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut host = std::process::Command::new(&cargo);
+        host.current_dir(root())
+            .args(["build", "-p", "taskhost", "--bin", "taskhost"]);
+        if profile() == "release" {
+            host.arg("--release");
+        }
+        run_build(host, "the taskhost binary");
+        let mut plugins = std::process::Command::new(&cargo);
+        plugins.current_dir(root()).args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "-p",
+            "demo",
+            "-p",
+            "crucible",
+        ]);
+        run_build(
+            plugins,
+            "the plugins (is the wasm32-wasip2 target installed?)",
+        );
+        let target = target_dir();
+        Built {
+            taskhost: target.join(profile()).join("taskhost"),
+            plugins: target.join("wasm32-wasip2").join("release"),
+        }
+    })
+}
+
+fn run_build(mut command: std::process::Command, what: &str) {
+    // `cargo test` gives the test process this package's CARGO_PKG_* and CARGO_MANIFEST_*;
+    // build scripts that watch those (ring's does) would see a change and rebuild half the
+    // tree, twice per run. The nested build gets the environment a shell would give it.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_TARGET_DIR" {
+            command.env_remove(&*key);
+        }
+    }
+    let status = command
+        .env("CARGO_TARGET_DIR", target_dir())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build {what}: {e}"));
+    assert!(status.success(), "building {what} failed: {status}");
+}
+
+/// The `taskhost` binary.
+pub fn taskhost_bin() -> PathBuf {
+    built().taskhost.clone()
+}
+
+/// The compiled plugin `name` (`demo`, `crucible`).
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    built().plugins.join(format!("{name}.wasm"))
+}
+
+/// A fresh directory for one test, removed when dropped (kept if the test fails).
+pub struct TestDir {
+    path: PathBuf,
+}
+
+impl TestDir {
+    /// Creates `<target>/test-runs/<name>-<pid>-<n>`.
+    pub fn new(name: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = target_dir().join("test-runs").join(format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create test dir");
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A plugin directory holding copies of the named plugins.
+    pub fn plugins(&self, names: &[&str]) -> PathBuf {
+        let dir = self.path.join("plugins");
+        std::fs::create_dir_all(&dir).expect("create plugin dir");
+        for name in names {
+            std::fs::copy(plugin_wasm(name), dir.join(format!("{name}.wasm")))
+                .unwrap_or_else(|e| panic!("copy plugin {name}: {e}"));
+        }
+        dir
+    }
+
+    /// Writes a file into the directory and returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.path.join(name);
+        std::fs::write(&path, contents).expect("write test file");
+        path
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after [`WAIT`] with `what`.
+pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// A protocol-v2 task message as Celery 5.7's `send_task` builds it (see
+/// `tests/fixtures/task_message_delay.json`), written independently of the host's encoder.
+pub fn celery_message(id: &str, task: &str, args: Value, kwargs: Value, queue: &str) -> String {
+    let body =
+        json!([args, kwargs, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]);
+    json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py", "task": task, "id": id, "shadow": null, "eta": null, "expires": null,
+            "group": null, "group_index": null, "retries": 0, "timelimit": [null, null],
+            "root_id": id, "parent_id": null, "argsrepr": args.to_string(),
+            "kwargsrepr": kwargs.to_string(), "origin": "gen1@test", "ignore_result": false,
+            "replaced_task_nesting": 0, "stamped_headers": null, "stamps": {}
+        },
+        "properties": {
+            "correlation_id": id, "reply_to": uuid::Uuid::new_v4().to_string(),
+            "delivery_mode": 2, "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0, "body_encoding": "base64",
+            "delivery_tag": uuid::Uuid::new_v4().to_string()
+        }
+    })
+    .to_string()
+}
+
+/// A producer and result reader on a test Redis: broker db 0, backend db 1 (as the worker
+/// started by [`Process::worker`] uses them).
+pub struct Client {
+    broker: redis::Connection,
+    backend: redis::Connection,
+}
+
+impl Client {
+    pub fn new(redis: &RedisServer) -> Self {
+        Self {
+            broker: redis.conn(0),
+            backend: redis.conn(1),
+        }
+    }
+
+    /// Sends `task(*args)` to the `celery` queue; returns the task id.
+    pub fn send(&mut self, task: &str, args: Value) -> String {
+        self.send_to("celery", task, args, json!({}))
+    }
+
+    /// Sends `task(*args, **kwargs)` to `queue`; returns the task id.
+    pub fn send_to(&mut self, queue: &str, task: &str, args: Value, kwargs: Value) -> String {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.push_raw(
+            queue,
+            celery_message(&id, task, args, kwargs, queue).as_bytes(),
+        );
+        id
+    }
+
+    /// Pushes raw bytes onto a queue list, as a producer's LPUSH.
+    pub fn push_raw(&mut self, queue: &str, bytes: &[u8]) {
+        redis::cmd("LPUSH")
+            .arg(queue)
+            .arg(bytes)
+            .query::<()>(&mut self.broker)
+            .expect("LPUSH");
+    }
+
+    /// The task's stored state, if any.
+    pub fn state(&mut self, id: &str) -> Option<Value> {
+        let doc: Option<String> = redis::cmd("GET")
+            .arg(format!("celery-task-meta-{id}"))
+            .query(&mut self.backend)
+            .expect("GET result");
+        doc.map(|d| serde_json::from_str(&d).expect("result is JSON"))
+    }
+
+    /// Waits until the task is SUCCESS, FAILURE or REVOKED and returns its stored document.
+    pub fn result(&mut self, id: &str) -> Value {
+        wait_for(&format!("the result of task {id}"), || {
+            self.state(id).filter(|doc| {
+                matches!(
+                    doc["status"].as_str(),
+                    Some("SUCCESS" | "FAILURE" | "REVOKED")
+                )
+            })
+        })
+    }
+
+    /// The dead-letter entries, newest first.
+    pub fn dead_letters(&mut self) -> Vec<Value> {
+        let entries: Vec<String> = redis::cmd("LRANGE")
+            .arg("taskhost:dead")
+            .arg(0)
+            .arg(-1)
+            .query(&mut self.broker)
+            .expect("LRANGE dead letters");
+        entries
+            .iter()
+            .map(|e| serde_json::from_str(e).expect("dead letter is JSON"))
+            .collect()
+    }
+
+    /// Length of a list on the broker.
+    pub fn llen(&mut self, key: &str) -> usize {
+        redis::cmd("LLEN")
+            .arg(key)
+            .query(&mut self.broker)
+            .expect("LLEN")
+    }
+}

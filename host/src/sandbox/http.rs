@@ -49,28 +49,42 @@ impl WasiHttpHooks for HttpPolicy {
                     plugin = %self.plugin, task_id = %self.task_id, %origin,
                     "denied HTTP request: origin not granted to this plugin (allow_http in taskhost.toml)"
                 );
-                return Box::new(async { Err(Error::HttpRequestDenied) });
+                return deny(request);
             }
             Err(reason) => {
                 tracing::warn!(
                     plugin = %self.plugin, task_id = %self.task_id, uri = %request.uri(),
                     "denied HTTP request: {reason}"
                 );
-                return Box::new(async { Err(Error::HttpRequestDenied) });
+                return deny(request);
             }
         }
         let options = options.unwrap_or_default();
         let options = RequestOptions {
             connect_timeout: options.connect_timeout.or(Some(CONNECT_TIMEOUT)),
             first_byte_timeout: options.first_byte_timeout.or(Some(FIRST_BYTE_TIMEOUT)),
-            between_bytes_timeout: options.between_bytes_timeout.or(Some(BETWEEN_BYTES_TIMEOUT)),
+            between_bytes_timeout: options
+                .between_bytes_timeout
+                .or(Some(BETWEEN_BYTES_TIMEOUT)),
         };
         Box::new(async move {
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            let (response, io) =
+                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
             Ok((
                 response.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
             ))
         })
     }
+}
+
+/// Answers a denied request with `HttpRequestDenied`. The request body the guest is writing is
+/// read (and dropped) first: a guest client that writes the body while it waits for the answer
+/// would otherwise see its body write fail ("connection reset") instead of the denial.
+fn deny(request: http::Request<WasiBody>) -> ResponseFuture {
+    Box::new(async move {
+        let mut body = request.into_body();
+        while let Some(Ok(_)) = body.frame().await {}
+        Err(Error::HttpRequestDenied)
+    })
 }

@@ -122,9 +122,7 @@ pub type PluginPre = bindings::PluginPre<TaskState>;
 pub enum PrepareError {
     #[error("not a WebAssembly component: {0}")]
     Compile(String),
-    #[error(
-        "not a taskhost plugin: it exports no {WIT_PACKAGE}/handler interface (exports: {0})"
-    )]
+    #[error("not a taskhost plugin: it exports no {WIT_PACKAGE}/handler interface (exports: {0})")]
     NoHandler(String),
     #[error(
         "built for {WIT_PACKAGE}@{found}, but this host supports {WIT_PACKAGE}@{supported}: rebuild it against this host's wit/",
@@ -265,11 +263,18 @@ impl Sandbox {
     }
 
     /// Asks a linked plugin which tasks it serves.
-    pub async fn tasks(&self, pre: &PluginPre, scope: Scope) -> Result<Vec<TaskInfo>, PrepareError> {
+    pub async fn tasks(
+        &self,
+        pre: &PluginPre,
+        scope: Scope,
+    ) -> Result<Vec<TaskInfo>, PrepareError> {
         let mut store = self.store(scope);
         let call = async {
             let plugin = pre.instantiate_async(&mut store).await?;
-            plugin.taskhost_plugin_handler().call_tasks(&mut store).await
+            plugin
+                .taskhost_plugin_handler()
+                .call_tasks(&mut store)
+                .await
         };
         match tokio::time::timeout(Duration::from_secs(10), call).await {
             Ok(Ok(tasks)) => Ok(tasks),
@@ -286,8 +291,11 @@ impl Sandbox {
         task: &Task,
         hard_limit: Option<Duration>,
     ) -> Outcome {
-        let (plugin, task_name, task_id) =
-            (scope.plugin.clone(), scope.task_name.clone(), scope.task_id.clone());
+        let (plugin, task_name, task_id) = (
+            scope.plugin.clone(),
+            scope.task_name.clone(),
+            scope.task_id.clone(),
+        );
         let mut store = self.store(scope);
         let call = async {
             let instance = pre.instantiate_async(&mut store).await?;
@@ -329,15 +337,25 @@ fn drain_output(
         tracing::warn!(target: "taskhost::plugin", plugin, task, task_id, stream = "stderr", "{line}");
     }
     if dropped_out + dropped_err > 0 {
-        tracing::warn!(plugin, task, task_id, dropped_bytes = dropped_out + dropped_err,
-            "plugin output over {} bytes per stream was dropped", output::CAPTURE_LIMIT);
+        tracing::warn!(
+            plugin,
+            task,
+            task_id,
+            dropped_bytes = dropped_out + dropped_err,
+            "plugin output over {} bytes per stream was dropped",
+            output::CAPTURE_LIMIT
+        );
     }
     (stdout, stderr)
 }
 
 fn from_wit(failure: WitFailure) -> Outcome {
     let exception = |e: TaskError| Exception {
-        kind: if e.kind.is_empty() { "Exception".into() } else { e.kind },
+        kind: if e.kind.is_empty() {
+            "Exception".into()
+        } else {
+            e.kind
+        },
         message: e.message,
         traceback: e.traceback,
     };

@@ -78,12 +78,14 @@ tasks! {
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn service_url(key: &str) -> Result<String> {
-    let url = taskhost_sdk::config(key).filter(|u| !u.is_empty()).ok_or_else(|| {
-        Failure::error(
-            "ConfigurationError",
-            format!("config value {key:?} is not set for this plugin (see taskhost.toml)"),
-        )
-    })?;
+    let url = taskhost_sdk::config(key)
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            Failure::error(
+                "ConfigurationError",
+                format!("config value {key:?} is not set for this plugin (see taskhost.toml)"),
+            )
+        })?;
     Ok(url.trim_end_matches('/').to_owned())
 }
 
@@ -149,24 +151,38 @@ fn call(method: Method, url: &str, body: Option<Value>, service: &str) -> Result
             .str_contents()
             .await
             .map(str::to_owned)
-            .map_err(|e| Failure::retry("ConnectionError", format!("{service} {method} {url}: reading the answer: {e}")))?;
+            .map_err(|e| {
+                Failure::retry(
+                    "ConnectionError",
+                    format!("{service} {method} {url}: reading the answer: {e}"),
+                )
+            })?;
         if status.is_server_error() {
             return Err(Failure::retry(
                 "ServiceUnavailable",
-                format!("{service} {method} {url} answered {status}: {}", service_message(&text)),
+                format!(
+                    "{service} {method} {url} answered {status}: {}",
+                    service_message(&text)
+                ),
             ));
         }
         if !status.is_success() {
             return Err(Failure::error(
                 "HTTPError",
-                format!("{service} {method} {url} answered {status}: {}", service_message(&text)),
+                format!(
+                    "{service} {method} {url} answered {status}: {}",
+                    service_message(&text)
+                ),
             ));
         }
         if text.trim().is_empty() {
             return Ok(Value::Null);
         }
         serde_json::from_str(&text).map_err(|e| {
-            Failure::error("ValueError", format!("{service} answered with invalid JSON: {e}"))
+            Failure::error(
+                "ValueError",
+                format!("{service} answered with invalid JSON: {e}"),
+            )
         })
     })
 }
@@ -193,7 +209,11 @@ fn service_message(text: &str) -> String {
         }
     }
     let text = text.trim();
-    if text.is_empty() { "(empty answer)".to_owned() } else { text.to_owned() }
+    if text.is_empty() {
+        "(empty answer)".to_owned()
+    } else {
+        text.to_owned()
+    }
 }
 
 /// The wall clock as RFC 3339 UTC with microseconds, as Python's `isoformat()` prints it.

@@ -22,14 +22,22 @@ impl Args {
         let positional = match serde_json::from_str(args) {
             Ok(Value::Array(values)) => values,
             Ok(Value::Null) => Vec::new(),
-            Ok(other) => return Err(type_error(task, format!("args must be a list, got {other}"))),
+            Ok(other) => {
+                return Err(type_error(
+                    task,
+                    format!("args must be a list, got {other}"),
+                ));
+            }
             Err(e) => return Err(type_error(task, format!("args are not valid JSON: {e}"))),
         };
         let keyword = match serde_json::from_str(kwargs) {
             Ok(Value::Object(map)) => map,
             Ok(Value::Null) => Map::new(),
             Ok(other) => {
-                return Err(type_error(task, format!("kwargs must be a dict, got {other}")));
+                return Err(type_error(
+                    task,
+                    format!("kwargs must be a dict, got {other}"),
+                ));
             }
             Err(e) => return Err(type_error(task, format!("kwargs are not valid JSON: {e}"))),
         };
@@ -57,10 +65,7 @@ impl Args {
             value
         } else {
             return serde_json::from_value(Value::Null).map_err(|_| {
-                type_error(
-                    &self.task,
-                    format!("missing required argument '{name}'"),
-                )
+                type_error(&self.task, format!("missing required argument '{name}'"))
             });
         };
         serde_json::from_value(value)
@@ -113,7 +118,9 @@ mod tests {
     fn option_may_be_left_out_but_required_may_not() {
         let mut a = Args::parse("t", "[]", "{}").expect("parse");
         assert_eq!(a.next::<Option<u32>>("n").expect("n"), None);
-        assert!(message(a.next::<u32>("m").expect_err("m")).contains("missing required argument 'm'"));
+        assert!(
+            message(a.next::<u32>("m").expect_err("m")).contains("missing required argument 'm'")
+        );
     }
 
     #[test]
@@ -124,7 +131,9 @@ mod tests {
         a.next::<i64>("x").expect("x");
         assert!(message(a.finish().expect_err("extra")).contains("takes 1 positional"));
         let mut a = Args::parse("t", "[]", r#"{"z": 1}"#).expect("parse");
-        assert!(message(a.finish().expect_err("unknown")).contains("unexpected keyword argument 'z'"));
+        assert!(
+            message(a.finish().expect_err("unknown")).contains("unexpected keyword argument 'z'")
+        );
         assert!(Args::parse("t", "{", "{}").is_err());
         assert!(Args::parse("t", "3", "{}").is_err());
     }

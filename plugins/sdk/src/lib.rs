@@ -2,7 +2,7 @@
 //! `cargo build --target wasm32-wasip2 --release`, and drop the `.wasm` into a worker's plugin
 //! directory.
 //!
-//! ```ignore
+//! ```no_run
 //! use taskhost_sdk::{tasks, Failure, Result};
 //!
 //! tasks! {
@@ -98,7 +98,8 @@ impl Failure {
     /// Attach a traceback (free text) to an error or retry.
     pub fn with_traceback(mut self, traceback: impl Into<String>) -> Self {
         match &mut self.0 {
-            types::Failure::Error(e) | types::Failure::Retry(types::RetryRequest { reason: e, .. }) => {
+            types::Failure::Error(e)
+            | types::Failure::Retry(types::RetryRequest { reason: e, .. }) => {
                 e.traceback = Some(traceback.into());
             }
             types::Failure::Reject(_) => {}

@@ -1,0 +1,138 @@
+//! Interoperability with real Python Celery 5.7 from PyPI, both ways: Python producers and
+//! `AsyncResult.get()` against a taskhost worker, and `taskhost call` against a Celery worker.
+
+use std::process::Command;
+use taskhost_tests::{Process, RedisServer, TestDir, python};
+
+/// Python tasks of the demo plugin's names, for the Celery side.
+const CELERY_APP: &str = r#"
+import os
+from celery import Celery
+
+app = Celery("interop", broker=os.environ["BROKER"], backend=os.environ["BACKEND"])
+app.conf.broker_connection_retry_on_startup = True
+
+@app.task(name="demo.add")
+def add(x, y):
+    return x + y
+
+@app.task(name="demo.fail")
+def fail(message):
+    raise ValueError(message)
+"#;
+
+/// A producer as the seed service's API writes it: `.delay()`, `send_task()`, `.get()`.
+const PRODUCER: &str = r#"
+import celery.exceptions
+from celery_app import app, add
+
+assert add.delay(2, 3).get(timeout=10) == 5
+assert app.send_task("demo.add", (2, 3)).get(timeout=10) == 5
+assert app.send_task("demo.add", kwargs={"x": 40, "y": 2}).get(timeout=10) == 42
+value = {"nested": [1, None, "ü", {"big": 2**62}], "f": 1.5}
+assert app.send_task("demo.echo", (value,)).get(timeout=10) == value
+
+try:
+    app.send_task("demo.fail", ("boom from python",)).get(timeout=10)
+    raise SystemExit("demo.fail did not raise")
+except RuntimeError as e:
+    assert str(e) == "boom from python", repr(e)
+
+try:
+    app.send_task("demo.nobody").get(timeout=10)
+    raise SystemExit("an unknown task did not raise")
+except celery.exceptions.NotRegistered as e:
+    assert "demo.nobody" in str(e), repr(e)
+
+r = app.send_task("demo.retry", (2,))
+assert r.get(timeout=10) == 2 and r.status == "SUCCESS"
+print("producer OK")
+"#;
+
+fn python_command(dir: &TestDir, redis: &RedisServer, args: &[&str]) -> Command {
+    dir.write("celery_app.py", CELERY_APP);
+    let mut command = Command::new(python());
+    command
+        .current_dir(dir.path())
+        .args(args)
+        .env("BROKER", redis.url(0))
+        .env("BACKEND", redis.url(1))
+        .env("PYTHONPATH", dir.path())
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    command
+}
+
+#[test]
+fn python_producers_get_results_from_a_taskhost_worker() {
+    let dir = TestDir::new("py-producer");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.plugins(&["demo"]);
+    let worker = Process::worker(&dir, &redis, &plugins, &[]);
+    dir.write("producer.py", PRODUCER);
+    let out = Process::run_command(&dir, python_command(&dir, &redis, &["producer.py"]));
+    assert!(
+        out.status.success() && out.stdout.contains("producer OK"),
+        "python producer failed ({}):\n{}\n{}\nworker log:\n{}",
+        out.status,
+        out.stdout,
+        out.stderr,
+        worker.log()
+    );
+}
+
+#[test]
+fn a_celery_worker_runs_what_taskhost_call_sends() {
+    let dir = TestDir::new("py-worker");
+    let redis = RedisServer::start(&dir);
+    let celery = Process::spawn(
+        &dir,
+        "celery.log",
+        python_command(
+            &dir,
+            &redis,
+            &[
+                "-m",
+                "celery",
+                "-A",
+                "celery_app",
+                "worker",
+                "--pool",
+                "solo",
+                "-Q",
+                "celery",
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel",
+                "INFO",
+                "-n",
+                "py@%h",
+            ],
+        ),
+    );
+    celery.wait_log("ready.");
+    let (broker, backend) = (redis.url(0), redis.url(1));
+    let call = |args: &[&str]| {
+        let mut all = vec![
+            "call",
+            "--broker",
+            &broker,
+            "--result-backend",
+            &backend,
+            "--wait",
+        ];
+        all.extend_from_slice(args);
+        Process::run(&dir, &all)
+    };
+    let out = call(&["demo.add", "--args", "[2, 3]"]);
+    assert!(
+        out.status.success(),
+        "{out:?}\ncelery log:\n{}",
+        celery.log()
+    );
+    assert_eq!(out.stdout.trim(), "5");
+    let out = call(&["demo.add", "--kwargs", r#"{"x": 1, "y": 2}"#]);
+    assert_eq!(out.stdout.trim(), "3", "{out:?}");
+    let out = call(&["demo.fail", "--args", r#"["from rust"]"#]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("ValueError: from rust"), "{out:?}");
+}

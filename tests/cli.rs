@@ -1,0 +1,251 @@
+//! The command line as a user meets it: `exec`, `plugins`, `dev` with `call`, and clear errors.
+
+use taskhost_tests::{Process, RedisServer, TestDir, plugin_wasm, wait_for};
+
+fn path(p: &std::path::Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn exec_runs_one_task_locally() {
+    let dir = TestDir::new("exec");
+    let demo = path(&plugin_wasm("demo"));
+    let out = Process::run(&dir, &["exec", &demo, "demo.add", "--args", "[2, 3]"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout.trim(), "5");
+
+    let out = Process::run(
+        &dir,
+        &[
+            "exec",
+            &demo,
+            "demo.echo",
+            "--kwargs",
+            r#"{"value": {"a": [1, null]}}"#,
+        ],
+    );
+    assert_eq!(out.stdout.trim(), r#"{"a":[1,null]}"#, "{out:?}");
+
+    let out = Process::run(&dir, &["exec", &demo, "demo.add", "--args", r#"[2, "x"]"#]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr.contains("TypeError") && out.stderr.contains("argument 'y'"),
+        "{out:?}"
+    );
+
+    let out = Process::run(&dir, &["exec", &demo, "demo.fail", "--args", r#"["nope"]"#]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.stderr.trim(), "FAILURE RuntimeError: nope");
+
+    let out = Process::run(&dir, &["exec", &demo, "demo.retry", "--args", "[1]"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a retry request has its own exit code: {out:?}"
+    );
+    assert!(out.stderr.contains("--retries 1"), "{out:?}");
+    let out = Process::run(
+        &dir,
+        &[
+            "exec",
+            &demo,
+            "demo.retry",
+            "--args",
+            "[1]",
+            "--retries",
+            "1",
+        ],
+    );
+    assert_eq!(out.stdout.trim(), "1", "{out:?}");
+
+    let out = Process::run(&dir, &["exec", &demo, "demo.nothing"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr.contains("does not serve task \"demo.nothing\"")
+            && out.stderr.contains("demo.add"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn plugins_lists_tasks_and_refuses_what_is_not_a_plugin() {
+    let dir = TestDir::new("plugins-cmd");
+    let plugins = dir.plugins(&["demo", "crucible"]);
+    let out = Process::run(&dir, &["plugins", &path(&plugins)]);
+    assert!(out.status.success(), "{out:?}");
+    for expected in [
+        "demo  version",
+        "wit taskhost:plugin@0.1.0",
+        "demo.add",
+        "tasks.evaluate_code",
+        "max_retries=3",
+    ] {
+        assert!(
+            out.stdout.contains(expected),
+            "{expected:?} missing:\n{}",
+            out.stdout
+        );
+    }
+    std::fs::write(plugins.join("junk.wasm"), b"\0asm but not really").expect("write junk");
+    let bytes = std::fs::read(plugin_wasm("demo")).expect("read demo");
+    std::fs::write(plugins.join("truncated.wasm"), &bytes[..bytes.len() / 2])
+        .expect("write truncated");
+    let out = Process::run(&dir, &["plugins", &path(&plugins)]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("junk.wasm  REFUSED: not a WebAssembly component"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("truncated.wasm  REFUSED"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("demo.add"),
+        "good plugins still listed:\n{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn dev_starts_its_own_redis_and_call_finds_it() {
+    let dir = TestDir::new("dev");
+    let plugins = dir.plugins(&["demo"]);
+    let mut dev = Process::spawn(
+        &dir,
+        "dev.log",
+        Process::command(&dir, &["dev", "--plugins", &path(&plugins)]),
+    );
+    dev.wait_log("worker ready");
+    assert!(
+        dev.log().contains("call demo.add --args '[2,3]' --wait"),
+        "{}",
+        dev.log()
+    );
+    let out = Process::run(&dir, &["call", "demo.add", "--args", "[2,3]", "--wait"]);
+    assert!(out.status.success(), "{out:?}\n{}", dev.log());
+    assert_eq!(out.stdout.trim(), "5");
+    let state = std::fs::read_to_string(dir.path().join("dev-state.json")).expect("dev state file");
+    let state: serde_json::Value = serde_json::from_str(&state).expect("state is JSON");
+    let url = state["broker_url"].as_str().expect("broker url").to_owned();
+    let status = dev.stop_with(libc::SIGINT);
+    assert!(status.success(), "{status}");
+    assert!(
+        !dir.path().join("dev-state.json").exists(),
+        "state file removed on exit"
+    );
+    wait_for("the private redis-server to be gone", || {
+        redis::Client::open(url.as_str())
+            .ok()
+            .and_then(|c| c.get_connection().err())
+            .map(|_| ())
+    });
+    let out = Process::run(&dir, &["call", "demo.add", "--args", "[2,3]", "--wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stderr.contains("no broker"), "{out:?}");
+}
+
+#[test]
+fn bad_input_gives_one_clear_line_and_a_failure_exit() {
+    let dir = TestDir::new("errors");
+    let plugins = path(&dir.plugins(&["demo"]));
+    let redis = RedisServer::start(&dir);
+    let broker = redis.url(0);
+    let dead_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let unreachable = format!("redis://127.0.0.1:{dead_port}/0");
+    let config = path(&dir.write("bad.toml", "[plugins.demo]\nallow_htp = []\n"));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "worker",
+                "--broker",
+                "amqp://guest@localhost//",
+                "--plugins",
+                &plugins,
+            ],
+            "Redis transport",
+        ),
+        (
+            vec![
+                "worker",
+                "--broker",
+                "redis://:99999999/x",
+                "--plugins",
+                &plugins,
+            ],
+            "invalid Redis URL",
+        ),
+        (
+            vec!["worker", "--broker", &unreachable, "--plugins", &plugins],
+            "cannot connect to Redis",
+        ),
+        (
+            vec!["worker", "--broker", &broker, "--plugins", "/no/such/dir"],
+            "plugin directory /no/such/dir does not exist",
+        ),
+        (
+            vec![
+                "worker",
+                "--broker",
+                &broker,
+                "--plugins",
+                &plugins,
+                "--config",
+                &config,
+            ],
+            "allow_htp",
+        ),
+        (
+            vec![
+                "worker",
+                "--broker",
+                &broker,
+                "--plugins",
+                &plugins,
+                "-c",
+                "0",
+            ],
+            "concurrency",
+        ),
+        (vec!["worker", "--plugins", &plugins], "no broker"),
+        (
+            vec!["call", "demo.add", "--broker", &broker, "--args", "[2,"],
+            "--args is not JSON",
+        ),
+        (
+            vec!["call", "demo.add", "--broker", &broker, "--args", "{}"],
+            "must be a JSON array",
+        ),
+        (
+            vec!["call", "demo.add", "--broker", &unreachable],
+            "cannot connect to Redis",
+        ),
+        (vec!["exec", "/no/such.wasm", "demo.add"], "does not exist"),
+    ];
+    for (args, expected) in cases {
+        let out = Process::run(&dir, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let line = out.stderr.trim();
+        assert!(
+            line.starts_with("error: ") && line.contains(expected),
+            "{args:?}: {line}"
+        );
+        assert_eq!(line.lines().count(), 1, "{args:?}: one line, got:\n{line}");
+        assert!(!out.stderr.contains("panicked"), "{args:?}: {line}");
+    }
+    let out = Process::run(&dir, &["worker", "--concurrency", "many"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2: {out:?}");
+    for command in ["worker", "dev", "call", "exec", "plugins"] {
+        let out = Process::run(&dir, &[command, "--help"]);
+        assert!(
+            out.status.success() && out.stdout.contains("Usage: taskhost"),
+            "{command} --help: {out:?}"
+        );
+    }
+}

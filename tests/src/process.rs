@@ -1,0 +1,327 @@
+//! Child processes of a test: `redis-server`, `taskhost` and Celery, each reaped when dropped.
+
+use crate::{TestDir, WAIT, taskhost_bin, wait_for};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Makes the child die with the test process, so a killed test run leaves nothing behind.
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sends `signal` to `pid`.
+#[allow(unsafe_code)]
+pub fn signal(pid: u32, signal: i32) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    // SAFETY: kill(2) has no memory effects on this process.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("find a free port")
+        .port()
+}
+
+/// Waits for `child` to exit, up to `timeout`.
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A private `redis-server` on a free loopback port (never 6379).
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts a server keeping nothing on disk.
+    pub fn start(dir: &TestDir) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// Starts a server with extra `redis-server` arguments (e.g. `--appendonly yes`).
+    pub fn start_with(dir: &TestDir, args: &[&str]) -> Self {
+        let data = dir.path().join(format!("redis-{}", free_port()));
+        std::fs::create_dir_all(&data).expect("create redis dir");
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            dir: data,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(self.dir.join("redis.log"))
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        die_with_parent(&mut command);
+        let child = command
+            .spawn()
+            .expect("start redis-server (is it on PATH?)");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url(0)).expect("redis url");
+        wait_for(
+            &format!("redis-server on port {} to answer", self.port),
+            || {
+                if let Some(child) = &mut self.child
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    panic!(
+                        "redis-server exited at start ({status}): {}",
+                        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+                    );
+                }
+                let mut conn = client.get_connection().ok()?;
+                redis::cmd("PING").query::<String>(&mut conn).ok()
+            },
+        );
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>/<db>`.
+    pub fn url(&self, db: u8) -> String {
+        format!("redis://127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A connection to database `db`.
+    pub fn conn(&self, db: u8) -> redis::Connection {
+        redis::Client::open(self.url(db))
+            .and_then(|c| c.get_connection())
+            .expect("connect to the test redis")
+    }
+
+    /// Kills the server (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Environment variables a test's `taskhost` must not inherit from the machine.
+const CLEARED_ENV: &[&str] = &[
+    "CELERY_BROKER_URL",
+    "CELERY_RESULT_BACKEND",
+    "CELERY_CONCURRENCY",
+    "TASKHOST_CONFIG",
+    "TASKHOST_PLUGINS",
+    "EXECUTOR_SERVICE_URL",
+    "STORAGE_SERVICE_URL",
+    "RUST_LOG",
+];
+
+/// A child process (taskhost, or Celery for interoperability), its output in a log file.
+pub struct Process {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// What a finished `taskhost` command printed.
+#[derive(Debug)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Process {
+    /// The command, in the test's directory (so no `./taskhost.toml` is picked up), with a clean
+    /// environment and `TASKHOST_DEV_STATE` private to the test.
+    pub fn command(dir: &TestDir, args: &[&str]) -> Command {
+        let mut command = Command::new(taskhost_bin());
+        command
+            .current_dir(dir.path())
+            .args(args)
+            .stdin(Stdio::null());
+        for var in CLEARED_ENV {
+            command.env_remove(var);
+        }
+        command.env("TASKHOST_DEV_STATE", dir.path().join("dev-state.json"));
+        command
+    }
+
+    /// Starts `taskhost ARGS`, output to `<dir>/<log>`.
+    pub fn spawn(dir: &TestDir, log: &str, mut command: Command) -> Self {
+        let log = dir.path().join(log);
+        let file = std::fs::File::create(&log).expect("create log");
+        let err = file.try_clone().expect("clone log handle");
+        command.stdout(file).stderr(err);
+        die_with_parent(&mut command);
+        let child = command.spawn().expect("start taskhost");
+        Self {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Starts `taskhost worker` against `redis` (broker db 0, backend db 1) and waits until it
+    /// is consuming.
+    pub fn worker(dir: &TestDir, redis: &RedisServer, plugins: &Path, extra: &[&str]) -> Self {
+        let broker = redis.url(0);
+        let backend = redis.url(1);
+        let plugins = plugins.to_string_lossy().into_owned();
+        let mut args = vec![
+            "worker",
+            "--broker",
+            &broker,
+            "--result-backend",
+            &backend,
+            "--plugins",
+            &plugins,
+        ];
+        args.extend_from_slice(extra);
+        let worker = Self::spawn(dir, "worker.log", Self::command(dir, &args));
+        worker.wait_log("worker ready");
+        worker
+    }
+
+    /// Runs a one-shot command to completion (bounded by [`WAIT`]).
+    pub fn run(dir: &TestDir, args: &[&str]) -> Output {
+        Self::run_command(dir, Self::command(dir, args))
+    }
+
+    /// Runs a prepared command to completion (bounded by [`WAIT`]).
+    pub fn run_command(dir: &TestDir, mut command: Command) -> Output {
+        let out = dir.path().join(format!("out-{}", uuid::Uuid::new_v4()));
+        let err = out.with_extension("err");
+        command
+            .stdout(std::fs::File::create(&out).expect("create stdout file"))
+            .stderr(std::fs::File::create(&err).expect("create stderr file"));
+        die_with_parent(&mut command);
+        let mut child = command.spawn().expect("run taskhost");
+        let status = wait_exit(&mut child, WAIT);
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not finish within {WAIT:?}");
+        };
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        Output {
+            status,
+            stdout: read(&out),
+            stderr: read(&err),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Everything the process has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; fails if the process exits first.
+    pub fn wait_log(&self, needle: &str) {
+        wait_for(&format!("{needle:?} in the taskhost log"), || {
+            if self.log().contains(needle) {
+                return Some(());
+            }
+            self.assert_running();
+            None
+        });
+    }
+
+    fn assert_running(&self) {
+        if let Some(child) = &self.child {
+            // A child that exited is a zombie (state Z) until reaped.
+            let stat =
+                std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next());
+            assert!(
+                matches!(state, Some(s) if s != "Z"),
+                "taskhost exited early:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    /// Sends `sig` and waits for the exit (bounded by [`WAIT`]).
+    pub fn stop_with(&mut self, sig: i32) -> ExitStatus {
+        let mut child = self.child.take().expect("taskhost is running");
+        signal(child.id(), sig);
+        match wait_exit(&mut child, WAIT) {
+            Some(status) => status,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("taskhost did not stop within {WAIT:?}:\n{}", self.log());
+            }
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGKILL);
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- taskhost log {} ----\n{}",
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! Python with Celery from PyPI, in a virtualenv under the target directory, created once and
+//! reused by every later run.
+
+use crate::target_dir;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// What the venv holds: the Celery the wire protocol was captured from.
+const REQUIREMENTS: &[&str] = &["celery[redis]==5.7.0"];
+
+/// The venv's python interpreter (`python -m celery ...` runs Celery's CLI).
+pub fn python() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(create).clone()
+}
+
+fn create() -> PathBuf {
+    let venv = target_dir().join("pyenv-celery-5.7.0");
+    let python = venv.join("bin").join("python");
+    if venv.join(".ready").exists() {
+        return python;
+    }
+    // Build it aside and rename it into place, so an interrupted or concurrent creation never
+    // leaves a half-made venv where the next run would use it. (A moved venv still works when
+    // run as `bin/python -m ...`.)
+    let staging = target_dir().join(format!("pyenv-staging-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    let log = target_dir().join("pyenv-install.log");
+    let run = |command: &mut Command, what: &str| {
+        let output = command
+            .output()
+            .unwrap_or_else(|e| panic!("cannot {what}: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let _ = std::fs::write(&log, &text);
+        assert!(output.status.success(), "failed to {what}:\n{text}");
+    };
+    run(
+        Command::new("python3").args(["-m", "venv"]).arg(&staging),
+        "create a Python venv (python3 -m venv)",
+    );
+    run(
+        Command::new(staging.join("bin").join("python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(REQUIREMENTS),
+        "pip install Celery from PyPI",
+    );
+    std::fs::write(staging.join(".ready"), REQUIREMENTS.join("\n")).expect("mark venv ready");
+    if std::fs::rename(&staging, &venv).is_err() {
+        // Another test binary finished first; use its venv.
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    assert!(
+        venv.join(".ready").exists(),
+        "no usable venv at {}",
+        venv.display()
+    );
+    python
+}
