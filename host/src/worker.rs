@@ -136,7 +136,7 @@ pub async fn run(
     }
 
     tracing::info!(
-        running = tasks.len(),
+        running = lock(&shared.running).len(),
         grace_s = config.shutdown_grace.as_secs_f64(),
         "stopping: no new tasks; waiting for running ones"
     );
