@@ -59,9 +59,11 @@ fn built() -> &'static Built {
     static BUILT: OnceLock<Built> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // No `-p`: the workspace's default members, as `cargo test` selects them, so features
+        // unify the same way and the test run's own dependency builds are reused.
         let mut host = std::process::Command::new(&cargo);
         host.current_dir(root())
-            .args(["build", "-p", "taskhost", "--bin", "taskhost"]);
+            .args(["build", "--bin", "taskhost"]);
         if profile() == "release" {
             host.arg("--release");
         }
