@@ -267,31 +267,19 @@ impl Broker {
         message: &[u8],
         due_ms: Option<i64>,
     ) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        match due_ms {
+        self.settle_with(delivery, |pipe| match due_ms {
             Some(due) => {
                 let mut member = Vec::with_capacity(key.len() + 1 + message.len());
                 member.extend_from_slice(key.as_bytes());
                 member.push(b'\n');
                 member.extend_from_slice(message);
-                pipe.cmd("ZADD")
-                    .arg(DELAYED_KEY)
-                    .arg(due)
-                    .arg(member)
-                    .ignore();
+                pipe.cmd("ZADD").arg(DELAYED_KEY).arg(due).arg(member);
             }
             None => {
-                pipe.cmd("LPUSH").arg(key).arg(message).ignore();
+                pipe.cmd("LPUSH").arg(key).arg(message);
             }
-        }
-        pipe.cmd("LREM")
-            .arg(&self.inflight)
-            .arg(1)
-            .arg(&delivery.raw)
-            .ignore();
-        pipe.query_async::<()>(&mut self.conn.clone()).await?;
-        Ok(())
+        })
+        .await
     }
 
     /// Moves `delivery` to the dead-letter list with `reason`, in one transaction.
@@ -322,37 +310,38 @@ impl Broker {
         {
             entry.extend(message);
         }
-        redis::pipe()
-            .atomic()
-            .cmd("LPUSH")
-            .arg(DEAD_LETTER_KEY)
-            .arg(entry.to_string())
-            .ignore()
-            .cmd("LREM")
-            .arg(&self.inflight)
-            .arg(1)
-            .arg(&delivery.raw)
-            .ignore()
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
-        Ok(())
+        let entry = entry.to_string();
+        self.settle_with(delivery, |pipe| {
+            pipe.cmd("LPUSH").arg(DEAD_LETTER_KEY).arg(entry);
+        })
+        .await
     }
 
     /// Puts an unstarted message back at the consuming end of its list, in one transaction.
     pub async fn requeue(&self, delivery: &Delivery) -> Result<(), BrokerError> {
-        redis::pipe()
-            .atomic()
-            .cmd("RPUSH")
-            .arg(&delivery.source)
-            .arg(&delivery.raw)
-            .ignore()
+        self.settle_with(delivery, |pipe| {
+            pipe.cmd("RPUSH").arg(&delivery.source).arg(&delivery.raw);
+        })
+        .await
+    }
+
+    /// Runs the command `add` puts in the pipeline and removes `delivery` from the in-flight
+    /// list, in one transaction: the message is always in exactly one place.
+    async fn settle_with(
+        &self,
+        delivery: &Delivery,
+        add: impl FnOnce(&mut redis::Pipeline),
+    ) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        add(&mut pipe);
+        pipe.ignore()
             .cmd("LREM")
             .arg(&self.inflight)
             .arg(1)
             .arg(&delivery.raw)
-            .ignore()
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
+            .ignore();
+        pipe.query_async::<()>(&mut self.conn.clone()).await?;
         Ok(())
     }
 

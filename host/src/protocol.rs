@@ -415,24 +415,31 @@ fn exception_module(kind: &str) -> &'static str {
     }
 }
 
-/// The document stored at `celery-task-meta-<id>` and published on that channel.
+/// The document stored at `celery-task-meta-<id>` and published on that channel. `status` is
+/// a [`State`] or a custom progress state such as `PROGRESS`; only final states get a
+/// `date_done`, as Celery stores them.
 pub fn result_document(
-    message_id: &str,
-    state: State,
+    task_id: &str,
+    status: &str,
     result: Value,
     traceback: Option<&str>,
     parent_id: Option<&str>,
     group: Option<&str>,
     now: OffsetDateTime,
 ) -> String {
+    let is_final = [State::Success, State::Failure, State::Revoked]
+        .iter()
+        .any(|s| s.as_str() == status);
     let mut doc = Map::new();
-    doc.insert("status".into(), json!(state.as_str()));
+    doc.insert("status".into(), json!(status));
     doc.insert("result".into(), result);
     doc.insert("traceback".into(), json!(traceback));
     doc.insert("children".into(), json!([]));
-    let done = (state != State::Retry).then(|| format_time(now));
-    doc.insert("date_done".into(), json!(done));
-    doc.insert("task_id".into(), json!(message_id));
+    doc.insert(
+        "date_done".into(),
+        json!(is_final.then(|| format_time(now))),
+    );
+    doc.insert("task_id".into(), json!(task_id));
     if let Some(parent) = parent_id {
         doc.insert("parent_id".into(), json!(parent));
     }

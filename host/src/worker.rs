@@ -14,7 +14,7 @@ use crate::protocol::{self, Exception, State, TaskMessage};
 use crate::results::Backend;
 use crate::sandbox::{Outcome, Progress, Sandbox, SandboxOptions, Scope, Task};
 use anyhow::Context as _;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
@@ -351,16 +351,14 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         Ok(m) => m,
         Err(bad) => {
             let reason = format!("undecodable message: {}", bad.error);
-            if let Some(id) = &bad.task_id {
-                let exc = Exception::new("DecodeError", reason.clone());
-                store(shared, id, State::Failure, exc.to_json(), None, None, None).await;
-            }
-            dead_letter(
+            let exc = Exception::new("DecodeError", reason.clone());
+            refuse(
                 shared,
                 delivery,
-                &reason,
                 bad.task_id.as_deref(),
                 bad.task_name.as_deref(),
+                &exc,
+                &reason,
             )
             .await;
             return;
@@ -390,14 +388,14 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
     }
     let Some((plugin, spec)) = shared.registry.resolve(&message.task) else {
         let exc = Exception::new("NotRegistered", message.task.clone());
-        store_for(shared, &message, State::Failure, exc.to_json(), None).await;
         let reason = format!("task {:?} is not served by any plugin", message.task);
-        dead_letter(
+        refuse(
             shared,
             delivery,
-            &reason,
             Some(&message.id),
             Some(&message.task),
+            &exc,
+            &reason,
         )
         .await;
         return;
@@ -434,14 +432,14 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         Outcome::Reject(reason) => {
             log("rejected");
             let exc = Exception::new("Reject", reason.clone());
-            store_for(shared, &message, State::Failure, exc.to_json(), None).await;
             let reason = format!("rejected by plugin {}: {reason}", plugin.name);
-            dead_letter(
+            refuse(
                 shared,
                 delivery,
-                &reason,
                 Some(&message.id),
                 Some(&message.task),
+                &exc,
+                &reason,
             )
             .await;
         }
@@ -586,6 +584,7 @@ pub fn retry_countdown(retries: u32, factor: f64, maximum: f64, jitter: bool) ->
     }
 }
 
+/// Stores the task's state (unless the producer asked to ignore its result).
 async fn store_for(
     shared: &Shared,
     message: &TaskMessage,
@@ -593,40 +592,19 @@ async fn store_for(
     result: Value,
     traceback: Option<&str>,
 ) {
-    if message.ignore_result && state != State::Retry {
+    if message.ignore_result {
         return;
     }
-    store(
-        shared,
+    let doc = protocol::result_document(
         &message.id,
-        state,
+        state.as_str(),
         result,
         traceback,
         message.parent_id.as_deref(),
         message.group.as_deref(),
-    )
-    .await;
-}
-
-async fn store(
-    shared: &Shared,
-    task_id: &str,
-    state: State,
-    result: Value,
-    traceback: Option<&str>,
-    parent_id: Option<&str>,
-    group: Option<&str>,
-) {
-    let doc = protocol::result_document(
-        task_id,
-        state,
-        result,
-        traceback,
-        parent_id,
-        group,
         OffsetDateTime::now_utc(),
     );
-    retrying("store a result", || shared.backend.store(task_id, &doc)).await;
+    retrying("store a result", || shared.backend.store(&message.id, &doc)).await;
 }
 
 async fn settle(shared: &Shared, delivery: &Delivery, message: &TaskMessage) {
@@ -636,13 +614,29 @@ async fn settle(shared: &Shared, delivery: &Delivery, message: &TaskMessage) {
     }
 }
 
-async fn dead_letter(
+/// For a message that cannot be run: fails its task with `exc` where the message has a task
+/// id (so a waiting producer gets an answer), and moves it to the dead-letter list with
+/// `reason`.
+async fn refuse(
     shared: &Shared,
     delivery: &Delivery,
-    reason: &str,
     task_id: Option<&str>,
     task: Option<&str>,
+    exc: &Exception,
+    reason: &str,
 ) {
+    if let Some(id) = task_id {
+        let doc = protocol::result_document(
+            id,
+            State::Failure.as_str(),
+            exc.to_json(),
+            exc.traceback.as_deref(),
+            None,
+            None,
+            OffsetDateTime::now_utc(),
+        );
+        retrying("store a result", || shared.backend.store(id, &doc)).await;
+    }
     tracing::error!(
         task_id = task_id.unwrap_or("-"), task = task.unwrap_or("-"),
         queue = %crate::broker::queue_of(&delivery.source),
@@ -692,22 +686,17 @@ impl Progress for ProgressWriter {
         meta: Value,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
-            let mut doc = json!({
-                "status": state,
-                "result": meta,
-                "traceback": null,
-                "children": [],
-                "date_done": null,
-                "task_id": self.task_id,
-            });
-            if let (Some(parent), Some(map)) = (&self.parent_id, doc.as_object_mut()) {
-                map.insert("parent_id".into(), json!(parent));
-            }
-            if let (Some(group), Some(map)) = (&self.group, doc.as_object_mut()) {
-                map.insert("group_id".into(), json!(group));
-            }
+            let doc = protocol::result_document(
+                &self.task_id,
+                &state,
+                meta,
+                None,
+                self.parent_id.as_deref(),
+                self.group.as_deref(),
+                OffsetDateTime::now_utc(),
+            );
             self.backend
-                .store(&self.task_id, &doc.to_string())
+                .store(&self.task_id, &doc)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())
