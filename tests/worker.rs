@@ -245,40 +245,35 @@ fn concurrency_4_runs_four_sleeps_at_once() {
     );
 }
 
+/// A Celery message for `demo.add(1, 2)` with one header set.
+fn add_with_header(id: &str, header: &str, value: Value) -> String {
+    let message = celery_message(id, "demo.add", json!([1, 2]), json!({}), "celery");
+    let mut message: Value = serde_json::from_str(&message).expect("json");
+    message["headers"][header] = value;
+    message.to_string()
+}
+
 #[test]
 fn eta_and_expires_are_honoured() {
     let mut s = setup("eta", &[]);
-    // Due in 1 s: waits in the delayed set, not in a queue or in the worker.
     let id = uuid::Uuid::new_v4().to_string();
-    let mut message: Value = serde_json::from_str(&celery_message(
-        &id,
-        "demo.add",
-        json!([1, 2]),
-        json!({}),
-        "celery",
-    ))
-    .expect("json");
-    let sent = OffsetDateTime::now_utc();
-    let eta = sent + time::Duration::seconds(1);
-    message["headers"]["eta"] = json!(eta.format(&Rfc3339).expect("format"));
-    s.client.push_raw("celery", message.to_string().as_bytes());
+    let eta = OffsetDateTime::now_utc() + time::Duration::seconds(1);
+    let message = add_with_header(&id, "eta", json!(eta.format(&Rfc3339).expect("format")));
+    s.client.push_raw("celery", message.as_bytes());
+    // Not yet due: it waits in Redis's delayed set, not in a queue or in the worker.
+    wait_for("the task to wait in the delayed set", || {
+        (s.client.zcard("taskhost:delayed") == 1).then_some(())
+    });
     let doc = s.client.result(&id);
     assert_eq!(doc["result"], 3);
     let done = OffsetDateTime::parse(doc["date_done"].as_str().expect("date_done"), &Rfc3339)
         .expect("parses");
     assert!(done >= eta, "ran at {done}, before its eta {eta}");
+    assert_eq!(s.client.zcard("taskhost:delayed"), 0);
     // Expired before it could run: REVOKED, as Celery marks it.
     let id = uuid::Uuid::new_v4().to_string();
-    let mut message: Value = serde_json::from_str(&celery_message(
-        &id,
-        "demo.add",
-        json!([1, 2]),
-        json!({}),
-        "celery",
-    ))
-    .expect("json");
-    message["headers"]["expires"] = json!("2001-01-01T00:00:00+00:00");
-    s.client.push_raw("celery", message.to_string().as_bytes());
+    let message = add_with_header(&id, "expires", json!("2001-01-01T00:00:00+00:00"));
+    s.client.push_raw("celery", message.as_bytes());
     let doc = s.client.result(&id);
     assert_eq!(doc["status"], "REVOKED");
     assert_eq!(doc["result"]["exc_type"], "TaskRevokedError");

@@ -285,6 +285,14 @@ impl Client {
             .collect()
     }
 
+    /// Size of a sorted set on the broker.
+    pub fn zcard(&mut self, key: &str) -> usize {
+        redis::cmd("ZCARD")
+            .arg(key)
+            .query(&mut self.broker)
+            .expect("ZCARD")
+    }
+
     /// Length of a list on the broker.
     pub fn llen(&mut self, key: &str) -> usize {
         redis::cmd("LLEN")
