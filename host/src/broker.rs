@@ -184,6 +184,11 @@ impl Broker {
         })
     }
 
+    /// The client, for connections of other kinds (Pub/Sub).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// This worker's in-flight list.
     pub fn inflight_key(&self) -> &str {
         &self.inflight

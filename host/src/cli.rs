@@ -2,11 +2,13 @@
 //! Celery's environment variables, then `taskhost.toml`), and the five commands.
 
 use crate::config::{FileConfig, GrantTable};
+use crate::plugins::cache::Cache;
+use crate::plugins::live::Live;
 use crate::protocol::NewTask;
 use crate::results::Backend;
 use crate::sandbox::{Outcome, Sandbox, SandboxOptions, Scope, Task};
 use crate::worker::WorkerConfig;
-use crate::{broker, dev, node, plugins, results, worker};
+use crate::{broker, deploy, dev, node, plugins, results, worker};
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
@@ -49,6 +51,12 @@ pub enum Command {
     Exec(ExecArgs),
     /// List the plugins of a directory: their tasks and WIT version, or why each was refused.
     Plugins(PluginsArgs),
+    /// Publish a plugin to every worker following fleet deploys (`worker --fleet`).
+    Deploy(DeployArgs),
+    /// Return a deployed plugin to its previous version on every fleet worker.
+    Rollback(RollbackArgs),
+    /// Show the deployed plugin versions, and what each running worker serves.
+    Deployments(BrokerArgs),
 }
 
 #[derive(Debug, Args)]
@@ -77,6 +85,42 @@ pub struct WorkerArgs {
     /// Seconds running tasks get to finish when the worker is asked to stop.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_grace: f64,
+    /// Precompile cache directory [default: $TASKHOST_CACHE_DIR, else $XDG_CACHE_HOME/taskhost,
+    /// else ~/.cache/taskhost].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Compile every plugin at load instead of using the precompile cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Follow fleet deploys: install the plugins `taskhost deploy` publishes through the broker.
+    #[arg(long)]
+    pub fleet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Broker URL [default: CELERY_BROKER_URL, else a running `taskhost dev`].
+    #[arg(short = 'b', long, env = "CELERY_BROKER_URL")]
+    pub broker: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The plugin file (.wasm); it is checked here before it is published.
+    pub plugin: PathBuf,
+    /// The plugin's name in every worker's directory [default: the file's stem].
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The plugin name to return to its previous deployed version.
+    pub name: String,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
 }
 
 #[derive(Debug, Args)]
@@ -197,6 +241,9 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Call(args) => return call(&args).await,
         Command::Exec(args) => return exec(&args).await,
         Command::Plugins(args) => return list_plugins(&args).await,
+        Command::Deploy(args) => deploy(&args).await?,
+        Command::Rollback(args) => rollback(&args).await?,
+        Command::Deployments(args) => deployments(&args).await?,
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -266,6 +313,19 @@ fn worker_config(args: &WorkerArgs, dev_broker: Option<&str>) -> anyhow::Result<
             plugins_dir.display()
         );
     }
+    let cache_dir = if args.no_cache {
+        None
+    } else {
+        args.cache_dir
+            .clone()
+            .or_else(|| {
+                section
+                    .cache_dir
+                    .as_deref()
+                    .map(|d| relative_to_config(d, path.as_deref()))
+            })
+            .or_else(Cache::default_dir)
+    };
     if !args.shutdown_grace.is_finite() || args.shutdown_grace < 0.0 {
         bail!(
             "--shutdown-grace must be a number of seconds, got {}",
@@ -281,6 +341,9 @@ fn worker_config(args: &WorkerArgs, dev_broker: Option<&str>) -> anyhow::Result<
         result_expires: section.result_expires.unwrap_or(results::DEFAULT_EXPIRES),
         plugins_dir,
         grants,
+        config_path: path,
+        cache_dir,
+        fleet: args.fleet || section.fleet.unwrap_or(false),
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
     })
 }
@@ -424,9 +487,7 @@ async fn exec(args: &ExecArgs) -> anyhow::Result<std::process::ExitCode> {
     let (file, _) = FileConfig::load(args.config.as_deref())?;
     let grants = file.grants(&|var| std::env::var(var).ok())?;
     let sandbox = local_sandbox(&grants)?;
-    let plugin = plugins::load_file(&sandbox, &args.plugin, &grants)
-        .await
-        .map_err(|e| anyhow::anyhow!("plugin {} refused: {e}", args.plugin.display()))?;
+    let plugin = load_one(&sandbox, &args.plugin, &grants).await?;
     let Some(spec) = plugin.tasks.iter().find(|t| t.name == args.name) else {
         let served: Vec<&str> = plugin.tasks.iter().map(|t| t.name.as_str()).collect();
         bail!(
@@ -488,11 +549,27 @@ async fn exec(args: &ExecArgs) -> anyhow::Result<std::process::ExitCode> {
     }
 }
 
+/// Loads one plugin file for a command (with the default precompile cache).
+async fn load_one(
+    sandbox: &Arc<Sandbox>,
+    path: &Path,
+    grants: &GrantTable,
+) -> anyhow::Result<plugins::Plugin> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let cache = Cache::default_dir().and_then(|dir| Cache::new(&dir).ok());
+    plugins::load(sandbox, cache.as_ref(), path, bytes, grants)
+        .await
+        .map_err(|e| anyhow::anyhow!("plugin {} refused: {e}", path.display()))
+}
+
 async fn list_plugins(args: &PluginsArgs) -> anyhow::Result<std::process::ExitCode> {
     let (file, _) = FileConfig::load(args.config.as_deref())?;
     let grants = file.grants(&|var| std::env::var(var).ok())?;
     let sandbox = local_sandbox(&grants)?;
-    let registry = plugins::Registry::load_dir(&sandbox, &args.dir, &grants).await?;
+    let cache = Cache::default_dir().and_then(|dir| Cache::new(&dir).ok());
+    let grants = Arc::new(arc_swap::ArcSwap::from_pointee(grants));
+    let live = Live::open(sandbox, cache, &args.dir, grants).await?;
+    let registry = live.registry();
     for plugin in registry.plugins() {
         println!(
             "{}  version {}  wit {}@{}  {}",
@@ -506,17 +583,106 @@ async fn list_plugins(args: &PluginsArgs) -> anyhow::Result<std::process::ExitCo
             println!("    {}{}", task.name, describe_defaults(&task.defaults));
         }
     }
-    for refused in registry.refused() {
-        println!("{}  REFUSED: {}", refused.path.display(), refused.error);
+    let refused = live.refused();
+    for (path, reason) in &refused {
+        println!("{}  REFUSED: {reason}", path.display());
     }
-    if registry.plugins().is_empty() && registry.refused().is_empty() {
+    if registry.plugins().next().is_none() && refused.is_empty() {
         println!("no .wasm files in {}", args.dir.display());
     }
-    Ok(if registry.refused().is_empty() {
+    Ok(if refused.is_empty() {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::FAILURE
     })
+}
+
+/// The broker for a fleet command: the flag or CELERY_BROKER_URL, else a running `taskhost dev`.
+async fn fleet_connection(
+    args: &BrokerArgs,
+) -> anyhow::Result<(redis::Client, redis::aio::ConnectionManager)> {
+    let url = args
+        .broker
+        .clone()
+        .or_else(dev::running_broker)
+        .context("no broker: pass --broker redis://HOST:PORT/DB or set CELERY_BROKER_URL")?;
+    let client = broker::client(&url)?;
+    let conn = broker::manager(&client, &url).await?;
+    Ok((client, conn))
+}
+
+async fn deploy(args: &DeployArgs) -> anyhow::Result<()> {
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => plugins::plugin_name(&args.plugin).to_string(),
+    };
+    deploy::check_name(&name)?;
+    // Check it here, so a plugin no worker could load is never published.
+    let grants = GrantTable::default();
+    let sandbox = local_sandbox(&grants)?;
+    let plugin = load_one(&sandbox, &args.plugin, &grants).await?;
+    let bytes = std::fs::read(&args.plugin)
+        .with_context(|| format!("cannot read {}", args.plugin.display()))?;
+    let (client, mut conn) = fleet_connection(&args.broker).await?;
+    let digest = deploy::publish(&mut conn, &deploy::channel(&client), &name, &bytes).await?;
+    println!(
+        "deployed {name} version {} (sha256 {digest}), tasks: {}",
+        plugin.version,
+        plugin
+            .tasks
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+async fn rollback(args: &RollbackArgs) -> anyhow::Result<()> {
+    let (client, mut conn) = fleet_connection(&args.broker).await?;
+    let (from, to) = deploy::rollback(&mut conn, &deploy::channel(&client), &args.name).await?;
+    println!(
+        "rolled back {} from {} to {}",
+        args.name,
+        &from[..12],
+        &to[..12]
+    );
+    Ok(())
+}
+
+async fn deployments(args: &BrokerArgs) -> anyhow::Result<()> {
+    let (_, mut conn) = fleet_connection(args).await?;
+    let status = deploy::deployments(&mut conn).await?;
+    println!("deployed (fleet):");
+    if status.deployed.is_empty() {
+        println!("    nothing deployed with `taskhost deploy` yet");
+    }
+    for (name, (digest, kept)) in &status.deployed {
+        println!(
+            "    {name}  sha256 {}  ({kept} version(s) kept for rollback)",
+            &digest[..12]
+        );
+    }
+    println!("workers:");
+    if status.workers.is_empty() {
+        println!("    no running worker reports");
+    }
+    for (node, running) in &status.workers {
+        let plugins: Vec<String> = running
+            .iter()
+            .filter(|(plugin, _)| *plugin != "-")
+            .map(|(plugin, version)| format!("{plugin} {version}"))
+            .collect();
+        println!(
+            "    {node}: {}",
+            if plugins.is_empty() {
+                "no plugins".into()
+            } else {
+                plugins.join(", ")
+            }
+        );
+    }
+    Ok(())
 }
 
 fn describe_defaults(d: &crate::sandbox::TaskDefaults) -> String {

@@ -75,6 +75,10 @@ pub struct WorkerSection {
     pub hostname: Option<String>,
     /// Seconds a result is kept (Celery's `result_expires`); 0 keeps it forever.
     pub result_expires: Option<u64>,
+    /// Precompile cache directory.
+    pub cache_dir: Option<PathBuf>,
+    /// Follow fleet deploys (`taskhost deploy`) published through the broker.
+    pub fleet: Option<bool>,
 }
 
 /// `[limits]` and the limit keys of a `[plugins.NAME]` section.

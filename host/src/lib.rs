@@ -7,19 +7,24 @@
 //! - [`protocol`]: Celery's message and result formats (pure, no I/O).
 //! - [`broker`]: Redis queues: atomic fetch into the in-flight list, ack, delay, dead letters.
 //! - [`results`]: the result backend: storing states, waiting for results.
-//! - [`plugins`]: loading `.wasm` files, the registry of task names.
+//! - [`plugins`]: loading `.wasm` files, the registry of task names, hot reload, the
+//!   precompile cache.
+//! - [`deploy`]: fleet-wide deploys and rollbacks through Redis.
 //! - [`sandbox`]: the wasmtime engine, per-task stores, the host side of the WIT imports.
 //! - [`worker`]: the fetch → run → settle loop.
+//! - [`shutdown`]: the stop flag every loop watches.
 //! - [`dev`]: the private redis-server of `taskhost dev`.
 //! - [`node`]: the worker's name.
 
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod deploy;
 pub mod dev;
 pub mod node;
 pub mod plugins;
 pub mod protocol;
 pub mod results;
 pub mod sandbox;
+pub mod shutdown;
 pub mod worker;

@@ -8,12 +8,15 @@
 //! A message whose `eta` is in the future waits in the delayed set, which every worker drains.
 
 use crate::broker::{Broker, Delivery};
-use crate::config::GrantTable;
-use crate::plugins::{Plugin, Registry, TaskSpec};
+use crate::config::{FileConfig, GrantTable};
+use crate::plugins::cache::Cache;
+use crate::plugins::live::Live;
+use crate::plugins::{Plugin, TaskSpec};
 use crate::protocol::{self, Exception, State, TaskMessage};
 use crate::results::Backend;
 use crate::sandbox::{Outcome, Progress, Sandbox, SandboxOptions, Scope, Task};
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -40,6 +43,12 @@ pub struct WorkerConfig {
     pub result_expires: u64,
     pub plugins_dir: PathBuf,
     pub grants: GrantTable,
+    /// The config file in use, watched for changes to the grants.
+    pub config_path: Option<PathBuf>,
+    /// The precompile cache directory, if any.
+    pub cache_dir: Option<PathBuf>,
+    /// Follow fleet deploys published through the broker.
+    pub fleet: bool,
     /// How long running tasks may take to finish once a stop is asked for.
     pub shutdown_grace: Duration,
 }
@@ -47,10 +56,10 @@ pub struct WorkerConfig {
 /// What every task handler shares.
 struct Shared {
     sandbox: Arc<Sandbox>,
-    registry: Arc<Registry>,
+    plugins: Arc<Live>,
     broker: Broker,
     backend: Backend,
-    grants: GrantTable,
+    grants: Arc<ArcSwap<GrantTable>>,
     node: String,
     /// Wakes the delayed-set mover when a message is scheduled.
     scheduled: Notify,
@@ -77,24 +86,34 @@ pub async fn run(
     })?);
     let broker = Broker::connect(&config.broker_url, &config.node).await?;
     let backend = Backend::connect(&config.backend_url, config.result_expires).await?;
-    let registry =
-        Arc::new(Registry::load_dir(&sandbox, &config.plugins_dir, &config.grants).await?);
+    let cache = config.cache_dir.as_deref().and_then(|dir| match Cache::new(dir) {
+        Ok(cache) => Some(cache),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), "precompile cache unusable, compiling every load: {e}");
+            None
+        }
+    });
+    let grants = Arc::new(ArcSwap::from_pointee(config.grants.clone()));
+    let plugins =
+        Arc::new(Live::open(sandbox.clone(), cache, &config.plugins_dir, grants.clone()).await?);
+    let registry = plugins.registry();
     tracing::info!(
         node = %config.node,
         broker = %crate::broker::redact(&config.broker_url),
         queues = %config.queues.join(","),
         concurrency = config.concurrency,
-        plugins = registry.plugins().len(),
-        refused = registry.refused().len(),
+        plugins = registry.plugins().count(),
+        refused = plugins.refused().len(),
         tasks = %registry.task_names().join(","),
+        fleet = config.fleet,
         "worker ready"
     );
     let shared = Arc::new(Shared {
         sandbox,
-        registry,
+        plugins,
         broker,
         backend,
-        grants: config.grants.clone(),
+        grants,
         node: config.node.clone(),
         scheduled: Notify::new(),
         running: Mutex::new(HashMap::new()),
@@ -102,11 +121,31 @@ pub async fn run(
     });
     // A stop is a flag every loop watches, so that no Redis call that moves messages is ever
     // cancelled half-way (its messages would be moved with nobody to handle them).
-    let (stop_tx, mut stop) = watch::channel(false);
+    let (stop_tx, mut stop) = crate::shutdown::flag();
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let _watcher = crate::plugins::watcher::watch(
+        shared.plugins.clone(),
+        config.config_path.clone(),
+        config_reloader(&shared, config.config_path.clone()),
+        stop.clone(),
+    )?;
+    tokio::spawn(crate::deploy::report_running(
+        shared.broker.connection(),
+        config.node.clone(),
+        shared.plugins.clone(),
+        stop.clone(),
+    ));
+    if config.fleet {
+        tokio::spawn(crate::deploy::follow(
+            shared.broker.client().clone(),
+            shared.broker.connection(),
+            config.plugins_dir.clone(),
+            stop.clone(),
+        ));
+    }
     let mover = tokio::spawn(move_due_messages(shared.clone(), stop.clone()));
     let mut fetcher = Fetcher::start(&shared, &config.queues, stop.clone());
     let semaphore = Arc::new(Semaphore::new(config.concurrency.max(1)));
@@ -120,7 +159,7 @@ pub async fn run(
         }
         let permit = tokio::select! {
             permit = semaphore.clone().acquire_owned() => permit.context("semaphore closed")?,
-            _ = stop.wait_for(|s| *s) => break,
+            () = crate::shutdown::stopped(&mut stop) => break,
         };
         let Some(delivery) = fetcher.next(semaphore.available_permits() + 1).await else {
             break;
@@ -163,6 +202,35 @@ pub async fn run(
     mover.abort();
     tracing::info!(returned_to_queue = returned, "worker stopped");
     Ok(())
+}
+
+/// Re-reads the config file when it changes: a valid one replaces the grants for the tasks
+/// that start from then on; an invalid one is refused with the reason, and the old one stays.
+fn config_reloader(shared: &Arc<Shared>, path: Option<PathBuf>) -> impl Fn() + Send + 'static {
+    let grants = shared.grants.clone();
+    let max_memory = shared.sandbox.max_memory_bytes();
+    move || {
+        let Some(path) = &path else { return };
+        let loaded = FileConfig::load(Some(path))
+            .map_err(anyhow::Error::from)
+            .and_then(|(file, _)| Ok(file.grants(&|var| std::env::var(var).ok())?));
+        match loaded {
+            Ok(table) if table.max_memory_bytes() > max_memory => tracing::error!(
+                file = %path.display(),
+                "config change refused, the previous config stays: a memory limit above the \
+                 {} MiB this worker started with needs a restart",
+                max_memory >> 20
+            ),
+            Ok(table) => {
+                grants.store(Arc::new(table));
+                tracing::info!(file = %path.display(), "config reloaded: new grants apply to tasks starting now");
+            }
+            Err(e) => tracing::error!(
+                file = %path.display(),
+                "config change refused, the previous config stays: {e:#}"
+            ),
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -213,7 +281,7 @@ impl Fetcher {
     async fn next(&mut self, room: usize) -> Option<Delivery> {
         let mut failures = 0u32;
         loop {
-            if *self.stop.borrow() {
+            if crate::shutdown::is_stopping(&self.stop) {
                 return None;
             }
             while let Ok(d) = self.from_wakers.try_recv() {
@@ -232,7 +300,7 @@ impl Fetcher {
                     self.armed.send_replace(true);
                     let woken = tokio::select! {
                         woken = self.from_wakers.recv() => woken,
-                        _ = self.stop.wait_for(|s| *s) => None,
+                        () = crate::shutdown::stopped(&mut self.stop) => None,
                     };
                     self.armed.send_replace(false);
                     if let Some(d) = woken {
@@ -245,7 +313,7 @@ impl Fetcher {
                     tracing::error!("fetching from the broker failed (retrying in {pause:?}): {e}");
                     tokio::select! {
                         () = tokio::time::sleep(pause) => {}
-                        _ = self.stop.wait_for(|s| *s) => return None,
+                        () = crate::shutdown::stopped(&mut self.stop) => return None,
                     }
                 }
             }
@@ -276,9 +344,9 @@ async fn waker(
     loop {
         tokio::select! {
             r = armed.wait_for(|a| *a) => if r.is_err() { return },
-            _ = stop.wait_for(|s| *s) => return,
+            () = crate::shutdown::stopped(&mut stop) => return,
         }
-        if *stop.borrow() {
+        if crate::shutdown::is_stopping(&stop) {
             return;
         }
         let c = match &mut conn {
@@ -336,7 +404,7 @@ async fn move_due_messages(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0))) => {}
             () = shared.scheduled.notified() => {}
-            _ = stop.wait_for(|s| *s) => return,
+            () = crate::shutdown::stopped(&mut stop) => return,
         }
     }
 }
@@ -386,7 +454,12 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         }
         return;
     }
-    let Some((plugin, spec)) = shared.registry.resolve(&message.task) else {
+    let resolved = shared
+        .plugins
+        .registry()
+        .resolve(&message.task)
+        .map(|(plugin, spec)| (plugin.clone(), spec.clone()));
+    let Some((plugin, spec)) = resolved else {
         let exc = Exception::new("NotRegistered", message.task.clone());
         let reason = format!("task {:?} is not served by any plugin", message.task);
         refuse(
@@ -401,7 +474,7 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         return;
     };
     let started = Instant::now();
-    let outcome = run_task(shared, plugin, spec, &message).await;
+    let outcome = run_task(shared, &plugin, &spec, &message).await;
     let runtime = started.elapsed().as_secs_f64();
     let log = |outcome: &str| {
         tracing::info!(
@@ -427,7 +500,7 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
             fail(shared, delivery, &message, &exc).await;
         }
         Outcome::Retry { countdown, reason } => {
-            retry(shared, delivery, &message, spec, countdown, reason).await;
+            retry(shared, delivery, &message, &spec, countdown, reason).await;
         }
         Outcome::Reject(reason) => {
             log("rejected");
@@ -454,7 +527,7 @@ async fn run_task(
     spec: &TaskSpec,
     message: &TaskMessage,
 ) -> Outcome {
-    let grants = shared.grants.for_plugin(&plugin.name);
+    let grants = shared.grants.load().for_plugin(&plugin.name);
     let seconds = |s: f64| (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s));
     let hard = message
         .time_limit

@@ -162,6 +162,7 @@ const CLEARED_ENV: &[&str] = &[
     "EXECUTOR_SERVICE_URL",
     "STORAGE_SERVICE_URL",
     "RUST_LOG",
+    "XDG_CACHE_HOME",
 ];
 
 /// A child process (taskhost, or Celery for interoperability), its output in a log file.
@@ -191,6 +192,7 @@ impl Process {
             command.env_remove(var);
         }
         command.env("TASKHOST_DEV_STATE", dir.path().join("dev-state.json"));
+        command.env("TASKHOST_CACHE_DIR", dir.path().join("cache"));
         command
     }
 

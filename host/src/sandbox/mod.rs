@@ -131,7 +131,7 @@ pub enum PrepareError {
     WitVersion { found: String },
     #[error("cannot link: {0}")]
     Link(String),
-    #[error("its tasks() failed: {0}")]
+    #[error("its version() or tasks() failed: {0}")]
     Tasks(String),
 }
 
@@ -148,6 +148,7 @@ pub struct SandboxOptions {
 pub struct Sandbox {
     engine: Engine,
     linker: Linker<TaskState>,
+    max_memory_bytes: usize,
 }
 
 impl Sandbox {
@@ -186,18 +187,77 @@ impl Sandbox {
                     std::thread::sleep(EPOCH_TICK);
                 }
             })?;
-        Ok(Self { engine, linker })
+        Ok(Self {
+            engine,
+            linker,
+            max_memory_bytes: options.max_memory_bytes,
+        })
     }
 
-    /// Compiles a component (CPU-heavy: call it off the async runtime's workers), checks it is
-    /// a plugin for a WIT version this host supports, and links it.
-    pub fn prepare(&self, wasm: &[u8]) -> Result<(PluginPre, String), PrepareError> {
-        let component = Component::new(&self.engine, wasm)
-            .map_err(|e| PrepareError::Compile(format!("{e:#}")))?;
-        let version = self.wit_version(&component)?;
+    /// The largest linear memory an instance can have (fixed when the sandbox is made).
+    pub fn max_memory_bytes(&self) -> usize {
+        self.max_memory_bytes
+    }
+
+    /// Compiles a component (CPU-heavy: call it off the async runtime's workers).
+    pub fn compile(&self, wasm: &[u8]) -> Result<Component, PrepareError> {
+        Component::new(&self.engine, wasm).map_err(|e| PrepareError::Compile(format!("{e:#}")))
+    }
+
+    /// The compiled code of a component, for the precompile cache.
+    pub fn serialize(&self, component: &Component) -> Result<Vec<u8>, PrepareError> {
+        component
+            .serialize()
+            .map_err(|e| PrepareError::Compile(format!("cannot serialize: {e:#}")))
+    }
+
+    /// Loads compiled code written by [`Sandbox::serialize`].
+    ///
+    /// # Safety of the call
+    /// The bytes are native code that will run in this process: the caller must know they are
+    /// exactly what `serialize` wrote (the cache checks a digest before calling this). Engine
+    /// incompatibilities (another wasmtime, other settings) are detected and reported as errors.
+    #[allow(unsafe_code)]
+    pub fn deserialize(&self, compiled: &[u8]) -> Result<Component, PrepareError> {
+        // SAFETY: see above; the only caller verifies a SHA-256 of the bytes it wrote itself.
+        unsafe { Component::deserialize(&self.engine, compiled) }
+            .map_err(|e| PrepareError::Compile(format!("{e:#}")))
+    }
+
+    /// Identifies the engine settings compiled code depends on (wasmtime version, target,
+    /// options): part of the precompile cache key.
+    pub fn engine_fingerprint(&self) -> String {
+        use sha2::Digest;
+        use std::hash::Hash;
+        struct Sha(sha2::Sha256);
+        impl std::hash::Hasher for Sha {
+            fn finish(&self) -> u64 {
+                0
+            }
+            fn write(&mut self, bytes: &[u8]) {
+                self.0.update(bytes);
+            }
+        }
+        let mut hasher = Sha(sha2::Sha256::new());
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        hasher
+            .0
+            .finalize()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Checks a compiled component is a plugin for a WIT version this host supports, and links
+    /// it against the host's imports.
+    pub fn link(&self, component: &Component) -> Result<(PluginPre, String), PrepareError> {
+        let version = self.wit_version(component)?;
         let instance_pre = self
             .linker
-            .instantiate_pre(&component)
+            .instantiate_pre(component)
             .map_err(|e| PrepareError::Link(format!("{e:#}")))?;
         let pre = PluginPre::new(instance_pre).map_err(|e| PrepareError::Link(format!("{e:#}")))?;
         Ok((pre, version))
@@ -262,22 +322,22 @@ impl Sandbox {
         store
     }
 
-    /// Asks a linked plugin which tasks it serves.
-    pub async fn tasks(
+    /// Asks a linked plugin for its declared version and the tasks it serves.
+    pub async fn describe(
         &self,
         pre: &PluginPre,
         scope: Scope,
-    ) -> Result<Vec<TaskInfo>, PrepareError> {
+    ) -> Result<(String, Vec<TaskInfo>), PrepareError> {
         let mut store = self.store(scope);
         let call = async {
             let plugin = pre.instantiate_async(&mut store).await?;
-            plugin
-                .taskhost_plugin_handler()
-                .call_tasks(&mut store)
-                .await
+            let handler = plugin.taskhost_plugin_handler();
+            let version = handler.call_version(&mut store).await?;
+            let tasks = handler.call_tasks(&mut store).await?;
+            Ok::<_, wasmtime::Error>((version, tasks))
         };
         match tokio::time::timeout(Duration::from_secs(10), call).await {
-            Ok(Ok(tasks)) => Ok(tasks),
+            Ok(Ok(described)) => Ok(described),
             Ok(Err(e)) => Err(PrepareError::Tasks(format!("{e:#}"))),
             Err(_) => Err(PrepareError::Tasks("did not return within 10 s".into())),
         }
@@ -403,9 +463,4 @@ fn trap_exception(error: &wasmtime::Error, stderr: &str, stdout: &str) -> Except
         format!("{error:?}\n\nplugin output:\n{output}")
     });
     exception
-}
-
-/// Whether `name` is a plugin file this host loads.
-pub fn is_plugin_file(path: &std::path::Path) -> bool {
-    path.extension().is_some_and(|e| e == "wasm")
 }

@@ -323,7 +323,8 @@ pub mod __private {
 /// name are the methods of [`TaskDefaults`]: `queue`, `max_retries`, `retry_backoff`,
 /// `retry_backoff_max`, `retry_jitter`, `soft_time_limit`, `time_limit`, `rate_limit`.
 ///
-/// Doc comments may go before or after `#[task(...)]`, other attributes after it. Use the
+/// The plugin's version is its crate's `version`. Doc comments may go before or after
+/// `#[task(...)]`, other attributes after it. Use the
 /// macro once per plugin crate: it exports the component's `handler` interface.
 #[macro_export]
 macro_rules! tasks {
@@ -342,6 +343,10 @@ macro_rules! tasks {
         struct __TaskhostPlugin;
 
         impl $crate::__private::Guest for __TaskhostPlugin {
+            fn version() -> ::std::string::String {
+                ::std::string::String::from(env!("CARGO_PKG_VERSION"))
+            }
+
             fn tasks() -> ::std::vec::Vec<$crate::__private::TaskInfo> {
                 ::std::vec![$(
                     $crate::__private::task_info(

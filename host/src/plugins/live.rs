@@ -1,0 +1,242 @@
+//! The live registry of a plugin directory: the current [`Registry`] snapshot, replaced
+//! atomically when a file is added, changed or removed. A task resolves its plugin once, from
+//! the snapshot of that instant, and runs to the end on that version whatever is swapped in
+//! meanwhile.
+
+use super::{
+    LoadError, Plugin, Registry, cache::Cache, is_plugin_file, load, plugin_files, plugin_name,
+};
+use crate::config::GrantTable;
+use crate::sandbox::Sandbox;
+use arc_swap::ArcSwap;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A new plugin, or a new version replacing `previous`.
+    Loaded {
+        name: String,
+        version: String,
+        previous: Option<String>,
+    },
+    /// The file holds the version already loaded.
+    Unchanged,
+    /// The file is gone; its plugin is unregistered.
+    Removed { name: String, version: String },
+    /// The file was refused; what was loaded before keeps serving.
+    Refused { reason: String },
+    /// Nothing to do (not a plugin file, or a file that was never loaded is gone).
+    Nothing,
+}
+
+struct Refusal {
+    reason: String,
+    /// Refused because another plugin serves one of its tasks: worth another try when a
+    /// plugin is removed.
+    duplicate: bool,
+}
+
+/// The plugins of one directory, kept current.
+pub struct Live {
+    registry: ArcSwap<Registry>,
+    refused: Mutex<BTreeMap<PathBuf, Refusal>>,
+    sandbox: Arc<Sandbox>,
+    cache: Option<Cache>,
+    dir: PathBuf,
+    grants: Arc<ArcSwap<GrantTable>>,
+    /// One reload at a time, so each swap starts from the snapshot the previous one made.
+    reloading: tokio::sync::Mutex<()>,
+    /// Bumped after every change, for whoever reports what this worker runs.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Live {
+    /// Loads every plugin file of `dir`, in name order (so of two files claiming one task the
+    /// first by name wins, deterministically).
+    ///
+    /// # Errors
+    /// Only when the directory cannot be read; a bad file is refused and logged.
+    pub async fn open(
+        sandbox: Arc<Sandbox>,
+        cache: Option<Cache>,
+        dir: &Path,
+        grants: Arc<ArcSwap<GrantTable>>,
+    ) -> anyhow::Result<Self> {
+        let files = plugin_files(dir)
+            .map_err(|e| anyhow::anyhow!("cannot read plugin directory {}: {e}", dir.display()))?;
+        let live = Self {
+            registry: ArcSwap::from_pointee(Registry::default()),
+            refused: Mutex::new(BTreeMap::new()),
+            sandbox,
+            cache,
+            dir: dir.to_path_buf(),
+            grants,
+            reloading: tokio::sync::Mutex::new(()),
+            changes: tokio::sync::watch::channel(0).0,
+        };
+        {
+            let _guard = live.reloading.lock().await;
+            for path in files {
+                live.reload_locked(&path).await;
+            }
+        }
+        let grants = live.grants.load();
+        let registry = live.registry();
+        for name in grants.configured() {
+            if registry.plugin(name).is_none() {
+                tracing::warn!(
+                    plugin = name,
+                    "taskhost.toml has a section for a plugin that is not loaded"
+                );
+            }
+        }
+        Ok(live)
+    }
+
+    /// The current snapshot.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.load_full()
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Files refused at their last attempt, with the reasons.
+    pub fn refused(&self) -> Vec<(PathBuf, String)> {
+        lock(&self.refused)
+            .iter()
+            .map(|(p, r)| (p.clone(), r.reason.clone()))
+            .collect()
+    }
+
+    /// Notified after every change of the registry.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Brings the plugin of `path` up to date with the file: loads a new or changed file
+    /// (swapping it in only once it is fully loaded), unregisters a removed one.
+    pub async fn reload(&self, path: &Path) -> Change {
+        let _guard = self.reloading.lock().await;
+        let change = self.reload_locked(path).await;
+        if matches!(change, Change::Removed { .. }) {
+            // A plugin refused for claiming a task the removed one served may now load.
+            let retry: Vec<PathBuf> = lock(&self.refused)
+                .iter()
+                .filter(|(_, r)| r.duplicate)
+                .map(|(p, _)| p.clone())
+                .collect();
+            for path in retry {
+                self.reload_locked(&path).await;
+            }
+        }
+        change
+    }
+
+    async fn reload_locked(&self, path: &Path) -> Change {
+        if !is_plugin_file(path) {
+            return Change::Nothing;
+        }
+        let name = plugin_name(path);
+        let current = self.registry().plugin(&name).cloned();
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                lock(&self.refused).remove(path);
+                return match current {
+                    Some(plugin) if plugin.path == path => self.remove(&plugin),
+                    _ => Change::Nothing,
+                };
+            }
+            Err(e) => return self.refuse(path, &LoadError::Read(e), current.as_deref()),
+        };
+        if let Some(plugin) = &current {
+            use sha2::Digest;
+            if plugin.digest == super::cache::hex(&sha2::Sha256::digest(&bytes)) {
+                lock(&self.refused).remove(path);
+                return Change::Unchanged;
+            }
+        }
+        let grants = self.grants.load_full();
+        let plugin = match load(&self.sandbox, self.cache.as_ref(), path, bytes, &grants).await {
+            Ok(plugin) => Arc::new(plugin),
+            Err(e) => return self.refuse(path, &e, current.as_deref()),
+        };
+        let next = match self.registry().with(plugin.clone()) {
+            Ok(next) => next,
+            Err(e) => return self.refuse(path, &e, current.as_deref()),
+        };
+        self.registry.store(Arc::new(next));
+        self.changes.send_modify(|n| *n += 1);
+        lock(&self.refused).remove(path);
+        let tasks = plugin
+            .tasks
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let source = match plugin.source {
+            super::cache::Source::Cache => "cache",
+            super::cache::Source::Compiled => "compiled",
+        };
+        match &current {
+            Some(old) => tracing::info!(
+                plugin = %plugin.name, from = %old.version, to = %plugin.version,
+                wit = %plugin.wit_version, code = source, %tasks, "plugin swapped"
+            ),
+            None => tracing::info!(
+                plugin = %plugin.name, version = %plugin.version, wit = %plugin.wit_version,
+                code = source, %tasks, "plugin loaded"
+            ),
+        }
+        Change::Loaded {
+            name: plugin.name.to_string(),
+            version: plugin.version.clone(),
+            previous: current.map(|p| p.version.clone()),
+        }
+    }
+
+    fn remove(&self, plugin: &Plugin) -> Change {
+        self.registry
+            .store(Arc::new(self.registry().without(&plugin.name)));
+        self.changes.send_modify(|n| *n += 1);
+        tracing::info!(
+            plugin = %plugin.name, version = %plugin.version,
+            "plugin removed: its tasks are no longer served"
+        );
+        Change::Removed {
+            name: plugin.name.to_string(),
+            version: plugin.version.clone(),
+        }
+    }
+
+    fn refuse(&self, path: &Path, error: &LoadError, current: Option<&Plugin>) -> Change {
+        let reason = error.to_string();
+        match current {
+            Some(plugin) => tracing::error!(
+                file = %path.display(), serving = %plugin.version,
+                "plugin refused, the loaded version keeps serving: {reason}"
+            ),
+            None => tracing::error!(file = %path.display(), "plugin refused: {reason}"),
+        }
+        lock(&self.refused).insert(
+            path.to_path_buf(),
+            Refusal {
+                reason: reason.clone(),
+                duplicate: matches!(error, LoadError::Duplicate { .. }),
+            },
+        );
+        Change::Refused { reason }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
