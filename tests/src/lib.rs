@@ -51,6 +51,7 @@ fn profile() -> &'static str {
 struct Built {
     taskhost: PathBuf,
     plugins: PathBuf,
+    test_plugins: PathBuf,
 }
 
 /// Builds the `taskhost` binary (in this test's profile) and the plugins (for wasm32-wasip2,
@@ -84,9 +85,38 @@ fn built() -> &'static Built {
             "the plugins (is the wasm32-wasip2 target installed?)",
         );
         let target = target_dir();
+        let wasm = target.join("wasm32-wasip2").join("release");
+        let test_plugins = target.join("test-plugins");
+        std::fs::create_dir_all(&test_plugins).expect("create target/test-plugins");
+        // Test plugins; `versioned` twice, as two versions of one plugin.
+        for (features, from, to) in [
+            ("", "wrongwit", "wrongwit"),
+            ("", "versioned", "versioned-v1"),
+            ("versioned/v2", "versioned", "versioned-v2"),
+        ] {
+            let mut build = std::process::Command::new(&cargo);
+            build.current_dir(root()).args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "-p",
+                from,
+            ]);
+            if !features.is_empty() {
+                build.args(["--features", features]);
+            }
+            run_build(build, &format!("the test plugin {to}"));
+            let (src, dst) = (
+                wasm.join(format!("{from}.wasm")),
+                test_plugins.join(format!("{to}.wasm")),
+            );
+            std::fs::copy(&src, &dst).unwrap_or_else(|e| panic!("copy test plugin {to}: {e}"));
+        }
         Built {
             taskhost: target.join(profile()).join("taskhost"),
-            plugins: target.join("wasm32-wasip2").join("release"),
+            plugins: wasm,
+            test_plugins,
         }
     })
 }
@@ -116,6 +146,24 @@ pub fn taskhost_bin() -> PathBuf {
 /// The compiled plugin `name` (`demo`, `crucible`).
 pub fn plugin_wasm(name: &str) -> PathBuf {
     built().plugins.join(format!("{name}.wasm"))
+}
+
+/// A test plugin: `versioned-v1`, `versioned-v2` (one plugin serving demo.add and demo.echo,
+/// reporting which build ran), `wrongwit` (built for a WIT version the host does not support).
+pub fn test_plugin_wasm(name: &str) -> PathBuf {
+    built().test_plugins.join(format!("{name}.wasm"))
+}
+
+/// The version the host reports for a plugin file: declared version + SHA-256 prefix.
+pub fn plugin_version(path: &Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).expect("read plugin");
+    let digest: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{}+{digest}", env!("CARGO_PKG_VERSION"))
 }
 
 /// A fresh directory for one test, removed when dropped (kept if the test fails).

@@ -213,6 +213,17 @@ impl Process {
     /// Starts `taskhost worker` against `redis` (broker db 0, backend db 1) and waits until it
     /// is consuming.
     pub fn worker(dir: &TestDir, redis: &RedisServer, plugins: &Path, extra: &[&str]) -> Self {
+        Self::worker_logged(dir, "worker.log", redis, plugins, extra)
+    }
+
+    /// [`Process::worker`], logging to `<dir>/<log>` (for several workers in one test).
+    pub fn worker_logged(
+        dir: &TestDir,
+        log: &str,
+        redis: &RedisServer,
+        plugins: &Path,
+        extra: &[&str],
+    ) -> Self {
         let broker = redis.url(0);
         let backend = redis.url(1);
         let plugins = plugins.to_string_lossy().into_owned();
@@ -226,7 +237,7 @@ impl Process {
             &plugins,
         ];
         args.extend_from_slice(extra);
-        let worker = Self::spawn(dir, "worker.log", Self::command(dir, &args));
+        let worker = Self::spawn(dir, log, Self::command(dir, &args));
         worker.wait_log("worker ready");
         worker
     }
@@ -273,6 +284,17 @@ impl Process {
     pub fn wait_log(&self, needle: &str) {
         wait_for(&format!("{needle:?} in the taskhost log"), || {
             if self.log().contains(needle) {
+                return Some(());
+            }
+            self.assert_running();
+            None
+        });
+    }
+
+    /// Waits until the log contains `needle` at least `count` times.
+    pub fn wait_log_count(&self, needle: &str, count: usize) {
+        wait_for(&format!("{count} x {needle:?} in the taskhost log"), || {
+            if self.log().matches(needle).count() >= count {
                 return Some(());
             }
             self.assert_running();

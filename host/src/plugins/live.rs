@@ -187,11 +187,11 @@ impl Live {
         match &current {
             Some(old) => tracing::info!(
                 plugin = %plugin.name, from = %old.version, to = %plugin.version,
-                wit = %plugin.wit_version, code = source, %tasks, "plugin swapped"
+                wit = %plugin.wit_version, code = %source, %tasks, "plugin swapped"
             ),
             None => tracing::info!(
                 plugin = %plugin.name, version = %plugin.version, wit = %plugin.wit_version,
-                code = source, %tasks, "plugin loaded"
+                code = %source, %tasks, "plugin loaded"
             ),
         }
         Change::Loaded {
