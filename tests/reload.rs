@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use taskhost_tests::{
     Client, HttpStub, Process, RedisServer, Reply, TestDir, plugin_version, plugin_wasm,
-    test_plugin_wasm, wait_for,
+    test_plugin_wasm,
 };
 
 /// How a new version is put in place.
@@ -163,8 +163,7 @@ fn a_broken_file_is_refused_and_the_loaded_version_keeps_serving() {
         let line = worker
             .log()
             .lines()
-            .filter(|l| l.contains("plugin refused"))
-            .last()
+            .rfind(|l| l.contains("plugin refused"))
             .unwrap_or_default()
             .to_owned();
         assert!(
