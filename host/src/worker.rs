@@ -96,18 +96,6 @@ pub async fn run(
     let grants = Arc::new(ArcSwap::from_pointee(config.grants.clone()));
     let plugins =
         Arc::new(Live::open(sandbox.clone(), cache, &config.plugins_dir, grants.clone()).await?);
-    let registry = plugins.registry();
-    tracing::info!(
-        node = %config.node,
-        broker = %crate::broker::redact(&config.broker_url),
-        queues = %config.queues.join(","),
-        concurrency = config.concurrency,
-        plugins = registry.plugins().count(),
-        refused = plugins.refused().len(),
-        tasks = %registry.task_names().join(","),
-        fleet = config.fleet,
-        "worker ready"
-    );
     let shared = Arc::new(Shared {
         sandbox,
         plugins,
@@ -146,7 +134,21 @@ pub async fn run(
             stop.clone(),
         ));
     }
+    // Changes made while the directory was first loaded, before the watch began.
+    shared.plugins.rescan().await;
     let mover = tokio::spawn(move_due_messages(shared.clone(), stop.clone()));
+    let registry = shared.plugins.registry();
+    tracing::info!(
+        node = %config.node,
+        broker = %crate::broker::redact(&config.broker_url),
+        queues = %config.queues.join(","),
+        concurrency = config.concurrency,
+        plugins = registry.plugins().count(),
+        refused = shared.plugins.refused().len(),
+        tasks = %registry.task_names().join(","),
+        fleet = config.fleet,
+        "worker ready"
+    );
     let mut fetcher = Fetcher::start(&shared, &config.queues, stop.clone());
     let semaphore = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let mut tasks = JoinSet::new();

@@ -119,6 +119,22 @@ impl Live {
         self.changes.subscribe()
     }
 
+    /// Reloads what changed since the directory was last read without an event saying so:
+    /// new files (not already refused), and loaded plugins whose file changed or is gone.
+    pub async fn rescan(&self) {
+        let mut paths: Vec<PathBuf> = plugin_files(&self.dir).unwrap_or_default();
+        {
+            let refused = lock(&self.refused);
+            paths.retain(|p| !refused.contains_key(p));
+        }
+        paths.extend(self.registry().plugins().map(|p| p.path.clone()));
+        paths.sort();
+        paths.dedup();
+        for path in paths {
+            self.reload(&path).await;
+        }
+    }
+
     /// Brings the plugin of `path` up to date with the file: loads a new or changed file
     /// (swapping it in only once it is fully loaded), unregisters a removed one.
     pub async fn reload(&self, path: &Path) -> Change {
