@@ -344,6 +344,7 @@ fn worker_config(args: &WorkerArgs, dev_broker: Option<&str>) -> anyhow::Result<
         config_path: path,
         cache_dir,
         fleet: args.fleet || section.fleet.unwrap_or(false),
+        stack_bytes: file.stack_bytes()?,
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
     })
 }
@@ -466,10 +467,13 @@ async fn call(args: &CallArgs) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::FAILURE)
 }
 
-fn local_sandbox(grants: &GrantTable) -> anyhow::Result<Arc<Sandbox>> {
+/// A small sandbox for commands that run one plugin at a time.
+fn local_sandbox(file: &FileConfig, grants: &GrantTable) -> anyhow::Result<Arc<Sandbox>> {
     Ok(Arc::new(Sandbox::new(&SandboxOptions {
         max_instances: 4,
         max_memory_bytes: grants.max_memory_bytes(),
+        max_table_elements: grants.max_table_elements(),
+        stack_bytes: file.stack_bytes()?,
     })?))
 }
 
@@ -486,7 +490,7 @@ async fn exec(args: &ExecArgs) -> anyhow::Result<std::process::ExitCode> {
     }
     let (file, _) = FileConfig::load(args.config.as_deref())?;
     let grants = file.grants(&|var| std::env::var(var).ok())?;
-    let sandbox = local_sandbox(&grants)?;
+    let sandbox = local_sandbox(&file, &grants)?;
     let plugin = load_one(&sandbox, &args.plugin, &grants).await?;
     let Some(spec) = plugin.tasks.iter().find(|t| t.name == args.name) else {
         let served: Vec<&str> = plugin.tasks.iter().map(|t| t.name.as_str()).collect();
@@ -498,6 +502,8 @@ async fn exec(args: &ExecArgs) -> anyhow::Result<std::process::ExitCode> {
         );
     };
     let id = uuid::Uuid::new_v4().to_string();
+    let plugin_grants = grants.for_plugin(&plugin.name);
+    let (soft, hard) = worker::time_limits((None, None), &plugin_grants.limits, &spec.defaults);
     let task = Task {
         id: id.clone(),
         name: args.name.clone(),
@@ -506,22 +512,16 @@ async fn exec(args: &ExecArgs) -> anyhow::Result<std::process::ExitCode> {
         retries: args.retries,
         root_id: Some(id.clone()),
         parent_id: None,
-        soft_deadline_ms: None,
+        soft_deadline_ms: soft.map(worker::deadline_ms),
         hostname: node::node_name(None),
     };
     let scope = Scope {
         plugin: plugin.name.clone(),
         task_name: args.name.clone(),
         task_id: id.as_str().into(),
-        grants: grants.for_plugin(&plugin.name),
+        grants: plugin_grants,
         progress: None,
     };
-    let hard = scope.grants.limits.time_limit.or_else(|| {
-        spec.defaults
-            .time_limit
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map(Duration::from_secs_f64)
-    });
     match sandbox.run(&plugin.pre, scope, &task, hard).await {
         Outcome::Success(json) => {
             println!("{json}");
@@ -565,7 +565,7 @@ async fn load_one(
 async fn list_plugins(args: &PluginsArgs) -> anyhow::Result<std::process::ExitCode> {
     let (file, _) = FileConfig::load(args.config.as_deref())?;
     let grants = file.grants(&|var| std::env::var(var).ok())?;
-    let sandbox = local_sandbox(&grants)?;
+    let sandbox = local_sandbox(&file, &grants)?;
     let cache = Cache::default_dir().and_then(|dir| Cache::new(&dir).ok());
     let grants = Arc::new(arc_swap::ArcSwap::from_pointee(grants));
     let live = Live::open(sandbox, cache, &args.dir, grants).await?;
@@ -619,7 +619,7 @@ async fn deploy(args: &DeployArgs) -> anyhow::Result<()> {
     deploy::check_name(&name)?;
     // Check it here, so a plugin no worker could load is never published.
     let grants = GrantTable::default();
-    let sandbox = local_sandbox(&grants)?;
+    let sandbox = local_sandbox(&FileConfig::default(), &grants)?;
     let plugin = load_one(&sandbox, &args.plugin, &grants).await?;
     let bytes = std::fs::read(&args.plugin)
         .with_context(|| format!("cannot read {}", args.plugin.display()))?;

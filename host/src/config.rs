@@ -81,16 +81,25 @@ pub struct WorkerSection {
     pub fleet: Option<bool>,
 }
 
-/// `[limits]` and the limit keys of a `[plugins.NAME]` section.
+/// `[limits]` and the limit keys of a `[plugins.NAME]` section. Unset keys of a plugin take the
+/// `[limits]` value, unset `[limits]` keys the defaults (see [`Limits::default`]).
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSection {
     /// Linear memory per instance, MiB.
     pub memory_mb: Option<u64>,
+    /// Table elements per table of an instance.
+    pub table_elements: Option<u32>,
     /// Hard time limit, seconds: the run is interrupted.
     pub time_limit: Option<f64>,
     /// Soft time limit, seconds: the task is told its deadline.
     pub soft_time_limit: Option<f64>,
+    /// Largest result a task may return, MiB.
+    pub result_mb: Option<u64>,
+    /// Instances of this plugin that may run at once; more wait their turn.
+    pub max_instances: Option<u32>,
+    /// WebAssembly stack, KiB. Worker-wide: only in `[limits]`.
+    pub stack_kb: Option<u64>,
 }
 
 /// `[plugins.NAME]`: what one plugin is granted.
@@ -107,8 +116,17 @@ pub struct PluginSection {
     pub limits: LimitsSection,
 }
 
-/// The default memory limit of an instance.
+/// The default memory limit of an instance, MiB.
 pub const DEFAULT_MEMORY_MB: u64 = 128;
+/// The default table size limit, elements.
+pub const DEFAULT_TABLE_ELEMENTS: u32 = 20_000;
+/// The default hard time limit, seconds: a backstop, so a stuck plugin cannot hold a slot
+/// forever (Celery has none by default; set `time_limit` to lift or tighten it).
+pub const DEFAULT_TIME_LIMIT_S: u64 = 3600;
+/// The default result size limit, MiB.
+pub const DEFAULT_RESULT_MB: u64 = 16;
+/// The default WebAssembly stack, KiB (wasmtime's default).
+pub const DEFAULT_STACK_KB: u64 = 512;
 
 impl FileConfig {
     /// Reads `path`, or `./taskhost.toml` if no path is given and that file exists, or the
@@ -140,12 +158,29 @@ impl FileConfig {
         toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
     }
 
+    /// The WebAssembly stack every instance gets, bytes.
+    pub fn stack_bytes(&self) -> Result<usize, ConfigError> {
+        match self.limits.stack_kb {
+            Some(kb) if !(64..=65_536).contains(&kb) => Err(ConfigError::Invalid {
+                place: "[limits]".into(),
+                message: format!("stack_kb must be between 64 and 65536, got {kb}"),
+            }),
+            kb => Ok(usize::try_from(kb.unwrap_or(DEFAULT_STACK_KB) * 1024).unwrap_or(usize::MAX)),
+        }
+    }
+
     /// Resolves every plugin section into grants, expanding `${VAR}` from `env`.
     pub fn grants(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<GrantTable, ConfigError> {
         let defaults = Limits::resolve("[limits]", &self.limits, &Limits::default())?;
         let mut plugins = HashMap::new();
         for (name, section) in &self.plugins {
             let place = format!("[plugins.{name}]");
+            if section.limits.stack_kb.is_some() {
+                return Err(ConfigError::Invalid {
+                    place,
+                    message: "stack_kb applies to the whole worker: set it in [limits]".into(),
+                });
+            }
             let mut allow_http = Vec::new();
             for value in &section.allow_http {
                 let place = format!("{place} allow_http");
@@ -263,16 +298,23 @@ impl std::fmt::Display for Origin {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub memory_bytes: usize,
+    pub table_elements: u32,
     pub time_limit: Option<Duration>,
     pub soft_time_limit: Option<Duration>,
+    pub result_bytes: usize,
+    /// None: as many as the worker runs at once.
+    pub max_instances: Option<u32>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             memory_bytes: mib(DEFAULT_MEMORY_MB),
-            time_limit: None,
+            table_elements: DEFAULT_TABLE_ELEMENTS,
+            time_limit: Some(Duration::from_secs(DEFAULT_TIME_LIMIT_S)),
             soft_time_limit: None,
+            result_bytes: mib(DEFAULT_RESULT_MB),
+            max_instances: None,
         }
     }
 }
@@ -283,32 +325,40 @@ fn mib(n: u64) -> usize {
 
 impl Limits {
     fn resolve(place: &str, section: &LimitsSection, base: &Limits) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            place: place.to_owned(),
+            message,
+        };
         let seconds = |key: &str, v: Option<f64>, fallback: Option<Duration>| match v {
             None => Ok(fallback),
             Some(s) if s.is_finite() && s > 0.0 => Ok(Some(Duration::from_secs_f64(s))),
-            Some(s) => Err(ConfigError::Invalid {
-                place: place.to_owned(),
-                message: format!("{key} must be a positive number of seconds, got {s}"),
-            }),
+            Some(s) => Err(invalid(format!(
+                "{key} must be a positive number of seconds, got {s}"
+            ))),
         };
-        let memory_bytes = match section.memory_mb {
-            None => base.memory_bytes,
-            Some(0) => {
-                return Err(ConfigError::Invalid {
-                    place: place.to_owned(),
-                    message: "memory_mb must be at least 1".into(),
-                });
-            }
-            Some(n) => mib(n),
+        let positive = |key: &str, v: Option<u64>| match v {
+            Some(0) => Err(invalid(format!("{key} must be at least 1"))),
+            other => Ok(other),
         };
         Ok(Self {
-            memory_bytes,
+            memory_bytes: positive("memory_mb", section.memory_mb)?.map_or(base.memory_bytes, mib),
+            table_elements: match section.table_elements {
+                Some(0) => return Err(invalid("table_elements must be at least 1".into())),
+                Some(n) => n,
+                None => base.table_elements,
+            },
             time_limit: seconds("time_limit", section.time_limit, base.time_limit)?,
             soft_time_limit: seconds(
                 "soft_time_limit",
                 section.soft_time_limit,
                 base.soft_time_limit,
             )?,
+            result_bytes: positive("result_mb", section.result_mb)?.map_or(base.result_bytes, mib),
+            max_instances: match section.max_instances {
+                Some(0) => return Err(invalid("max_instances must be at least 1".into())),
+                Some(n) => Some(n),
+                None => base.max_instances,
+            },
         })
     }
 }
@@ -352,6 +402,16 @@ impl GrantTable {
             .map(|g| g.limits.memory_bytes)
             .max()
             .unwrap_or_else(|| Limits::default().memory_bytes)
+    }
+
+    /// The largest table any plugin may grow.
+    pub fn max_table_elements(&self) -> u32 {
+        self.plugins
+            .values()
+            .chain(std::iter::once(&self.default))
+            .map(|g| g.limits.table_elements)
+            .max()
+            .unwrap_or(DEFAULT_TABLE_ELEMENTS)
     }
 
     /// Names with a section, for warning about sections no plugin uses.

@@ -55,7 +55,8 @@ pub struct TaskMessage {
     pub retries: u32,
     pub eta: Option<OffsetDateTime>,
     pub expires: Option<OffsetDateTime>,
-    /// Celery's `timelimit`: (soft, hard) seconds.
+    /// The producer's time limits: (soft, hard) seconds. (On the wire Celery's `timelimit`
+    /// header is `[hard, soft]`: `[time_limit, soft_time_limit]` in `celery/app/amqp.py`.)
     pub time_limit: (Option<f64>, Option<f64>),
     pub root_id: Option<String>,
     pub parent_id: Option<String>,
@@ -151,8 +152,8 @@ impl TaskMessage {
         let opt_text = |key: &str| headers.get(key).and_then(Value::as_str).map(str::to_owned);
         let time_limit = match headers.get("timelimit").and_then(Value::as_array) {
             Some(pair) => (
-                pair.first().and_then(Value::as_f64),
                 pair.get(1).and_then(Value::as_f64),
+                pair.first().and_then(Value::as_f64),
             ),
             None => (None, None),
         };
@@ -546,6 +547,144 @@ mod tests {
         let err = TaskMessage::decode(br#"{"headers": {"task": "t", "id": "i"}, "body": "{}"}"#)
             .expect_err("bad body");
         assert_eq!(err.task_id.as_deref(), Some("i"));
+    }
+
+    #[test]
+    fn reads_celerys_timelimit_as_hard_then_soft() {
+        let mut envelope: Value = serde_json::from_str(CAPTURED_DELAY).expect("json");
+        envelope["headers"]["timelimit"] = json!([10, 2.5]);
+        let m = TaskMessage::decode(envelope.to_string().as_bytes()).expect("decodes");
+        assert_eq!(m.time_limit, (Some(2.5), Some(10.0)));
+    }
+
+    /// A deterministic generator of arbitrary JSON values, for the property tests below.
+    fn arbitrary(rng: &mut fastrand::Rng, depth: u32) -> Value {
+        let leaf = depth == 0 || rng.u8(..4) == 0;
+        match if leaf { rng.u8(..6) } else { rng.u8(6..8) } {
+            0 => Value::Null,
+            1 => json!(rng.bool()),
+            2 => json!(rng.i64(..)),
+            3 => json!(rng.u64(..)),
+            4 => {
+                let f = f64::from_bits(rng.u64(..));
+                if f.is_finite() {
+                    json!(f)
+                } else {
+                    json!(rng.f64())
+                }
+            }
+            5 => {
+                let len = rng.usize(..12);
+                let text: String = (0..len)
+                    .map(|_| match rng.u8(..4) {
+                        0 => rng.char('\u{0}'..='\u{7f}'),
+                        1 => rng.char('\u{80}'..='\u{7ff}'),
+                        2 => rng.char('\u{800}'..='\u{d7ff}'),
+                        _ => rng.char('\u{10000}'..='\u{10ffff}'),
+                    })
+                    .collect();
+                json!(text)
+            }
+            6 => Value::Array(
+                (0..rng.usize(..5))
+                    .map(|_| arbitrary(rng, depth - 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..rng.usize(..5))
+                    .map(|i| (format!("k{i}-{}", rng.u16(..)), arbitrary(rng, depth - 1)))
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn any_arguments_and_results_survive_the_round_trip() {
+        let mut rng = fastrand::Rng::with_seed(0x7a5c);
+        for case in 0..3000 {
+            let args = Value::Array(
+                (0..rng.usize(..4))
+                    .map(|_| arbitrary(&mut rng, 4))
+                    .collect(),
+            );
+            let kwargs = match arbitrary(&mut rng, 3) {
+                Value::Object(map) => Value::Object(map),
+                other => json!({"value": other}),
+            };
+            let new = NewTask {
+                id: format!("id-{case}"),
+                task: "t".into(),
+                args: args.clone(),
+                kwargs: kwargs.clone(),
+                queue: "celery".into(),
+                priority: rng.u8(..10),
+                eta: None,
+                expires: None,
+            };
+            let m = TaskMessage::decode(&new.encode()).expect("decodes");
+            // What the plugin receives is the JSON text of these values.
+            let sent: Value = serde_json::from_str(&m.args.to_string()).expect("args text");
+            assert_eq!((&sent, &m.kwargs), (&args, &kwargs), "case {case}");
+            // What the plugin returns is stored as the result unchanged.
+            let result = arbitrary(&mut rng, 4);
+            let doc = result_document(
+                "id",
+                "SUCCESS",
+                result.clone(),
+                None,
+                None,
+                None,
+                OffsetDateTime::now_utc(),
+            );
+            let stored: Value = serde_json::from_str(&doc).expect("result document");
+            assert_eq!(stored["result"], result, "case {case}");
+        }
+    }
+
+    #[test]
+    fn no_corruption_of_a_message_makes_the_decoder_panic() {
+        let mut rng = fastrand::Rng::with_seed(0xdec0de);
+        let seeds: Vec<Vec<u8>> = vec![
+            CAPTURED_DELAY.as_bytes().to_vec(),
+            CAPTURED_COUNTDOWN.as_bytes().to_vec(),
+            NewTask {
+                id: "x".into(),
+                task: "demo.add".into(),
+                args: json!([1, 2]),
+                kwargs: json!({}),
+                queue: "celery".into(),
+                priority: 0,
+                eta: None,
+                expires: None,
+            }
+            .encode(),
+        ];
+        let mut decoded = 0;
+        for _ in 0..20_000 {
+            let mut bytes = seeds[rng.usize(..seeds.len())].clone();
+            for _ in 0..rng.usize(1..4) {
+                let at = rng.usize(..bytes.len().max(1));
+                let last = bytes.len().saturating_sub(1);
+                match rng.u8(..4) {
+                    0 if !bytes.is_empty() => bytes[at.min(last)] = rng.u8(..),
+                    1 => bytes.truncate(at),
+                    2 => bytes.insert(at.min(bytes.len()), rng.u8(..)),
+                    _ if !bytes.is_empty() => {
+                        bytes.remove(at.min(last));
+                    }
+                    _ => {}
+                }
+            }
+            match TaskMessage::decode(&bytes) {
+                Ok(m) => {
+                    decoded += 1;
+                    assert!(!m.id.is_empty() && m.args.is_array() && m.kwargs.is_object());
+                }
+                Err(e) => assert!(!e.error.to_string().is_empty()),
+            }
+        }
+        // Some corruptions leave a valid message (a changed letter in a name, say).
+        assert!(decoded > 0);
     }
 
     #[test]

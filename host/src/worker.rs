@@ -49,6 +49,8 @@ pub struct WorkerConfig {
     pub cache_dir: Option<PathBuf>,
     /// Follow fleet deploys published through the broker.
     pub fleet: bool,
+    /// The WebAssembly stack of every instance.
+    pub stack_bytes: usize,
     /// How long running tasks may take to finish once a stop is asked for.
     pub shutdown_grace: Duration,
 }
@@ -65,6 +67,8 @@ struct Shared {
     scheduled: Notify,
     /// Deliveries being handled, so a stop that cannot wait for them can return them.
     running: Mutex<HashMap<u64, Delivery>>,
+    /// Instances running per plugin, for its `max_instances`.
+    instances: Mutex<HashMap<Arc<str>, u32>>,
     next_id: AtomicU64,
 }
 
@@ -83,6 +87,8 @@ pub async fn run(
     let sandbox = Arc::new(Sandbox::new(&SandboxOptions {
         max_instances: slots,
         max_memory_bytes: config.grants.max_memory_bytes(),
+        max_table_elements: config.grants.max_table_elements(),
+        stack_bytes: config.stack_bytes,
     })?);
     let broker = Broker::connect(&config.broker_url, &config.node).await?;
     let backend = Backend::connect(&config.backend_url, config.result_expires).await?;
@@ -105,6 +111,7 @@ pub async fn run(
         node: config.node.clone(),
         scheduled: Notify::new(),
         running: Mutex::new(HashMap::new()),
+        instances: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(0),
     });
     // A stop is a flag every loop watches, so that no Redis call that moves messages is ever
@@ -211,6 +218,7 @@ pub async fn run(
 fn config_reloader(shared: &Arc<Shared>, path: Option<PathBuf>) -> impl Fn() + Send + 'static {
     let grants = shared.grants.clone();
     let max_memory = shared.sandbox.max_memory_bytes();
+    let max_table = shared.sandbox.max_table_elements();
     move || {
         let Some(path) = &path else { return };
         let loaded = FileConfig::load(Some(path))
@@ -222,6 +230,11 @@ fn config_reloader(shared: &Arc<Shared>, path: Option<PathBuf>) -> impl Fn() + S
                 "config change refused, the previous config stays: a memory limit above the \
                  {} MiB this worker started with needs a restart",
                 max_memory >> 20
+            ),
+            Ok(table) if table.max_table_elements() > max_table => tracing::error!(
+                file = %path.display(),
+                "config change refused, the previous config stays: a table limit above the \
+                 {max_table} elements this worker started with needs a restart"
             ),
             Ok(table) => {
                 grants.store(Arc::new(table));
@@ -411,6 +424,13 @@ async fn move_due_messages(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
     }
 }
 
+/// Milliseconds since the Unix epoch, `after` from now.
+pub fn deadline_ms(after: Duration) -> u64 {
+    u64::try_from(now_ms())
+        .unwrap_or(0)
+        .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn now_ms() -> i64 {
     i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
@@ -475,6 +495,22 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         .await;
         return;
     };
+    let Some(_instance) = InstanceSlot::take(shared, &plugin.name) else {
+        // The plugin runs as many instances as it may: this one waits its turn in the delayed
+        // set (not in a worker slot, which tasks of other plugins can use meanwhile).
+        let due = now_ms() + 200;
+        if retrying("reschedule a task over its plugin's max_instances", || {
+            shared
+                .broker
+                .ack_and_schedule(delivery, &delivery.source, &delivery.raw, Some(due))
+        })
+        .await
+        {
+            shared.scheduled.notify_one();
+            tracing::debug!(task_id = %message.id, plugin = %plugin.name, "plugin at max_instances; task rescheduled");
+        }
+        return;
+    };
     let started = Instant::now();
     let outcome = run_task(shared, &plugin, &spec, &message).await;
     let runtime = started.elapsed().as_secs_f64();
@@ -521,6 +557,36 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
     }
 }
 
+/// One running instance of a plugin, counted against its `max_instances` until dropped.
+struct InstanceSlot<'a> {
+    shared: &'a Shared,
+    plugin: Arc<str>,
+}
+
+impl<'a> InstanceSlot<'a> {
+    fn take(shared: &'a Shared, plugin: &Arc<str>) -> Option<Self> {
+        let limit = shared.grants.load().for_plugin(plugin).limits.max_instances;
+        let mut counts = lock(&shared.instances);
+        let count = counts.entry(plugin.clone()).or_default();
+        if limit.is_some_and(|max| *count >= max) {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            shared,
+            plugin: plugin.clone(),
+        })
+    }
+}
+
+impl Drop for InstanceSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(count) = lock(&self.shared.instances).get_mut(&self.plugin) {
+            *count = count.saturating_sub(1);
+        }
+    }
+}
+
 /// Runs the task in its plugin under the applicable limits: the producer's `timelimit`, else
 /// the operator's, else the plugin's declared defaults.
 async fn run_task(
@@ -530,22 +596,8 @@ async fn run_task(
     message: &TaskMessage,
 ) -> Outcome {
     let grants = shared.grants.load().for_plugin(&plugin.name);
-    let seconds = |s: f64| (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s));
-    let hard = message
-        .time_limit
-        .1
-        .and_then(seconds)
-        .or(grants.limits.time_limit)
-        .or_else(|| spec.defaults.time_limit.and_then(seconds));
-    let soft = message
-        .time_limit
-        .0
-        .and_then(seconds)
-        .or(grants.limits.soft_time_limit)
-        .or_else(|| spec.defaults.soft_time_limit.and_then(seconds));
-    let soft_deadline_ms = soft.map(|d| {
-        u64::try_from(now_ms()).unwrap_or(0) + u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-    });
+    let (soft, hard) = time_limits(message.time_limit, &grants.limits, &spec.defaults);
+    let soft_deadline_ms = soft.map(deadline_ms);
     let task = Task {
         id: message.id.clone(),
         name: message.task.clone(),
@@ -571,6 +623,33 @@ async fn run_task(
         progress: Some(Arc::new(progress)),
     };
     shared.sandbox.run(&plugin.pre, scope, &task, hard).await
+}
+
+/// A task's (soft, hard) time limits. The producer's `timelimit` wins (producers are trusted,
+/// as in Celery); otherwise the plugin's declared limit applies, but only to tighten the
+/// operator's (or the default) limit: a plugin cannot give itself more time than it was granted.
+pub fn time_limits(
+    requested: (Option<f64>, Option<f64>),
+    granted: &crate::config::Limits,
+    declared: &crate::sandbox::TaskDefaults,
+) -> (Option<Duration>, Option<Duration>) {
+    let seconds = |s: f64| (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s));
+    let tighten = |granted: Option<Duration>, declared: Option<f64>| match (
+        granted,
+        declared.and_then(seconds),
+    ) {
+        (Some(g), Some(d)) => Some(g.min(d)),
+        (g, d) => g.or(d),
+    };
+    let soft = requested
+        .0
+        .and_then(seconds)
+        .or_else(|| tighten(granted.soft_time_limit, declared.soft_time_limit));
+    let hard = requested
+        .1
+        .and_then(seconds)
+        .or_else(|| tighten(granted.time_limit, declared.time_limit));
+    (soft, hard)
 }
 
 /// Stores a FAILURE and settles the message.
@@ -782,6 +861,36 @@ impl Progress for ProgressWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plugin_can_tighten_but_not_extend_its_time_limit() {
+        let granted = crate::config::Limits::default();
+        let mut declared = crate::sandbox::TaskDefaults {
+            queue: None,
+            max_retries: None,
+            retry_backoff: None,
+            retry_backoff_max: None,
+            retry_jitter: None,
+            soft_time_limit: None,
+            time_limit: Some(1e9),
+            rate_limit: None,
+        };
+        let default = granted.time_limit;
+        assert_eq!(
+            time_limits((None, None), &granted, &declared),
+            (None, default)
+        );
+        declared.time_limit = Some(2.0);
+        declared.soft_time_limit = Some(1.0);
+        assert_eq!(
+            time_limits((None, None), &granted, &declared),
+            (Some(Duration::from_secs(1)), Some(Duration::from_secs(2)))
+        );
+        assert_eq!(
+            time_limits((Some(5.0), Some(7.0)), &granted, &declared),
+            (Some(Duration::from_secs(5)), Some(Duration::from_secs(7)))
+        );
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

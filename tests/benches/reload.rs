@@ -10,10 +10,8 @@
 //! 3. worker start to ready: cold (empty precompile cache) and warm, 3 runs each.
 
 use serde_json::json;
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use taskhost_tests::bench::{cores, latency_run, load_average, min_median_max, percentiles};
 use taskhost_tests::{Client, Process, RedisServer, TestDir, plugin_wasm, test_plugin_wasm};
 
 fn main() {
@@ -71,12 +69,29 @@ fn main() {
 
     // 2. Latency at a fixed rate, without and with swaps.
     let rate = 200.0;
-    let quiet = latency_run(&redis, rate, Duration::from_secs(5), None);
-    let swapping = latency_run(
+    let quiet = latency_run(
         &redis,
+        "demo.add",
         rate,
         Duration::from_secs(5),
-        Some((&target, &versions)),
+        &mut |_| {},
+    );
+    let mut swaps = 0;
+    let mut next_swap = Instant::now() + Duration::from_millis(250);
+    let swapping = latency_run(
+        &redis,
+        "demo.add",
+        rate,
+        Duration::from_secs(5),
+        &mut |now| {
+            if now >= next_swap {
+                swaps += 1;
+                let tmp = target.with_file_name(".demo.wasm.tmp");
+                std::fs::copy(&versions[swaps % 2], &tmp).expect("stage");
+                std::fs::rename(&tmp, &target).expect("swap");
+                next_swap += Duration::from_millis(250);
+            }
+        },
     );
     for (name, mut run) in [("no swaps", quiet), ("a swap every 250 ms", swapping)] {
         let n = run.len();
@@ -114,102 +129,4 @@ fn main() {
             "start -> worker ready with demo + crucible, {label}: min {min:.0} ms, median {median:.0} ms, max {max:.0} ms"
         );
     }
-}
-
-/// Sends `demo.add` at `rate` per second for `duration` and returns each task's latency from
-/// send to its result being published; swaps versions every 250 ms if `swap` is given.
-fn latency_run(
-    redis: &RedisServer,
-    rate: f64,
-    duration: Duration,
-    swap: Option<(&Path, &[std::path::PathBuf; 2])>,
-) -> Vec<Duration> {
-    let received: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
-    let mut listener = redis.conn(1);
-    let seen = received.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let listening = std::thread::spawn(move || {
-        let mut pubsub = listener.as_pubsub();
-        pubsub.psubscribe("celery-task-meta-*").expect("psubscribe");
-        pubsub
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .expect("read timeout");
-        ready_tx.send(()).expect("ready");
-        let idle_limit = Duration::from_secs(3);
-        let mut last = Instant::now();
-        while last.elapsed() < idle_limit {
-            if let Ok(message) = pubsub.get_message() {
-                let channel = message.get_channel_name().to_owned();
-                let id = channel.trim_start_matches("celery-task-meta-").to_owned();
-                if let Ok(mut seen) = seen.lock() {
-                    seen.insert(id, Instant::now());
-                }
-                last = Instant::now();
-            }
-        }
-    });
-    ready_rx.recv().expect("listener ready");
-    let mut client = Client::new(redis);
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let start = Instant::now();
-    let mut sent = Vec::new();
-    let mut next_swap = start + Duration::from_millis(250);
-    let mut swaps = 0;
-    while start.elapsed() < duration {
-        let due = start + interval * sent.len() as u32;
-        let now = Instant::now();
-        if due > now {
-            // Pacing the producer at a fixed rate (the load being measured).
-            std::thread::sleep(due - now);
-        }
-        if let Some((target, versions)) = swap
-            && Instant::now() >= next_swap
-        {
-            swaps += 1;
-            let tmp = target.with_file_name(".demo.wasm.tmp");
-            std::fs::copy(&versions[swaps % 2], &tmp).expect("stage");
-            std::fs::rename(&tmp, target).expect("swap");
-            next_swap += Duration::from_millis(250);
-        }
-        let sent_at = Instant::now();
-        let id = client.send("demo.add", json!([1, 2]));
-        sent.push((id, sent_at));
-    }
-    listening.join().expect("listener");
-    let received = received.lock().map(|r| r.clone()).unwrap_or_default();
-    sent.iter()
-        .map(|(id, at)| {
-            let got = received
-                .get(id)
-                .unwrap_or_else(|| panic!("no result published for {id}"));
-            got.saturating_duration_since(*at)
-        })
-        .collect()
-}
-
-fn percentiles(values: &mut [Duration]) -> (f64, f64, f64) {
-    values.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let at = |q: f64| ms(values[((values.len() as f64 - 1.0) * q).round() as usize]);
-    (at(0.5), at(0.99), at(1.0))
-}
-
-fn min_median_max(values: &mut [Duration]) -> (f64, f64, f64) {
-    values.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    (
-        ms(values[0]),
-        ms(values[values.len() / 2]),
-        ms(values[values.len() - 1]),
-    )
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }

@@ -22,6 +22,8 @@ pub struct Request {
 pub struct Reply {
     pub status: u16,
     pub body: String,
+    /// A `Location` header, for redirects.
+    pub location: Option<String>,
 }
 
 impl Reply {
@@ -29,6 +31,7 @@ impl Reply {
         Self {
             status,
             body: body.to_string(),
+            location: None,
         }
     }
 }
@@ -158,8 +161,13 @@ fn serve(stream: TcpStream, requests: &Mutex<Vec<Request>>, handler: &Handler) {
     if let Ok(mut r) = requests.lock() {
         r.push(request);
     }
+    let location = reply
+        .location
+        .as_ref()
+        .map(|l| format!("location: {l}\r\n"))
+        .unwrap_or_default();
     let response = format!(
-        "HTTP/1.1 {} Stub\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+        "HTTP/1.1 {} Stub\r\ncontent-type: application/json\r\n{location}content-length: {}\r\nconnection: close\r\n\r\n{}",
         reply.status,
         reply.body.len(),
         reply.body

@@ -5,6 +5,7 @@
 //! test process if that is killed). Waits poll a real condition under one deadline and fail with
 //! what they waited for; on a failing test the worker's log is printed.
 
+pub mod bench;
 mod http;
 mod process;
 mod python;
@@ -91,6 +92,7 @@ fn built() -> &'static Built {
         // Test plugins; `versioned` twice, as two versions of one plugin.
         for (features, from, to) in [
             ("", "wrongwit", "wrongwit"),
+            ("", "hostile", "hostile"),
             ("", "versioned", "versioned-v1"),
             ("versioned/v2", "versioned", "versioned-v2"),
         ] {
@@ -164,6 +166,17 @@ pub fn plugin_version(path: &Path) -> String {
         .map(|b| format!("{b:02x}"))
         .collect();
     format!("{}+{digest}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The resident memory of process `pid`, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc status")
 }
 
 /// A fresh directory for one test, removed when dropped (kept if the test fails).
@@ -286,6 +299,23 @@ impl Client {
             queue,
             celery_message(&id, task, args, kwargs, queue).as_bytes(),
         );
+        id
+    }
+
+    /// Sends `task(*args)` to `celery` with time limits (soft, hard) in seconds, in Celery's
+    /// `timelimit` header.
+    pub fn send_with_time_limit(
+        &mut self,
+        task: &str,
+        args: Value,
+        time_limit: (Option<f64>, Option<f64>),
+    ) -> String {
+        let id = uuid::Uuid::new_v4().to_string();
+        let message = celery_message(&id, task, args, json!({}), "celery");
+        let mut message: Value = serde_json::from_str(&message).expect("message is JSON");
+        // Celery's order on the wire: [hard, soft].
+        message["headers"]["timelimit"] = json!([time_limit.1, time_limit.0]);
+        self.push_raw("celery", message.to_string().as_bytes());
         id
     }
 

@@ -7,18 +7,26 @@ impl types::Host for TaskState {}
 
 impl host::Host for TaskState {
     async fn log(&mut self, level: host::Level, message: String, fields: Vec<(String, String)>) {
-        let scope = &self.scope;
         let fields = fields
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(" ");
+        let line = if fields.is_empty() {
+            message
+        } else {
+            format!("{message} {fields}")
+        };
+        let Some(line) = self.log_budget.take(&line) else {
+            return;
+        };
+        let scope = &self.scope;
         macro_rules! emit {
             ($level:ident) => {
                 tracing::$level!(
                     target: "taskhost::plugin",
                     plugin = %scope.plugin, task = %scope.task_name, task_id = %scope.task_id,
-                    "{message}{}{fields}", if fields.is_empty() { "" } else { " " }
+                    "{line}"
                 )
             };
         }
@@ -32,6 +40,13 @@ impl host::Host for TaskState {
     }
 
     async fn update_state(&mut self, state: String, meta: String) -> Result<(), String> {
+        let cap = self.scope.grants.limits.result_bytes;
+        if meta.len() > cap {
+            return Err(format!(
+                "meta is {} bytes, over the {cap}-byte result limit",
+                meta.len()
+            ));
+        }
         let meta: serde_json::Value =
             serde_json::from_str(&meta).map_err(|e| format!("meta is not JSON: {e}"))?;
         if state.is_empty() {

@@ -14,6 +14,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time between bytes of the answer when the plugin sets none.
 const BETWEEN_BYTES_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest response body a plugin may receive; past it the body fails with
+/// `HTTP-response-body-size`.
+pub const RESPONSE_BODY_LIMIT: u64 = 16 * 1024 * 1024;
 
 /// The per-task HTTP policy: which plugin is asking, and what it was granted.
 pub struct HttpPolicy {
@@ -71,7 +74,7 @@ impl WasiHttpHooks for HttpPolicy {
             let (response, io) =
                 wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
             Ok((
-                response.map(BodyExt::boxed_unsync),
+                response.map(|body| Capped::new(body, RESPONSE_BODY_LIMIT).boxed_unsync()),
                 Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
             ))
         })
@@ -87,4 +90,56 @@ fn deny(request: http::Request<WasiBody>) -> ResponseFuture {
         while let Some(Ok(_)) = body.frame().await {}
         Err(Error::HttpRequestDenied)
     })
+}
+
+/// A response body that fails once more than `left` bytes came through.
+struct Capped<B> {
+    inner: B,
+    left: u64,
+    limit: u64,
+}
+
+impl<B> Capped<B> {
+    fn new(inner: B, limit: u64) -> Self {
+        Self {
+            inner,
+            left: limit,
+            limit,
+        }
+    }
+}
+
+impl<B> http_body::Body for Capped<B>
+where
+    B: http_body::Body<Data = bytes::Bytes, Error = Error> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+            if len > self.left {
+                return std::task::Poll::Ready(Some(Err(Error::HttpResponseBodySize(Some(
+                    self.limit,
+                )))));
+            }
+            self.left -= len;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

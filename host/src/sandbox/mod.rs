@@ -12,6 +12,7 @@
 
 mod host_api;
 mod http;
+mod limits;
 mod output;
 
 use crate::config::Grants;
@@ -22,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::component::{Component, Linker, ResourceTable, types::ComponentItem};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
@@ -46,7 +46,7 @@ pub const WIT_PACKAGE: &str = "taskhost:plugin";
 pub const SUPPORTED_WIT_VERSIONS: &[&str] = &["0.1.0"];
 
 /// How often the epoch advances: a running guest yields to other tasks at least this often.
-const EPOCH_TICK: Duration = Duration::from_millis(5);
+const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// How a task run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,7 +89,8 @@ pub struct TaskState {
     http: WasiHttpCtx,
     http_policy: http::HttpPolicy,
     table: ResourceTable,
-    limits: StoreLimits,
+    limiter: limits::Limiter,
+    log_budget: limits::LogBudget,
     stdout: output::Capture,
     stderr: output::Capture,
     scope: Scope,
@@ -142,6 +143,10 @@ pub struct SandboxOptions {
     pub max_instances: u32,
     /// The largest linear memory any plugin may be granted.
     pub max_memory_bytes: usize,
+    /// The largest table any plugin may be granted, elements.
+    pub max_table_elements: u32,
+    /// The WebAssembly stack of every instance.
+    pub stack_bytes: usize,
 }
 
 /// The engine and linker shared by every plugin and task.
@@ -149,6 +154,58 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<TaskState>,
     max_memory_bytes: usize,
+    max_table_elements: u32,
+    compute: Compute,
+}
+
+/// The threads guest code runs on: a runtime of their own, so a guest that computes (even one
+/// that yields at every epoch tick) never delays the worker's own Redis I/O, which runs on the
+/// caller's runtime. Guests share these threads fairly by yielding at every epoch tick.
+struct Compute(Option<tokio::runtime::Runtime>);
+
+impl Compute {
+    /// One thread per core, or `TASKHOST_GUEST_THREADS`.
+    fn new() -> std::io::Result<Self> {
+        let threads = std::env::var("TASKHOST_GUEST_THREADS")
+            .ok()
+            .and_then(|t| t.parse::<usize>().ok())
+            .filter(|t| *t > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("taskhost-wasm")
+            .enable_all()
+            .build()
+            .map(|rt| Self(Some(rt)))
+    }
+
+    /// Runs `future` on the guest threads; dropping the returned future cancels it.
+    async fn run<T: Send + 'static>(
+        &self,
+        future: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+        impl<T> Drop for AbortOnDrop<T> {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let handle = match &self.0 {
+            Some(rt) => rt.handle().spawn(future),
+            None => tokio::spawn(future),
+        };
+        let mut guard = AbortOnDrop(handle);
+        (&mut guard.0).await
+    }
+}
+
+impl Drop for Compute {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one would block it; let its threads wind down.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Sandbox {
@@ -164,10 +221,14 @@ impl Sandbox {
             .total_memories(n * 2)
             .total_tables(n * 4)
             .total_stacks(n)
-            .max_memory_size(options.max_memory_bytes);
+            .max_memory_size(options.max_memory_bytes)
+            .table_elements(usize::try_from(options.max_table_elements).unwrap_or(usize::MAX));
         let mut config = Config::new();
         config
             .epoch_interruption(true)
+            .max_wasm_stack(options.stack_bytes)
+            // The fiber a task runs on holds the wasm stack plus the host calls made from it.
+            .async_stack_size(options.stack_bytes + 1024 * 1024)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
@@ -191,12 +252,19 @@ impl Sandbox {
             engine,
             linker,
             max_memory_bytes: options.max_memory_bytes,
+            max_table_elements: options.max_table_elements,
+            compute: Compute::new()?,
         })
     }
 
     /// The largest linear memory an instance can have (fixed when the sandbox is made).
     pub fn max_memory_bytes(&self) -> usize {
         self.max_memory_bytes
+    }
+
+    /// The largest table an instance can have (fixed when the sandbox is made).
+    pub fn max_table_elements(&self) -> u32 {
+        self.max_table_elements
     }
 
     /// Compiles a component (CPU-heavy: call it off the async runtime's workers).
@@ -287,7 +355,7 @@ impl Sandbox {
         }))
     }
 
-    fn store(&self, scope: Scope) -> Store<TaskState> {
+    fn store(engine: &Engine, scope: Scope) -> Store<TaskState> {
         let stdout = output::Capture::default();
         let stderr = output::Capture::default();
         let wasi = WasiCtx::builder()
@@ -297,9 +365,10 @@ impl Sandbox {
             .allow_tcp(false)
             .allow_udp(false)
             .build();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(scope.grants.limits.memory_bytes)
-            .build();
+        let limiter = limits::Limiter::new(
+            scope.grants.limits.memory_bytes,
+            scope.grants.limits.table_elements,
+        );
         let state = TaskState {
             wasi,
             http: WasiHttpCtx::new(),
@@ -309,16 +378,26 @@ impl Sandbox {
                 grants: scope.grants.clone(),
             },
             table: ResourceTable::new(),
-            limits,
+            limiter,
+            log_budget: limits::LogBudget::default(),
             stdout,
             stderr,
             scope,
         };
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limits);
+        let mut store = Store::new(engine, state);
+        store.limiter(|state| &mut state.limiter);
         // Yield to the runtime at every epoch tick, so a busy guest cannot starve other tasks.
+        // Through tokio's yield_now, which wakes the task only after the scheduler has polled
+        // the I/O driver: a plain yield puts the guest straight back in the run queue, and a
+        // spinning guest then delays every socket event of its thread by tokio's event
+        // interval (61 polls, one tick each: 61 ms).
         store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
+        store.epoch_deadline_callback(|_| {
+            Ok(wasmtime::UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
         store
     }
 
@@ -328,24 +407,51 @@ impl Sandbox {
         pre: &PluginPre,
         scope: Scope,
     ) -> Result<(String, Vec<TaskInfo>), PrepareError> {
-        let mut store = self.store(scope);
-        let call = async {
-            let plugin = pre.instantiate_async(&mut store).await?;
-            let handler = plugin.taskhost_plugin_handler();
-            let version = handler.call_version(&mut store).await?;
-            let tasks = handler.call_tasks(&mut store).await?;
-            Ok::<_, wasmtime::Error>((version, tasks))
-        };
-        match tokio::time::timeout(Duration::from_secs(10), call).await {
-            Ok(Ok(described)) => Ok(described),
-            Ok(Err(e)) => Err(PrepareError::Tasks(format!("{e:#}"))),
-            Err(_) => Err(PrepareError::Tasks("did not return within 10 s".into())),
-        }
+        let (engine, pre) = (self.engine.clone(), pre.clone());
+        let described = self
+            .compute
+            .run(async move {
+                let mut store = Self::store(&engine, scope);
+                let call = async {
+                    let plugin = pre.instantiate_async(&mut store).await?;
+                    let handler = plugin.taskhost_plugin_handler();
+                    let version = handler.call_version(&mut store).await?;
+                    let tasks = handler.call_tasks(&mut store).await?;
+                    Ok::<_, wasmtime::Error>((version, tasks))
+                };
+                match tokio::time::timeout(Duration::from_secs(10), call).await {
+                    Ok(Ok(described)) => Ok(described),
+                    Ok(Err(e)) => Err(PrepareError::Tasks(format!("{e:#}"))),
+                    Err(_) => Err(PrepareError::Tasks("did not return within 10 s".into())),
+                }
+            })
+            .await;
+        described.unwrap_or_else(|e| Err(PrepareError::Tasks(format!("guest thread failed: {e}"))))
     }
 
-    /// Runs one task in a fresh instance. `hard_limit` interrupts it.
+    /// Runs one task in a fresh instance, on the guest threads. `hard_limit` interrupts it.
     pub async fn run(
         &self,
+        pre: &PluginPre,
+        scope: Scope,
+        task: &Task,
+        hard_limit: Option<Duration>,
+    ) -> Outcome {
+        let (engine, pre, task) = (self.engine.clone(), pre.clone(), task.clone());
+        let outcome = self
+            .compute
+            .run(async move { Self::run_here(&engine, &pre, scope, &task, hard_limit).await })
+            .await;
+        outcome.unwrap_or_else(|e| {
+            Outcome::Failure(Exception::new(
+                "PluginTrap",
+                format!("guest thread failed: {e}"),
+            ))
+        })
+    }
+
+    async fn run_here(
+        engine: &Engine,
         pre: &PluginPre,
         scope: Scope,
         task: &Task,
@@ -356,7 +462,7 @@ impl Sandbox {
             scope.task_name.clone(),
             scope.task_id.clone(),
         );
-        let mut store = self.store(scope);
+        let mut store = Self::store(engine, scope);
         let call = async {
             let instance = pre.instantiate_async(&mut store).await?;
             instance
@@ -368,42 +474,73 @@ impl Sandbox {
             Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| limit),
             None => Ok(call.await),
         };
-        let (stdout, stderr) = drain_output(&store, &plugin, &task_name, &task_id);
+        let (stdout, stderr) = drain_output(&mut store, &plugin, &task_name, &task_id);
+        let limits = &store.data().scope.grants.limits;
         match result {
             Err(limit) => Outcome::Failure(Exception::new(
                 "TimeLimitExceeded",
                 format!("hard time limit ({:.1} s) exceeded", limit.as_secs_f64()),
             )),
+            Ok(Ok(Ok(json))) if json.len() > limits.result_bytes => {
+                Outcome::Failure(Exception::new(
+                    "ResultTooLarge",
+                    format!(
+                        "the result is {} bytes, over this plugin's limit of {} bytes (result_mb)",
+                        json.len(),
+                        limits.result_bytes
+                    ),
+                ))
+            }
             Ok(Ok(Ok(json))) => Outcome::Success(json),
             Ok(Ok(Err(failure))) => from_wit(failure),
+            Ok(Err(_)) if store.data().limiter.memory_denied => {
+                let mut exception = Exception::new(
+                    "MemoryLimitExceeded",
+                    format!(
+                        "the plugin needed more than its {} MiB of memory (memory_mb)",
+                        limits.memory_bytes >> 20
+                    ),
+                );
+                exception.traceback = (!stderr.is_empty()).then(|| stderr.clone());
+                Outcome::Failure(exception)
+            }
             Ok(Err(error)) => Outcome::Failure(trap_exception(&error, &stderr, &stdout)),
         }
     }
 }
 
-/// Logs what the guest printed, and returns it for error reports.
+/// Logs what the guest printed (within the task's log budget), and returns it for error
+/// reports.
 fn drain_output(
-    store: &Store<TaskState>,
+    store: &mut Store<TaskState>,
     plugin: &str,
     task: &str,
     task_id: &str,
 ) -> (String, String) {
-    let (stdout, dropped_out) = store.data().stdout.take();
-    let (stderr, dropped_err) = store.data().stderr.take();
-    for line in stdout.lines().filter(|l| !l.is_empty()) {
-        tracing::info!(target: "taskhost::plugin", plugin, task, task_id, stream = "stdout", "{line}");
+    let state = store.data_mut();
+    let (stdout, dropped_out) = state.stdout.take();
+    let (stderr, dropped_err) = state.stderr.take();
+    for (stream, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            if let Some(line) = state.log_budget.take(line) {
+                tracing::info!(
+                    target: "taskhost::plugin",
+                    plugin = %plugin, task = %task, task_id = %task_id, stream = %stream, "{line}"
+                );
+            }
+        }
     }
-    for line in stderr.lines().filter(|l| !l.is_empty()) {
-        tracing::warn!(target: "taskhost::plugin", plugin, task, task_id, stream = "stderr", "{line}");
-    }
-    if dropped_out + dropped_err > 0 {
+    let dropped_lines = state.log_budget.dropped;
+    if dropped_out + dropped_err + dropped_lines > 0 {
         tracing::warn!(
-            plugin,
-            task,
-            task_id,
+            plugin = %plugin,
+            task = %task,
+            task_id = %task_id,
             dropped_bytes = dropped_out + dropped_err,
-            "plugin output over {} bytes per stream was dropped",
-            output::CAPTURE_LIMIT
+            dropped_lines,
+            "plugin output over its budget was dropped ({} bytes per stream, {} lines per task)",
+            output::CAPTURE_LIMIT,
+            limits::LOG_LINES_PER_TASK
         );
     }
     (stdout, stderr)
@@ -429,15 +566,38 @@ fn from_wit(failure: WitFailure) -> Outcome {
     }
 }
 
+/// The guest's last words on stderr: a Rust panic prints `thread '…' panicked at FILE:LINE:COL:`
+/// and the message on the lines after it, then `note: …`.
+fn panic_message(stderr: &str) -> Option<String> {
+    let lines: Vec<&str> = stderr.lines().collect();
+    match lines.iter().rposition(|l| l.contains("panicked at")) {
+        Some(at) => {
+            let message: Vec<&str> = lines[at + 1..]
+                .iter()
+                .take_while(|l| !l.starts_with("note:"))
+                .take(10)
+                .copied()
+                .collect();
+            let place = lines[at].trim();
+            Some(if message.is_empty() {
+                place.to_owned()
+            } else {
+                format!("{} ({place})", message.join("\n").trim())
+            })
+        }
+        None => lines
+            .iter()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(|l| l.trim().to_owned()),
+    }
+}
+
 /// Names what stopped a guest: a stack overflow, or a trap (a Rust guest's panic prints its
 /// message on stderr before it traps, so that message is the error's).
 fn trap_exception(error: &wasmtime::Error, stderr: &str, stdout: &str) -> Exception {
     let trap = error.downcast_ref::<wasmtime::Trap>().copied();
-    let panic = stderr
-        .lines()
-        .rev()
-        .find(|l| l.contains("panicked at") || l.contains("memory allocation"))
-        .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()));
+    let panic = panic_message(stderr);
     let mut exception = match trap {
         Some(wasmtime::Trap::StackOverflow) => {
             Exception::new("StackOverflow", "the plugin overflowed its wasm stack")
@@ -445,7 +605,7 @@ fn trap_exception(error: &wasmtime::Error, stderr: &str, stdout: &str) -> Except
         Some(trap) => Exception::new(
             "PluginTrap",
             match panic {
-                Some(msg) => format!("{trap}: {}", msg.trim()),
+                Some(msg) => format!("{trap}: {msg}"),
                 None => trap.to_string(),
             },
         ),
@@ -463,4 +623,23 @@ fn trap_exception(error: &wasmtime::Error, stderr: &str, stdout: &str) -> Except
         format!("{error:?}\n\nplugin output:\n{output}")
     });
     exception
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_rust_panic_message_on_stderr() {
+        let stderr = "starting\nthread '<unnamed>' (1) panicked at src/lib.rs:89:9:\noh no\nnote: run with `RUST_BACKTRACE=1`\n";
+        assert_eq!(
+            panic_message(stderr).as_deref(),
+            Some("oh no (thread '<unnamed>' (1) panicked at src/lib.rs:89:9:)")
+        );
+        assert_eq!(
+            panic_message("just a line\n").as_deref(),
+            Some("just a line")
+        );
+        assert_eq!(panic_message(""), None);
+    }
 }

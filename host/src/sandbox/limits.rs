@@ -1,0 +1,119 @@
+//! Per-task resource accounting: the memory and table limiter (which remembers that it said
+//! no, so a trap after a refused allocation is reported as `MemoryLimitExceeded`), and the
+//! budget of log lines a task may write.
+
+use wasmtime::ResourceLimiter;
+
+/// Limits linear memory and tables of one store, and records refusals.
+pub struct Limiter {
+    memory_bytes: usize,
+    table_elements: usize,
+    /// A memory growth was refused (or failed): the guest hit its memory limit.
+    pub memory_denied: bool,
+}
+
+impl Limiter {
+    pub fn new(memory_bytes: usize, table_elements: u32) -> Self {
+        Self {
+            memory_bytes,
+            table_elements: usize::try_from(table_elements).unwrap_or(usize::MAX),
+            memory_denied: false,
+        }
+    }
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = desired <= self.memory_bytes;
+        self.memory_denied |= !allowed;
+        Ok(allowed)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.memory_denied = true;
+        Ok(())
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= self.table_elements)
+    }
+}
+
+/// Log lines (from the log import and from stdout/stderr) one task may write.
+pub const LOG_LINES_PER_TASK: usize = 200;
+/// Longest log line kept, bytes; longer ones are cut.
+pub const LOG_LINE_BYTES: usize = 4096;
+
+/// What is left of a task's log budget.
+pub struct LogBudget {
+    left: usize,
+    /// Lines not logged because the budget ran out.
+    pub dropped: usize,
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self {
+            left: LOG_LINES_PER_TASK,
+            dropped: 0,
+        }
+    }
+}
+
+impl LogBudget {
+    /// Takes one line from the budget: the line cut to [`LOG_LINE_BYTES`], or none when the
+    /// budget is spent.
+    pub fn take<'a>(&mut self, line: &'a str) -> Option<std::borrow::Cow<'a, str>> {
+        if self.left == 0 {
+            self.dropped += 1;
+            return None;
+        }
+        self.left -= 1;
+        if line.len() <= LOG_LINE_BYTES {
+            return Some(line.into());
+        }
+        let mut cut = LOG_LINE_BYTES;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        Some(format!("{}… ({} bytes)", &line[..cut], line.len()).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_budget_cuts_long_lines_and_counts_what_it_drops() {
+        let mut budget = LogBudget::default();
+        let long = "é".repeat(LOG_LINE_BYTES);
+        let kept = budget.take(&long).expect("first line kept");
+        assert!(kept.len() < long.len() && kept.ends_with("bytes)"));
+        for _ in 1..LOG_LINES_PER_TASK {
+            assert!(budget.take("x").is_some());
+        }
+        assert!(budget.take("over").is_none());
+        assert_eq!(budget.dropped, 1);
+    }
+
+    #[test]
+    fn the_limiter_remembers_a_refused_growth() {
+        let mut limiter = Limiter::new(1 << 20, 10);
+        assert!(limiter.memory_growing(0, 1 << 20, None).unwrap_or(false));
+        assert!(!limiter.memory_denied);
+        assert!(!limiter.memory_growing(0, 2 << 20, None).unwrap_or(true));
+        assert!(limiter.memory_denied);
+        assert!(!limiter.table_growing(0, 11, None).unwrap_or(true));
+    }
+}

@@ -1,0 +1,175 @@
+//! A plugin that tries everything a hostile or broken plugin might: spin, hoard memory,
+//! recurse without end, return a huge result, flood its output, panic, and reach for files,
+//! the environment, sockets, hosts it was not granted and another plugin's config. The sandbox
+//! tests run each through a real worker; a capability attempt that *succeeds* returns what it
+//! got, so a breach shows up as a wrong result.
+
+use serde_json::{Value, json};
+use std::hint::black_box;
+use taskhost_sdk::{Failure, Result, tasks};
+use wstd::http::{Body, Client, ErrorCode, Request};
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn denied(what: &str, error: impl std::fmt::Display) -> Failure {
+    Failure::error("CapabilityDenied", format!("{what}: {error}"))
+}
+
+/// Plain recursion, as a buggy plugin would write it: small frames, no end.
+#[inline(never)]
+fn deep(n: u64) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    let below = deep(n - 1);
+    // Not an accumulation the optimiser could turn into a loop.
+    below.rotate_left(7) ^ n
+}
+
+tasks! {
+    /// Never returns.
+    #[task(name = "hostile.spin")]
+    fn spin() -> Result<()> {
+        let mut n = 0u64;
+        loop {
+            n = black_box(n.wrapping_add(1));
+        }
+    }
+
+    /// Works until its soft deadline, then returns what it did.
+    #[task(name = "hostile.until_soft_limit")]
+    fn until_soft_limit() -> Result<Value> {
+        let Some(deadline) = taskhost_sdk::task().soft_deadline_ms else {
+            return Err(Failure::error("ValueError", "no soft time limit was given"));
+        };
+        let mut rounds = 0u64;
+        while now_ms() < deadline {
+            rounds = black_box(rounds + 1);
+        }
+        Ok(json!({"stopped": "soft time limit", "rounds_done": rounds > 0}))
+    }
+
+    /// Allocates `mb` MiB at once.
+    #[task(name = "hostile.memory_bomb")]
+    fn memory_bomb(mb: u64) -> Result<u64> {
+        let size = usize::try_from(mb << 20).unwrap_or(usize::MAX);
+        let hoard = black_box(vec![1u8; size]);
+        Ok(hoard.iter().map(|b| u64::from(*b)).sum())
+    }
+
+    /// Recurses `depth` levels.
+    #[task(name = "hostile.recurse")]
+    fn recurse(depth: u64) -> Result<u64> {
+        Ok(deep(black_box(depth)))
+    }
+
+    /// Returns a string of `mb` MiB.
+    #[task(name = "hostile.big_result")]
+    fn big_result(mb: u64) -> Result<String> {
+        Ok("x".repeat(usize::try_from(mb << 20).unwrap_or(usize::MAX)))
+    }
+
+    /// Prints `lines` lines to stdout and to stderr.
+    #[task(name = "hostile.flood")]
+    fn flood(lines: u64) -> Result<u64> {
+        for i in 0..lines {
+            println!("flood line {i} {}", "x".repeat(100));
+            eprintln!("flood line {i} on stderr");
+        }
+        Ok(lines)
+    }
+
+    /// Panics with `message`.
+    #[task(name = "hostile.panic")]
+    fn panic(message: String) -> Result<()> {
+        panic!("{message}")
+    }
+
+    /// Reads a file of the host.
+    #[task(name = "hostile.read_file")]
+    fn read_file(path: String) -> Result<String> {
+        std::fs::read_to_string(&path).map_err(|e| denied(&format!("open {path}"), e))
+    }
+
+    /// Reads the environment.
+    #[task(name = "hostile.read_env")]
+    fn read_env() -> Result<Value> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        if vars.is_empty() {
+            return Err(denied("environment", "no variables are visible"));
+        }
+        Ok(json!(vars))
+    }
+
+    /// Opens a TCP connection to `addr`.
+    #[task(name = "hostile.connect")]
+    fn connect(addr: String) -> Result<()> {
+        std::net::TcpStream::connect(&addr)
+            .map(|_| ())
+            .map_err(|e| denied(&format!("connect {addr}"), e))
+    }
+
+    /// GETs `url`, following one redirect itself if `follow`.
+    #[task(name = "hostile.http_get")]
+    fn http_get(url: String, follow: bool) -> Result<Value> {
+        let first = get(&url)?;
+        if follow && (300..400).contains(&first.0) {
+            let location = first.2.ok_or_else(|| Failure::error("ValueError", "redirect without a location"))?;
+            let (status, body, _) = get(&location)?;
+            return Ok(json!({"status": status, "body": body, "redirected_to": location}));
+        }
+        Ok(json!({"status": first.0, "body": first.1}))
+    }
+
+    /// Reads config value `key` (its own, or one meant for another plugin).
+    #[task(name = "hostile.read_config")]
+    fn read_config(key: String) -> Result<Option<String>> {
+        Ok(taskhost_sdk::config(&key))
+    }
+
+    /// Sleeps `ms` and reports when it started and ended.
+    #[task(name = "hostile.hold")]
+    fn hold(ms: u64) -> Result<Value> {
+        let start = now_ms();
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        Ok(json!({"start": start, "end": now_ms()}))
+    }
+}
+
+/// (status, body, location) of a GET.
+fn get(url: &str) -> Result<(u16, String, Option<String>)> {
+    wstd::runtime::block_on(async {
+        let request = Request::get(url)
+            .body(Body::empty())
+            .map_err(|e| Failure::error("ValueError", e.to_string()))?;
+        let mut response = match Client::new().send(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(ErrorCode::HttpRequestDenied) = e.downcast_ref::<ErrorCode>() {
+                    return Err(denied(&format!("GET {url}"), "HTTP request denied"));
+                }
+                return Err(Failure::error(
+                    "ConnectionError",
+                    format!("GET {url}: {e:#}"),
+                ));
+            }
+        };
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .str_contents()
+            .await
+            .map(str::to_owned)
+            .map_err(|e| Failure::error("ConnectionError", format!("GET {url}: body: {e:#}")))?;
+        Ok((status, body, location))
+    })
+}
