@@ -32,6 +32,12 @@ fn setup(name: &str, extra_config: &str, worker_args: &[&str]) -> Setup {
             body: String::new(),
             location: Some(target.clone()),
         },
+        // Over the 16 MiB response cap.
+        "/huge" => Reply {
+            status: 200,
+            body: "x".repeat(17 << 20),
+            location: None,
+        },
         _ => Reply::json(200, json!({"ok": true})),
     });
     let plugins = dir.plugins(&["demo", "crucible"]);
@@ -171,6 +177,13 @@ fn hostile_tasks_fail_alone_and_the_worker_keeps_serving() {
             "CapabilityDenied",
             "/stolen: HTTP request denied",
         ),
+        (
+            "hostile.http_get",
+            json!([format!("{}/huge", s.granted.url()), false]),
+            (None, None),
+            "ConnectionError",
+            "body",
+        ),
     ];
     for (task, args, time_limit, exc_type, message) in &cases {
         let id = client.send_with_time_limit(task, args.clone(), *time_limit);
@@ -192,8 +205,8 @@ fn hostile_tasks_fail_alone_and_the_worker_keeps_serving() {
     );
     assert_eq!(
         s.granted.requests().len(),
-        1,
-        "the redirect itself was allowed"
+        2,
+        "the redirect and the huge answer were allowed"
     );
     assert!(s.worker.log().contains("denied HTTP request"));
 
