@@ -7,7 +7,8 @@
 //! Lua script, `BLMOVE`, or `MULTI`): at no instant is a fetched message only in worker memory.
 //!
 //! Keys of our own (next to kombu's):
-//! - `taskhost:inflight:<node>` LIST: messages this worker fetched and has not settled.
+//! - `taskhost:inflight:<node>:<queue list>` LIST: messages this worker fetched from that list
+//!   and has not settled (one list per source, so recovery knows where each goes back).
 //! - `taskhost:delayed` ZSET: `<queue key>\n<message>` scored by due time (ms since epoch).
 //! - `taskhost:dead` LIST: JSON entries for messages that cannot be run, with the reason.
 
@@ -115,6 +116,11 @@ pub fn queue_of(key: &str) -> &str {
     key.rsplit_once(PRIORITY_SEP).map_or(key, |(q, _)| q)
 }
 
+/// The prefix of `node`'s in-flight lists.
+pub fn inflight_prefix(node: &str) -> String {
+    format!("taskhost:inflight:{node}:")
+}
+
 /// A message fetched into the in-flight list, and the list it came from.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -125,11 +131,11 @@ pub struct Delivery {
 const FETCH: &str = r"
 local out = {}
 local max = tonumber(ARGV[1]) * 2
-for i = 2, #KEYS do
+for i = 1, #KEYS do
   while #out < max do
     local m = redis.call('RPOP', KEYS[i])
     if not m then break end
-    redis.call('LPUSH', KEYS[1], m)
+    redis.call('LPUSH', ARGV[2] .. KEYS[i], m)
     out[#out + 1] = KEYS[i]
     out[#out + 1] = m
   end
@@ -158,7 +164,8 @@ return {#due, nxt[2] or '-1'}
 pub struct Broker {
     client: Client,
     conn: ConnectionManager,
-    inflight: String,
+    /// `taskhost:inflight:<node>:`; the source list's key completes an in-flight list's name.
+    inflight_prefix: String,
     fetch: Script,
     move_due: Script,
 }
@@ -178,7 +185,7 @@ impl Broker {
         Ok(Self {
             client,
             conn,
-            inflight: format!("taskhost:inflight:{node}"),
+            inflight_prefix: inflight_prefix(node),
             fetch: Script::new(FETCH),
             move_due: Script::new(MOVE_DUE),
         })
@@ -189,9 +196,9 @@ impl Broker {
         &self.client
     }
 
-    /// This worker's in-flight list.
-    pub fn inflight_key(&self) -> &str {
-        &self.inflight
+    /// This worker's in-flight list for messages from `source`.
+    pub fn inflight_key(&self, source: &str) -> String {
+        format!("{}{source}", self.inflight_prefix)
     }
 
     /// A shared connection for other commands on the broker.
@@ -202,12 +209,13 @@ impl Broker {
     /// Takes up to `max` messages from `keys` (in that order) into the in-flight list, without
     /// waiting.
     pub async fn fetch(&self, keys: &[String], max: usize) -> Result<Vec<Delivery>, BrokerError> {
-        let mut invocation = self.fetch.key(&self.inflight);
+        let mut invocation = self.fetch.prepare_invoke();
         for key in keys {
             invocation.key(key);
         }
         let flat: Vec<Vec<u8>> = invocation
             .arg(max)
+            .arg(&self.inflight_prefix)
             .invoke_async(&mut self.conn.clone())
             .await?;
         let mut out = Vec::with_capacity(flat.len() / 2);
@@ -240,7 +248,7 @@ impl Broker {
     ) -> Result<Option<Delivery>, BrokerError> {
         let raw: Option<Vec<u8>> = redis::cmd("BLMOVE")
             .arg(key)
-            .arg(&self.inflight)
+            .arg(self.inflight_key(key))
             .arg("RIGHT")
             .arg("LEFT")
             .arg(BLOCK_TIMEOUT.as_secs_f64())
@@ -255,7 +263,7 @@ impl Broker {
     /// Settles a message: removes it from the in-flight list.
     pub async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError> {
         redis::cmd("LREM")
-            .arg(&self.inflight)
+            .arg(self.inflight_key(&delivery.source))
             .arg(1)
             .arg(&delivery.raw)
             .query_async::<()>(&mut self.conn.clone())
@@ -342,7 +350,7 @@ impl Broker {
         add(&mut pipe);
         pipe.ignore()
             .cmd("LREM")
-            .arg(&self.inflight)
+            .arg(self.inflight_key(&delivery.source))
             .arg(1)
             .arg(&delivery.raw)
             .ignore();

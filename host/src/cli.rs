@@ -8,7 +8,7 @@ use crate::protocol::NewTask;
 use crate::results::Backend;
 use crate::sandbox::{Outcome, Sandbox, SandboxOptions, Scope, Task};
 use crate::worker::WorkerConfig;
-use crate::{broker, deploy, dev, node, plugins, results, worker};
+use crate::{broker, deadletter, deploy, dev, node, plugins, results, worker};
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
@@ -57,6 +57,47 @@ pub enum Command {
     Rollback(RollbackArgs),
     /// Show the deployed plugin versions, and what each running worker serves.
     Deployments(BrokerArgs),
+    /// Inspect and replay the dead-letter list: messages that could not be run.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// One line per entry, newest first (index, time, task, id, queue, reason).
+    List {
+        /// Entries to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// One entry in full, with its raw message.
+    Show {
+        /// Its index in `dead list`.
+        index: usize,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Push entries' messages back onto their queues and remove the entries.
+    Requeue {
+        /// Indexes in `dead list`.
+        #[arg(required_unless_present = "all")]
+        index: Vec<usize>,
+        /// Every entry.
+        #[arg(long, conflicts_with = "index")]
+        all: bool,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Delete every entry.
+    Purge {
+        /// Confirm: the entries cannot be recovered.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +136,13 @@ pub struct WorkerArgs {
     /// Follow fleet deploys: install the plugins `taskhost deploy` publishes through the broker.
     #[arg(long)]
     pub fleet: bool,
+    /// Seconds without a heartbeat after which other workers take this one for dead and
+    /// return its unfinished tasks to their queues [default: 10].
+    #[arg(long)]
+    pub heartbeat_lapse: Option<f64>,
+    /// Times a task may be returned from dead workers before it is dead-lettered [default: 3].
+    #[arg(long)]
+    pub max_redeliveries: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -235,7 +283,8 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
     match command {
         Command::Worker(args) => {
             let config = worker_config(&args, None)?;
-            worker::run(config, shutdown_signal()).await?;
+            let signals = signals();
+            worker::run(config, signals.nth(1), signals.nth(2)).await?;
         }
         Command::Dev(args) => run_dev(&args).await?,
         Command::Call(args) => return call(&args).await,
@@ -244,24 +293,45 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Deploy(args) => deploy(&args).await?,
         Command::Rollback(args) => rollback(&args).await?,
         Command::Deployments(args) => deployments(&args).await?,
+        Command::Dead(command) => dead(command).await?,
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// Completes on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
+/// Counts SIGTERM and Ctrl-C (SIGINT) signals.
+#[derive(Clone)]
+struct Signals(tokio::sync::watch::Receiver<u32>);
+
+/// Starts counting stop signals.
+fn signals() -> Signals {
     use tokio::signal::unix::{SignalKind, signal};
-    let term = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let (tx, rx) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot listen for SIGTERM and SIGINT; stop the worker with SIGKILL");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
-            Err(_) => std::future::pending::<()>().await,
+            tx.send_modify(|n| *n += 1);
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
+    });
+    Signals(rx)
+}
+
+impl Signals {
+    /// Completes once `n` signals have come.
+    fn nth(&self, n: u32) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.clone();
+        async move {
+            let _ = rx.wait_for(|count| *count >= n).await;
+        }
     }
 }
 
@@ -326,6 +396,14 @@ fn worker_config(args: &WorkerArgs, dev_broker: Option<&str>) -> anyhow::Result<
             })
             .or_else(Cache::default_dir)
     };
+    let lapse = args
+        .heartbeat_lapse
+        .or(section.heartbeat_lapse)
+        .unwrap_or(10.0);
+    if !lapse.is_finite() || lapse < 1.0 {
+        bail!("--heartbeat-lapse must be at least 1 second, got {lapse}");
+    }
+    let heartbeat_lapse = Duration::from_secs_f64(lapse);
     if !args.shutdown_grace.is_finite() || args.shutdown_grace < 0.0 {
         bail!(
             "--shutdown-grace must be a number of seconds, got {}",
@@ -345,6 +423,12 @@ fn worker_config(args: &WorkerArgs, dev_broker: Option<&str>) -> anyhow::Result<
         cache_dir,
         fleet: args.fleet || section.fleet.unwrap_or(false),
         stack_bytes: file.stack_bytes()?,
+        heartbeat_lapse,
+        max_redeliveries: args
+            .max_redeliveries
+            .or(section.max_redeliveries)
+            .unwrap_or(3),
+        task_overrides: Arc::new(file.task_overrides()?),
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
     })
 }
@@ -386,7 +470,8 @@ async fn run_dev(args: &WorkerArgs) -> anyhow::Result<()> {
         broker::redact(&config.broker_url),
         config.plugins_dir.display()
     );
-    worker::run(config, shutdown_signal()).await
+    let signals = signals();
+    worker::run(config, signals.nth(1), signals.nth(2)).await
 }
 
 async fn call(args: &CallArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -597,7 +682,8 @@ async fn list_plugins(args: &PluginsArgs) -> anyhow::Result<std::process::ExitCo
     })
 }
 
-/// The broker for a fleet command: the flag or CELERY_BROKER_URL, else a running `taskhost dev`.
+/// The broker for an operator's command: the flag or CELERY_BROKER_URL, else a running
+/// `taskhost dev`.
 async fn fleet_connection(
     args: &BrokerArgs,
 ) -> anyhow::Result<(redis::Client, redis::aio::ConnectionManager)> {
@@ -716,4 +802,50 @@ fn describe_defaults(d: &crate::sandbox::TaskDefaults) -> String {
     } else {
         format!("  ({})", parts.join(", "))
     }
+}
+
+async fn dead(command: DeadCommand) -> anyhow::Result<()> {
+    match command {
+        DeadCommand::List { limit, broker } => {
+            let (_, mut conn) = fleet_connection(&broker).await?;
+            let total = deadletter::count(&mut conn).await?;
+            for entry in deadletter::list(&mut conn, limit).await? {
+                println!("{}", entry.summary());
+            }
+            println!(
+                "{total} dead-letter entr{}",
+                if total == 1 { "y" } else { "ies" }
+            );
+        }
+        DeadCommand::Show { index, broker } => {
+            let (_, mut conn) = fleet_connection(&broker).await?;
+            let entry = deadletter::show(&mut conn, index).await?;
+            let shown = serde_json::to_string_pretty(&entry.doc).unwrap_or(entry.raw);
+            println!("{shown}");
+        }
+        DeadCommand::Requeue { index, all, broker } => {
+            let (_, mut conn) = fleet_connection(&broker).await?;
+            let mut indexes = if all {
+                (0..deadletter::count(&mut conn).await?).collect()
+            } else {
+                index
+            };
+            // Highest first: removing an entry shifts the ones after it.
+            indexes.sort_unstable_by(|a, b| b.cmp(a));
+            indexes.dedup();
+            for index in indexes {
+                let target = deadletter::requeue(&mut conn, index).await?;
+                println!("requeued entry {index} onto {}", broker::queue_of(&target));
+            }
+        }
+        DeadCommand::Purge { yes, broker } => {
+            if !yes {
+                bail!("purge deletes every dead-letter entry for good: add --yes to confirm");
+            }
+            let (_, mut conn) = fleet_connection(&broker).await?;
+            let purged = deadletter::purge(&mut conn).await?;
+            println!("purged {purged} dead-letter entries");
+        }
+    }
+    Ok(())
 }

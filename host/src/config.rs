@@ -60,6 +60,24 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginSection>,
+    /// Overrides of tasks' declared defaults, by task name: `[tasks."tasks.evaluate_code"]`.
+    #[serde(default)]
+    pub tasks: BTreeMap<String, TaskSection>,
+}
+
+/// `[tasks."NAME"]`: how the task `NAME` is retried, over what its plugin declares.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSection {
+    pub max_retries: Option<u32>,
+    /// Base of the exponential backoff, seconds.
+    pub retry_backoff: Option<f64>,
+    /// Ceiling of the backoff, seconds.
+    pub retry_backoff_max: Option<f64>,
+    /// Whether to randomise the backoff.
+    pub retry_jitter: Option<bool>,
+    /// Error kinds that retry the task instead of failing it.
+    pub autoretry_for: Option<Vec<String>>,
 }
 
 /// `[worker]`: defaults for the `worker` command's flags (flags and Celery's environment
@@ -75,6 +93,10 @@ pub struct WorkerSection {
     pub hostname: Option<String>,
     /// Seconds a result is kept (Celery's `result_expires`); 0 keeps it forever.
     pub result_expires: Option<u64>,
+    /// Seconds without a heartbeat after which a worker is taken for dead.
+    pub heartbeat_lapse: Option<f64>,
+    /// Returns from dead workers after which a message is dead-lettered.
+    pub max_redeliveries: Option<u32>,
     /// Precompile cache directory.
     pub cache_dir: Option<PathBuf>,
     /// Follow fleet deploys (`taskhost deploy`) published through the broker.
@@ -156,6 +178,26 @@ impl FileConfig {
     /// Parses the text of a config file.
     pub fn parse(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
+    }
+
+    /// The `[tasks."NAME"]` sections, checked.
+    pub fn task_overrides(
+        &self,
+    ) -> Result<std::collections::HashMap<String, TaskSection>, ConfigError> {
+        for (name, task) in &self.tasks {
+            for (key, value) in [
+                ("retry_backoff", task.retry_backoff),
+                ("retry_backoff_max", task.retry_backoff_max),
+            ] {
+                if value.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                    return Err(ConfigError::Invalid {
+                        place: format!("[tasks.{name:?}]"),
+                        message: format!("{key} must be a number of seconds, 0 or more"),
+                    });
+                }
+            }
+        }
+        Ok(self.tasks.clone().into_iter().collect())
     }
 
     /// The WebAssembly stack every instance gets, bytes.

@@ -10,8 +10,11 @@
 //! - [`plugins`]: loading `.wasm` files, the registry of task names, hot reload, the
 //!   precompile cache.
 //! - [`deploy`]: fleet-wide deploys and rollbacks through Redis.
+//! - [`deadletter`]: the dead-letter list, for operators.
 //! - [`sandbox`]: the wasmtime engine, per-task stores, the host side of the WIT imports.
 //! - [`worker`]: the fetch → run → settle loop.
+//! - [`recovery`]: heartbeats, and returning a dead worker's tasks.
+//! - [`control`]: Celery's remote control (revoke, ping).
 //! - [`shutdown`]: the stop flag every loop watches.
 //! - [`dev`]: the private redis-server of `taskhost dev`.
 //! - [`node`]: the worker's name.
@@ -19,11 +22,14 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod deadletter;
 pub mod deploy;
 pub mod dev;
 pub mod node;
 pub mod plugins;
 pub mod protocol;
+pub mod recovery;
 pub mod results;
 pub mod sandbox;
 pub mod shutdown;

@@ -7,12 +7,14 @@
 //! in-flight list; a message that cannot be run goes to the dead-letter list, never nowhere.
 //! A message whose `eta` is in the future waits in the delayed set, which every worker drains.
 
-use crate::broker::{Broker, Delivery};
-use crate::config::{FileConfig, GrantTable};
+use crate::broker::{Broker, BrokerError, Delivery};
+use crate::config::{FileConfig, GrantTable, TaskSection};
+use crate::control::Revocations;
 use crate::plugins::cache::Cache;
 use crate::plugins::live::Live;
 use crate::plugins::{Plugin, TaskSpec};
 use crate::protocol::{self, Exception, State, TaskMessage};
+use crate::recovery::{Health, Presence};
 use crate::results::Backend;
 use crate::sandbox::{Outcome, Progress, Sandbox, SandboxOptions, Scope, Task};
 use anyhow::Context as _;
@@ -27,6 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
+
+/// Operator overrides of tasks' declared retry settings, by task name.
+pub type TaskOverrides = Arc<HashMap<String, TaskSection>>;
 use tokio::task::JoinSet;
 
 /// Celery's default `max_retries`.
@@ -51,6 +56,12 @@ pub struct WorkerConfig {
     pub fleet: bool,
     /// The WebAssembly stack of every instance.
     pub stack_bytes: usize,
+    /// A worker whose heartbeat is older than this is taken for dead.
+    pub heartbeat_lapse: Duration,
+    /// Returns from dead workers after which a message is dead-lettered.
+    pub max_redeliveries: u32,
+    /// `[tasks."NAME"]` sections.
+    pub task_overrides: TaskOverrides,
     /// How long running tasks may take to finish once a stop is asked for.
     pub shutdown_grace: Duration,
 }
@@ -63,8 +74,11 @@ struct Shared {
     backend: Backend,
     grants: Arc<ArcSwap<GrantTable>>,
     node: String,
+    overrides: TaskOverrides,
     /// Wakes the delayed-set mover when a message is scheduled.
     scheduled: Notify,
+    revocations: Arc<Revocations>,
+    health: Arc<Health>,
     /// Deliveries being handled, so a stop that cannot wait for them can return them.
     running: Mutex<HashMap<u64, Delivery>>,
     /// Instances running per plugin, for its `max_instances`.
@@ -73,14 +87,24 @@ struct Shared {
 }
 
 /// Runs a worker until `shutdown` completes, then stops fetching, lets running tasks finish
-/// (up to the grace period), returns unstarted and unfinished messages to their queues.
+/// (up to the grace period, or until `force` completes), and returns unstarted and unfinished
+/// messages to their queues.
 ///
 /// # Errors
-/// When the plugin directory cannot be read or Redis cannot be reached at start.
+/// When the plugin directory cannot be read, or Redis fails at start in a way retrying cannot
+/// mend (a refused password, say). An unreachable Redis is waited for, with a log line.
 pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    force: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // A stop is a flag every loop watches, so that no Redis call that moves messages is ever
+    // cancelled half-way (its messages would be moved with nobody to handle them).
+    let (stop_tx, mut stop) = crate::shutdown::flag();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
     let slots = u32::try_from(config.concurrency)
         .unwrap_or(u32::MAX)
         .saturating_add(2);
@@ -90,8 +114,34 @@ pub async fn run(
         max_table_elements: config.grants.max_table_elements(),
         stack_bytes: config.stack_bytes,
     })?);
-    let broker = Broker::connect(&config.broker_url, &config.node).await?;
-    let backend = Backend::connect(&config.backend_url, config.result_expires).await?;
+    let Some(broker) = connect(&config, &mut stop, || {
+        Broker::connect(&config.broker_url, &config.node)
+    })
+    .await?
+    else {
+        return Ok(());
+    };
+    let Some(backend) = connect(&config, &mut stop, || {
+        Backend::connect(&config.backend_url, config.result_expires)
+    })
+    .await?
+    else {
+        return Ok(());
+    };
+    warn_if_redis_evicts(&mut broker.connection()).await;
+    let sources = crate::broker::source_keys(&config.queues);
+    let Some(presence) = Presence::claim(
+        broker.connection(),
+        &config.node,
+        sources,
+        config.heartbeat_lapse,
+        config.max_redeliveries,
+        &mut stop,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
     let cache = config.cache_dir.as_deref().and_then(|dir| match Cache::new(dir) {
         Ok(cache) => Some(cache),
         Err(e) => {
@@ -109,18 +159,18 @@ pub async fn run(
         backend,
         grants,
         node: config.node.clone(),
+        overrides: config.task_overrides.clone(),
         scheduled: Notify::new(),
         running: Mutex::new(HashMap::new()),
         instances: Mutex::new(HashMap::new()),
+        revocations: Arc::new(Revocations::default()),
+        health: Arc::new(Health::default()),
         next_id: AtomicU64::new(0),
     });
-    // A stop is a flag every loop watches, so that no Redis call that moves messages is ever
-    // cancelled half-way (its messages would be moved with nobody to handle them).
-    let (stop_tx, mut stop) = crate::shutdown::flag();
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
+    // The heartbeat outlives the stop: it must go on while running tasks finish, or other
+    // workers would take them for a dead worker's and run them again.
+    let (gone_tx, gone) = crate::shutdown::flag();
+    let heartbeat = tokio::spawn(presence.run(shared.health.clone(), gone));
     let _watcher = crate::plugins::watcher::watch(
         shared.plugins.clone(),
         config.config_path.clone(),
@@ -141,6 +191,14 @@ pub async fn run(
             stop.clone(),
         ));
     }
+    tokio::spawn(crate::control::serve(
+        shared.broker.client().clone(),
+        shared.broker.connection(),
+        config.node.clone(),
+        shared.revocations.clone(),
+        Arc::new(RevokedResults(shared.backend.clone())),
+        stop.clone(),
+    ));
     // Changes made while the directory was first loaded, before the watch began.
     shared.plugins.rescan().await;
     let mover = tokio::spawn(move_due_messages(shared.clone(), stop.clone()));
@@ -166,10 +224,14 @@ pub async fn run(
                 tracing::error!("task handler ended abnormally: {e}");
             }
         }
+        shared
+            .health
+            .set_waiting_for_slot(semaphore.available_permits() == 0);
         let permit = tokio::select! {
             permit = semaphore.clone().acquire_owned() => permit.context("semaphore closed")?,
             () = crate::shutdown::stopped(&mut stop) => break,
         };
+        shared.health.set_waiting_for_slot(false);
         let Some(delivery) = fetcher.next(semaphore.available_permits() + 1).await else {
             break;
         };
@@ -186,31 +248,119 @@ pub async fn run(
     tracing::info!(
         running = lock(&shared.running).len(),
         grace_s = config.shutdown_grace.as_secs_f64(),
-        "stopping: no new tasks; waiting for running ones"
+        "stopping: no new tasks; waiting for running ones (a second signal stops them at once)"
     );
     let unstarted = fetcher.stop().await;
-    let finished = tokio::time::timeout(config.shutdown_grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if finished.is_err() {
+    let finished = tokio::select! {
+        finished = tokio::time::timeout(config.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        }) => finished.is_ok(),
+        () = force => false,
+    };
+    if !finished {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
     let unfinished: Vec<Delivery> = lock(&shared.running).drain().map(|(_, d)| d).collect();
     let returned = unstarted.len() + unfinished.len();
+    let mut all_returned = true;
     for delivery in unstarted.iter().chain(&unfinished) {
         if let Err(e) = shared.broker.requeue(delivery).await {
+            all_returned = false;
             tracing::error!(
-                "could not return a message to {}: {e}; it stays in {}",
+                "could not return a message to {}: {e}; it stays in {} until another worker \
+                 returns it",
                 delivery.source,
-                shared.broker.inflight_key()
+                shared.broker.inflight_key(&delivery.source)
             );
         }
     }
     mover.abort();
+    let _ = gone_tx.send(true);
+    let _ = heartbeat.await;
+    if all_returned {
+        crate::recovery::leave(&mut shared.broker.connection(), &config.node).await;
+    }
     tracing::info!(returned_to_queue = returned, "worker stopped");
     Ok(())
+}
+
+/// Connects with `open`, retrying with backoff (and saying so) while Redis is unreachable;
+/// none if a stop comes first.
+async fn connect<T, F: Future<Output = Result<T, BrokerError>>>(
+    config: &WorkerConfig,
+    stop: &mut crate::shutdown::Stopping,
+    mut open: impl FnMut() -> F,
+) -> anyhow::Result<Option<T>> {
+    let mut failures = 0u32;
+    loop {
+        match open().await {
+            Ok(connected) => {
+                if failures > 0 {
+                    tracing::info!("Redis is reachable again");
+                }
+                return Ok(Some(connected));
+            }
+            Err(e @ BrokerError::Url { .. }) => return Err(e.into()),
+            Err(e) => {
+                failures += 1;
+                let pause = backoff(failures);
+                tracing::error!(
+                    broker = %crate::broker::redact(&config.broker_url),
+                    "Redis is not reachable (retrying in {pause:?}): {e}"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = crate::shutdown::stopped(stop) => return Ok(None),
+                }
+            }
+        }
+    }
+}
+
+/// Warns when Redis may evict keys when full: queued tasks have no expiry, and an `allkeys-*`
+/// policy drops them silently.
+async fn warn_if_redis_evicts(conn: &mut redis::aio::ConnectionManager) {
+    let policy: Result<Vec<String>, _> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(conn)
+        .await;
+    if let Ok(policy) = policy
+        && let Some(value) = policy.get(1)
+        && value.starts_with("allkeys-")
+    {
+        tracing::warn!(
+            "Redis maxmemory-policy is {value}: when Redis is full it evicts any key, queued tasks \
+             included, without a trace; set maxmemory-policy noeviction (or volatile-*)"
+        );
+    }
+}
+
+/// Writes REVOKED results for revoke commands.
+struct RevokedResults(Backend);
+
+impl crate::control::Effects for RevokedResults {
+    fn revoked(
+        &self,
+        task_id: String,
+        reason: &'static str,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let doc = protocol::result_document(
+                &task_id,
+                State::Revoked.as_str(),
+                Exception::new("TaskRevokedError", reason).to_json(),
+                None,
+                None,
+                None,
+                OffsetDateTime::now_utc(),
+            );
+            if let Err(e) = self.0.store(&task_id, &doc).await {
+                tracing::warn!(task_id, "cannot store the REVOKED result: {e}");
+            }
+        })
+    }
 }
 
 /// Re-reads the config file when it changes: a valid one replaces the grants for the tasks
@@ -274,6 +424,7 @@ impl Fetcher {
         let mut wakers = JoinSet::new();
         for key in &keys {
             wakers.spawn(waker(
+                shared.health.clone(),
                 shared.broker.clone(),
                 key.clone(),
                 armed_rx.clone(),
@@ -308,10 +459,12 @@ impl Fetcher {
             match self.shared.broker.fetch(&self.keys, room).await {
                 Ok(fetched) if !fetched.is_empty() => {
                     failures = 0;
+                    self.shared.health.fetched();
                     self.buffered.extend(fetched);
                 }
                 Ok(_) => {
                     failures = 0;
+                    self.shared.health.fetched();
                     self.armed.send_replace(true);
                     let woken = tokio::select! {
                         woken = self.from_wakers.recv() => woken,
@@ -348,6 +501,7 @@ impl Fetcher {
 
 /// Blocks on one queue list while armed, handing what it moves to the fetcher.
 async fn waker(
+    health: Arc<Health>,
     broker: Broker,
     key: String,
     mut armed: watch::Receiver<bool>,
@@ -379,12 +533,16 @@ async fn waker(
         match broker.blocking_fetch(c, &key).await {
             Ok(Some(delivery)) => {
                 failures = 0;
+                health.fetched();
                 if let Err(mpsc::error::SendError(d)) = tx.send(delivery).await {
                     let _ = broker.requeue(&d).await;
                     return;
                 }
             }
-            Ok(None) => failures = 0,
+            Ok(None) => {
+                failures = 0;
+                health.fetched();
+            }
             Err(e) => {
                 failures += 1;
                 conn = None;
@@ -462,6 +620,13 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         settle(shared, delivery, &message).await;
         return;
     }
+    if shared.revocations.is_revoked(&message.id) {
+        let exc = Exception::new("TaskRevokedError", "revoked");
+        store_for(shared, &message, State::Revoked, exc.to_json(), None).await;
+        tracing::info!(task_id = %message.id, task = %message.task, "task revoked before it ran: REVOKED");
+        settle(shared, delivery, &message).await;
+        return;
+    }
     if let Some(eta) = message.eta.filter(|eta| *eta > now) {
         let due = i64::try_from(eta.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
         let scheduled = retrying("schedule a message with an eta", || {
@@ -512,7 +677,20 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         return;
     };
     let started = Instant::now();
-    let outcome = run_task(shared, &plugin, &spec, &message).await;
+    let terminated = shared.revocations.started(&message.id);
+    let outcome = tokio::select! {
+        outcome = run_task(shared, &plugin, &spec, &message) => Some(outcome),
+        Ok(()) = terminated => None,
+    };
+    shared.revocations.finished(&message.id);
+    let Some(outcome) = outcome else {
+        let exc = Exception::new("TaskRevokedError", "terminated");
+        store_for(shared, &message, State::Revoked, exc.to_json(), None).await;
+        tracing::info!(task_id = %message.id, task = %message.task, "task terminated by a revoke: REVOKED");
+        settle(shared, delivery, &message).await;
+        return;
+    };
+    let policy = RetryPolicy::of(&spec, shared.overrides.get(&message.task));
     let runtime = started.elapsed().as_secs_f64();
     let log = |outcome: &str| {
         tracing::info!(
@@ -533,12 +711,15 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
                 fail(shared, delivery, &message, &exc).await;
             }
         },
+        Outcome::Failure(exc) if policy.autoretry_for.contains(&exc.kind) => {
+            retry(shared, delivery, &message, &policy, None, exc).await;
+        }
         Outcome::Failure(exc) => {
             log("failed");
             fail(shared, delivery, &message, &exc).await;
         }
         Outcome::Retry { countdown, reason } => {
-            retry(shared, delivery, &message, &spec, countdown, reason).await;
+            retry(shared, delivery, &message, &policy, countdown, reason).await;
         }
         Outcome::Reject(reason) => {
             log("rejected");
@@ -673,12 +854,11 @@ async fn retry(
     shared: &Shared,
     delivery: &Delivery,
     message: &TaskMessage,
-    spec: &TaskSpec,
+    policy: &RetryPolicy,
     countdown: Option<f64>,
     reason: Exception,
 ) {
-    let max_retries = spec.defaults.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
-    if message.retries >= max_retries {
+    if message.retries >= policy.max_retries {
         let mut exc = reason;
         exc.message = format!(
             "{} (gave up after {} retries)",
@@ -690,9 +870,9 @@ async fn retry(
     let countdown = countdown.unwrap_or_else(|| {
         retry_countdown(
             message.retries,
-            spec.defaults.retry_backoff.unwrap_or(1.0),
-            spec.defaults.retry_backoff_max.unwrap_or(600.0),
-            spec.defaults.retry_jitter.unwrap_or(true),
+            policy.backoff,
+            policy.backoff_max,
+            policy.jitter,
         )
     });
     tracing::info!(
@@ -719,6 +899,38 @@ async fn retry(
     .await;
     if queued && due.is_some() {
         shared.scheduled.notify_one();
+    }
+}
+
+/// How a task is retried: the operator's `[tasks."NAME"]` over the task's declared defaults
+/// over Celery's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    pub backoff: f64,
+    pub backoff_max: f64,
+    pub jitter: bool,
+    /// Error kinds that retry the task instead of failing it (Celery's `autoretry_for`).
+    pub autoretry_for: Vec<String>,
+}
+
+impl RetryPolicy {
+    pub fn of(spec: &TaskSpec, overrides: Option<&TaskSection>) -> Self {
+        let d = &spec.defaults;
+        let o = overrides.cloned().unwrap_or_default();
+        Self {
+            max_retries: o
+                .max_retries
+                .or(d.max_retries)
+                .unwrap_or(DEFAULT_MAX_RETRIES),
+            backoff: o.retry_backoff.or(d.retry_backoff).unwrap_or(1.0),
+            backoff_max: o.retry_backoff_max.or(d.retry_backoff_max).unwrap_or(600.0),
+            jitter: o.retry_jitter.or(d.retry_jitter).unwrap_or(true),
+            autoretry_for: o
+                .autoretry_for
+                .or_else(|| d.autoretry_for.clone())
+                .unwrap_or_default(),
+        }
     }
 }
 
@@ -764,7 +976,7 @@ async fn store_for(
 async fn settle(shared: &Shared, delivery: &Delivery, message: &TaskMessage) {
     let ok = retrying("acknowledge a message", || shared.broker.ack(delivery)).await;
     if !ok {
-        tracing::error!(task_id = %message.id, "message stays in {}", shared.broker.inflight_key());
+        tracing::error!(task_id = %message.id, "message stays in {}", shared.broker.inflight_key(&delivery.source));
     }
 }
 
@@ -804,25 +1016,32 @@ async fn refuse(
     .await;
 }
 
-/// Retries a Redis write a few times with backoff; logs and returns false if it never worked
-/// (the message then stays in the in-flight list: late, never lost).
+/// Retries a Redis write until it works, with backoff: a result is never dropped because Redis
+/// was away for a while. (While it fails, the message stays in the in-flight list: late, never
+/// lost; a stop that cannot wait aborts this and leaves it there for recovery.)
 async fn retrying<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     what: &str,
     mut op: impl FnMut() -> F,
 ) -> bool {
-    for attempt in 1..=5u32 {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
         match op().await {
-            Ok(_) => return true,
-            Err(e) if attempt == 5 => {
-                tracing::error!("could not {what} after {attempt} attempts: {e}");
+            Ok(_) => {
+                if attempt > 1 {
+                    tracing::info!("could {what} after {attempt} attempts");
+                }
+                return true;
             }
             Err(e) => {
-                tracing::warn!("could not {what} (attempt {attempt}): {e}");
+                // Say so at the first failure and then at attempts 2, 4, 8, …: heard, not a flood.
+                if attempt.is_power_of_two() {
+                    tracing::warn!("could not {what} (attempt {attempt}, retrying): {e}");
+                }
                 tokio::time::sleep(backoff(attempt)).await;
             }
         }
     }
-    false
 }
 
 /// Stores a running task's progress as its state.
@@ -874,6 +1093,7 @@ mod tests {
             soft_time_limit: None,
             time_limit: Some(1e9),
             rate_limit: None,
+            autoretry_for: None,
         };
         let default = granted.time_limit;
         assert_eq!(

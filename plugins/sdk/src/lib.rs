@@ -139,6 +139,7 @@ impl Default for TaskDefaults {
             soft_time_limit: None,
             time_limit: None,
             rate_limit: None,
+            autoretry_for: None,
         })
     }
 }
@@ -186,6 +187,12 @@ impl TaskDefaults {
     /// Celery rate-limit notation, e.g. `"10/s"`.
     pub fn rate_limit(mut self, limit: &str) -> Self {
         self.0.rate_limit = Some(limit.to_owned());
+        self
+    }
+    /// Error kinds that retry the task instead of failing it (Celery's `autoretry_for`), e.g.
+    /// `autoretry_for = &["ConnectionError"]`.
+    pub fn autoretry_for(mut self, kinds: &[&str]) -> Self {
+        self.0.autoretry_for = Some(kinds.iter().map(|k| (*k).to_owned()).collect());
         self
     }
 }
@@ -321,7 +328,8 @@ pub mod __private {
 /// implement `serde::Deserialize`. An `Option<T>` parameter may be left out. The function
 /// returns `taskhost_sdk::Result<T>` with `T: serde::Serialize`. Defaults that may follow the
 /// name are the methods of [`TaskDefaults`]: `queue`, `max_retries`, `retry_backoff`,
-/// `retry_backoff_max`, `retry_jitter`, `soft_time_limit`, `time_limit`, `rate_limit`.
+/// `retry_backoff_max`, `retry_jitter`, `soft_time_limit`, `time_limit`, `rate_limit`,
+/// `autoretry_for`.
 ///
 /// The plugin's version is its crate's `version`. Doc comments may go before or after
 /// `#[task(...)]`, other attributes after it. Use the
