@@ -159,6 +159,24 @@ local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {#due, nxt[2] or '-1'}
 ";
 
+/// Where [`Broker::settle_with`] moves a message.
+enum Move<'a> {
+    /// LPUSH onto a list (the end producers push to).
+    Push(&'a str, &'a [u8]),
+    /// RPUSH onto a list (the end consumers take from next).
+    ToFront(&'a str, &'a [u8]),
+    /// ZADD to a sorted set with a score.
+    Schedule(&'a str, i64, &'a [u8]),
+}
+
+const SETTLE: &str = r"
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if ARGV[2] == 'lpush' then redis.call('LPUSH', KEYS[2], ARGV[3])
+elseif ARGV[2] == 'rpush' then redis.call('RPUSH', KEYS[2], ARGV[3])
+elseif ARGV[2] == 'zadd' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3]) end
+return 1
+";
+
 /// One worker's view of the broker.
 #[derive(Clone)]
 pub struct Broker {
@@ -168,6 +186,7 @@ pub struct Broker {
     inflight_prefix: String,
     fetch: Script,
     move_due: Script,
+    settle: Script,
 }
 
 impl Broker {
@@ -188,6 +207,7 @@ impl Broker {
             inflight_prefix: inflight_prefix(node),
             fetch: Script::new(FETCH),
             move_due: Script::new(MOVE_DUE),
+            settle: Script::new(SETTLE),
         })
     }
 
@@ -280,19 +300,17 @@ impl Broker {
         message: &[u8],
         due_ms: Option<i64>,
     ) -> Result<(), BrokerError> {
-        self.settle_with(delivery, |pipe| match due_ms {
+        match due_ms {
             Some(due) => {
                 let mut member = Vec::with_capacity(key.len() + 1 + message.len());
                 member.extend_from_slice(key.as_bytes());
                 member.push(b'\n');
                 member.extend_from_slice(message);
-                pipe.cmd("ZADD").arg(DELAYED_KEY).arg(due).arg(member);
+                self.settle_with(delivery, Move::Schedule(DELAYED_KEY, due, &member))
+                    .await
             }
-            None => {
-                pipe.cmd("LPUSH").arg(key).arg(message);
-            }
-        })
-        .await
+            None => self.settle_with(delivery, Move::Push(key, message)).await,
+        }
     }
 
     /// Moves `delivery` to the dead-letter list with `reason`, in one transaction.
@@ -324,38 +342,57 @@ impl Broker {
             entry.extend(message);
         }
         let entry = entry.to_string();
-        self.settle_with(delivery, |pipe| {
-            pipe.cmd("LPUSH").arg(DEAD_LETTER_KEY).arg(entry);
-        })
-        .await
+        self.settle_with(delivery, Move::Push(DEAD_LETTER_KEY, entry.as_bytes()))
+            .await
     }
 
     /// Puts an unstarted message back at the consuming end of its list, in one transaction.
     pub async fn requeue(&self, delivery: &Delivery) -> Result<(), BrokerError> {
-        self.settle_with(delivery, |pipe| {
-            pipe.cmd("RPUSH").arg(&delivery.source).arg(&delivery.raw);
-        })
-        .await
+        self.settle_with(delivery, Move::ToFront(&delivery.source, &delivery.raw))
+            .await
     }
 
-    /// Runs the command `add` puts in the pipeline and removes `delivery` from the in-flight
-    /// list, in one transaction: the message is always in exactly one place.
-    async fn settle_with(
-        &self,
-        delivery: &Delivery,
-        add: impl FnOnce(&mut redis::Pipeline),
-    ) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        add(&mut pipe);
-        pipe.ignore()
-            .cmd("LREM")
-            .arg(self.inflight_key(&delivery.source))
-            .arg(1)
-            .arg(&delivery.raw)
-            .ignore();
-        pipe.query_async::<()>(&mut self.conn.clone()).await?;
+    /// Removes `delivery` from the in-flight list and makes `then` happen, in one step and only
+    /// if it was still there: so a retry after a lost reply (a killed connection) never moves a
+    /// message twice, and a message another worker already returned is left alone.
+    async fn settle_with(&self, delivery: &Delivery, then: Move<'_>) -> Result<(), BrokerError> {
+        let mut invocation = self.settle.prepare_invoke();
+        invocation
+            .key(self.inflight_key(&delivery.source))
+            .arg(&delivery.raw);
+        match then {
+            Move::Push(key, value) => invocation.key(key).arg("lpush").arg(value),
+            Move::ToFront(key, value) => invocation.key(key).arg("rpush").arg(value),
+            Move::Schedule(key, due, member) => {
+                invocation.key(key).arg("zadd").arg(member).arg(due)
+            }
+        };
+        invocation
+            .invoke_async::<i64>(&mut self.conn.clone())
+            .await?;
         Ok(())
+    }
+
+    /// The messages in this worker's in-flight lists for `sources`.
+    pub async fn in_flight(&self, sources: &[String]) -> Result<Vec<Delivery>, BrokerError> {
+        let mut pipe = redis::pipe();
+        for source in sources {
+            pipe.cmd("LRANGE")
+                .arg(self.inflight_key(source))
+                .arg(0)
+                .arg(-1);
+        }
+        let lists: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(sources
+            .iter()
+            .zip(lists)
+            .flat_map(|(source, raws)| {
+                raws.into_iter().map(|raw| Delivery {
+                    raw,
+                    source: source.clone(),
+                })
+            })
+            .collect())
     }
 
     /// Moves delayed messages that are due (by `now_ms`) to their queues. Returns how many

@@ -1,7 +1,8 @@
 //! Worker liveness and crash recovery: nothing a dead worker had taken is lost.
 //!
 //! Every worker keeps an entry in the `taskhost:workers` hash (node name → heartbeat time, the
-//! queue lists it fetches from, its process), refreshed every [`HEARTBEAT`]. Every worker also
+//! queue lists it fetches from, its process), refreshed every [`HEARTBEAT`] (or a quarter of the
+//! lapse, if that is shorter, so one late beat never looks like a death). Every worker also
 //! looks over the others: when a worker's heartbeat is older than the lapse, the [`RECOVER`]
 //! script returns the messages in its in-flight lists to the lists they came from — re-checking
 //! the lapse and removing the entry in the same atomic step, so it happens exactly once
@@ -27,8 +28,13 @@ use std::time::Duration;
 
 /// The registry of running workers.
 pub const WORKERS_KEY: &str = "taskhost:workers";
-/// How often a worker refreshes its entry.
+/// How often a worker refreshes its entry, at most.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// How often a worker with this `lapse` beats: often enough that several beats fit in a lapse.
+pub fn heartbeat_interval(lapse: Duration) -> Duration {
+    (lapse / 4).clamp(Duration::from_millis(100), HEARTBEAT)
+}
 /// How long a redelivery count is remembered.
 const REDELIVERY_MEMORY_S: u64 = 7 * 86_400;
 /// A worker that has not fetched for this long while it had room is not consuming.
@@ -51,10 +57,20 @@ pub struct Entry {
 
 /// Whether the fetch loop is working: it is waiting for a free slot, or it had a fetch answered
 /// by Redis recently (an empty answer counts).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     last_fetch_ms: AtomicI64,
     waiting_for_slot: AtomicBool,
+}
+
+impl Default for Health {
+    /// Healthy from the start: the stall clock starts now.
+    fn default() -> Self {
+        Self {
+            last_fetch_ms: AtomicI64::new(now_ms()),
+            waiting_for_slot: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Health {
@@ -249,24 +265,14 @@ impl Presence {
     /// Refreshes the heartbeat, and returns lapsed workers' tasks, until `stop`; logs when the
     /// worker stops or resumes consuming.
     pub async fn run(mut self, health: Arc<Health>, mut stop: Stopping) {
-        let mut fetching = true;
+        // Watched apart from the heartbeat, whose Redis calls a stalled Redis holds up.
+        tokio::spawn(watch_health(health.clone(), stop.clone()));
         let mut ticks = 0u64;
         // Look over the others about twice per lapse.
-        let reap_every = (self.lapse.as_millis() / 2 / HEARTBEAT.as_millis()).max(1) as u64;
+        let interval = heartbeat_interval(self.lapse);
+        let reap_every = (self.lapse.as_millis() / 2 / interval.as_millis()).max(1) as u64;
         loop {
-            let now_fetching = health.is_fetching();
-            if now_fetching != fetching {
-                if now_fetching {
-                    tracing::info!("fetching again");
-                } else {
-                    tracing::warn!(
-                        "not fetching: no answer from Redis to a fetch for {} s while slots are free",
-                        FETCH_STALL.as_secs()
-                    );
-                }
-                fetching = now_fetching;
-            }
-            if let Err(e) = self.beat(fetching).await {
+            if let Err(e) = self.beat(health.is_fetching()).await {
                 tracing::warn!("cannot refresh the heartbeat: {e}");
             }
             if ticks.is_multiple_of(reap_every) {
@@ -274,7 +280,7 @@ impl Presence {
             }
             ticks += 1;
             tokio::select! {
-                () = tokio::time::sleep(HEARTBEAT) => {}
+                () = tokio::time::sleep(interval) => {}
                 () = crate::shutdown::stopped(&mut stop) => return,
             }
         }
@@ -320,6 +326,29 @@ pub async fn leave(conn: &mut ConnectionManager, node: &str) {
     let removed: Result<(), _> = conn.hdel(WORKERS_KEY, node).await;
     if let Err(e) = removed {
         tracing::warn!("cannot remove this worker from the registry: {e}");
+    }
+}
+
+/// Logs when the worker stops consuming, and when it resumes.
+async fn watch_health(health: Arc<Health>, mut stop: Stopping) {
+    let mut fetching = true;
+    loop {
+        let now_fetching = health.is_fetching();
+        if now_fetching != fetching {
+            if now_fetching {
+                tracing::info!("fetching again");
+            } else {
+                tracing::warn!(
+                    "not fetching: Redis has answered no fetch for {} s while slots are free",
+                    FETCH_STALL.as_secs()
+                );
+            }
+            fetching = now_fetching;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = crate::shutdown::stopped(&mut stop) => return,
+        }
     }
 }
 

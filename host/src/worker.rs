@@ -235,10 +235,12 @@ pub async fn run(
         let Some(delivery) = fetcher.next(semaphore.available_permits() + 1).await else {
             break;
         };
+        // Known as running before the handler starts, so a reconciliation in between does not
+        // take it for an orphan.
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&shared.running).insert(id, delivery.clone());
         let shared = shared.clone();
         tasks.spawn(async move {
-            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-            lock(&shared.running).insert(id, delivery.clone());
             handle(&shared, &delivery).await;
             lock(&shared.running).remove(&id);
             drop(permit);
@@ -413,7 +415,19 @@ struct Fetcher {
     from_wakers: mpsc::Receiver<Delivery>,
     armed: watch::Sender<bool>,
     wakers: JoinSet<()>,
+    state: Arc<FetchState>,
     stop: watch::Receiver<bool>,
+}
+
+/// What the fetcher and its wakers share.
+#[derive(Default)]
+struct FetchState {
+    /// Blocking fetches sent to Redis and not answered yet.
+    outstanding: std::sync::atomic::AtomicUsize,
+    /// A fetch failed after it may have moved messages: its answer, naming them, was lost (a
+    /// killed connection, say), so messages may sit in the in-flight lists with nobody
+    /// handling them until the lists are reconciled.
+    lost_reply: std::sync::atomic::AtomicBool,
 }
 
 impl Fetcher {
@@ -421,11 +435,12 @@ impl Fetcher {
         let keys = crate::broker::source_keys(queues);
         let (tx, from_wakers) = mpsc::channel(keys.len() * 2);
         let (armed, armed_rx) = watch::channel(false);
+        let state = Arc::new(FetchState::default());
         let mut wakers = JoinSet::new();
         for key in &keys {
             wakers.spawn(waker(
-                shared.health.clone(),
-                shared.broker.clone(),
+                shared.clone(),
+                state.clone(),
                 key.clone(),
                 armed_rx.clone(),
                 stop.clone(),
@@ -439,6 +454,7 @@ impl Fetcher {
             from_wakers,
             armed,
             wakers,
+            state,
             stop,
         }
     }
@@ -449,6 +465,14 @@ impl Fetcher {
         loop {
             if crate::shutdown::is_stopping(&self.stop) {
                 return None;
+            }
+            if self.state.lost_reply.load(Ordering::SeqCst) && !self.reconcile().await {
+                failures += 1;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff(failures)) => {}
+                    () = crate::shutdown::stopped(&mut self.stop) => return None,
+                }
+                continue;
             }
             while let Ok(d) = self.from_wakers.try_recv() {
                 self.buffered.push_back(d);
@@ -477,6 +501,7 @@ impl Fetcher {
                 }
                 Err(e) => {
                     failures += 1;
+                    self.state.lost_reply.store(true, Ordering::SeqCst);
                     let pause = backoff(failures);
                     tracing::error!("fetching from the broker failed (retrying in {pause:?}): {e}");
                     tokio::select! {
@@ -486,6 +511,51 @@ impl Fetcher {
                 }
             }
         }
+    }
+
+    /// After a lost fetch answer: with no fetch under way, returns every message of this
+    /// worker's in-flight lists that it is not handling to its queue. True once done.
+    async fn reconcile(&mut self) -> bool {
+        self.armed.send_replace(false);
+        let quiet_by = Instant::now() + crate::broker::BLOCK_TIMEOUT * 3 + Duration::from_secs(10);
+        while self.state.outstanding.load(Ordering::SeqCst) > 0 && Instant::now() < quiet_by {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        while let Ok(d) = self.from_wakers.try_recv() {
+            self.buffered.push_back(d);
+        }
+        let known: std::collections::HashSet<Vec<u8>> = self
+            .buffered
+            .iter()
+            .map(|d| d.raw.clone())
+            .chain(lock(&self.shared.running).values().map(|d| d.raw.clone()))
+            .collect();
+        let held = match self.shared.broker.in_flight(&self.keys).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!("cannot read the in-flight lists to reconcile them: {e}");
+                return false;
+            }
+        };
+        let mut returned = 0;
+        for orphan in held.iter().filter(|d| !known.contains(&d.raw)) {
+            if let Err(e) = self.shared.broker.requeue(orphan).await {
+                tracing::warn!(
+                    "cannot return an orphaned message to {}: {e}",
+                    orphan.source
+                );
+                return false;
+            }
+            returned += 1;
+        }
+        if returned > 0 {
+            tracing::warn!(
+                returned,
+                "a fetch answer was lost with its connection: the messages it moved went back to their queues"
+            );
+        }
+        self.state.lost_reply.store(false, Ordering::SeqCst);
+        true
     }
 
     /// Stops the wakers and returns what was fetched but not started.
@@ -501,13 +571,14 @@ impl Fetcher {
 
 /// Blocks on one queue list while armed, handing what it moves to the fetcher.
 async fn waker(
-    health: Arc<Health>,
-    broker: Broker,
+    shared: Arc<Shared>,
+    state: Arc<FetchState>,
     key: String,
     mut armed: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
     tx: mpsc::Sender<Delivery>,
 ) {
+    let broker = &shared.broker;
     let mut conn = None;
     let mut failures = 0u32;
     loop {
@@ -530,21 +601,30 @@ async fn waker(
                 }
             },
         };
-        match broker.blocking_fetch(c, &key).await {
+        state.outstanding.fetch_add(1, Ordering::SeqCst);
+        let fetched = broker.blocking_fetch(c, &key).await;
+        match fetched {
             Ok(Some(delivery)) => {
                 failures = 0;
-                health.fetched();
-                if let Err(mpsc::error::SendError(d)) = tx.send(delivery).await {
+                shared.health.fetched();
+                // Handed over before it stops counting as outstanding, so a reconciliation
+                // finds it in the channel.
+                let sent = tx.send(delivery).await;
+                state.outstanding.fetch_sub(1, Ordering::SeqCst);
+                if let Err(mpsc::error::SendError(d)) = sent {
                     let _ = broker.requeue(&d).await;
                     return;
                 }
             }
             Ok(None) => {
                 failures = 0;
-                health.fetched();
+                shared.health.fetched();
+                state.outstanding.fetch_sub(1, Ordering::SeqCst);
             }
             Err(e) => {
                 failures += 1;
+                state.lost_reply.store(true, Ordering::SeqCst);
+                state.outstanding.fetch_sub(1, Ordering::SeqCst);
                 conn = None;
                 tracing::warn!(queue = %key, "blocking fetch failed: {e}");
                 tokio::time::sleep(backoff(failures)).await;

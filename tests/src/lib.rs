@@ -11,11 +11,12 @@ mod process;
 mod python;
 
 pub use http::{HttpStub, Reply, Request};
-pub use process::{Process, RedisServer};
+pub use process::{Process, RedisServer, signal};
 pub use python::python;
 
 use base64::Engine as _;
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -179,6 +180,53 @@ pub fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc status")
 }
 
+/// How a fault run ended: tasks sent, with a result, without one, and run to success more than
+/// once (counted from the workers' `task succeeded` log lines).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub sent: usize,
+    pub completed: usize,
+    pub lost: usize,
+    pub duplicated: usize,
+}
+
+impl Tally {
+    /// Tallies `ids` against their results and the workers' logs.
+    pub fn of(ids: &[String], results: &HashMap<String, Value>, logs: &[String]) -> Self {
+        let mut runs: HashMap<&str, usize> = HashMap::new();
+        for log in logs {
+            for line in log.lines().filter(|l| l.contains("task succeeded")) {
+                if let Some(id) = line
+                    .split("task_id=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                {
+                    *runs.entry(id).or_default() += 1;
+                }
+            }
+        }
+        Self {
+            sent: ids.len(),
+            completed: results.len(),
+            lost: ids.len() - results.len(),
+            duplicated: ids
+                .iter()
+                .filter(|id| runs.get(id.as_str()).is_some_and(|n| *n > 1))
+                .count(),
+        }
+    }
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sent {} / completed {} / lost {} / duplicated {}",
+            self.sent, self.completed, self.lost, self.duplicated
+        )
+    }
+}
+
 /// A fresh directory for one test, removed when dropped (kept if the test fails).
 pub struct TestDir {
     path: PathBuf,
@@ -230,8 +278,13 @@ impl Drop for TestDir {
 }
 
 /// Polls `check` until it returns `Some`, failing the test after [`WAIT`] with `what`.
-pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
+pub fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    wait_for_within(what, WAIT, check)
+}
+
+/// [`wait_for`] with a bound of its own, for long runs.
+pub fn wait_for_within<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
     let mut pause = Duration::from_millis(2);
     loop {
         if let Some(value) = check() {
@@ -369,6 +422,55 @@ impl Client {
             .arg(key)
             .query(&mut self.broker)
             .expect("ZCARD")
+    }
+
+    /// Waits until every task in `ids` has a final result, or `within` has passed; returns the
+    /// results found and the ids still without one.
+    pub fn results(
+        &mut self,
+        ids: &[String],
+        within: Duration,
+    ) -> (HashMap<String, Value>, Vec<String>) {
+        let deadline = Instant::now() + within;
+        let mut done = HashMap::new();
+        let mut pending: Vec<String> = ids.to_vec();
+        loop {
+            let mut still = Vec::new();
+            for chunk in pending.chunks(500) {
+                let keys: Vec<String> = chunk
+                    .iter()
+                    .map(|id| format!("celery-task-meta-{id}"))
+                    .collect();
+                let docs: Vec<Option<String>> = redis::cmd("MGET")
+                    .arg(&keys)
+                    .query(&mut self.backend)
+                    .expect("MGET results");
+                for (id, doc) in chunk.iter().zip(docs) {
+                    let doc: Option<Value> = doc.and_then(|d| serde_json::from_str(&d).ok());
+                    match doc {
+                        Some(doc)
+                            if matches!(
+                                doc["status"].as_str(),
+                                Some("SUCCESS" | "FAILURE" | "REVOKED")
+                            ) =>
+                        {
+                            done.insert(id.clone(), doc);
+                        }
+                        _ => still.push(id.clone()),
+                    }
+                }
+            }
+            pending = still;
+            if pending.is_empty() || Instant::now() > deadline {
+                return (done, pending);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs a raw Redis command on the broker.
+    pub fn broker(&mut self) -> &mut redis::Connection {
+        &mut self.broker
     }
 
     /// Length of a list on the broker.

@@ -31,12 +31,13 @@ tasks! {
         Err(Failure::error("RuntimeError", message))
     }
 
-    /// Asks to be retried (at once) until its retry count equals `times`, then returns it.
-    #[task(name = "demo.retry", max_retries = 10)]
+    /// Asks to be retried, with its backoff (0.1 s, doubling), until its retry count equals
+    /// `times`, then returns it.
+    #[task(name = "demo.retry", max_retries = 10, retry_backoff = 0.1, retry_jitter = false)]
     fn retry(times: u32) -> Result<u32> {
         let retries = taskhost_sdk::task().retries;
         if retries < times {
-            return Err(Failure::retry_in(0.0, "RuntimeError", format!("retry {retries} of {times}")));
+            return Err(Failure::retry("RuntimeError", format!("retry {retries} of {times}")));
         }
         Ok(retries)
     }
