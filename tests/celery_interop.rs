@@ -136,3 +136,80 @@ fn a_celery_worker_runs_what_taskhost_call_sends() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(out.stderr.contains("ValueError: from rust"), "{out:?}");
 }
+
+/// Countdown, eta, expires and revoke as a Python producer uses them.
+const SCHEDULING: &str = r#"
+import time
+from datetime import datetime, timedelta, timezone
+import redis
+import celery.exceptions
+from celery_app import app
+
+broker = redis.Redis.from_url(app.conf.broker_url)
+
+def raises(result, kind):
+    try:
+        result.get(timeout=10)
+    except kind as e:
+        return e
+    raise SystemExit(f"{result.id} did not raise {kind.__name__}")
+
+def until(what, check, within=20):
+    deadline = time.time() + within
+    while not check():
+        if time.time() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+sent = datetime.now(timezone.utc)
+r = app.send_task("demo.add", (1, 2), countdown=1)
+assert r.get(timeout=10) == 3
+assert r.date_done >= sent + timedelta(seconds=1), (r.date_done, sent)
+
+eta = datetime.now(timezone.utc) + timedelta(seconds=1)
+r = app.send_task("demo.add", (2, 2), eta=eta)
+assert r.get(timeout=10) == 4
+assert r.date_done >= eta, (r.date_done, eta)
+
+r = app.send_task("demo.add", (1, 1), expires=datetime.now(timezone.utc) - timedelta(seconds=1))
+e = raises(r, celery.exceptions.TaskRevokedError)
+assert "expired" in str(e), repr(e)
+
+# Revoked while it waits for its countdown: it never runs.
+r = app.send_task("demo.add", (5, 5), countdown=2)
+app.control.revoke(r.id)
+raises(r, celery.exceptions.TaskRevokedError)
+until("the revoked task to leave the delayed set and the queue",
+      lambda: broker.zcard("taskhost:delayed") == 0 and broker.llen("celery") == 0)
+until("the revoked task to be settled",
+      lambda: not any(broker.llen(k) for k in broker.keys("taskhost:inflight:*")))
+assert app.AsyncResult(r.id).state == "REVOKED"
+
+# Revoked with terminate while it runs: the one slot (-c 1) is free again at once.
+r = app.send_task("demo.sleep", (60000,))
+until("the long task to start", lambda: any(broker.llen(k) for k in broker.keys("taskhost:inflight:*")))
+app.control.revoke(r.id, terminate=True)
+assert app.send_task("demo.add", (1, 1)).get(timeout=10) == 2
+assert app.AsyncResult(r.id).state == "REVOKED"
+print("scheduling OK")
+"#;
+
+#[test]
+fn celery_countdown_eta_expires_and_revoke_are_honoured() {
+    let dir = TestDir::new("py-scheduling");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.plugins(&["demo"]);
+    let worker = Process::worker(&dir, &redis, &plugins, &["-c", "1"]);
+    dir.write("scheduling.py", SCHEDULING);
+    let out = Process::run_command(&dir, python_command(&dir, &redis, &["scheduling.py"]));
+    assert!(
+        out.status.success() && out.stdout.contains("scheduling OK"),
+        "{}\n{}\nworker log:\n{}",
+        out.stdout,
+        out.stderr,
+        worker.log()
+    );
+    let log = worker.log();
+    assert!(log.contains("task revoked before it ran"), "{log}");
+    assert!(log.contains("task terminated by a revoke"), "{log}");
+}

@@ -1,5 +1,6 @@
 //! The command line as a user meets it: `exec`, `plugins`, `dev` with `call`, and clear errors.
 
+use serde_json::json;
 use taskhost_tests::{Process, RedisServer, TestDir, plugin_wasm, wait_for};
 
 fn path(p: &std::path::Path) -> String {
@@ -266,4 +267,70 @@ fn a_worker_waits_for_an_unreachable_redis_and_stops_cleanly() {
     worker.wait_log_count("Redis is not reachable (retrying in", 2);
     let status = worker.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn dead_letters_can_be_listed_shown_requeued_and_purged() {
+    let dir = TestDir::new("dead-cli");
+    let redis = RedisServer::start(&dir);
+    // A worker without the demo plugin: demo tasks are dead-lettered.
+    let plugins = dir.plugins(&["crucible"]);
+    let worker = Process::worker(&dir, &redis, &plugins, &[]);
+    let mut client = taskhost_tests::Client::new(&redis);
+    let id = client.send("demo.add", json!([2, 3]));
+    client.push_raw("celery", b"garbage");
+    wait_for("two dead letters", || {
+        (client.dead_letters().len() == 2).then_some(())
+    });
+    let broker = redis.url(0);
+    let dead = |args: &[&str]| {
+        let mut all = vec!["dead"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--broker", &broker]);
+        Process::run(&dir, &all)
+    };
+    let out = dead(&["list"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stdout.contains("2 dead-letter entries"),
+        "{}",
+        out.stdout
+    );
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains(&id))
+        .expect("the demo.add entry listed")
+        .to_owned();
+    assert!(
+        line.contains("demo.add") && line.contains("not served"),
+        "{line}"
+    );
+    let index = line.split_whitespace().next().expect("index").to_owned();
+    let out = dead(&["show", &index]);
+    assert!(
+        out.stdout.contains("\"task_id\"") && out.stdout.contains(&id),
+        "{}",
+        out.stdout
+    );
+    // Once a plugin serves it, the entry is replayed and runs.
+    std::fs::copy(plugin_wasm("demo"), plugins.join("demo.wasm")).expect("add demo");
+    worker.wait_log("plugin loaded plugin=demo");
+    let out = dead(&["requeue", &index]);
+    assert!(
+        out.status.success() && out.stdout.contains("onto celery"),
+        "{out:?}"
+    );
+    wait_for("the requeued task to succeed", || {
+        client.state(&id).filter(|d| d["status"] == "SUCCESS")
+    });
+    assert_eq!(client.dead_letters().len(), 1);
+    let out = dead(&["requeue", "7"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stderr.contains("no dead-letter entry 7"), "{out:?}");
+    let out = dead(&["purge"]);
+    assert_eq!(out.status.code(), Some(1), "purge wants --yes");
+    let out = dead(&["purge", "--yes"]);
+    assert!(out.stdout.contains("purged 1"), "{out:?}");
+    assert!(client.dead_letters().is_empty());
 }

@@ -4,6 +4,7 @@
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 use taskhost_tests::{Client, HttpStub, Process, RedisServer, Reply, TestDir, wait_for};
 
 /// A worker serving crucible with the given service URLs; `allow` are the granted origins.
@@ -220,4 +221,50 @@ fn a_host_the_operator_did_not_grant_is_denied() {
         "the denied request never left the host"
     );
     assert!(worker.log().contains("denied HTTP request"));
+}
+
+#[test]
+fn an_executor_failing_twice_is_retried_with_exponential_backoff() {
+    let dir = TestDir::new("crucible-backoff");
+    let redis = RedisServer::start(&dir);
+    let calls = Arc::new(std::sync::Mutex::new(Vec::<std::time::Instant>::new()));
+    let seen = calls.clone();
+    let executor = HttpStub::start(move |_| {
+        let mut calls = seen.lock().expect("calls");
+        calls.push(std::time::Instant::now());
+        if calls.len() <= 2 {
+            Reply::json(503, json!({"detail": "overloaded"}))
+        } else {
+            Reply::json(200, json!({"status": "completed"}))
+        }
+    });
+    let storage = storage_ok();
+    // The operator turns the task's jitter off and sets its backoff base, so the waits are
+    // exactly 0.3 s, then 0.6 s.
+    let config = dir.write(
+        "taskhost.toml",
+        &format!(
+            "[plugins.crucible]\nallow_http = [{:?}, {:?}]\n\
+             config = {{ executor_service_url = {:?}, storage_service_url = {:?} }}\n\
+             [tasks.\"tasks.evaluate_code\"]\nretry_backoff = 0.3\nretry_jitter = false\n",
+            executor.url(),
+            storage.url(),
+            executor.url(),
+            storage.url()
+        ),
+    );
+    let plugins = dir.plugins(&["crucible"]);
+    let config = config.to_string_lossy().into_owned();
+    let worker = Process::worker(&dir, &redis, &plugins, &["--config", &config]);
+    let mut client = Client::new(&redis);
+    let id = client.send("tasks.evaluate_code", json!([3, "x", "python"]));
+    assert_eq!(client.result(&id)["status"], "SUCCESS", "{}", worker.log());
+    let calls = calls.lock().expect("calls").clone();
+    assert_eq!(calls.len(), 3);
+    let (first, second) = (calls[1] - calls[0], calls[2] - calls[1]);
+    eprintln!("executor attempts {first:?} and {second:?} apart (backoff 0.3 s, then 0.6 s)");
+    assert!(first >= Duration::from_millis(300), "{first:?}");
+    assert!(second >= Duration::from_millis(600), "{second:?}");
+    assert!(second > first, "the backoff grows");
+    assert_eq!(worker.log().matches("task retrying").count(), 2);
 }

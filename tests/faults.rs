@@ -199,7 +199,7 @@ fn killed_idle_and_flapping_connections_do_not_leave_the_worker_deaf() {
     let mut client = Client::new(&redis);
     let mut admin = redis.conn(0);
     let mut ids = Vec::new();
-    let mut check = |what: &str, client: &mut Client, ids: &mut Vec<String>| {
+    let check = |what: &str, client: &mut Client, ids: &mut Vec<String>| {
         let start = Instant::now();
         let batch: Vec<String> = (0..50)
             .map(|i| client.send("demo.add", json!([i, 1])))

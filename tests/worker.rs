@@ -167,19 +167,23 @@ fn an_unknown_task_fails_not_registered_and_is_dead_lettered() {
 #[test]
 fn garbage_on_the_queue_is_dead_lettered_and_the_worker_keeps_serving() {
     let mut s = setup("garbage", &[]);
-    let garbage: [&[u8]; 5] = [
+    // A real message cut in half, as a producer dying mid-write could leave it.
+    let whole = celery_message("cut-1", "demo.add", json!([1, 2]), json!({}), "celery");
+    let truncated = &whole.as_bytes()[..whole.len() / 2];
+    let garbage: [&[u8]; 6] = [
         b"not json at all",
         b"\xff\xfe\x00binary",
         b"{\"headers\": {}}",
         b"{\"headers\": {\"task\": \"demo.add\", \"id\": \"bad-body-1\"}, \"body\": \"%%%\", \"properties\": {\"body_encoding\": \"base64\"}}",
         b"[]",
+        truncated,
     ];
     for g in garbage {
         s.client.push_raw("celery", g);
     }
     let id = s.client.send("demo.add", json!([20, 22]));
     assert_eq!(s.client.result(&id)["result"], 42);
-    let dead = wait_for("five dead-letter entries", || {
+    let dead = wait_for("six dead-letter entries", || {
         let d = s.client.dead_letters();
         (d.len() == garbage.len()).then_some(d)
     });

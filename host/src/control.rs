@@ -107,26 +107,35 @@ pub trait Effects: Send + Sync {
     ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }
 
-/// Serves remote-control commands for `node` until `stop`.
+/// Subscribes to the remote-control channel.
+pub async fn subscribe(client: &redis::Client) -> Result<redis::aio::PubSub, BrokerError> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel(client)).await?;
+    Ok(pubsub)
+}
+
+/// Serves remote-control commands for `node` until `stop`, on `subscribed` first (subscribe
+/// before the worker says it is ready, so no command sent after that is missed), then on new
+/// subscriptions if it is lost.
 pub async fn serve(
     client: redis::Client,
+    subscribed: redis::aio::PubSub,
     mut conn: ConnectionManager,
     node: String,
     revocations: std::sync::Arc<Revocations>,
     effects: std::sync::Arc<dyn Effects>,
     mut stop: Stopping,
 ) {
-    let channel = channel(&client);
+    let mut first = Some(subscribed);
     loop {
         if let Err(e) = revocations.refresh(&mut conn).await {
             tracing::warn!("cannot read revoked tasks: {e}");
         }
-        let subscribed = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
+        let subscribed = match first.take() {
+            Some(pubsub) => Ok(pubsub),
+            None => subscribe(&client).await,
         };
-        let mut pubsub = match subscribed.await {
+        let mut pubsub = match subscribed {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!("cannot subscribe to remote control (retrying): {e}");

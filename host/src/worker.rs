@@ -191,8 +191,10 @@ pub async fn run(
             stop.clone(),
         ));
     }
+    let control = crate::control::subscribe(shared.broker.client()).await?;
     tokio::spawn(crate::control::serve(
         shared.broker.client().clone(),
+        control,
         shared.broker.connection(),
         config.node.clone(),
         shared.revocations.clone(),
