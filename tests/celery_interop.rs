@@ -213,3 +213,29 @@ fn celery_countdown_eta_expires_and_revoke_are_honoured() {
     assert!(log.contains("task revoked before it ran"), "{log}");
     assert!(log.contains("task terminated by a revoke"), "{log}");
 }
+
+#[test]
+fn a_revoke_reaches_workers_started_after_it() {
+    let dir = TestDir::new("py-revoke-later");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.plugins(&["demo"]);
+    let mut first =
+        Process::worker_logged(&dir, "first.log", &redis, &plugins, &["-n", "first@test"]);
+    let id = "revoked-before-it-was-sent";
+    dir.write(
+        "revoke.py",
+        &format!("from celery_app import app\napp.control.revoke({id:?})\nprint('revoked')\n"),
+    );
+    let out = Process::run_command(&dir, python_command(&dir, &redis, &["revoke.py"]));
+    assert!(out.status.success(), "{out:?}");
+    first.wait_log("tasks revoked");
+    assert!(first.stop_with(libc::SIGTERM).success());
+    let second =
+        Process::worker_logged(&dir, "second.log", &redis, &plugins, &["-n", "second@test"]);
+    let mut client = taskhost_tests::Client::new(&redis);
+    client.send_as(id, "demo.add", serde_json::json!([1, 2]));
+    let doc = client.result(id);
+    assert_eq!(doc["status"], "REVOKED", "{doc}");
+    second.wait_log("task revoked before it ran");
+    assert!(!second.log().contains("task succeeded"), "{}", second.log());
+}

@@ -315,3 +315,30 @@ fn a_stopped_worker_exits_cleanly_and_leaves_nothing_in_flight() {
     s.client.send("demo.add", json!([1, 1]));
     assert_eq!(s.client.llen("celery"), 1);
 }
+
+#[test]
+fn autoretry_for_retries_a_failing_task_then_fails_it() {
+    let dir = TestDir::new("autoretry");
+    let redis = RedisServer::start_with(&dir, &["--maxmemory-policy", "allkeys-lru"]);
+    let plugins = dir.plugins(&["demo"]);
+    let config = dir.write(
+        "taskhost.toml",
+        "[tasks.\"demo.fail\"]\nautoretry_for = [\"RuntimeError\"]\nmax_retries = 2\nretry_backoff = 0.05\nretry_jitter = false\n",
+    );
+    let config = config.to_string_lossy().into_owned();
+    let worker = Process::worker(&dir, &redis, &plugins, &["--config", &config]);
+    // The operator was warned that this Redis may evict queued tasks.
+    assert!(
+        worker.log().contains("maxmemory-policy is allkeys-lru"),
+        "{}",
+        worker.log()
+    );
+    let mut client = Client::new(&redis);
+    let id = client.send("demo.fail", json!(["flaky"]));
+    let doc = client.result(&id);
+    assert_eq!(doc["status"], "FAILURE");
+    assert_eq!(doc["result"]["exc_type"], "RuntimeError");
+    let message = doc["result"]["exc_message"][0].as_str().unwrap_or_default();
+    assert_eq!(message, "flaky (gave up after 2 retries)");
+    assert_eq!(worker.log().matches("task retrying").count(), 2);
+}

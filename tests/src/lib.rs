@@ -355,6 +355,14 @@ impl Client {
         id
     }
 
+    /// Sends `task(*args)` to `celery` under the task id `id`.
+    pub fn send_as(&mut self, id: &str, task: &str, args: Value) {
+        self.push_raw(
+            "celery",
+            celery_message(id, task, args, json!({}), "celery").as_bytes(),
+        );
+    }
+
     /// Sends `task(*args)` to `celery` with time limits (soft, hard) in seconds, in Celery's
     /// `timelimit` header.
     pub fn send_with_time_limit(

@@ -70,11 +70,12 @@ impl WasiHttpHooks for HttpPolicy {
                 .between_bytes_timeout
                 .or(Some(BETWEEN_BYTES_TIMEOUT)),
         };
+        let who = format!("plugin {} task {}", self.plugin, self.task_id);
         Box::new(async move {
             let (response, io) =
                 wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
             Ok((
-                response.map(|body| Capped::new(body, RESPONSE_BODY_LIMIT).boxed_unsync()),
+                response.map(|body| Capped::new(body, RESPONSE_BODY_LIMIT, who).boxed_unsync()),
                 Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
             ))
         })
@@ -97,14 +98,17 @@ struct Capped<B> {
     inner: B,
     left: u64,
     limit: u64,
+    /// Whose response it is, for the log line when it is cut.
+    who: String,
 }
 
 impl<B> Capped<B> {
-    fn new(inner: B, limit: u64) -> Self {
+    fn new(inner: B, limit: u64, who: String) -> Self {
         Self {
             inner,
             left: limit,
             limit,
+            who,
         }
     }
 }
@@ -126,6 +130,11 @@ where
         {
             let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
             if len > self.left {
+                tracing::warn!(
+                    "HTTP response body over the {} byte limit cut off ({})",
+                    self.limit,
+                    self.who
+                );
                 return std::task::Poll::Ready(Some(Err(Error::HttpResponseBodySize(Some(
                     self.limit,
                 )))));
