@@ -193,6 +193,18 @@ fn bad_input_gives_one_clear_line_and_a_failure_exit() {
                 &broker,
                 "--plugins",
                 &plugins,
+                "--prefetch-multiplier",
+                "0",
+            ],
+            "--prefetch-multiplier must be between 1 and 1000, got 0",
+        ),
+        (
+            vec![
+                "worker",
+                "--broker",
+                &broker,
+                "--plugins",
+                &plugins,
                 "--config",
                 &config,
             ],

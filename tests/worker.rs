@@ -51,7 +51,7 @@ fn add_returns_the_sum_in_celerys_result_format() {
     // Settled: nothing left in flight.
     wait_for("the in-flight list to empty", || {
         (s.client
-            .llen(&format!("taskhost:inflight:celery@{}", hostname()))
+            .llen(&format!("taskhost:inflight:celery@{}:celery", hostname()))
             == 0)
             .then_some(())
     });
@@ -341,4 +341,62 @@ fn autoretry_for_retries_a_failing_task_then_fails_it() {
     let message = doc["result"]["exc_message"][0].as_str().unwrap_or_default();
     assert_eq!(message, "flaky (gave up after 2 retries)");
     assert_eq!(worker.log().matches("task retrying").count(), 2);
+}
+
+#[test]
+fn progress_through_the_host_interface_is_published_before_the_result() {
+    let mut s = setup("progress", &[]);
+    let mut listener = s._redis.conn(1);
+    let mut pubsub = listener.as_pubsub();
+    let id = uuid::Uuid::new_v4().to_string();
+    let channel = format!("celery-task-meta-{id}");
+    pubsub.subscribe(&channel).expect("subscribe");
+    pubsub
+        .set_read_timeout(Some(taskhost_tests::WAIT))
+        .expect("read timeout");
+    s.client.send_as(&id, "demo.progress", json!([3]));
+    let mut states = Vec::new();
+    while states
+        .last()
+        .map(|d: &Value| d["status"] != "SUCCESS")
+        .unwrap_or(true)
+    {
+        let message = pubsub
+            .get_message()
+            .expect("a published state within the wait");
+        let payload: String = message.get_payload().expect("payload");
+        states.push(serde_json::from_str(&payload).expect("state is JSON"));
+    }
+    let progress: Vec<&Value> = states
+        .iter()
+        .filter(|d| d["status"] == "PROGRESS")
+        .collect();
+    assert_eq!(progress.len(), 3, "{states:?}");
+    for (n, doc) in progress.iter().enumerate() {
+        assert_eq!(doc["result"], json!({"current": n + 1, "total": 3}));
+        assert_eq!(doc["date_done"], Value::Null, "progress is not final");
+    }
+    assert_eq!(s.client.result(&id)["result"], 3);
+}
+
+#[test]
+fn a_worker_holds_no_more_unstarted_messages_than_its_prefetch_allows() {
+    // -c 1 with a prefetch multiplier of 2: a batch of two is fetched when a slot is free, one
+    // starts and one waits, so the worker never holds more than two of the six.
+    let mut s = setup("prefetch", &["-c", "1", "--prefetch-multiplier", "2"]);
+    let ids: Vec<String> = (0..6)
+        .map(|_| s.client.send("demo.sleep", json!([100])))
+        .collect();
+    let inflight = format!("taskhost:inflight:celery@{}:celery", hostname());
+    let mut most_held = 0;
+    wait_for("all six results", || {
+        most_held = most_held.max(s.client.llen(&inflight));
+        ids.iter()
+            .all(|id| s.client.state(id).is_some_and(|d| d["status"] == "SUCCESS"))
+            .then_some(())
+    });
+    assert!(
+        (1..=2).contains(&most_held),
+        "{most_held} messages held at once"
+    );
 }

@@ -282,12 +282,24 @@ impl Broker {
 
     /// Settles a message: removes it from the in-flight list.
     pub async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError> {
-        redis::cmd("LREM")
+        let mut pipe = redis::pipe();
+        self.add_ack(&mut pipe, delivery);
+        self.run(&pipe).await
+    }
+
+    /// Adds to `pipe` the command that removes `delivery` from the in-flight list. It looks
+    /// from the oldest end, where a message usually is when it is settled.
+    pub fn add_ack(&self, pipe: &mut redis::Pipeline, delivery: &Delivery) {
+        pipe.cmd("LREM")
             .arg(self.inflight_key(&delivery.source))
-            .arg(1)
+            .arg(-1)
             .arg(&delivery.raw)
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
+            .ignore();
+    }
+
+    /// Runs a pipeline of commands on the broker.
+    pub async fn run(&self, pipe: &redis::Pipeline) -> Result<(), BrokerError> {
+        pipe.exec_async(&mut self.conn.clone()).await?;
         Ok(())
     }
 

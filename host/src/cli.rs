@@ -108,6 +108,10 @@ pub struct WorkerArgs {
     /// Tasks run at once [default: 4].
     #[arg(short = 'c', long, env = "CELERY_CONCURRENCY")]
     pub concurrency: Option<usize>,
+    /// Messages fetched ahead per slot, as Celery's worker_prefetch_multiplier: a worker holds
+    /// at most concurrency x this many unstarted messages (1 suits long tasks) [default: 4].
+    #[arg(long)]
+    pub prefetch_multiplier: Option<usize>,
     /// Broker URL, e.g. redis://localhost:6379/0.
     #[arg(short = 'b', long, env = "CELERY_BROKER_URL")]
     pub broker: Option<String>,
@@ -254,7 +258,14 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    // On a runtime thread, not the main thread block_on polls from: the worker's loop then
+    // hands tasks to the runtime's threads without waking a thread of its own each time.
+    let outcome = runtime.block_on(async {
+        tokio::spawn(run(cli.command))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the command's task failed: {e}")))
+    });
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -372,6 +383,13 @@ fn worker_config(args: &WorkerArgs, dev_broker: Option<&str>) -> anyhow::Result<
     if concurrency == 0 || concurrency > 10_000 {
         bail!("concurrency must be between 1 and 10000, got {concurrency}");
     }
+    let prefetch_multiplier = args
+        .prefetch_multiplier
+        .or(section.prefetch_multiplier)
+        .unwrap_or(4);
+    if prefetch_multiplier == 0 || prefetch_multiplier > 1_000 {
+        bail!("--prefetch-multiplier must be between 1 and 1000, got {prefetch_multiplier}");
+    }
     let plugins_dir = match (&args.plugins, &section.plugins) {
         (Some(dir), _) => dir.clone(),
         (None, Some(dir)) => relative_to_config(dir, path.as_deref()),
@@ -414,6 +432,7 @@ fn worker_config(args: &WorkerArgs, dev_broker: Option<&str>) -> anyhow::Result<
         node: node::node_name(args.hostname.as_deref().or(section.hostname.as_deref())),
         queues,
         concurrency,
+        prefetch_multiplier,
         broker_url,
         backend_url,
         result_expires: section.result_expires.unwrap_or(results::DEFAULT_EXPIRES),

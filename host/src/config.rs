@@ -88,6 +88,8 @@ pub struct WorkerSection {
     pub broker_url: Option<String>,
     pub result_backend: Option<String>,
     pub concurrency: Option<usize>,
+    /// Unstarted messages held per slot (Celery's `worker_prefetch_multiplier`).
+    pub prefetch_multiplier: Option<usize>,
     pub queues: Option<Vec<String>>,
     pub plugins: Option<PathBuf>,
     pub hostname: Option<String>,

@@ -13,6 +13,7 @@
 //! - [`deadletter`]: the dead-letter list, for operators.
 //! - [`sandbox`]: the wasmtime engine, per-task stores, the host side of the WIT imports.
 //! - [`worker`]: the fetch → run → settle loop.
+//! - [`settler`]: task outcomes written in batches (group commit).
 //! - [`recovery`]: heartbeats, and returning a dead worker's tasks.
 //! - [`control`]: Celery's remote control (revoke, ping).
 //! - [`shutdown`]: the stop flag every loop watches.
@@ -32,5 +33,6 @@ pub mod protocol;
 pub mod recovery;
 pub mod results;
 pub mod sandbox;
+pub mod settler;
 pub mod shutdown;
 pub mod worker;

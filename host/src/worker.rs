@@ -17,6 +17,7 @@ use crate::protocol::{self, Exception, State, TaskMessage};
 use crate::recovery::{Health, Presence};
 use crate::results::Backend;
 use crate::sandbox::{Outcome, Progress, Sandbox, SandboxOptions, Scope, Task};
+use crate::settler::Settler;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use serde_json::Value;
@@ -43,6 +44,8 @@ pub struct WorkerConfig {
     pub node: String,
     pub queues: Vec<String>,
     pub concurrency: usize,
+    /// Unstarted messages held per slot, at most (Celery's `worker_prefetch_multiplier`).
+    pub prefetch_multiplier: usize,
     pub broker_url: String,
     pub backend_url: String,
     pub result_expires: u64,
@@ -72,6 +75,7 @@ struct Shared {
     plugins: Arc<Live>,
     broker: Broker,
     backend: Backend,
+    settler: Settler,
     grants: Arc<ArcSwap<GrantTable>>,
     node: String,
     overrides: TaskOverrides,
@@ -152,11 +156,17 @@ pub async fn run(
     let grants = Arc::new(ArcSwap::from_pointee(config.grants.clone()));
     let plugins =
         Arc::new(Live::open(sandbox.clone(), cache, &config.plugins_dir, grants.clone()).await?);
+    let settler = Settler::start(
+        broker.clone(),
+        backend.clone(),
+        config.broker_url == config.backend_url,
+    );
     let shared = Arc::new(Shared {
         sandbox,
         plugins,
         broker,
         backend,
+        settler,
         grants,
         node: config.node.clone(),
         overrides: config.task_overrides.clone(),
@@ -234,7 +244,15 @@ pub async fn run(
             () = crate::shutdown::stopped(&mut stop) => break,
         };
         shared.health.set_waiting_for_slot(false);
-        let Some(delivery) = fetcher.next(semaphore.available_permits() + 1).await else {
+        // Fetched in batches (fewer Redis calls per task), at most the prefetch allowance
+        // beyond the free slots: what is fetched waits in the in-flight list, safe, but
+        // unavailable to other workers.
+        let batch = (semaphore.available_permits() + 1).max(
+            config
+                .concurrency
+                .saturating_mul(config.prefetch_multiplier),
+        );
+        let Some(delivery) = fetcher.next(batch).await else {
             break;
         };
         // Known as running before the handler starts, so a reconciliation in between does not
@@ -697,16 +715,30 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
     let now = OffsetDateTime::now_utc();
     if message.expires.is_some_and(|e| e <= now) {
         let exc = Exception::new("TaskRevokedError", "expired");
-        store_for(shared, &message, State::Revoked, exc.to_json(), None).await;
         tracing::info!(task_id = %message.id, task = %message.task, "task expired before it ran: REVOKED");
-        settle(shared, delivery, &message).await;
+        finish(
+            shared,
+            delivery,
+            &message,
+            State::Revoked,
+            exc.to_json(),
+            None,
+        )
+        .await;
         return;
     }
     if shared.revocations.is_revoked(&message.id) {
         let exc = Exception::new("TaskRevokedError", "revoked");
-        store_for(shared, &message, State::Revoked, exc.to_json(), None).await;
         tracing::info!(task_id = %message.id, task = %message.task, "task revoked before it ran: REVOKED");
-        settle(shared, delivery, &message).await;
+        finish(
+            shared,
+            delivery,
+            &message,
+            State::Revoked,
+            exc.to_json(),
+            None,
+        )
+        .await;
         return;
     }
     if let Some(eta) = message.eta.filter(|eta| *eta > now) {
@@ -767,9 +799,16 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
     shared.revocations.finished(&message.id);
     let Some(outcome) = outcome else {
         let exc = Exception::new("TaskRevokedError", "terminated");
-        store_for(shared, &message, State::Revoked, exc.to_json(), None).await;
         tracing::info!(task_id = %message.id, task = %message.task, "task terminated by a revoke: REVOKED");
-        settle(shared, delivery, &message).await;
+        finish(
+            shared,
+            delivery,
+            &message,
+            State::Revoked,
+            exc.to_json(),
+            None,
+        )
+        .await;
         return;
     };
     let policy = RetryPolicy::of(&spec, shared.overrides.get(&message.task));
@@ -784,8 +823,7 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         Outcome::Success(json) => match serde_json::from_str::<Value>(&json) {
             Ok(value) => {
                 log("succeeded");
-                store_for(shared, &message, State::Success, value, None).await;
-                settle(shared, delivery, &message).await;
+                finish(shared, delivery, &message, State::Success, value, None).await;
             }
             Err(e) => {
                 let exc =
@@ -918,15 +956,15 @@ pub fn time_limits(
 /// Stores a FAILURE and settles the message.
 async fn fail(shared: &Shared, delivery: &Delivery, message: &TaskMessage, exc: &Exception) {
     tracing::warn!(task_id = %message.id, task = %message.task, "{}: {}", exc.kind, exc.message);
-    store_for(
+    finish(
         shared,
+        delivery,
         message,
         State::Failure,
         exc.to_json(),
         exc.traceback.as_deref(),
     )
     .await;
-    settle(shared, delivery, message).await;
 }
 
 /// Celery's retry: after `max_retries` the task fails with the reason; before, the RETRY state
@@ -1055,11 +1093,32 @@ async fn store_for(
     retrying("store a result", || shared.backend.store(&message.id, &doc)).await;
 }
 
-async fn settle(shared: &Shared, delivery: &Delivery, message: &TaskMessage) {
-    let ok = retrying("acknowledge a message", || shared.broker.ack(delivery)).await;
-    if !ok {
-        tracing::error!(task_id = %message.id, "message stays in {}", shared.broker.inflight_key(&delivery.source));
-    }
+/// Stores the task's final state (unless the producer asked to ignore its result) and
+/// acknowledges its message, through the settler's batches.
+async fn finish(
+    shared: &Shared,
+    delivery: &Delivery,
+    message: &TaskMessage,
+    state: State,
+    result: Value,
+    traceback: Option<&str>,
+) {
+    let document = (!message.ignore_result).then(|| {
+        let doc = protocol::result_document(
+            &message.id,
+            state.as_str(),
+            result,
+            traceback,
+            message.parent_id.as_deref(),
+            message.group.as_deref(),
+            OffsetDateTime::now_utc(),
+        );
+        (message.id.clone(), doc)
+    });
+    shared
+        .settler
+        .settle(document, state == State::Success, delivery)
+        .await;
 }
 
 /// For a message that cannot be run: fails its task with `exc` where the message has a task
@@ -1101,7 +1160,7 @@ async fn refuse(
 /// Retries a Redis write until it works, with backoff: a result is never dropped because Redis
 /// was away for a while. (While it fails, the message stays in the in-flight list: late, never
 /// lost; a stop that cannot wait aborts this and leaves it there for recovery.)
-async fn retrying<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+pub(crate) async fn retrying<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     what: &str,
     mut op: impl FnMut() -> F,
 ) -> bool {

@@ -35,10 +35,19 @@ pub fn root() -> PathBuf {
 
 /// The target directory this test binary was built into.
 pub fn target_dir() -> PathBuf {
-    // current_exe is <target>/<profile>/deps/<test binary>.
+    // current_exe is <target>/<profile>/deps/<test binary>, or <target>/<profile>/<binary>
+    // for a binary using the harness (the bench).
     std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
+        .and_then(|exe| {
+            let dir = exe.parent()?;
+            let profile_dir = if dir.file_name()? == "deps" {
+                dir.parent()?
+            } else {
+                dir
+            };
+            profile_dir.parent().map(Path::to_path_buf)
+        })
         .unwrap_or_else(|| root().join("target"))
 }
 

@@ -164,13 +164,17 @@ pub struct Sandbox {
 struct Compute(Option<tokio::runtime::Runtime>);
 
 impl Compute {
-    /// One thread per core, or `TASKHOST_GUEST_THREADS`.
+    /// One thread per core, or `TASKHOST_GUEST_THREADS`; 0 runs guests on the caller's
+    /// runtime (one thread hop less per task, but a computing guest then shares the I/O
+    /// threads).
     fn new() -> std::io::Result<Self> {
         let threads = std::env::var("TASKHOST_GUEST_THREADS")
             .ok()
             .and_then(|t| t.parse::<usize>().ok())
-            .filter(|t| *t > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if threads == 0 {
+            return Ok(Self(None));
+        }
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("taskhost-wasm")

@@ -31,6 +31,18 @@ tasks! {
         Err(Failure::error("RuntimeError", message))
     }
 
+    /// Reports progress `steps` times through the host interface (Celery's `update_state`, state
+    /// `PROGRESS` with `{"current": n, "total": steps}`), then returns `steps`.
+    #[task(name = "demo.progress")]
+    fn progress(steps: u32) -> Result<u32> {
+        for current in 1..=steps {
+            let meta = serde_json::json!({"current": current, "total": steps});
+            taskhost_sdk::update_state("PROGRESS", &meta)
+                .map_err(|e| Failure::error("RuntimeError", format!("cannot report progress: {e}")))?;
+        }
+        Ok(steps)
+    }
+
     /// Asks to be retried, with its backoff (0.1 s, doubling), until its retry count equals
     /// `times`, then returns it.
     #[task(name = "demo.retry", max_retries = 10, retry_backoff = 0.1, retry_jitter = false)]

@@ -1,0 +1,212 @@
+//! The host's per-task cost, split into its parts, beside a bare wasmtime loop over the same
+//! component (fresh store, instantiate from the pre-linked component, call):
+//!
+//!     cargo bench -p taskhost-bench --bench per_task
+//!
+//! Parts: decode (the Redis message into a task), registry lookup, sandbox run (a fresh
+//! pooled instance with the host's store: WASI context, limits, HTTP policy; instantiate; call;
+//! on the guest threads as the worker runs it), encode (the result document), result write (to
+//! a private redis-server); and "host per task", decode + lookup + run + encode in one.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use serde_json::json;
+use std::hint::black_box;
+use std::sync::Arc;
+use taskhost::config::{DEFAULT_STACK_KB, DEFAULT_TABLE_ELEMENTS, GrantTable, Limits};
+use taskhost::plugins::Registry;
+use taskhost::protocol::{self, TaskMessage};
+use taskhost::results::Backend;
+use taskhost::sandbox::{Sandbox, SandboxOptions, Scope, Task, bindings};
+use taskhost_tests::{RedisServer, TestDir, celery_message, plugin_wasm};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+const SLOTS: u32 = 8;
+
+fn per_task(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let options = SandboxOptions {
+        max_instances: SLOTS,
+        max_memory_bytes: Limits::default().memory_bytes,
+        max_table_elements: DEFAULT_TABLE_ELEMENTS,
+        stack_bytes: usize::try_from(DEFAULT_STACK_KB * 1024).expect("stack size"),
+    };
+    let sandbox = Arc::new(Sandbox::new(&options).expect("sandbox"));
+    let grants = GrantTable::default();
+    let path = plugin_wasm("demo");
+    let wasm = std::fs::read(&path).expect("read demo.wasm");
+    let plugin = runtime
+        .block_on(taskhost::plugins::load(
+            &sandbox,
+            None,
+            &path,
+            wasm.clone(),
+            &grants,
+        ))
+        .expect("load demo.wasm");
+    let registry = Registry::default()
+        .with(Arc::new(plugin))
+        .expect("registry");
+    let id = uuid::Uuid::new_v4().to_string();
+    let raw = celery_message(&id, "demo.add", json!([1, 2]), json!({}), "celery").into_bytes();
+    let message = TaskMessage::decode(&raw).expect("decode");
+    let (plugin, _) = registry.resolve("demo.add").expect("demo.add is served");
+    let scope = Scope {
+        plugin: plugin.name.clone(),
+        task_name: message.task.clone(),
+        task_id: message.id.as_str().into(),
+        grants: grants.for_plugin(&plugin.name),
+        progress: None,
+    };
+    let task = task_of(&message);
+
+    let mut group = c.benchmark_group("per task");
+    group.bench_function("decode", |b| {
+        b.iter(|| TaskMessage::decode(black_box(&raw)).map(|m| m.id.len()))
+    });
+    group.bench_function("registry lookup", |b| {
+        b.iter(|| {
+            registry
+                .resolve(black_box("demo.add"))
+                .map(|(p, _)| p.name.len())
+        })
+    });
+    group.bench_function("sandbox run (instantiate + call)", |b| {
+        b.iter(|| runtime.block_on(sandbox.run(&plugin.pre, scope.clone(), &task, None)))
+    });
+    group.bench_function("encode", |b| b.iter(|| encode(black_box("3"), &message)));
+    group.bench_function("host per task (decode + lookup + run + encode)", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let message = TaskMessage::decode(&raw).expect("decode");
+                let (plugin, _) = registry.resolve(&message.task).expect("served");
+                let outcome = sandbox
+                    .run(&plugin.pre, scope.clone(), &task_of(&message), None)
+                    .await;
+                match outcome {
+                    taskhost::sandbox::Outcome::Success(json) => encode(&json, &message),
+                    other => panic!("demo.add did not succeed: {other:?}"),
+                }
+            })
+        })
+    });
+
+    let bare = Bare::new(&wasm);
+    group.bench_function("bare wasmtime loop (store + instantiate + call)", |b| {
+        b.iter(|| runtime.block_on(bare.run(&task)))
+    });
+
+    let dir = TestDir::new("bench-per-task");
+    let redis = RedisServer::start(&dir);
+    let backend = runtime
+        .block_on(Backend::connect(
+            &redis.url(1),
+            taskhost::results::DEFAULT_EXPIRES,
+        ))
+        .expect("backend");
+    let doc = encode("3", &message);
+    group.bench_function("result write (one task, one round trip)", |b| {
+        b.iter(|| runtime.block_on(backend.store(&message.id, &doc)))
+    });
+    group.finish();
+}
+
+/// The task record the worker hands the guest.
+fn task_of(message: &TaskMessage) -> Task {
+    Task {
+        id: message.id.clone(),
+        name: message.task.clone(),
+        args: message.args.to_string(),
+        kwargs: message.kwargs.to_string(),
+        retries: message.retries,
+        root_id: message.root_id.clone(),
+        parent_id: message.parent_id.clone(),
+        soft_deadline_ms: None,
+        hostname: "bench@localhost".into(),
+    }
+}
+
+/// The result document as the worker stores it.
+fn encode(json: &str, message: &TaskMessage) -> String {
+    let value: serde_json::Value = serde_json::from_str(json).expect("result JSON");
+    protocol::result_document(
+        &message.id,
+        "SUCCESS",
+        value,
+        None,
+        message.parent_id.as_deref(),
+        message.group.as_deref(),
+        time::OffsetDateTime::now_utc(),
+    )
+}
+
+/// The least wasmtime needs to run a task: an engine configured as the host's (pooling,
+/// epoch interruption), WASI linked, the host interface trapping (demo.add does not call it).
+struct Bare {
+    engine: Engine,
+    pre: bindings::PluginPre<BareState>,
+}
+
+struct BareState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+impl WasiView for BareState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl Bare {
+    fn new(wasm: &[u8]) -> Self {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(SLOTS)
+            .total_core_instances(SLOTS * 8)
+            .total_memories(SLOTS * 2)
+            .total_tables(SLOTS * 4)
+            .total_stacks(SLOTS)
+            .max_memory_size(Limits::default().memory_bytes);
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).expect("engine");
+        let component = Component::new(&engine, wasm).expect("compile demo.wasm");
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).expect("link WASI");
+        linker
+            .define_unknown_imports_as_traps(&component)
+            .expect("trap the rest");
+        let pre = bindings::PluginPre::new(linker.instantiate_pre(&component).expect("pre"))
+            .expect("plugin pre");
+        Self { engine, pre }
+    }
+
+    async fn run(&self, task: &Task) -> String {
+        let state = BareState {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.set_epoch_deadline(u64::MAX / 2);
+        let plugin = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .expect("instantiate");
+        plugin
+            .taskhost_plugin_handler()
+            .call_run(&mut store, task)
+            .await
+            .expect("call")
+            .expect("demo.add succeeds")
+    }
+}
+
+criterion_group!(benches, per_task);
+criterion_main!(benches);

@@ -1,0 +1,18 @@
+//! `taskhost-bench`: taskhost beside a real Celery 5.7 worker, one private `redis-server`, one
+//! producer, the very same protocol-v2 messages; prints a table of figures with their ratios.
+//! `bench/run` is the documented way to run it (it builds the plugins and sets up Python).
+
+mod ceiling;
+mod measure;
+mod options;
+mod report;
+mod run;
+mod workers;
+mod workload;
+
+use clap::Parser as _;
+
+fn main() {
+    let options = options::Options::parse();
+    run::run(&options);
+}

@@ -1,0 +1,52 @@
+//! What the bench measures and how hard.
+
+use clap::Parser;
+
+/// taskhost beside a real Celery 5.7 worker on one private Redis: drain throughput, latency at
+/// fixed rates, memory, start time, scaling, and the Redis ceiling; each figure repeated.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "taskhost-bench")]
+pub struct Options {
+    /// Tasks pre-loaded for each drain.
+    #[arg(long, default_value_t = 5_000)]
+    pub tasks: usize,
+    /// Times each figure is measured (the table shows min / median / max).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Seconds each fixed-rate latency run sends for.
+    #[arg(long, default_value_t = 3.0)]
+    pub latency_seconds: f64,
+    /// The fixed offered rates, tasks/s.
+    #[arg(long, value_delimiter = ',', default_values_t = [200.0, 2000.0])]
+    pub rates: Vec<f64>,
+    /// taskhost concurrencies for the drain runs.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 16])]
+    pub concurrency: Vec<usize>,
+    /// Numbers of taskhost worker processes for the scaling runs.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4])]
+    pub processes: Vec<usize>,
+    /// Leave Celery out (taskhost and the ceiling only).
+    #[arg(long)]
+    pub no_celery: bool,
+    /// A quick run that only shows the bench works: few tasks, one repeat, short latency runs.
+    #[arg(long)]
+    pub smoke: bool,
+}
+
+impl Options {
+    /// The options with `--smoke` applied.
+    pub fn effective(&self) -> Self {
+        if !self.smoke {
+            return self.clone();
+        }
+        Self {
+            tasks: self.tasks.min(40),
+            repeat: 1,
+            latency_seconds: 0.3,
+            rates: vec![50.0],
+            concurrency: vec![1, 4],
+            processes: vec![1, 2],
+            ..self.clone()
+        }
+    }
+}

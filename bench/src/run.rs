@@ -1,0 +1,289 @@
+//! The whole bench, in one run on one Redis: every contender drains every workload, answers at
+//! fixed rates, is weighed idle and under load, and is timed from start to first result; then
+//! the Redis ceilings and the scaling over worker processes. Prints the table.
+
+use crate::measure;
+use crate::options::Options;
+use crate::report::{Figure, Section, number, percent, times};
+use crate::workers::{Contender, Memory, Stage};
+use crate::workload::{self, Workload};
+use std::collections::BTreeMap;
+use taskhost_tests::bench::{cores, load_average};
+
+/// The reference every ratio is taken against.
+const REFERENCE: Contender = Contender::CeleryPrefork { concurrency: 2 };
+/// taskhost's default concurrency, used for the scaling runs.
+const DEFAULT_CONCURRENCY: usize = 4;
+
+pub fn run(options: &Options) {
+    let o = options.effective();
+    println!(
+        "taskhost-bench: {} tasks per drain, {} repeat(s) per figure (min / median / max); {} cores; load average {}",
+        o.tasks,
+        o.repeat,
+        cores(),
+        load_average()
+    );
+    let stage = Stage::new();
+    let workloads = workload::all(o.tasks);
+    let mut contenders = Vec::new();
+    if !o.no_celery {
+        contenders.push(REFERENCE);
+        contenders.push(Contender::CeleryThreads { concurrency: 8 });
+    }
+    contenders.extend(o.concurrency.iter().map(|c| Contender::taskhost(*c)));
+
+    let mut results = Results::default();
+    for contender in &contenders {
+        eprintln!("bench: {} ...", contender.label());
+        stage.flush();
+        let running = stage.start(contender);
+        let idle = running.memory();
+        let mut peak = idle;
+        for w in &workloads {
+            for _ in 0..o.repeat {
+                let drain = measure::drain(&stage, &running, w);
+                peak = peak.max(drain.peak);
+                results.drain(contender, w, drain.tasks_per_s, drain.cpu_us_per_task);
+            }
+        }
+        for rate in &o.rates {
+            for _ in 0..o.repeat {
+                let latency = measure::latency(&stage, *rate, o.latency_seconds);
+                results.latency(contender, *rate, &latency);
+            }
+        }
+        results.memory.insert(contender.label(), (idle, peak));
+        running.stop();
+    }
+
+    eprintln!("bench: start to first result ...");
+    let mut starts: Vec<(String, Vec<f64>)> = Vec::new();
+    let taskhost = Contender::taskhost(DEFAULT_CONCURRENCY);
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for i in 0..o.repeat {
+        let cache = stage.dir.path().join(format!("start-cache-{i}"));
+        cold.push(ms(measure::first_result(&stage, &taskhost, Some(&cache))));
+        warm.push(ms(measure::first_result(&stage, &taskhost, Some(&cache))));
+    }
+    starts.push((format!("{} cold (compiles)", taskhost.label()), cold));
+    starts.push((format!("{} precompile cache", taskhost.label()), warm));
+    if !o.no_celery {
+        let runs = (0..o.repeat)
+            .map(|_| ms(measure::first_result(&stage, &REFERENCE, None)))
+            .collect();
+        starts.push((REFERENCE.label(), runs));
+    }
+
+    eprintln!("bench: Redis ceilings ...");
+    let (broker_url, backend_url) = (stage.redis.url(0), stage.redis.url(1));
+    let mut ceilings: BTreeMap<&str, (Figure, Figure)> = BTreeMap::new();
+    for w in &workloads {
+        let bare = (0..o.repeat)
+            .map(|_| crate::ceiling::bare(&broker_url, &backend_url, w))
+            .collect();
+        let own = (0..o.repeat)
+            .map(|_| crate::ceiling::taskhost(&broker_url, &backend_url, w))
+            .collect();
+        ceilings.insert(
+            w.label,
+            (
+                Figure::new("pop + SET EX + PUBLISH, pipelined", bare),
+                Figure::new("taskhost's per-task Redis work, pipelined", own),
+            ),
+        );
+    }
+
+    eprintln!("bench: scaling over worker processes ...");
+    let add = &workloads[0];
+    let mut scaling = Vec::new();
+    for processes in &o.processes {
+        let contender = Contender::Taskhost {
+            concurrency: DEFAULT_CONCURRENCY,
+            processes: *processes,
+        };
+        stage.flush();
+        let running = stage.start(&contender);
+        let runs = (0..o.repeat)
+            .map(|_| measure::drain(&stage, &running, add).tasks_per_s)
+            .collect();
+        running.stop();
+        scaling.push(Figure::new(contender.label(), runs));
+    }
+
+    results.print(&contenders, &workloads, &o.rates, &ceilings);
+    let reference_start = starts
+        .iter()
+        .find(|(label, _)| *label == REFERENCE.label())
+        .map(|(_, v)| Figure::new("", v.clone()).median());
+    let mut section = Section::new("start to first result", "ms", &["x celery"]);
+    for (label, values) in starts {
+        let figure = Figure::new(label, values);
+        let ratio = times(figure.median(), reference_start);
+        section.row(figure, vec![ratio]);
+    }
+    section.print();
+    let ceiling = ceilings.get(add.label).map(|(_, own)| own.median());
+    let mut section = Section::new(
+        "scaling: demo.add drain over taskhost worker processes",
+        "tasks/s",
+        &["% of ceiling"],
+    );
+    for figure in scaling {
+        let ratio = percent(figure.median(), ceiling);
+        section.row(figure, vec![ratio]);
+    }
+    section.print();
+    println!();
+    println!("load average at the end: {}", load_average());
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Figures by contender.
+#[derive(Default)]
+struct Results {
+    /// (contender, workload) → tasks/s per repeat.
+    throughput: BTreeMap<(String, &'static str), Vec<f64>>,
+    /// (contender, workload) → worker CPU µs per task per repeat.
+    cpu: BTreeMap<(String, &'static str), Vec<f64>>,
+    /// (contender, rate) → (p50, p99, max, completed/s) per repeat.
+    latency: BTreeMap<(String, u64), Vec<measure::Latency>>,
+    /// contender → (idle, peak under load).
+    memory: BTreeMap<String, (Memory, Memory)>,
+}
+
+impl Results {
+    fn drain(&mut self, contender: &Contender, w: &Workload, tasks_per_s: f64, cpu_us: f64) {
+        let key = (contender.label(), w.label);
+        self.throughput
+            .entry(key.clone())
+            .or_default()
+            .push(tasks_per_s);
+        self.cpu.entry(key).or_default().push(cpu_us);
+    }
+
+    fn latency(&mut self, contender: &Contender, rate: f64, latency: &measure::Latency) {
+        self.latency
+            .entry((contender.label(), rate as u64))
+            .or_default()
+            .push(latency.clone());
+    }
+
+    fn print(
+        &self,
+        contenders: &[Contender],
+        workloads: &[Workload],
+        rates: &[f64],
+        ceilings: &BTreeMap<&str, (Figure, Figure)>,
+    ) {
+        let reference = REFERENCE.label();
+        for w in workloads {
+            let reference_rate = self
+                .throughput
+                .get(&(reference.clone(), w.label))
+                .map(|v| Figure::new("", v.clone()).median());
+            let (bare, own) = ceilings
+                .get(w.label)
+                .map(|(b, o)| (Some(b.median()), Some(o.median())))
+                .unwrap_or((None, None));
+            let mut section = Section::new(
+                format!(
+                    "drain throughput: {} {} ",
+                    workloads[0].messages.len(),
+                    w.label
+                ),
+                "tasks/s",
+                &[
+                    "x celery -c 2",
+                    "% bare ceiling",
+                    "% own ceiling",
+                    "CPU us/task",
+                ],
+            );
+            for contender in contenders {
+                let key = (contender.label(), w.label);
+                let Some(values) = self.throughput.get(&key) else {
+                    continue;
+                };
+                let figure = Figure::new(contender.label(), values.clone());
+                let cpu = self
+                    .cpu
+                    .get(&key)
+                    .map(|v| number(Figure::new("", v.clone()).median()))
+                    .unwrap_or_default();
+                let median = figure.median();
+                let own_ratio = if contender.is_celery() {
+                    String::new()
+                } else {
+                    percent(median, own)
+                };
+                section.row(
+                    figure,
+                    vec![
+                        times(median, reference_rate),
+                        percent(median, bare),
+                        own_ratio,
+                        cpu,
+                    ],
+                );
+            }
+            if let Some((bare, own)) = ceilings.get(w.label) {
+                section.row(bare.clone(), vec![String::new(); 4]);
+                section.row(own.clone(), vec![String::new(); 4]);
+            }
+            section.print();
+        }
+        for rate in rates {
+            let mut section = Section::new(
+                format!("latency of demo.add at {rate} tasks/s offered: p99"),
+                "ms",
+                &["p50 (median)", "max (median)", "done/s (median)"],
+            );
+            for contender in contenders {
+                let Some(runs) = self.latency.get(&(contender.label(), *rate as u64)) else {
+                    continue;
+                };
+                let pick = |f: fn(&measure::Latency) -> f64| {
+                    Figure::new("", runs.iter().map(f).collect()).median()
+                };
+                section.row(
+                    Figure::new(contender.label(), runs.iter().map(|l| l.p99_ms).collect()),
+                    vec![
+                        number(pick(|l| l.p50_ms)),
+                        number(pick(|l| l.max_ms)),
+                        number(pick(|l| l.completed_per_s)),
+                    ],
+                );
+            }
+            section.print();
+        }
+        let mut section = Section::new(
+            "memory of the whole worker (all processes): RSS under load",
+            "MiB",
+            &["x celery -c 2", "idle RSS", "PSS under load"],
+        );
+        let reference_peak = self
+            .memory
+            .get(&reference)
+            .map(|(_, peak)| mib(peak.rss_kib));
+        for contender in contenders {
+            let Some((idle, peak)) = self.memory.get(&contender.label()) else {
+                continue;
+            };
+            let figure = Figure::new(contender.label(), vec![mib(peak.rss_kib)]);
+            let ratio = times(mib(peak.rss_kib), reference_peak);
+            section.row(
+                figure,
+                vec![ratio, number(mib(idle.rss_kib)), number(mib(peak.pss_kib))],
+            );
+        }
+        section.print();
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}

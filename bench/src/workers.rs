@@ -1,0 +1,269 @@
+//! The contenders: taskhost worker processes and a real Celery worker, started on the bench's
+//! Redis and ready to consume; and the memory of a whole worker (every process of it).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use taskhost_tests::{Process, RedisServer, TestDir};
+
+/// A worker configuration under test.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Contender {
+    /// `processes` taskhost workers with `-c concurrency` each.
+    Taskhost {
+        concurrency: usize,
+        processes: usize,
+    },
+    /// Celery with its prefork pool.
+    CeleryPrefork { concurrency: usize },
+    /// Celery with its thread pool.
+    CeleryThreads { concurrency: usize },
+}
+
+impl Contender {
+    pub fn taskhost(concurrency: usize) -> Self {
+        Self::Taskhost {
+            concurrency,
+            processes: 1,
+        }
+    }
+
+    pub fn is_celery(&self) -> bool {
+        !matches!(self, Self::Taskhost { .. })
+    }
+
+    pub fn label(&self) -> String {
+        match self {
+            Self::Taskhost {
+                concurrency,
+                processes: 1,
+            } => format!("taskhost -c {concurrency}"),
+            Self::Taskhost {
+                concurrency,
+                processes,
+            } => format!("taskhost {processes} procs x -c {concurrency}"),
+            Self::CeleryPrefork { concurrency } => format!("celery prefork -c {concurrency}"),
+            Self::CeleryThreads { concurrency } => format!("celery threads -c {concurrency}"),
+        }
+    }
+}
+
+/// Where the contenders run: the private Redis (broker db 0, results db 1), the plugins, the
+/// Celery app.
+pub struct Stage {
+    pub dir: TestDir,
+    pub redis: RedisServer,
+    pub plugins: PathBuf,
+    celery_app: PathBuf,
+}
+
+impl Stage {
+    pub fn new() -> Self {
+        let dir = TestDir::new("bench");
+        let redis = RedisServer::start(&dir);
+        let plugins = dir.plugins(&["demo", "crucible"]);
+        let celery_app = dir.path().join("celery-app");
+        std::fs::create_dir_all(&celery_app).expect("create the Celery app directory");
+        std::fs::copy(
+            taskhost_tests::root().join("bench").join("celery_app.py"),
+            celery_app.join("celery_app.py"),
+        )
+        .expect("copy bench/celery_app.py");
+        Self {
+            dir,
+            redis,
+            plugins,
+            celery_app,
+        }
+    }
+
+    /// Empties both databases: no queue, no result, no trace of an earlier worker.
+    pub fn flush(&self) {
+        redis::cmd("FLUSHALL")
+            .exec(&mut self.redis.conn(0))
+            .expect("FLUSHALL");
+    }
+
+    /// Starts `contender` and returns once it is consuming.
+    pub fn start(&self, contender: &Contender) -> Running {
+        self.start_with(contender, None, true)
+    }
+
+    /// Starts `contender`; taskhost with its precompile cache in `cache_dir` if given. With
+    /// `wait`, returns once it is consuming; otherwise at once.
+    pub fn start_with(
+        &self,
+        contender: &Contender,
+        cache_dir: Option<&Path>,
+        wait: bool,
+    ) -> Running {
+        let processes = match contender {
+            Contender::Taskhost {
+                concurrency,
+                processes,
+            } => (0..*processes)
+                .map(|i| self.taskhost(*concurrency, i, cache_dir, wait))
+                .collect(),
+            Contender::CeleryPrefork { concurrency } => {
+                vec![self.celery("prefork", *concurrency, wait)]
+            }
+            Contender::CeleryThreads { concurrency } => {
+                vec![self.celery("threads", *concurrency, wait)]
+            }
+        };
+        Running { processes }
+    }
+
+    fn taskhost(
+        &self,
+        concurrency: usize,
+        index: usize,
+        cache: Option<&Path>,
+        wait: bool,
+    ) -> Process {
+        let (broker, backend) = (self.redis.url(0), self.redis.url(1));
+        let plugins = self.plugins.to_string_lossy().into_owned();
+        let (c, node) = (concurrency.to_string(), format!("bench{index}@%h"));
+        let mut args = vec![
+            "worker",
+            "--broker",
+            &broker,
+            "--result-backend",
+            &backend,
+            "--plugins",
+            &plugins,
+            "-c",
+            &c,
+            "-n",
+            &node,
+        ];
+        let cache = cache.map(|c| c.to_string_lossy().into_owned());
+        if let Some(cache) = &cache {
+            args.extend(["--cache-dir", cache]);
+        }
+        let log = format!("taskhost-{index}-{}.log", uuid::Uuid::new_v4());
+        let worker = Process::spawn(&self.dir, &log, Process::command(&self.dir, &args));
+        if wait {
+            worker.wait_log("worker ready");
+        }
+        worker
+    }
+
+    fn celery(&self, pool: &str, concurrency: usize, wait: bool) -> Process {
+        let mut command = Command::new(taskhost_tests::python());
+        command
+            .current_dir(&self.celery_app)
+            .args([
+                "-m",
+                "celery",
+                "-A",
+                "celery_app",
+                "worker",
+                "-P",
+                pool,
+                "-c",
+            ])
+            .arg(concurrency.to_string())
+            .args(["-n", "celery-bench@%h", "--loglevel", "WARNING"])
+            .env("BENCH_BROKER", self.redis.url(0))
+            .env("BENCH_BACKEND", self.redis.url(1))
+            .env("PYTHONDONTWRITEBYTECODE", "1");
+        let log = format!("celery-{pool}-{}.log", uuid::Uuid::new_v4());
+        let worker = Process::spawn(&self.dir, &log, command);
+        if wait {
+            worker.wait_log("bench: celery worker ready");
+        }
+        worker
+    }
+}
+
+/// A started contender; its processes are stopped when dropped.
+pub struct Running {
+    processes: Vec<Process>,
+}
+
+impl Running {
+    /// Every process of the worker: the started ones and their descendants (Celery's pool).
+    pub fn pids(&self) -> Vec<u32> {
+        let roots: Vec<u32> = self.processes.iter().map(Process::pid).collect();
+        let parents = parent_table();
+        let mut all = roots.clone();
+        let mut frontier = roots;
+        while let Some(pid) = frontier.pop() {
+            for (child, _) in parents.iter().filter(|(_, parent)| *parent == pid) {
+                all.push(*child);
+                frontier.push(*child);
+            }
+        }
+        all
+    }
+
+    /// The worker's memory now.
+    pub fn memory(&self) -> Memory {
+        Memory::of(&self.pids())
+    }
+
+    /// Stops the worker as an operator would (SIGTERM) and waits for it.
+    pub fn stop(mut self) {
+        for process in &mut self.processes {
+            process.stop_with(libc::SIGTERM);
+        }
+    }
+}
+
+/// (pid, parent pid) of every process.
+fn parent_table() -> Vec<(u32, u32)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The fields after the command name (which may hold spaces) start after ')'.
+            let ppid = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
+}
+
+/// Resident and proportional memory of a set of processes, KiB.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Memory {
+    pub rss_kib: u64,
+    pub pss_kib: u64,
+}
+
+impl Memory {
+    pub fn of(pids: &[u32]) -> Self {
+        let mut total = Self::default();
+        for pid in pids {
+            let Ok(rollup) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+                continue;
+            };
+            let field = |name: &str| -> u64 {
+                rollup
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            total.rss_kib += field("Rss:");
+            total.pss_kib += field("Pss:");
+        }
+        total
+    }
+
+    pub fn max(self, other: Self) -> Self {
+        Self {
+            rss_kib: self.rss_kib.max(other.rss_kib),
+            pss_kib: self.pss_kib.max(other.pss_kib),
+        }
+    }
+}
