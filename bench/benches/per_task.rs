@@ -17,6 +17,7 @@ use taskhost::plugins::Registry;
 use taskhost::protocol::{self, TaskMessage};
 use taskhost::results::Backend;
 use taskhost::sandbox::{Sandbox, SandboxOptions, Scope, Task, bindings};
+use taskhost::worker::task_record;
 use taskhost_tests::{RedisServer, TestDir, celery_message, plugin_wasm};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
@@ -59,7 +60,7 @@ fn per_task(c: &mut Criterion) {
         grants: grants.for_plugin(&plugin.name),
         progress: None,
     };
-    let task = task_of(&message);
+    let task = task_record(&message, None, "bench@localhost");
 
     let mut group = c.benchmark_group("per task");
     group.bench_function("decode", |b| {
@@ -82,7 +83,12 @@ fn per_task(c: &mut Criterion) {
                 let message = TaskMessage::decode(&raw).expect("decode");
                 let (plugin, _) = registry.resolve(&message.task).expect("served");
                 let outcome = sandbox
-                    .run(&plugin.pre, scope.clone(), &task_of(&message), None)
+                    .run(
+                        &plugin.pre,
+                        scope.clone(),
+                        &task_record(&message, None, "bench@localhost"),
+                        None,
+                    )
                     .await;
                 match outcome {
                     taskhost::sandbox::Outcome::Success(json) => encode(&json, &message),
@@ -110,21 +116,6 @@ fn per_task(c: &mut Criterion) {
         b.iter(|| runtime.block_on(backend.store(&message.id, &doc)))
     });
     group.finish();
-}
-
-/// The task record the worker hands the guest.
-fn task_of(message: &TaskMessage) -> Task {
-    Task {
-        id: message.id.clone(),
-        name: message.task.clone(),
-        args: message.args.to_string(),
-        kwargs: message.kwargs.to_string(),
-        retries: message.retries,
-        root_id: message.root_id.clone(),
-        parent_id: message.parent_id.clone(),
-        soft_deadline_ms: None,
-        hostname: "bench@localhost".into(),
-    }
 }
 
 /// The result document as the worker stores it.

@@ -714,29 +714,23 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
     };
     let now = OffsetDateTime::now_utc();
     if message.expires.is_some_and(|e| e <= now) {
-        let exc = Exception::new("TaskRevokedError", "expired");
-        tracing::info!(task_id = %message.id, task = %message.task, "task expired before it ran: REVOKED");
-        finish(
+        finish_revoked(
             shared,
             delivery,
             &message,
-            State::Revoked,
-            exc.to_json(),
-            None,
+            "expired",
+            "expired before it ran",
         )
         .await;
         return;
     }
     if shared.revocations.is_revoked(&message.id) {
-        let exc = Exception::new("TaskRevokedError", "revoked");
-        tracing::info!(task_id = %message.id, task = %message.task, "task revoked before it ran: REVOKED");
-        finish(
+        finish_revoked(
             shared,
             delivery,
             &message,
-            State::Revoked,
-            exc.to_json(),
-            None,
+            "revoked",
+            "revoked before it ran",
         )
         .await;
         return;
@@ -798,15 +792,12 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
     };
     shared.revocations.finished(&message.id);
     let Some(outcome) = outcome else {
-        let exc = Exception::new("TaskRevokedError", "terminated");
-        tracing::info!(task_id = %message.id, task = %message.task, "task terminated by a revoke: REVOKED");
-        finish(
+        finish_revoked(
             shared,
             delivery,
             &message,
-            State::Revoked,
-            exc.to_json(),
-            None,
+            "terminated",
+            "terminated by a revoke",
         )
         .await;
         return;
@@ -898,18 +889,7 @@ async fn run_task(
 ) -> Outcome {
     let grants = shared.grants.load().for_plugin(&plugin.name);
     let (soft, hard) = time_limits(message.time_limit, &grants.limits, &spec.defaults);
-    let soft_deadline_ms = soft.map(deadline_ms);
-    let task = Task {
-        id: message.id.clone(),
-        name: message.task.clone(),
-        args: message.args.to_string(),
-        kwargs: message.kwargs.to_string(),
-        retries: message.retries,
-        root_id: message.root_id.clone(),
-        parent_id: message.parent_id.clone(),
-        soft_deadline_ms,
-        hostname: shared.node.clone(),
-    };
+    let task = task_record(message, soft.map(deadline_ms), &shared.node);
     let progress = ProgressWriter {
         backend: shared.backend.clone(),
         task_id: message.id.clone(),
@@ -924,6 +904,21 @@ async fn run_task(
         progress: Some(Arc::new(progress)),
     };
     shared.sandbox.run(&plugin.pre, scope, &task, hard).await
+}
+
+/// The task as the plugin receives it.
+pub fn task_record(message: &TaskMessage, soft_deadline_ms: Option<u64>, hostname: &str) -> Task {
+    Task {
+        id: message.id.clone(),
+        name: message.task.clone(),
+        args: message.args.to_string(),
+        kwargs: message.kwargs.to_string(),
+        retries: message.retries,
+        root_id: message.root_id.clone(),
+        parent_id: message.parent_id.clone(),
+        soft_deadline_ms,
+        hostname: hostname.to_owned(),
+    }
 }
 
 /// A task's (soft, hard) time limits. The producer's `timelimit` wins (producers are trusted,
@@ -1119,6 +1114,28 @@ async fn finish(
         .settler
         .settle(document, state == State::Success, delivery)
         .await;
+}
+
+/// Stores Celery's REVOKED result (`TaskRevokedError(reason)`) and settles the message; `what`
+/// says why in the log line.
+async fn finish_revoked(
+    shared: &Shared,
+    delivery: &Delivery,
+    message: &TaskMessage,
+    reason: &str,
+    what: &str,
+) {
+    tracing::info!(task_id = %message.id, task = %message.task, "task {what}: REVOKED");
+    let exc = Exception::new("TaskRevokedError", reason);
+    finish(
+        shared,
+        delivery,
+        message,
+        State::Revoked,
+        exc.to_json(),
+        None,
+    )
+    .await;
 }
 
 /// For a message that cannot be run: fails its task with `exc` where the message has a task
