@@ -14,7 +14,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use taskhost::config::{DEFAULT_STACK_KB, DEFAULT_TABLE_ELEMENTS, GrantTable, Limits};
 use taskhost::plugins::Registry;
-use taskhost::protocol::{self, TaskMessage};
+use taskhost::protocol::{State, TaskMessage};
 use taskhost::results::Backend;
 use taskhost::sandbox::{Sandbox, SandboxOptions, Scope, Task, bindings};
 use taskhost::worker::task_record;
@@ -121,15 +121,7 @@ fn per_task(c: &mut Criterion) {
 /// The result document as the worker stores it.
 fn encode(json: &str, message: &TaskMessage) -> String {
     let value: serde_json::Value = serde_json::from_str(json).expect("result JSON");
-    protocol::result_document(
-        &message.id,
-        "SUCCESS",
-        value,
-        None,
-        message.parent_id.as_deref(),
-        message.group.as_deref(),
-        time::OffsetDateTime::now_utc(),
-    )
+    message.result_document(State::Success, value, None)
 }
 
 /// The least wasmtime needs to run a task: an engine configured as the host's (pooling,

@@ -128,28 +128,15 @@ impl Stage {
         cache: Option<&Path>,
         wait: bool,
     ) -> Process {
-        let (broker, backend) = (self.redis.url(0), self.redis.url(1));
-        let plugins = self.plugins.to_string_lossy().into_owned();
         let (c, node) = (concurrency.to_string(), format!("bench{index}@%h"));
-        let mut args = vec![
-            "worker",
-            "--broker",
-            &broker,
-            "--result-backend",
-            &backend,
-            "--plugins",
-            &plugins,
-            "-c",
-            &c,
-            "-n",
-            &node,
-        ];
+        let mut extra = vec!["-c", &c, "-n", &node];
         let cache = cache.map(|c| c.to_string_lossy().into_owned());
         if let Some(cache) = &cache {
-            args.extend(["--cache-dir", cache]);
+            extra.extend(["--cache-dir", cache]);
         }
         let log = format!("taskhost-{index}-{}.log", uuid::Uuid::new_v4());
-        let worker = Process::spawn(&self.dir, &log, Process::command(&self.dir, &args));
+        let command = Process::worker_command(&self.dir, &self.redis, &self.plugins, &extra);
+        let worker = Process::spawn(&self.dir, &log, command);
         if wait {
             worker.wait_log("worker ready");
         }

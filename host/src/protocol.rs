@@ -185,6 +185,19 @@ impl TaskMessage {
         })
     }
 
+    /// The document to store for this task in `state`, with its parent and group.
+    pub fn result_document(&self, state: State, result: Value, traceback: Option<&str>) -> String {
+        result_document(
+            &self.id,
+            state.as_str(),
+            result,
+            traceback,
+            self.parent_id.as_deref(),
+            self.group.as_deref(),
+            OffsetDateTime::now_utc(),
+        )
+    }
+
     /// The queue the producer routed the message to (`delivery_info.routing_key`), if any.
     pub fn routing_key(&self) -> Option<&str> {
         self.envelope

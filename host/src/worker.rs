@@ -1076,15 +1076,7 @@ async fn store_for(
     if message.ignore_result {
         return;
     }
-    let doc = protocol::result_document(
-        &message.id,
-        state.as_str(),
-        result,
-        traceback,
-        message.parent_id.as_deref(),
-        message.group.as_deref(),
-        OffsetDateTime::now_utc(),
-    );
+    let doc = message.result_document(state, result, traceback);
     retrying("store a result", || shared.backend.store(&message.id, &doc)).await;
 }
 
@@ -1099,16 +1091,10 @@ async fn finish(
     traceback: Option<&str>,
 ) {
     let document = (!message.ignore_result).then(|| {
-        let doc = protocol::result_document(
-            &message.id,
-            state.as_str(),
-            result,
-            traceback,
-            message.parent_id.as_deref(),
-            message.group.as_deref(),
-            OffsetDateTime::now_utc(),
-        );
-        (message.id.clone(), doc)
+        (
+            message.id.clone(),
+            message.result_document(state, result, traceback),
+        )
     });
     shared
         .settler

@@ -224,6 +224,18 @@ impl Process {
         plugins: &Path,
         extra: &[&str],
     ) -> Self {
+        let worker = Self::spawn(dir, log, Self::worker_command(dir, redis, plugins, extra));
+        worker.wait_log("worker ready");
+        worker
+    }
+
+    /// The command line of `taskhost worker` against `redis` (broker db 0, backend db 1).
+    pub fn worker_command(
+        dir: &TestDir,
+        redis: &RedisServer,
+        plugins: &Path,
+        extra: &[&str],
+    ) -> Command {
         let broker = redis.url(0);
         let backend = redis.url(1);
         let plugins = plugins.to_string_lossy().into_owned();
@@ -237,9 +249,7 @@ impl Process {
             &plugins,
         ];
         args.extend_from_slice(extra);
-        let worker = Self::spawn(dir, log, Self::command(dir, &args));
-        worker.wait_log("worker ready");
-        worker
+        Self::command(dir, &args)
     }
 
     /// Runs a one-shot command to completion (bounded by [`WAIT`]).
