@@ -13,7 +13,7 @@
 //! - `taskhost:dead` LIST: JSON entries for messages that cannot be run, with the reason.
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, Script};
+use redis::{AsyncCommands, AsyncConnectionConfig, Client, Script};
 use serde_json::json;
 use std::time::Duration;
 
@@ -405,6 +405,59 @@ impl Broker {
                 })
             })
             .collect())
+    }
+
+    /// The first `limit` messages of the delayed set, soonest first, with when each is due
+    /// (ms since the epoch) and the queue list it goes to.
+    pub async fn delayed(&self, limit: usize) -> Result<Vec<(i64, Delivery)>, BrokerError> {
+        let entries: Vec<(Vec<u8>, f64)> = self
+            .conn
+            .clone()
+            .zrange_withscores(
+                DELAYED_KEY,
+                0,
+                isize::try_from(limit).unwrap_or(isize::MAX) - 1,
+            )
+            .await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(member, due)| {
+                let sep = member.iter().position(|b| *b == b'\n')?;
+                Some((
+                    due as i64,
+                    Delivery {
+                        source: String::from_utf8_lossy(&member[..sep]).into_owned(),
+                        raw: member[sep + 1..].to_vec(),
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    /// Messages waiting in each of `queues` (all priority buckets), in one round trip, with the
+    /// length of the delayed set and of the dead-letter list.
+    pub async fn lengths(&self, queues: &[String]) -> Result<(Vec<u64>, u64, u64), BrokerError> {
+        let mut pipe = redis::pipe();
+        for queue in queues {
+            for step in PRIORITY_STEPS {
+                pipe.llen(queue_key(queue, step));
+            }
+        }
+        pipe.zcard(DELAYED_KEY).llen(DEAD_LETTER_KEY);
+        let counts: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await?;
+        let per_queue = counts
+            .chunks(PRIORITY_STEPS.len())
+            .take(queues.len())
+            .map(|buckets| buckets.iter().sum())
+            .collect();
+        let tail = counts
+            .get(queues.len() * PRIORITY_STEPS.len()..)
+            .unwrap_or_default();
+        Ok((
+            per_queue,
+            tail.first().copied().unwrap_or(0),
+            tail.get(1).copied().unwrap_or(0),
+        ))
     }
 
     /// Moves delayed messages that are due (by `now_ms`) to their queues. Returns how many

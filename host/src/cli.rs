@@ -24,6 +24,9 @@ pub struct Cli {
     /// and dev, WARNING otherwise]. RUST_LOG, if set, overrides it.
     #[arg(short = 'l', long, global = true, value_enum, ignore_case = true)]
     pub loglevel: Option<LogLevel>,
+    /// Log lines as text, or as one JSON object per line (for log shippers).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -36,6 +39,13 @@ pub enum LogLevel {
     Warning,
     Error,
     Critical,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +157,14 @@ pub struct WorkerArgs {
     /// Times a task may be returned from dead workers before it is dead-lettered [default: 3].
     #[arg(long)]
     pub max_redeliveries: Option<u32>,
+    /// Send Celery's monitoring events (task and worker events, for Flower and `celery
+    /// events`) from the start; a monitor's `enable_events` turns them on too.
+    #[arg(short = 'E', long)]
+    pub task_events: bool,
+    /// Serve Prometheus /metrics and /healthz on this address, e.g. 127.0.0.1:9808 (port 0
+    /// picks a free one; the log says which).
+    #[arg(long, env = "TASKHOST_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -247,7 +265,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Worker(_) | Command::Dev(_) => LogLevel::Info,
         _ => LogLevel::Warning,
     };
-    init_logging(cli.loglevel.unwrap_or(default_level));
+    init_logging(cli.loglevel.unwrap_or(default_level), cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -274,7 +292,7 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_logging(level: LogLevel) {
+fn init_logging(level: LogLevel, format: LogFormat) {
     let level = match level {
         LogLevel::Debug => "debug",
         LogLevel::Info => "info",
@@ -283,11 +301,21 @@ fn init_logging(level: LogLevel) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,taskhost={level}")));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        // One object per line: the message and every field at the top level, with the level
+        // and target, as log shippers index them.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
@@ -401,6 +429,11 @@ fn worker_config(args: &WorkerArgs, dev_broker: Option<&str>) -> anyhow::Result<
             plugins_dir.display()
         );
     }
+    // Absolute, as the file-system watcher reports paths: a relative directory would never
+    // match them, and files dropped in would not be loaded.
+    let plugins_dir = plugins_dir
+        .canonicalize()
+        .with_context(|| format!("plugin directory {}", plugins_dir.display()))?;
     let cache_dir = if args.no_cache {
         None
     } else {
@@ -449,6 +482,17 @@ fn worker_config(args: &WorkerArgs, dev_broker: Option<&str>) -> anyhow::Result<
             .unwrap_or(3),
         task_overrides: Arc::new(file.task_overrides()?),
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
+        task_events: args.task_events || section.task_events.unwrap_or(false),
+        metrics_addr: args
+            .metrics_addr
+            .as_deref()
+            .or(section.metrics_addr.as_deref())
+            .map(|addr| {
+                addr.parse::<std::net::SocketAddr>().with_context(|| {
+                    format!("--metrics-addr {addr:?} is not HOST:PORT (an IP address and a port)")
+                })
+            })
+            .transpose()?,
     })
 }
 

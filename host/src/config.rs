@@ -78,6 +78,8 @@ pub struct TaskSection {
     pub retry_jitter: Option<bool>,
     /// Error kinds that retry the task instead of failing it.
     pub autoretry_for: Option<Vec<String>>,
+    /// Starts allowed per worker, as Celery's `rate_limit`: `10/s`, `30/m`, `100/h`.
+    pub rate_limit: Option<String>,
 }
 
 /// `[worker]`: defaults for the `worker` command's flags (flags and Celery's environment
@@ -103,6 +105,10 @@ pub struct WorkerSection {
     pub cache_dir: Option<PathBuf>,
     /// Follow fleet deploys (`taskhost deploy`) published through the broker.
     pub fleet: Option<bool>,
+    /// Send Celery's monitoring events from the start (as `-E`).
+    pub task_events: Option<bool>,
+    /// Address of the /metrics and /healthz endpoint, e.g. `127.0.0.1:9808`.
+    pub metrics_addr: Option<String>,
 }
 
 /// `[limits]` and the limit keys of a `[plugins.NAME]` section. Unset keys of a plugin take the
@@ -430,6 +436,11 @@ pub struct GrantTable {
 }
 
 impl GrantTable {
+    /// The grants of plugins without a section of their own.
+    pub fn defaults(&self) -> Arc<Grants> {
+        self.default.clone()
+    }
+
     /// The grants of the plugin named `name` (the defaults if it has no section).
     pub fn for_plugin(&self, name: &str) -> Arc<Grants> {
         self.plugins

@@ -15,7 +15,12 @@
 //! - [`worker`]: the fetch → run → settle loop.
 //! - [`settler`]: task outcomes written in batches (group commit).
 //! - [`recovery`]: heartbeats, and returning a dead worker's tasks.
-//! - [`control`]: Celery's remote control (revoke, ping).
+//! - [`control`]: Celery's remote control (`celery inspect`/`control`, Flower).
+//! - [`events`]: Celery's monitoring events (`-E`).
+//! - [`metrics`]: Prometheus counters and the text format; [`endpoint`] serves them with
+//!   `/healthz`.
+//! - [`ratelimit`]: per-task rate limits.
+//! - [`pyrepr`]: Python's `repr` of JSON values, as Celery's monitors show them.
 //! - [`shutdown`]: the stop flag every loop watches.
 //! - [`dev`]: the private redis-server of `taskhost dev`.
 //! - [`node`]: the worker's name.
@@ -27,9 +32,14 @@ pub mod control;
 pub mod deadletter;
 pub mod deploy;
 pub mod dev;
+pub mod endpoint;
+pub mod events;
+pub mod metrics;
 pub mod node;
 pub mod plugins;
 pub mod protocol;
+pub mod pyrepr;
+pub mod ratelimit;
 pub mod recovery;
 pub mod results;
 pub mod sandbox;

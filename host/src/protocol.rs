@@ -207,6 +207,27 @@ impl TaskMessage {
             .as_str()
     }
 
+    /// The positional arguments as the producer printed them (`argsrepr`), else as Python
+    /// would print their tuple.
+    pub fn args_repr(&self) -> String {
+        self.header_text("argsrepr")
+            .unwrap_or_else(|| crate::pyrepr::args_repr(&self.args))
+    }
+
+    /// The keyword arguments as the producer printed them (`kwargsrepr`), else as Python would.
+    pub fn kwargs_repr(&self) -> String {
+        self.header_text("kwargsrepr")
+            .unwrap_or_else(|| crate::pyrepr::python_repr(&self.kwargs))
+    }
+
+    fn header_text(&self, key: &str) -> Option<String> {
+        self.envelope
+            .get("headers")
+            .and_then(|h| h.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    }
+
     /// The message to publish for the next try, as Celery's `Task.retry` does: same id,
     /// `retries` + 1, `eta` when there is a countdown, `parent_id` = this task, new delivery tag.
     pub fn retry_message(&self, eta: Option<OffsetDateTime>) -> Vec<u8> {
@@ -315,8 +336,8 @@ impl NewTask {
                 "timelimit": [null, null],
                 "root_id": self.id,
                 "parent_id": null,
-                "argsrepr": self.args.to_string(),
-                "kwargsrepr": self.kwargs.to_string(),
+                "argsrepr": crate::pyrepr::args_repr(&self.args),
+                "kwargsrepr": crate::pyrepr::python_repr(&self.kwargs),
                 "origin": format!("gen{}@{host}", std::process::id()),
                 "ignore_result": false,
                 "replaced_task_nesting": 0,

@@ -171,11 +171,79 @@ pub async fn recover(
     }))
 }
 
+/// A worker's entry in the registry, shared by its heartbeat and whatever changes the queues
+/// it consumes: an entry is written whole, under the lock, so a heartbeat never writes back
+/// sources older than those already written.
+pub struct Registration {
+    conn: ConnectionManager,
+    node: String,
+    entry: tokio::sync::Mutex<Entry>,
+    /// When a heartbeat was last written (ms since the epoch).
+    last_beat_ms: AtomicI64,
+}
+
+impl Registration {
+    /// Writes the entry with a fresh heartbeat.
+    async fn beat(&self, fetching: bool) -> Result<(), BrokerError> {
+        let mut entry = self.entry.lock().await;
+        entry.hb = now_ms();
+        entry.fetching = fetching;
+        self.write(&entry).await?;
+        self.last_beat_ms.store(entry.hb, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn write(&self, entry: &Entry) -> Result<(), BrokerError> {
+        let json = serde_json::to_string(entry).unwrap_or_default();
+        let () = self
+            .conn
+            .clone()
+            .hset(WORKERS_KEY, &self.node, json)
+            .await?;
+        Ok(())
+    }
+
+    /// Adds lists this worker may fetch from, and writes them before it does: recovery returns
+    /// the in-flight lists of the sources written here, so a source must be written before a
+    /// message can be in its list. Sources are never removed while the worker runs (a queue no
+    /// longer consumed may still have messages in flight).
+    ///
+    /// # Errors
+    /// When Redis does not take the entry; the sources are then not to be fetched from.
+    pub async fn add_sources(&self, sources: &[String]) -> Result<(), BrokerError> {
+        let mut entry = self.entry.lock().await;
+        let before = entry.sources.len();
+        for source in sources {
+            if !entry.sources.contains(source) {
+                entry.sources.push(source.clone());
+            }
+        }
+        if entry.sources.len() > before
+            && let Err(e) = self.write(&entry).await
+        {
+            entry.sources.truncate(before);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Every list this worker has fetched from in this run.
+    pub async fn sources(&self) -> Vec<String> {
+        self.entry.lock().await.sources.clone()
+    }
+
+    /// Whether the last heartbeat was written within `within`.
+    pub fn beat_within(&self, within: Duration) -> bool {
+        now_ms() - self.last_beat_ms.load(Ordering::Relaxed)
+            < i64::try_from(within.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
 /// A worker's presence in the registry.
 pub struct Presence {
     conn: ConnectionManager,
     node: String,
-    entry: Entry,
+    registration: Arc<Registration>,
     lapse: Duration,
     max_redeliveries: u32,
 }
@@ -243,23 +311,25 @@ impl Presence {
             sources,
             fetching: true,
         };
-        let mut presence = Self {
+        let registration = Arc::new(Registration {
+            conn: conn.clone(),
+            node: node.to_owned(),
+            entry: tokio::sync::Mutex::new(entry),
+            last_beat_ms: AtomicI64::new(0),
+        });
+        registration.beat(true).await?;
+        Ok(Some(Self {
             conn,
             node: node.to_owned(),
-            entry,
+            registration,
             lapse,
             max_redeliveries,
-        };
-        presence.beat(true).await?;
-        Ok(Some(presence))
+        }))
     }
 
-    async fn beat(&mut self, fetching: bool) -> Result<(), BrokerError> {
-        self.entry.hb = now_ms();
-        self.entry.fetching = fetching;
-        let json = serde_json::to_string(&self.entry).unwrap_or_default();
-        let () = self.conn.hset(WORKERS_KEY, &self.node, json).await?;
-        Ok(())
+    /// The entry this presence keeps fresh.
+    pub fn registration(&self) -> Arc<Registration> {
+        self.registration.clone()
     }
 
     /// Refreshes the heartbeat, and returns lapsed workers' tasks, until `stop`; logs when the
@@ -272,7 +342,7 @@ impl Presence {
         let interval = heartbeat_interval(self.lapse);
         let reap_every = (self.lapse.as_millis() / 2 / interval.as_millis()).max(1) as u64;
         loop {
-            if let Err(e) = self.beat(health.is_fetching()).await {
+            if let Err(e) = self.registration.beat(health.is_fetching()).await {
                 tracing::warn!("cannot refresh the heartbeat: {e}");
             }
             if ticks.is_multiple_of(reap_every) {

@@ -176,3 +176,27 @@ fn serve(stream: TcpStream, requests: &Mutex<Vec<Request>>, handler: &Handler) {
     let _ = stream.write_all(response.as_bytes());
     let _ = stream.flush();
 }
+
+/// `GET path` from `addr` (`host:port`), with HTTP basic auth if given: the status and body,
+/// or none if the connection fails (the server is not up yet, say). HTTP/1.0, so the answer
+/// is never chunked.
+pub fn get(addr: &str, path: &str, basic_auth: Option<(&str, &str)>) -> Option<(u16, String)> {
+    use base64::Engine as _;
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .ok()?;
+    let mut request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    if let Some((user, password)) = basic_auth {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        request.push_str(&format!("Authorization: Basic {token}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).ok()?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}

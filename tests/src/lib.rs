@@ -10,8 +10,8 @@ mod http;
 mod process;
 mod python;
 
-pub use http::{HttpStub, Reply, Request};
-pub use process::{Process, RedisServer, signal};
+pub use http::{HttpStub, Reply, Request, get as http_get};
+pub use process::{Process, RedisServer, free_port, signal};
 pub use python::python;
 
 use base64::Engine as _;

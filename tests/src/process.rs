@@ -30,7 +30,8 @@ pub fn signal(pid: u32, signal: i32) {
     }
 }
 
-fn free_port() -> u16 {
+/// A loopback port free now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("find a free port")
@@ -326,6 +327,19 @@ impl Process {
                 "taskhost exited early:\n{}",
                 self.log()
             );
+        }
+    }
+
+    /// Waits for the process to exit by itself (bounded by [`WAIT`]).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the process is running");
+        match wait_exit(&mut child, WAIT) {
+            Some(status) => status,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the process did not exit within {WAIT:?}:\n{}", self.log());
+            }
         }
     }
 

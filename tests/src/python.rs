@@ -6,8 +6,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// What the venv holds: the Celery the wire protocol was captured from.
-const REQUIREMENTS: &[&str] = &["celery[redis]==5.7.0"];
+/// What the venv holds: the Celery the wire protocol was captured from, the Flower operators
+/// watch it with, and Prometheus' own parser of the metrics text format.
+const REQUIREMENTS: &[&str] = &[
+    "celery[redis]==5.7.0",
+    "flower==2.2.0",
+    "prometheus_client==0.26.0",
+];
 
 /// The venv's python interpreter (`python -m celery ...` runs Celery's CLI).
 pub fn python() -> PathBuf {
@@ -16,7 +21,8 @@ pub fn python() -> PathBuf {
 }
 
 fn create() -> PathBuf {
-    let venv = target_dir().join("pyenv-celery-5.7.0");
+    // Named for what it holds, so a change of requirements makes a new one.
+    let venv = target_dir().join("pyenv-celery-5.7.0-flower-2.2.0");
     let python = venv.join("bin").join("python");
     if venv.join(".ready").exists() {
         return python;
@@ -53,7 +59,7 @@ fn create() -> PathBuf {
                 "--disable-pip-version-check",
             ])
             .args(REQUIREMENTS),
-        "pip install Celery from PyPI",
+        "pip install Celery, Flower and prometheus_client from PyPI",
     );
     std::fs::write(staging.join(".ready"), REQUIREMENTS.join("\n")).expect("mark venv ready");
     if std::fs::rename(&staging, &venv).is_err() {

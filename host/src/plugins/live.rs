@@ -11,6 +11,7 @@ use crate::sandbox::Sandbox;
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What a reload did.
@@ -51,6 +52,9 @@ pub struct Live {
     reloading: tokio::sync::Mutex<()>,
     /// Bumped after every change, for whoever reports what this worker runs.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Files loaded or swapped in, and files refused, since the start.
+    loaded: AtomicU64,
+    refusals: AtomicU64,
 }
 
 impl Live {
@@ -76,6 +80,8 @@ impl Live {
             grants,
             reloading: tokio::sync::Mutex::new(()),
             changes: tokio::sync::watch::channel(0).0,
+            loaded: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
         };
         {
             let _guard = live.reloading.lock().await;
@@ -94,6 +100,14 @@ impl Live {
             }
         }
         Ok(live)
+    }
+
+    /// (files loaded or swapped in, files refused) since the start.
+    pub fn reload_counts(&self) -> (u64, u64) {
+        (
+            self.loaded.load(Ordering::Relaxed),
+            self.refusals.load(Ordering::Relaxed),
+        )
     }
 
     /// The current snapshot.
@@ -189,6 +203,7 @@ impl Live {
         };
         self.registry.store(Arc::new(next));
         self.changes.send_modify(|n| *n += 1);
+        self.loaded.fetch_add(1, Ordering::Relaxed);
         lock(&self.refused).remove(path);
         let tasks = plugin
             .tasks
@@ -233,6 +248,7 @@ impl Live {
 
     fn refuse(&self, path: &Path, error: &LoadError, current: Option<&Plugin>) -> Change {
         let reason = error.to_string();
+        self.refusals.fetch_add(1, Ordering::Relaxed);
         match current {
             Some(plugin) => tracing::error!(
                 file = %path.display(), serving = %plugin.version,

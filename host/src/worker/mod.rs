@@ -15,6 +15,12 @@ use crate::plugins::live::Live;
 use crate::plugins::{Plugin, TaskSpec};
 use crate::protocol::{self, Exception, State, TaskMessage};
 use crate::recovery::{Health, Presence};
+
+mod remote;
+use crate::events::Events;
+use crate::metrics::{Metrics, TaskOutcome};
+use crate::ratelimit::RateLimits;
+use crate::recovery::Registration;
 use crate::results::Backend;
 use crate::sandbox::{Outcome, Progress, Sandbox, SandboxOptions, Scope, Task};
 use crate::settler::Settler;
@@ -34,6 +40,9 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 /// Operator overrides of tasks' declared retry settings, by task name.
 pub type TaskOverrides = Arc<HashMap<String, TaskSection>>;
 use tokio::task::JoinSet;
+
+/// (soft, hard) time limits in seconds, as remote control sets them.
+type SetTimeLimits = (Option<f64>, Option<f64>);
 
 /// Celery's default `max_retries`.
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
@@ -67,10 +76,16 @@ pub struct WorkerConfig {
     pub task_overrides: TaskOverrides,
     /// How long running tasks may take to finish once a stop is asked for.
     pub shutdown_grace: Duration,
+    /// Send Celery's monitoring events from the start.
+    pub task_events: bool,
+    /// Where to serve /metrics and /healthz.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// What every task handler shares.
 struct Shared {
+    config: WorkerConfig,
+    started: Instant,
     sandbox: Arc<Sandbox>,
     plugins: Arc<Live>,
     broker: Broker,
@@ -83,8 +98,25 @@ struct Shared {
     scheduled: Notify,
     revocations: Arc<Revocations>,
     health: Arc<Health>,
-    /// Deliveries being handled, so a stop that cannot wait for them can return them.
-    running: Mutex<HashMap<u64, Delivery>>,
+    /// Deliveries being handled, so a stop that cannot wait for them can return them, and
+    /// when each began (seconds since the epoch), for `inspect active`.
+    running: Mutex<HashMap<u64, (Delivery, f64)>>,
+    /// Fetched and not started, in order.
+    reserved: Mutex<VecDeque<Delivery>>,
+    /// The queues consumed now (remote control changes them).
+    queues: watch::Sender<Vec<String>>,
+    /// This worker's registry entry, whose sources name the in-flight lists recovery returns.
+    registration: Arc<Registration>,
+    /// Free task slots; the pool's size is `concurrency`.
+    slots: Arc<Semaphore>,
+    concurrency: std::sync::atomic::AtomicUsize,
+    /// Asks the worker to stop (remote control's `shutdown`).
+    stop_tx: watch::Sender<bool>,
+    rate_limits: RateLimits,
+    /// Time limits set by remote control, per task.
+    time_limits: Mutex<HashMap<String, SetTimeLimits>>,
+    metrics: Arc<Metrics>,
+    events: Arc<Events>,
     /// Instances running per plugin, for its `max_instances`.
     instances: Mutex<HashMap<Arc<str>, u32>>,
     next_id: AtomicU64,
@@ -105,9 +137,10 @@ pub async fn run(
     // A stop is a flag every loop watches, so that no Redis call that moves messages is ever
     // cancelled half-way (its messages would be moved with nobody to handle them).
     let (stop_tx, mut stop) = crate::shutdown::flag();
+    let signalled = stop_tx.clone();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = stop_tx.send(true);
+        let _ = signalled.send(true);
     });
     let slots = u32::try_from(config.concurrency)
         .unwrap_or(u32::MAX)
@@ -133,6 +166,7 @@ pub async fn run(
         return Ok(());
     };
     warn_if_redis_evicts(&mut broker.connection()).await;
+    let rate_limits = RateLimits::new(&config.task_overrides)?;
     let sources = crate::broker::source_keys(&config.queues);
     let Some(presence) = Presence::claim(
         broker.connection(),
@@ -161,7 +195,27 @@ pub async fn run(
         backend.clone(),
         config.broker_url == config.backend_url,
     );
+    let metrics = Arc::new(Metrics::default());
+    let events = Events::start(
+        broker.client(),
+        broker.connection(),
+        &config.node,
+        config.task_events,
+        metrics.clone(),
+    );
     let shared = Arc::new(Shared {
+        config: config.clone(),
+        started: Instant::now(),
+        reserved: Mutex::new(VecDeque::new()),
+        queues: watch::channel(config.queues.clone()).0,
+        registration: presence.registration(),
+        slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
+        concurrency: std::sync::atomic::AtomicUsize::new(config.concurrency.max(1)),
+        stop_tx,
+        rate_limits,
+        time_limits: Mutex::new(HashMap::new()),
+        metrics,
+        events,
         sandbox,
         plugins,
         broker,
@@ -180,6 +234,7 @@ pub async fn run(
     // The heartbeat outlives the stop: it must go on while running tasks finish, or other
     // workers would take them for a dead worker's and run them again.
     let (gone_tx, gone) = crate::shutdown::flag();
+    let beats = tokio::spawn(remote::heartbeats(shared.clone(), gone.clone()));
     let heartbeat = tokio::spawn(presence.run(shared.health.clone(), gone));
     let _watcher = crate::plugins::watcher::watch(
         shared.plugins.clone(),
@@ -206,11 +261,20 @@ pub async fn run(
         shared.broker.client().clone(),
         control,
         shared.broker.connection(),
-        config.node.clone(),
-        shared.revocations.clone(),
-        Arc::new(RevokedResults(shared.backend.clone())),
+        remote::context(&shared),
         stop.clone(),
     ));
+    if let Some(addr) = config.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for /metrics on {addr}"))?;
+        tracing::info!(addr = %listener.local_addr().map_or(addr, |a| a), "serving /metrics and /healthz");
+        tokio::spawn(crate::endpoint::serve(
+            listener,
+            Arc::new(remote::Status(shared.clone())),
+            stop.clone(),
+        ));
+    }
     // Changes made while the directory was first loaded, before the watch began.
     shared.plugins.rescan().await;
     let mover = tokio::spawn(move_due_messages(shared.clone(), stop.clone()));
@@ -226,8 +290,8 @@ pub async fn run(
         fleet = config.fleet,
         "worker ready"
     );
-    let mut fetcher = Fetcher::start(&shared, &config.queues, stop.clone());
-    let semaphore = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let mut fetcher = Fetcher::start(&shared, stop.clone());
+    let semaphore = shared.slots.clone();
     let mut tasks = JoinSet::new();
 
     loop {
@@ -248,8 +312,9 @@ pub async fn run(
         // beyond the free slots: what is fetched waits in the in-flight list, safe, but
         // unavailable to other workers.
         let batch = (semaphore.available_permits() + 1).max(
-            config
+            shared
                 .concurrency
+                .load(Ordering::Relaxed)
                 .saturating_mul(config.prefetch_multiplier),
         );
         let Some(delivery) = fetcher.next(batch).await else {
@@ -258,7 +323,7 @@ pub async fn run(
         // Known as running before the handler starts, so a reconciliation in between does not
         // take it for an orphan.
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&shared.running).insert(id, delivery.clone());
+        lock(&shared.running).insert(id, (delivery.clone(), crate::events::now_s()));
         let shared = shared.clone();
         tasks.spawn(async move {
             handle(&shared, &delivery).await;
@@ -283,7 +348,7 @@ pub async fn run(
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
-    let unfinished: Vec<Delivery> = lock(&shared.running).drain().map(|(_, d)| d).collect();
+    let unfinished: Vec<Delivery> = lock(&shared.running).drain().map(|(_, (d, _))| d).collect();
     let returned = unstarted.len() + unfinished.len();
     let mut all_returned = true;
     for delivery in unstarted.iter().chain(&unfinished) {
@@ -300,6 +365,7 @@ pub async fn run(
     mover.abort();
     let _ = gone_tx.send(true);
     let _ = heartbeat.await;
+    let _ = beats.await;
     if all_returned {
         crate::recovery::leave(&mut shared.broker.connection(), &config.node).await;
     }
@@ -359,32 +425,6 @@ async fn warn_if_redis_evicts(conn: &mut redis::aio::ConnectionManager) {
     }
 }
 
-/// Writes REVOKED results for revoke commands.
-struct RevokedResults(Backend);
-
-impl crate::control::Effects for RevokedResults {
-    fn revoked(
-        &self,
-        task_id: String,
-        reason: &'static str,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(async move {
-            let doc = protocol::result_document(
-                &task_id,
-                State::Revoked.as_str(),
-                Exception::new("TaskRevokedError", reason).to_json(),
-                None,
-                None,
-                None,
-                OffsetDateTime::now_utc(),
-            );
-            if let Err(e) = self.0.store(&task_id, &doc).await {
-                tracing::warn!(task_id, "cannot store the REVOKED result: {e}");
-            }
-        })
-    }
-}
-
 /// Re-reads the config file when it changes: a valid one replaces the grants for the tasks
 /// that start from then on; an invalid one is refused with the reason, and the old one stays.
 fn config_reloader(shared: &Arc<Shared>, path: Option<PathBuf>) -> impl Fn() + Send + 'static {
@@ -428,13 +468,17 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Takes messages: first from what the wakers already moved, then the Lua fetch, then (when
 /// every queue is empty) by arming the wakers and waiting.
+/// The queues consumed can change at run time (`add_consumer`, `cancel_consumer`): the keys are
+/// recomputed then, and a waker is started for every key that never had one.
 struct Fetcher {
     shared: Arc<Shared>,
     keys: Vec<String>,
-    buffered: VecDeque<Delivery>,
+    queues: watch::Receiver<Vec<String>>,
     from_wakers: mpsc::Receiver<Delivery>,
+    to_fetcher: mpsc::Sender<Delivery>,
     armed: watch::Sender<bool>,
     wakers: JoinSet<()>,
+    waking: std::collections::HashSet<String>,
     state: Arc<FetchState>,
     stop: watch::Receiver<bool>,
 }
@@ -451,31 +495,38 @@ struct FetchState {
 }
 
 impl Fetcher {
-    fn start(shared: &Arc<Shared>, queues: &[String], stop: watch::Receiver<bool>) -> Self {
-        let keys = crate::broker::source_keys(queues);
-        let (tx, from_wakers) = mpsc::channel(keys.len() * 2);
-        let (armed, armed_rx) = watch::channel(false);
-        let state = Arc::new(FetchState::default());
-        let mut wakers = JoinSet::new();
-        for key in &keys {
-            wakers.spawn(waker(
-                shared.clone(),
-                state.clone(),
-                key.clone(),
-                armed_rx.clone(),
-                stop.clone(),
-                tx.clone(),
-            ));
-        }
-        Self {
+    fn start(shared: &Arc<Shared>, stop: watch::Receiver<bool>) -> Self {
+        let (to_fetcher, from_wakers) = mpsc::channel(16);
+        let mut fetcher = Self {
             shared: shared.clone(),
-            keys,
-            buffered: VecDeque::new(),
+            keys: Vec::new(),
+            queues: shared.queues.subscribe(),
             from_wakers,
-            armed,
-            wakers,
-            state,
+            to_fetcher,
+            armed: watch::channel(false).0,
+            wakers: JoinSet::new(),
+            waking: std::collections::HashSet::new(),
+            state: Arc::new(FetchState::default()),
             stop,
+        };
+        fetcher.follow_queues();
+        fetcher
+    }
+
+    /// Takes up the queues consumed now.
+    fn follow_queues(&mut self) {
+        self.keys = crate::broker::source_keys(&self.queues.borrow_and_update());
+        for key in &self.keys {
+            if self.waking.insert(key.clone()) {
+                self.wakers.spawn(waker(
+                    self.shared.clone(),
+                    self.state.clone(),
+                    key.clone(),
+                    self.armed.subscribe(),
+                    self.stop.clone(),
+                    self.to_fetcher.clone(),
+                ));
+            }
         }
     }
 
@@ -494,29 +545,39 @@ impl Fetcher {
                 }
                 continue;
             }
-            while let Ok(d) = self.from_wakers.try_recv() {
-                self.buffered.push_back(d);
+            if self.queues.has_changed().unwrap_or(false) {
+                self.follow_queues();
             }
-            if let Some(d) = self.buffered.pop_front() {
-                return Some(d);
+            {
+                let mut buffered = lock(&self.shared.reserved);
+                while let Ok(d) = self.from_wakers.try_recv() {
+                    buffered.push_back(d);
+                }
+                if let Some(d) = buffered.pop_front() {
+                    return Some(d);
+                }
             }
             match self.shared.broker.fetch(&self.keys, room).await {
                 Ok(fetched) if !fetched.is_empty() => {
                     failures = 0;
                     self.shared.health.fetched();
-                    self.buffered.extend(fetched);
+                    lock(&self.shared.reserved).extend(fetched);
                 }
                 Ok(_) => {
                     failures = 0;
                     self.shared.health.fetched();
                     self.armed.send_replace(true);
                     let woken = tokio::select! {
-                        woken = self.from_wakers.recv() => woken,
+                        woken = self.from_wakers.recv() => woken.map(Some),
+                        // The queues changed: follow them, then fetch from the new set.
+                        _ = self.queues.changed() => Some(None),
                         () = crate::shutdown::stopped(&mut self.stop) => None,
                     };
                     self.armed.send_replace(false);
-                    if let Some(d) = woken {
-                        return Some(d);
+                    match woken {
+                        Some(Some(d)) => return Some(d),
+                        Some(None) => self.follow_queues(),
+                        None => {}
                     }
                 }
                 Err(e) => {
@@ -541,16 +602,23 @@ impl Fetcher {
         while self.state.outstanding.load(Ordering::SeqCst) > 0 && Instant::now() < quiet_by {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        while let Ok(d) = self.from_wakers.try_recv() {
-            self.buffered.push_back(d);
-        }
-        let known: std::collections::HashSet<Vec<u8>> = self
-            .buffered
-            .iter()
-            .map(|d| d.raw.clone())
-            .chain(lock(&self.shared.running).values().map(|d| d.raw.clone()))
-            .collect();
-        let held = match self.shared.broker.in_flight(&self.keys).await {
+        let known: std::collections::HashSet<Vec<u8>> = {
+            let mut buffered = lock(&self.shared.reserved);
+            while let Ok(d) = self.from_wakers.try_recv() {
+                buffered.push_back(d);
+            }
+            buffered
+                .iter()
+                .map(|d| d.raw.clone())
+                .chain(
+                    lock(&self.shared.running)
+                        .values()
+                        .map(|(d, _)| d.raw.clone()),
+                )
+                .collect()
+        };
+        let sources = self.shared.registration.sources().await;
+        let held = match self.shared.broker.in_flight(&sources).await {
             Ok(held) => held,
             Err(e) => {
                 tracing::warn!("cannot read the in-flight lists to reconcile them: {e}");
@@ -582,10 +650,11 @@ impl Fetcher {
     async fn stop(mut self) -> Vec<Delivery> {
         self.armed.send_replace(false);
         while self.wakers.join_next().await.is_some() {}
+        let mut buffered = lock(&self.shared.reserved);
         while let Ok(d) = self.from_wakers.try_recv() {
-            self.buffered.push_back(d);
+            buffered.push_back(d);
         }
-        self.buffered.into()
+        buffered.drain(..).collect()
     }
 }
 
@@ -599,6 +668,8 @@ async fn waker(
     tx: mpsc::Sender<Delivery>,
 ) {
     let broker = &shared.broker;
+    let queue = crate::broker::queue_of(&key).to_owned();
+    let mut consumed = shared.queues.subscribe();
     let mut conn = None;
     let mut failures = 0u32;
     loop {
@@ -608,6 +679,14 @@ async fn waker(
         }
         if crate::shutdown::is_stopping(&stop) {
             return;
+        }
+        // A queue no longer consumed (cancel_consumer): wait until it is again.
+        if !consumed.borrow_and_update().contains(&queue) {
+            tokio::select! {
+                r = consumed.changed() => if r.is_err() { return },
+                () = crate::shutdown::stopped(&mut stop) => return,
+            }
+            continue;
         }
         let c = match &mut conn {
             Some(c) => c,
@@ -712,6 +791,19 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
             return;
         }
     };
+    shared.events.task("task-received", &message.id, |e| {
+        e.insert("name".into(), message.task.clone().into());
+        e.insert("args".into(), message.args_repr().into());
+        e.insert("kwargs".into(), message.kwargs_repr().into());
+        e.insert("root_id".into(), message.root_id.clone().into());
+        e.insert("parent_id".into(), message.parent_id.clone().into());
+        e.insert("retries".into(), message.retries.into());
+        e.insert("eta".into(), message.eta.map(protocol::format_time).into());
+        e.insert(
+            "expires".into(),
+            message.expires.map(protocol::format_time).into(),
+        );
+    });
     let now = OffsetDateTime::now_utc();
     if message.expires.is_some_and(|e| e <= now) {
         finish_revoked(
@@ -733,6 +825,25 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
             "revoked before it ran",
         )
         .await;
+        return;
+    }
+    let declared_rate = spec_rate_limit(shared, &message.task);
+    if let Some(wait) = shared
+        .rate_limits
+        .acquire(&message.task, declared_rate.as_deref())
+    {
+        // Over its rate: it waits its turn in the delayed set, not in a worker slot.
+        let due = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+        if retrying("reschedule a task over its rate limit", || {
+            shared
+                .broker
+                .ack_and_schedule(delivery, &delivery.source, &delivery.raw, Some(due))
+        })
+        .await
+        {
+            shared.scheduled.notify_one();
+            tracing::debug!(task_id = %message.id, wait_s = wait.as_secs_f64(), "task over its rate limit; rescheduled");
+        }
         return;
     }
     if let Some(eta) = message.eta.filter(|eta| *eta > now) {
@@ -785,6 +896,7 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         return;
     };
     let started = Instant::now();
+    shared.events.task("task-started", &message.id, |_| {});
     let terminated = shared.revocations.started(&message.id);
     let outcome = tokio::select! {
         outcome = run_task(shared, &plugin, &spec, &message) => Some(outcome),
@@ -810,27 +922,42 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
             version = %plugin.version, runtime_s = runtime, "task {outcome}"
         );
     };
+    if let Outcome::Failure(exc) = &outcome
+        && let Some(limit) = limit_hit(&exc.kind)
+    {
+        shared.metrics.limit_hit(&plugin.name, limit);
+    }
     match outcome {
         Outcome::Success(json) => match serde_json::from_str::<Value>(&json) {
             Ok(value) => {
                 log("succeeded");
+                shared
+                    .metrics
+                    .task(&message.task, TaskOutcome::Succeeded, Some(runtime));
+                shared.events.task("task-succeeded", &message.id, |e| {
+                    e.insert("result".into(), crate::pyrepr::python_repr(&value).into());
+                    e.insert("runtime".into(), runtime.into());
+                });
                 finish(shared, delivery, &message, State::Success, value, None).await;
             }
             Err(e) => {
                 let exc =
                     Exception::new("EncodeError", format!("plugin returned invalid JSON: {e}"));
-                fail(shared, delivery, &message, &exc).await;
+                fail(shared, delivery, &message, &exc, Some(runtime)).await;
             }
         },
         Outcome::Failure(exc) if policy.autoretry_for.contains(&exc.kind) => {
-            retry(shared, delivery, &message, &policy, None, exc).await;
+            retry(shared, delivery, &message, &policy, None, exc, runtime).await;
         }
         Outcome::Failure(exc) => {
             log("failed");
-            fail(shared, delivery, &message, &exc).await;
+            fail(shared, delivery, &message, &exc, Some(runtime)).await;
         }
         Outcome::Retry { countdown, reason } => {
-            retry(shared, delivery, &message, &policy, countdown, reason).await;
+            retry(
+                shared, delivery, &message, &policy, countdown, reason, runtime,
+            )
+            .await;
         }
         Outcome::Reject(reason) => {
             log("rejected");
@@ -888,7 +1015,17 @@ async fn run_task(
     message: &TaskMessage,
 ) -> Outcome {
     let grants = shared.grants.load().for_plugin(&plugin.name);
-    let (soft, hard) = time_limits(message.time_limit, &grants.limits, &spec.defaults);
+    let (mut soft, mut hard) = time_limits(message.time_limit, &grants.limits, &spec.defaults);
+    // Set by remote control: in place of the configured limits, under the producer's.
+    if let Some((set_soft, set_hard)) = lock(&shared.time_limits).get(&message.task).copied() {
+        let seconds = Duration::from_secs_f64;
+        if message.time_limit.0.is_none() {
+            soft = set_soft.map(seconds);
+        }
+        if message.time_limit.1.is_none() {
+            hard = set_hard.map(seconds);
+        }
+    }
     let task = task_record(message, soft.map(deadline_ms), &shared.node);
     let progress = ProgressWriter {
         backend: shared.backend.clone(),
@@ -948,9 +1085,48 @@ pub fn time_limits(
     (soft, hard)
 }
 
-/// Stores a FAILURE and settles the message.
-async fn fail(shared: &Shared, delivery: &Delivery, message: &TaskMessage, exc: &Exception) {
+/// The sandbox limit a failure's kind reports, as the metrics name it.
+fn limit_hit(kind: &str) -> Option<&'static str> {
+    match kind {
+        "TimeLimitExceeded" => Some("time"),
+        "MemoryLimitExceeded" => Some("memory"),
+        "StackOverflow" => Some("stack"),
+        "ResultTooLarge" => Some("result_size"),
+        _ => None,
+    }
+}
+
+/// The rate limit the plugin serving `task` declares, if any.
+fn spec_rate_limit(shared: &Shared, task: &str) -> Option<String> {
+    shared
+        .plugins
+        .registry()
+        .resolve(task)
+        .and_then(|(_, spec)| spec.defaults.rate_limit.clone())
+}
+
+/// Stores a FAILURE and settles the message; `runtime` if the task ran.
+async fn fail(
+    shared: &Shared,
+    delivery: &Delivery,
+    message: &TaskMessage,
+    exc: &Exception,
+    runtime: Option<f64>,
+) {
     tracing::warn!(task_id = %message.id, task = %message.task, "{}: {}", exc.kind, exc.message);
+    shared
+        .metrics
+        .task(&message.task, TaskOutcome::Failed, runtime);
+    shared.events.task("task-failed", &message.id, |e| {
+        e.insert(
+            "exception".into(),
+            crate::pyrepr::exception_repr(&exc.kind, &exc.message).into(),
+        );
+        e.insert(
+            "traceback".into(),
+            exc.traceback.clone().unwrap_or_default().into(),
+        );
+    });
     finish(
         shared,
         delivery,
@@ -972,6 +1148,7 @@ async fn retry(
     policy: &RetryPolicy,
     countdown: Option<f64>,
     reason: Exception,
+    runtime: f64,
 ) {
     if message.retries >= policy.max_retries {
         let mut exc = reason;
@@ -979,9 +1156,22 @@ async fn retry(
             "{} (gave up after {} retries)",
             exc.message, message.retries
         );
-        fail(shared, delivery, message, &exc).await;
+        fail(shared, delivery, message, &exc, Some(runtime)).await;
         return;
     }
+    shared
+        .metrics
+        .task(&message.task, TaskOutcome::Retried, Some(runtime));
+    shared.events.task("task-retried", &message.id, |e| {
+        e.insert(
+            "exception".into(),
+            crate::pyrepr::exception_repr(&reason.kind, &reason.message).into(),
+        );
+        e.insert(
+            "traceback".into(),
+            reason.traceback.clone().unwrap_or_default().into(),
+        );
+    });
     let countdown = countdown.unwrap_or_else(|| {
         retry_countdown(
             message.retries,
@@ -1112,6 +1302,14 @@ async fn finish_revoked(
     what: &str,
 ) {
     tracing::info!(task_id = %message.id, task = %message.task, "task {what}: REVOKED");
+    shared
+        .metrics
+        .task(&message.task, TaskOutcome::Revoked, None);
+    shared.events.task("task-revoked", &message.id, |e| {
+        e.insert("terminated".into(), (reason == "terminated").into());
+        e.insert("signum".into(), Value::Null);
+        e.insert("expired".into(), (reason == "expired").into());
+    });
     let exc = Exception::new("TaskRevokedError", reason);
     finish(
         shared,
@@ -1152,12 +1350,38 @@ async fn refuse(
         queue = %crate::broker::queue_of(&delivery.source),
         "message dead-lettered to {}: {reason}", crate::broker::DEAD_LETTER_KEY
     );
-    retrying("dead-letter a message", || {
+    // Label by task name only when a plugin serves it: names from producers are unbounded.
+    let label = task
+        .filter(|t| shared.plugins.registry().resolve(t).is_some())
+        .unwrap_or("(unregistered)");
+    shared.metrics.task(label, TaskOutcome::Rejected, None);
+    if let Some(id) = task_id {
+        let kind = if exc.kind == "Reject" {
+            "task-rejected"
+        } else {
+            "task-failed"
+        };
+        shared.events.task(kind, id, |e| {
+            e.insert(
+                "exception".into(),
+                crate::pyrepr::exception_repr(&exc.kind, &exc.message).into(),
+            );
+            e.insert(
+                "traceback".into(),
+                exc.traceback.clone().unwrap_or_default().into(),
+            );
+            e.insert("requeue".into(), false.into());
+        });
+    }
+    if retrying("dead-letter a message", || {
         shared
             .broker
             .dead_letter(delivery, reason, task_id, task, &shared.node)
     })
-    .await;
+    .await
+    {
+        shared.metrics.dead_lettered();
+    }
 }
 
 /// Retries a Redis write until it works, with backoff: a result is never dropped because Redis

@@ -1,0 +1,144 @@
+//! The operator's HTTP endpoint (`--metrics-addr`): `GET /metrics` in Prometheus' text format
+//! and `GET /healthz`, healthy only while the worker is really consuming. A deliberately small
+//! HTTP/1.1 server: one request per connection, GET only, bounded reads and time, so a stuck
+//! or hostile client costs one short-lived task and nothing else.
+
+use crate::control::BoxFuture;
+use crate::shutdown::Stopping;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The largest request head read.
+const MAX_HEAD: usize = 8 * 1024;
+/// How long a client has to send its request and take the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether the worker is consuming, and if not, why.
+#[derive(Debug, Clone, Copy)]
+pub struct Health {
+    /// Redis answers a PING.
+    pub connected: bool,
+    /// The fetch loop is working (fetches answered recently, or every slot busy).
+    pub fetching: bool,
+    /// The worker's heartbeat in Redis is fresh.
+    pub heartbeat: bool,
+}
+
+impl Health {
+    pub fn healthy(&self) -> bool {
+        self.connected && self.fetching && self.heartbeat
+    }
+}
+
+/// What the endpoint reports.
+pub trait Status: Send + Sync {
+    /// The exposition text.
+    fn metrics(&self) -> BoxFuture<'_, String>;
+    fn health(&self) -> BoxFuture<'_, Health>;
+}
+
+/// Serves until `stop`.
+pub async fn serve(listener: TcpListener, status: Arc<dyn Status>, mut stop: Stopping) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = crate::shutdown::stopped(&mut stop) => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let status = status.clone();
+                tokio::spawn(async move {
+                    if tokio::time::timeout(CLIENT_TIMEOUT, answer(stream, status.as_ref()))
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!("a /metrics client timed out");
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors, say: wait rather than spin.
+                tracing::warn!("cannot accept a /metrics connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, status: &dyn Status) {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > MAX_HEAD {
+            respond(&mut stream, 431, "text/plain", "request head too large\n").await;
+            return;
+        }
+    }
+    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => {
+            let text = status.metrics().await;
+            respond(
+                &mut stream,
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                &text,
+            )
+            .await;
+        }
+        ("GET", "/healthz") => {
+            let health = status.health().await;
+            let body = json!({
+                "status": if health.healthy() { "ok" } else { "unhealthy" },
+                "connected": health.connected,
+                "fetching": health.fetching,
+                "heartbeat": health.heartbeat,
+            })
+            .to_string();
+            let code = if health.healthy() { 200 } else { 503 };
+            respond(&mut stream, code, "application/json", &(body + "\n")).await;
+        }
+        (_, "/metrics" | "/healthz") => {
+            respond(&mut stream, 405, "text/plain", "only GET is served\n").await;
+        }
+        _ => {
+            respond(
+                &mut stream,
+                404,
+                "text/plain",
+                "not found: try /metrics or /healthz\n",
+            )
+            .await
+        }
+    }
+}
+
+async fn respond(stream: &mut TcpStream, code: u16, content_type: &str, body: &str) {
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "",
+    };
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if stream.write_all(head.as_bytes()).await.is_ok() {
+        let _ = stream.write_all(body.as_bytes()).await;
+    }
+    let _ = stream.shutdown().await;
+}

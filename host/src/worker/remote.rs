@@ -1,0 +1,486 @@
+//! The worker as monitors see and steer it: the answers to remote control (`celery inspect`,
+//! `celery control`, Flower), the status behind `/metrics` and `/healthz`, and the worker
+//! heartbeat events.
+
+use super::{Shared, lock};
+use crate::broker::Delivery;
+use crate::control::{BoxFuture, Context, Worker};
+use crate::endpoint::{Health as HealthReport, Status as StatusSource};
+use crate::metrics::Snapshot;
+use crate::protocol::{self, Exception, State, TaskMessage};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use time::OffsetDateTime;
+
+/// Delayed messages `inspect scheduled` lists at most.
+const SCHEDULED_SHOWN: usize = 1_000;
+
+/// What remote control works with.
+pub(super) fn context(shared: &Arc<Shared>) -> Context {
+    let counted = shared.clone();
+    Context {
+        node: shared.node.clone(),
+        worker: Arc::new(Remote(shared.clone())),
+        revocations: shared.revocations.clone(),
+        events: shared.events.clone(),
+        counts: Arc::new(move || counts(&counted)),
+    }
+}
+
+/// (tasks running, tasks processed), as worker events report them.
+fn counts(shared: &Shared) -> (u64, u64) {
+    let active = lock(&shared.running).len() as u64;
+    let processed = shared.metrics.totals().values().sum();
+    (active, processed)
+}
+
+/// Sends worker-online, then a heartbeat every [`crate::events::HEARTBEAT_FREQ`] while events
+/// are on, and worker-offline when `gone` is set (after the running tasks finished).
+pub(super) async fn heartbeats(shared: Arc<Shared>, mut gone: crate::shutdown::Stopping) {
+    let events = &shared.events;
+    let (active, processed) = counts(&shared);
+    events.worker("worker-online", active, processed);
+    let mut ticks = tokio::time::interval(crate::events::HEARTBEAT_FREQ);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                let (active, processed) = counts(&shared);
+                events.worker("worker-heartbeat", active, processed);
+            }
+            () = crate::shutdown::stopped(&mut gone) => break,
+        }
+    }
+    let (active, processed) = counts(&shared);
+    events.worker("worker-offline", active, processed);
+    events.flush(Duration::from_secs(1)).await;
+}
+
+/// A message as Celery's `Request.info()` describes it in `inspect active|reserved|scheduled`.
+fn request(shared: &Shared, delivery: &Delivery, time_start: Option<f64>) -> Option<Value> {
+    let message = TaskMessage::decode(&delivery.raw).ok()?;
+    Some(json!({
+        "id": message.id,
+        "name": message.task,
+        "args": message.args,
+        "kwargs": message.kwargs,
+        "type": message.task,
+        "hostname": shared.node,
+        "time_start": time_start,
+        "acknowledged": false,
+        "delivery_info": {
+            "exchange": "",
+            "routing_key": crate::broker::queue_of(&delivery.source),
+            "priority": message.priority,
+            "redelivered": false,
+        },
+        "worker_pid": std::process::id(),
+    }))
+}
+
+struct Remote(Arc<Shared>);
+
+impl Worker for Remote {
+    fn active(&self) -> Vec<Value> {
+        let running: Vec<(Delivery, f64)> = lock(&self.0.running).values().cloned().collect();
+        running
+            .iter()
+            .filter_map(|(delivery, started)| request(&self.0, delivery, Some(*started)))
+            .collect()
+    }
+
+    fn reserved(&self) -> Vec<Value> {
+        let reserved: Vec<Delivery> = lock(&self.0.reserved).iter().cloned().collect();
+        reserved
+            .iter()
+            .filter_map(|delivery| request(&self.0, delivery, None))
+            .collect()
+    }
+
+    fn scheduled(&self) -> BoxFuture<'_, Vec<Value>> {
+        Box::pin(async move {
+            let consumed = self.0.queues.borrow().clone();
+            let delayed = match self.0.broker.delayed(SCHEDULED_SHOWN).await {
+                Ok(delayed) => delayed,
+                Err(e) => {
+                    tracing::warn!("cannot read the delayed set for inspect scheduled: {e}");
+                    return Vec::new();
+                }
+            };
+            delayed
+                .iter()
+                .filter(|(_, d)| {
+                    consumed
+                        .iter()
+                        .any(|q| q == crate::broker::queue_of(&d.source))
+                })
+                .filter_map(|(due_ms, delivery)| {
+                    let request = request(&self.0, delivery, None)?;
+                    let eta =
+                        OffsetDateTime::from_unix_timestamp_nanos(i128::from(*due_ms) * 1_000_000)
+                            .ok()
+                            .map(protocol::format_time);
+                    Some(json!({
+                        "eta": eta,
+                        "priority": request["delivery_info"]["priority"],
+                        "request": request,
+                    }))
+                })
+                .collect()
+        })
+    }
+
+    fn registered(&self) -> Vec<String> {
+        self.0
+            .plugins
+            .registry()
+            .task_names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn stats(&self) -> Value {
+        let shared = &self.0;
+        let concurrency = shared.concurrency.load(Ordering::Relaxed);
+        let (host, port) = broker_address(shared.broker.client());
+        let defaults = shared.grants.load().defaults();
+        let limits = &defaults.limits;
+        let plugins: serde_json::Map<String, Value> = shared
+            .plugins
+            .registry()
+            .plugins()
+            .map(|p| (p.name.to_string(), Value::from(p.version.clone())))
+            .collect();
+        json!({
+            "total": shared.metrics.totals(),
+            "pid": std::process::id(),
+            "clock": shared.events.clock().to_string(),
+            "uptime": shared.started.elapsed().as_secs(),
+            "pool": {
+                "implementation": "taskhost:wasm",
+                "max-concurrency": concurrency,
+                "processes": [std::process::id()],
+                "max-tasks-per-child": null,
+                "put-guarded-by-semaphore": true,
+                "timeouts": [
+                    limits.soft_time_limit.map_or(0.0, |d| d.as_secs_f64()),
+                    limits.time_limit.map_or(0.0, |d| d.as_secs_f64()),
+                ],
+            },
+            "broker": {
+                "hostname": host,
+                "userid": null,
+                "virtual_host": shared.broker.client().get_connection_info().redis_settings().db().to_string(),
+                "port": port,
+                "insist": false,
+                "ssl": false,
+                "transport": "redis",
+                "connect_timeout": 5,
+                "transport_options": {},
+                "login_method": null,
+                "uri_prefix": null,
+                "heartbeat": 120.0,
+                "failover_strategy": "round-robin",
+                "alternates": [],
+            },
+            "prefetch_count": concurrency.saturating_mul(shared.config.prefetch_multiplier),
+            "rusage": rusage(),
+            "taskhost": {
+                "version": env!("CARGO_PKG_VERSION"),
+                "plugins": plugins,
+                "queues": shared.queues.borrow().clone(),
+            },
+        })
+    }
+
+    fn queues(&self) -> Vec<String> {
+        self.0.queues.borrow().clone()
+    }
+
+    fn conf(&self) -> Value {
+        let config = &self.0.config;
+        json!({
+            "broker_url": redact(&config.broker_url),
+            "result_backend": redact(&config.backend_url),
+            "result_expires": config.result_expires,
+            "task_serializer": "json",
+            "result_serializer": "json",
+            "accept_content": ["json"],
+            "worker_concurrency": self.0.concurrency.load(Ordering::Relaxed),
+            "worker_prefetch_multiplier": config.prefetch_multiplier,
+            "worker_send_task_events": self.0.events.enabled(),
+            "task_queues": self.0.queues.borrow().clone(),
+            "plugins_dir": config.plugins_dir.display().to_string(),
+            "heartbeat_lapse": config.heartbeat_lapse.as_secs_f64(),
+            "max_redeliveries": config.max_redeliveries,
+            "shutdown_grace": config.shutdown_grace.as_secs_f64(),
+        })
+    }
+
+    fn set_rate_limit(&self, task: &str, rate: Option<&str>) -> Result<(), String> {
+        if self.0.plugins.registry().resolve(task).is_none() {
+            return Err("unknown task".into());
+        }
+        self.0.rate_limits.set(task, rate)?;
+        tracing::info!(
+            task,
+            rate = rate.unwrap_or("none"),
+            "rate limit set by remote control"
+        );
+        Ok(())
+    }
+
+    fn set_time_limit(
+        &self,
+        task: &str,
+        soft: Option<f64>,
+        hard: Option<f64>,
+    ) -> Result<(), String> {
+        if self.0.plugins.registry().resolve(task).is_none() {
+            return Err("unknown task".into());
+        }
+        let valid = |s: Option<f64>| s.is_none_or(|s| s.is_finite() && s >= 0.0);
+        if !valid(soft) || !valid(hard) {
+            return Err("time limits must be non-negative seconds".into());
+        }
+        // 0 or none lifts a limit, as in Celery.
+        let positive = |s: Option<f64>| s.filter(|s| *s > 0.0);
+        lock(&self.0.time_limits).insert(task.to_owned(), (positive(soft), positive(hard)));
+        tracing::info!(task, ?soft, ?hard, "time limits set by remote control");
+        Ok(())
+    }
+
+    fn add_consumer(&self, queue: &str) -> BoxFuture<'_, Result<bool, String>> {
+        let queue = queue.to_owned();
+        Box::pin(async move {
+            if queue.trim().is_empty() || queue.contains('\n') {
+                return Err(format!("invalid queue name {queue:?}"));
+            }
+            if self.0.queues.borrow().contains(&queue) {
+                return Ok(false);
+            }
+            // Recorded before the first fetch, so a crash never strands its in-flight list.
+            self.0
+                .registration
+                .add_sources(&crate::broker::source_keys(std::slice::from_ref(&queue)))
+                .await
+                .map_err(|e| format!("cannot register the queue: {e}"))?;
+            let added = self.0.queues.send_if_modified(|queues| {
+                if queues.contains(&queue) {
+                    return false;
+                }
+                queues.push(queue.clone());
+                true
+            });
+            if added {
+                tracing::info!(queue, "consuming a new queue (remote control)");
+            }
+            Ok(added)
+        })
+    }
+
+    fn cancel_consumer(&self, queue: &str) -> Result<bool, String> {
+        let mut last = false;
+        let removed = self.0.queues.send_if_modified(|queues| {
+            if queues.len() == 1 && queues[0] == queue {
+                last = true;
+                return false;
+            }
+            let before = queues.len();
+            queues.retain(|q| q != queue);
+            queues.len() != before
+        });
+        if last {
+            return Err(format!(
+                "{queue} is the only queue this worker consumes; add another first"
+            ));
+        }
+        if removed {
+            tracing::info!(queue, "no longer consuming a queue (remote control)");
+        }
+        Ok(removed)
+    }
+
+    fn resize_pool(&self, delta: i64) -> usize {
+        let shared = &self.0;
+        if delta >= 0 {
+            let n = usize::try_from(delta).unwrap_or(0).min(10_000);
+            shared.slots.add_permits(n);
+            return shared.concurrency.fetch_add(n, Ordering::Relaxed) + n;
+        }
+        let wanted = usize::try_from(delta.unsigned_abs()).unwrap_or(usize::MAX);
+        // Never below one slot.
+        let mut taken = 0;
+        let _ = shared
+            .concurrency
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                taken = wanted.min(c.saturating_sub(1));
+                Some(c - taken)
+            });
+        if taken > 0 {
+            // The slots go as running tasks free them.
+            let slots = shared.slots.clone();
+            tokio::spawn(async move {
+                if let Ok(permits) = slots
+                    .acquire_many_owned(u32::try_from(taken).unwrap_or(u32::MAX))
+                    .await
+                {
+                    permits.forget();
+                }
+            });
+        }
+        shared.concurrency.load(Ordering::Relaxed)
+    }
+
+    fn shutdown(&self) {
+        let _ = self.0.stop_tx.send(true);
+    }
+
+    fn revoked(&self, task_id: String, reason: &'static str) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let doc = protocol::result_document(
+                &task_id,
+                State::Revoked.as_str(),
+                Exception::new("TaskRevokedError", reason).to_json(),
+                None,
+                None,
+                None,
+                OffsetDateTime::now_utc(),
+            );
+            if let Err(e) = self.0.backend.store(&task_id, &doc).await {
+                tracing::warn!(task_id, "cannot store the REVOKED result: {e}");
+            }
+        })
+    }
+}
+
+/// A URL with its password hidden, as Celery prints it.
+fn redact(url: &str) -> String {
+    crate::broker::redact(url)
+}
+
+/// The broker's host and port, as `stats` reports them.
+fn broker_address(client: &redis::Client) -> (String, Option<u16>) {
+    let addr = client.get_connection_info().addr().to_string();
+    match addr.rsplit_once(':') {
+        Some((host, port)) => (host.to_owned(), port.parse().ok()),
+        None => (addr, None),
+    }
+}
+
+/// This process's resource usage, as Celery's `stats.rusage` (from /proc: the fields Linux
+/// keeps; CPU times in seconds at the kernel's usual 100 ticks per second).
+fn rusage() -> Value {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| {
+        fields
+            .get(n)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let status_field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // In /proc/self/stat after the name: state is 0, minflt 7, majflt 9, utime 11, stime 12.
+    json!({
+        "utime": field(11) as f64 / 100.0,
+        "stime": field(12) as f64 / 100.0,
+        "maxrss": status_field("VmHWM:"),
+        "minflt": field(7),
+        "majflt": field(9),
+        "nvcsw": status_field("voluntary_ctxt_switches:"),
+        "nivcsw": status_field("nonvoluntary_ctxt_switches:"),
+    })
+}
+
+/// The status behind `/metrics` and `/healthz`.
+pub(super) struct Status(pub(super) Arc<Shared>);
+
+impl Status {
+    async fn health(&self) -> HealthReport {
+        let shared = &self.0;
+        let ping = tokio::time::timeout(Duration::from_secs(1), async {
+            redis::cmd("PING")
+                .query_async::<String>(&mut shared.broker.connection())
+                .await
+        })
+        .await;
+        let connected = matches!(ping, Ok(Ok(_)));
+        let fetching = shared.health.is_fetching();
+        let heartbeat = shared.registration.beat_within(
+            crate::recovery::heartbeat_interval(shared.config.heartbeat_lapse) * 2
+                + Duration::from_secs(1),
+        );
+        HealthReport {
+            connected,
+            fetching,
+            heartbeat,
+        }
+    }
+}
+
+impl StatusSource for Status {
+    fn metrics(&self) -> BoxFuture<'_, String> {
+        Box::pin(async move {
+            let shared = &self.0;
+            let queues = shared.queues.borrow().clone();
+            let health = self.health().await;
+            let (queue_lengths, delayed, dead_letter_length) =
+                match shared.broker.lengths(&queues).await {
+                    Ok((lengths, delayed, dead)) => (
+                        queues.into_iter().zip(lengths).collect(),
+                        Some(delayed),
+                        Some(dead),
+                    ),
+                    Err(e) => {
+                        tracing::debug!("cannot read queue lengths for /metrics: {e}");
+                        (Vec::new(), None, None)
+                    }
+                };
+            let (reloads, reload_failures) = shared.plugins.reload_counts();
+            let snapshot = Snapshot {
+                queue_lengths,
+                delayed,
+                dead_letter_length,
+                running: lock(&shared.running).len() as u64,
+                reserved: lock(&shared.reserved).len() as u64,
+                concurrency: shared.concurrency.load(Ordering::Relaxed) as u64,
+                plugins: shared
+                    .plugins
+                    .registry()
+                    .plugins()
+                    .map(|p| {
+                        (
+                            p.name.to_string(),
+                            p.version.clone(),
+                            p.wit_version.to_string(),
+                        )
+                    })
+                    .collect(),
+                reloads,
+                reload_failures,
+                healthy: health.healthy(),
+                uptime_seconds: shared.started.elapsed().as_secs_f64(),
+            };
+            shared.metrics.render(&snapshot)
+        })
+    }
+
+    fn health(&self) -> BoxFuture<'_, HealthReport> {
+        Box::pin(Status::health(self))
+    }
+}
