@@ -6,7 +6,7 @@
 //! Names follow Prometheus' conventions: a `taskhost_` prefix, base units (seconds), `_total`
 //! on counters, `_info` on a constant 1 carrying labels.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
@@ -18,6 +18,7 @@ pub const RUNTIME_BUCKETS: [f64; 14] = [
 
 /// How a task ended, as the `outcome` label says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(usize)]
 pub enum TaskOutcome {
     Succeeded,
     Failed,
@@ -29,6 +30,14 @@ pub enum TaskOutcome {
 }
 
 impl TaskOutcome {
+    const ALL: [Self; 5] = [
+        Self::Succeeded,
+        Self::Failed,
+        Self::Retried,
+        Self::Revoked,
+        Self::Rejected,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Succeeded => "succeeded",
@@ -48,10 +57,18 @@ struct Histogram {
     sum: f64,
 }
 
+/// One task name's counts.
+#[derive(Debug, Clone, Default)]
+struct PerTask {
+    /// By [`TaskOutcome`] as index.
+    outcomes: [u64; TaskOutcome::ALL.len()],
+    runtime: Histogram,
+}
+
 #[derive(Debug, Default)]
 struct Counts {
-    tasks: BTreeMap<(String, TaskOutcome), u64>,
-    runtime: BTreeMap<String, Histogram>,
+    /// Looked up by `&str`, so counting a known task allocates nothing.
+    tasks: HashMap<String, PerTask>,
     limit_hits: BTreeMap<(String, &'static str), u64>,
     dead_lettered: u64,
     events_dropped: u64,
@@ -88,9 +105,15 @@ impl Metrics {
     /// Counts a task's outcome (and its runtime, if it ran).
     pub fn task(&self, task: &str, outcome: TaskOutcome, runtime_s: Option<f64>) {
         let mut counts = lock(&self.counts);
-        *counts.tasks.entry((task.to_owned(), outcome)).or_default() += 1;
+        if !counts.tasks.contains_key(task) {
+            counts.tasks.insert(task.to_owned(), PerTask::default());
+        }
+        let Some(per_task) = counts.tasks.get_mut(task) else {
+            return;
+        };
+        per_task.outcomes[outcome as usize] += 1;
         if let Some(runtime) = runtime_s {
-            let histogram = counts.runtime.entry(task.to_owned()).or_default();
+            let histogram = &mut per_task.runtime;
             histogram.count += 1;
             histogram.sum += runtime;
             if let Some(i) = RUNTIME_BUCKETS.iter().position(|bound| runtime <= *bound) {
@@ -119,35 +142,45 @@ impl Metrics {
 
     /// Tasks finished per task name, every outcome (Celery's `stats.total`).
     pub fn totals(&self) -> BTreeMap<String, u64> {
-        let mut totals = BTreeMap::new();
-        for ((task, _), n) in &lock(&self.counts).tasks {
-            *totals.entry(task.clone()).or_default() += n;
-        }
-        totals
+        lock(&self.counts)
+            .tasks
+            .iter()
+            .map(|(task, counts)| (task.clone(), counts.outcomes.iter().sum()))
+            .collect()
     }
 
     /// The exposition text: these counts and `snapshot`.
     pub fn render(&self, snapshot: &Snapshot) -> String {
         let counts = lock(&self.counts);
+        let tasks: BTreeMap<&String, &PerTask> = counts.tasks.iter().collect();
         let mut out = Text::default();
         out.family(
             "taskhost_tasks_total",
             "counter",
             "Tasks finished by this worker, by task name and outcome.",
         );
-        for ((task, outcome), n) in &counts.tasks {
-            out.sample(
-                "taskhost_tasks_total",
-                &[("task", task), ("outcome", outcome.as_str())],
-                *n as f64,
-            );
+        for (task, per_task) in &tasks {
+            for outcome in TaskOutcome::ALL {
+                let n = per_task.outcomes[outcome as usize];
+                if n > 0 {
+                    out.sample(
+                        "taskhost_tasks_total",
+                        &[("task", task), ("outcome", outcome.as_str())],
+                        n as f64,
+                    );
+                }
+            }
         }
         out.family(
             "taskhost_task_runtime_seconds",
             "histogram",
             "Time from a task's start in the sandbox to its outcome.",
         );
-        for (task, h) in &counts.runtime {
+        for (task, h) in tasks
+            .iter()
+            .map(|(task, t)| (task, &t.runtime))
+            .filter(|(_, h)| h.count > 0)
+        {
             let mut cumulative = 0;
             for (bound, n) in RUNTIME_BUCKETS.iter().zip(h.buckets) {
                 cumulative += n;
@@ -178,9 +211,10 @@ impl Metrics {
             "counter",
             "Retries scheduled by this worker, by task name.",
         );
-        for ((task, outcome), n) in &counts.tasks {
-            if *outcome == TaskOutcome::Retried {
-                out.sample("taskhost_task_retries_total", &[("task", task)], *n as f64);
+        for (task, per_task) in &tasks {
+            let n = per_task.outcomes[TaskOutcome::Retried as usize];
+            if n > 0 {
+                out.sample("taskhost_task_retries_total", &[("task", task)], n as f64);
             }
         }
         out.family(
@@ -207,6 +241,7 @@ impl Metrics {
             "Celery events dropped because Redis could not take them fast enough.",
             counts.events_dropped as f64,
         );
+        drop(tasks);
         drop(counts);
         out.family(
             "taskhost_queue_length",

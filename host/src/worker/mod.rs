@@ -827,25 +827,6 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         .await;
         return;
     }
-    let declared_rate = spec_rate_limit(shared, &message.task);
-    if let Some(wait) = shared
-        .rate_limits
-        .acquire(&message.task, declared_rate.as_deref())
-    {
-        // Over its rate: it waits its turn in the delayed set, not in a worker slot.
-        let due = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
-        if retrying("reschedule a task over its rate limit", || {
-            shared
-                .broker
-                .ack_and_schedule(delivery, &delivery.source, &delivery.raw, Some(due))
-        })
-        .await
-        {
-            shared.scheduled.notify_one();
-            tracing::debug!(task_id = %message.id, wait_s = wait.as_secs_f64(), "task over its rate limit; rescheduled");
-        }
-        return;
-    }
     if let Some(eta) = message.eta.filter(|eta| *eta > now) {
         let due = i64::try_from(eta.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
         let scheduled = retrying("schedule a message with an eta", || {
@@ -879,6 +860,24 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         .await;
         return;
     };
+    if let Some(wait) = shared
+        .rate_limits
+        .acquire(&message.task, spec.defaults.rate_limit.as_deref())
+    {
+        // Over its rate: it waits its turn in the delayed set, not in a worker slot.
+        let due = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+        if retrying("reschedule a task over its rate limit", || {
+            shared
+                .broker
+                .ack_and_schedule(delivery, &delivery.source, &delivery.raw, Some(due))
+        })
+        .await
+        {
+            shared.scheduled.notify_one();
+            tracing::debug!(task_id = %message.id, wait_s = wait.as_secs_f64(), "task over its rate limit; rescheduled");
+        }
+        return;
+    }
     let Some(_instance) = InstanceSlot::take(shared, &plugin.name) else {
         // The plugin runs as many instances as it may: this one waits its turn in the delayed
         // set (not in a worker slot, which tasks of other plugins can use meanwhile).
@@ -1094,15 +1093,6 @@ fn limit_hit(kind: &str) -> Option<&'static str> {
         "ResultTooLarge" => Some("result_size"),
         _ => None,
     }
-}
-
-/// The rate limit the plugin serving `task` declares, if any.
-fn spec_rate_limit(shared: &Shared, task: &str) -> Option<String> {
-    shared
-        .plugins
-        .registry()
-        .resolve(task)
-        .and_then(|(_, spec)| spec.defaults.rate_limit.clone())
 }
 
 /// Stores a FAILURE and settles the message; `runtime` if the task ran.
