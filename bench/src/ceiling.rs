@@ -108,7 +108,7 @@ fn result_like(workload: &Workload) -> String {
     taskhost::protocol::result_document(
         "00000000-0000-0000-0000-000000000000",
         "SUCCESS",
-        workload.expected.clone(),
+        &workload.expected,
         None,
         None,
         None,

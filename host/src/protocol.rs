@@ -6,6 +6,8 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -50,8 +52,11 @@ pub struct Undecodable {
 pub struct TaskMessage {
     pub id: String,
     pub task: String,
-    pub args: Value,
-    pub kwargs: Value,
+    /// The positional arguments, as the producer's JSON text (an array): handed to the plugin
+    /// as they are, never parsed into a tree the host does not need.
+    pub args: Box<RawValue>,
+    /// The keyword arguments, as the producer's JSON text (an object).
+    pub kwargs: Box<RawValue>,
     pub retries: u32,
     pub eta: Option<OffsetDateTime>,
     pub expires: Option<OffsetDateTime>,
@@ -135,19 +140,29 @@ impl TaskMessage {
             None | Some("utf-8") => body_text.as_bytes().to_vec(),
             Some(other) => return Err(DecodeError::BodyEncoding(other.to_owned())),
         };
-        let body: Value = serde_json::from_slice(&body_bytes)
-            .map_err(|e| DecodeError::BodyJson(e.to_string()))?;
-        let (args, kwargs) = match body {
-            Value::Array(mut parts) if (2..=3).contains(&parts.len()) => {
-                parts.truncate(2);
-                let kwargs = parts.pop().unwrap_or(Value::Null);
-                let args = parts.pop().unwrap_or(Value::Null);
-                if !args.is_array() || !kwargs.is_object() {
-                    return Err(DecodeError::BodyShape(format!("[{args}, {kwargs}, ...]")));
-                }
-                (args, kwargs)
+        // Checked and split, not parsed into a tree: [args, kwargs, embed].
+        let parts: Vec<&RawValue> = match serde_json::from_slice(&body_bytes) {
+            Ok(parts) => parts,
+            Err(_) => {
+                let body: Value = serde_json::from_slice(&body_bytes)
+                    .map_err(|e| DecodeError::BodyJson(e.to_string()))?;
+                return Err(DecodeError::BodyShape(truncate(&body.to_string(), 80)));
             }
-            other => return Err(DecodeError::BodyShape(truncate(&other.to_string(), 80))),
+        };
+        let (args, kwargs) = match parts.as_slice() {
+            [args, kwargs] | [args, kwargs, _] => {
+                if !args.get().starts_with('[') || !kwargs.get().starts_with('{') {
+                    return Err(DecodeError::BodyShape(truncate(
+                        &format!("[{}, {}, ...]", args.get(), kwargs.get()),
+                        80,
+                    )));
+                }
+                ((*args).to_owned(), (*kwargs).to_owned())
+            }
+            _ => {
+                let text = String::from_utf8_lossy(&body_bytes);
+                return Err(DecodeError::BodyShape(truncate(&text, 80)));
+            }
         };
         let opt_text = |key: &str| headers.get(key).and_then(Value::as_str).map(str::to_owned);
         let time_limit = match headers.get("timelimit").and_then(Value::as_array) {
@@ -186,7 +201,12 @@ impl TaskMessage {
     }
 
     /// The document to store for this task in `state`, with its parent and group.
-    pub fn result_document(&self, state: State, result: Value, traceback: Option<&str>) -> String {
+    pub fn result_document<R: Serialize + ?Sized>(
+        &self,
+        state: State,
+        result: &R,
+        traceback: Option<&str>,
+    ) -> String {
         result_document(
             &self.id,
             state.as_str(),
@@ -211,13 +231,13 @@ impl TaskMessage {
     /// would print their tuple.
     pub fn args_repr(&self) -> String {
         self.header_text("argsrepr")
-            .unwrap_or_else(|| crate::pyrepr::args_repr(&self.args))
+            .unwrap_or_else(|| crate::pyrepr::args_repr(&parse(&self.args)))
     }
 
     /// The keyword arguments as the producer printed them (`kwargsrepr`), else as Python would.
     pub fn kwargs_repr(&self) -> String {
         self.header_text("kwargsrepr")
-            .unwrap_or_else(|| crate::pyrepr::python_repr(&self.kwargs))
+            .unwrap_or_else(|| crate::pyrepr::python_repr(&parse(&self.kwargs)))
     }
 
     fn header_text(&self, key: &str) -> Option<String> {
@@ -450,13 +470,34 @@ fn exception_module(kind: &str) -> &'static str {
     }
 }
 
+/// The tree of a JSON text already known to be valid (`Null` if, against that, it is not).
+pub fn parse(raw: &RawValue) -> Value {
+    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+}
+
+/// The result document, field by field, so a result given as raw JSON text is written as it is.
+#[derive(Serialize)]
+struct ResultDocument<'a, R: Serialize + ?Sized> {
+    status: &'a str,
+    result: &'a R,
+    traceback: Option<&'a str>,
+    children: [(); 0],
+    date_done: Option<String>,
+    task_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group_id: Option<&'a str>,
+}
+
 /// The document stored at `celery-task-meta-<id>` and published on that channel. `status` is
 /// a [`State`] or a custom progress state such as `PROGRESS`; only final states get a
-/// `date_done`, as Celery stores them.
-pub fn result_document(
+/// `date_done`, as Celery stores them. `result` is anything that serialises to JSON: a value,
+/// or a plugin's result as the raw text it returned.
+pub fn result_document<R: Serialize + ?Sized>(
     task_id: &str,
     status: &str,
-    result: Value,
+    result: &R,
     traceback: Option<&str>,
     parent_id: Option<&str>,
     group: Option<&str>,
@@ -465,23 +506,18 @@ pub fn result_document(
     let is_final = [State::Success, State::Failure, State::Revoked]
         .iter()
         .any(|s| s.as_str() == status);
-    let mut doc = Map::new();
-    doc.insert("status".into(), json!(status));
-    doc.insert("result".into(), result);
-    doc.insert("traceback".into(), json!(traceback));
-    doc.insert("children".into(), json!([]));
-    doc.insert(
-        "date_done".into(),
-        json!(is_final.then(|| format_time(now))),
-    );
-    doc.insert("task_id".into(), json!(task_id));
-    if let Some(parent) = parent_id {
-        doc.insert("parent_id".into(), json!(parent));
-    }
-    if let Some(group) = group {
-        doc.insert("group_id".into(), json!(group));
-    }
-    Value::Object(doc).to_string()
+    let doc = ResultDocument {
+        status,
+        result,
+        traceback,
+        children: [],
+        date_done: is_final.then(|| format_time(now)),
+        task_id,
+        parent_id,
+        group_id: group,
+    };
+    // Cannot fail: strings, options, and a value or valid raw JSON.
+    serde_json::to_string(&doc).unwrap_or_default()
 }
 
 /// Cuts `text` to at most `max` characters, marking the cut.
@@ -504,8 +540,8 @@ mod tests {
     fn decodes_a_message_captured_from_celery() {
         let m = TaskMessage::decode(CAPTURED_DELAY.as_bytes()).expect("decodes");
         assert_eq!(m.task, "app.add");
-        assert_eq!(m.args, json!([2, 3]));
-        assert_eq!(m.kwargs, json!({}));
+        assert_eq!(parse(&m.args), json!([2, 3]));
+        assert_eq!(parse(&m.kwargs), json!({}));
         assert_eq!(m.retries, 0);
         assert_eq!(m.eta, None);
         assert_eq!(m.routing_key(), Some("celery"));
@@ -533,8 +569,8 @@ mod tests {
         };
         let m = TaskMessage::decode(&new.encode()).expect("decodes");
         assert_eq!((m.id.as_str(), m.task.as_str()), ("abc", "demo.add"));
-        assert_eq!(m.args, new.args);
-        assert_eq!(m.kwargs, new.kwargs);
+        assert_eq!(parse(&m.args), new.args);
+        assert_eq!(parse(&m.kwargs), new.kwargs);
         assert_eq!((m.priority, m.routing_key()), (3, Some("high")));
         assert_eq!(m.eta, new.eta);
         let retried = TaskMessage::decode(&m.retry_message(None)).expect("decodes");
@@ -657,14 +693,14 @@ mod tests {
             };
             let m = TaskMessage::decode(&new.encode()).expect("decodes");
             // What the plugin receives is the JSON text of these values.
-            let sent: Value = serde_json::from_str(&m.args.to_string()).expect("args text");
-            assert_eq!((&sent, &m.kwargs), (&args, &kwargs), "case {case}");
+            let sent: Value = serde_json::from_str(m.args.get()).expect("args text");
+            assert_eq!((&sent, &parse(&m.kwargs)), (&args, &kwargs), "case {case}");
             // What the plugin returns is stored as the result unchanged.
             let result = arbitrary(&mut rng, 4);
             let doc = result_document(
                 "id",
                 "SUCCESS",
-                result.clone(),
+                &result,
                 None,
                 None,
                 None,
@@ -712,7 +748,11 @@ mod tests {
             match TaskMessage::decode(&bytes) {
                 Ok(m) => {
                     decoded += 1;
-                    assert!(!m.id.is_empty() && m.args.is_array() && m.kwargs.is_object());
+                    assert!(
+                        !m.id.is_empty()
+                            && parse(&m.args).is_array()
+                            && parse(&m.kwargs).is_object()
+                    );
                 }
                 Err(e) => assert!(!e.error.to_string().is_empty()),
             }

@@ -27,6 +27,7 @@ use crate::settler::Settler;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
@@ -927,14 +928,16 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         shared.metrics.limit_hit(&plugin.name, limit);
     }
     match outcome {
-        Outcome::Success(json) => match serde_json::from_str::<Value>(&json) {
+        // Checked to be JSON, not parsed: the plugin's text is stored as it is.
+        Outcome::Success(json) => match serde_json::from_str::<&RawValue>(&json) {
             Ok(value) => {
                 log("succeeded");
                 shared
                     .metrics
                     .task(&message.task, TaskOutcome::Succeeded, Some(runtime));
                 shared.events.task("task-succeeded", &message.id, |e| {
-                    e.insert("result".into(), crate::pyrepr::python_repr(&value).into());
+                    let result = crate::pyrepr::python_repr(&protocol::parse(value));
+                    e.insert("result".into(), result.into());
                     e.insert("runtime".into(), runtime.into());
                 });
                 finish(shared, delivery, &message, State::Success, value, None).await;
@@ -1047,8 +1050,8 @@ pub fn task_record(message: &TaskMessage, soft_deadline_ms: Option<u64>, hostnam
     Task {
         id: message.id.clone(),
         name: message.task.clone(),
-        args: message.args.to_string(),
-        kwargs: message.kwargs.to_string(),
+        args: message.args.get().to_owned(),
+        kwargs: message.kwargs.get().to_owned(),
         retries: message.retries,
         root_id: message.root_id.clone(),
         parent_id: message.parent_id.clone(),
@@ -1122,7 +1125,7 @@ async fn fail(
         delivery,
         message,
         State::Failure,
-        exc.to_json(),
+        &exc.to_json(),
         exc.traceback.as_deref(),
     )
     .await;
@@ -1178,7 +1181,7 @@ async fn retry(
         shared,
         message,
         State::Retry,
-        reason.to_json(),
+        &reason.to_json(),
         reason.traceback.as_deref(),
     )
     .await;
@@ -1250,7 +1253,7 @@ async fn store_for(
     shared: &Shared,
     message: &TaskMessage,
     state: State,
-    result: Value,
+    result: &Value,
     traceback: Option<&str>,
 ) {
     if message.ignore_result {
@@ -1262,12 +1265,12 @@ async fn store_for(
 
 /// Stores the task's final state (unless the producer asked to ignore its result) and
 /// acknowledges its message, through the settler's batches.
-async fn finish(
+async fn finish<R: serde::Serialize + ?Sized>(
     shared: &Shared,
     delivery: &Delivery,
     message: &TaskMessage,
     state: State,
-    result: Value,
+    result: &R,
     traceback: Option<&str>,
 ) {
     let document = (!message.ignore_result).then(|| {
@@ -1306,7 +1309,7 @@ async fn finish_revoked(
         delivery,
         message,
         State::Revoked,
-        exc.to_json(),
+        &exc.to_json(),
         None,
     )
     .await;
@@ -1327,7 +1330,7 @@ async fn refuse(
         let doc = protocol::result_document(
             id,
             State::Failure.as_str(),
-            exc.to_json(),
+            &exc.to_json(),
             exc.traceback.as_deref(),
             None,
             None,
@@ -1420,7 +1423,7 @@ impl Progress for ProgressWriter {
             let doc = protocol::result_document(
                 &self.task_id,
                 &state,
-                meta,
+                &meta,
                 None,
                 self.parent_id.as_deref(),
                 self.group.as_deref(),

@@ -344,7 +344,7 @@ impl Worker for Remote {
             let doc = protocol::result_document(
                 &task_id,
                 State::Revoked.as_str(),
-                Exception::new("TaskRevokedError", reason).to_json(),
+                &Exception::new("TaskRevokedError", reason).to_json(),
                 None,
                 None,
                 None,
