@@ -8,25 +8,19 @@ use taskhost_tests::{
     Client, Process, RedisServer, TestDir, free_port, http_get, python, wait_for,
 };
 
-/// Runs `python -m celery -b BROKER ARGS` to completion; its stdout.
-fn celery(dir: &TestDir, redis: &RedisServer, args: &[&str]) -> String {
+/// Runs the venv's `python ARGS` to completion, with `BROKER`/`BACKEND` set; its stdout.
+fn run_python(dir: &TestDir, redis: &RedisServer, args: &[&str]) -> String {
     let mut command = Command::new(python());
     command
         .current_dir(dir.path())
-        .args([
-            "-m",
-            "celery",
-            "-b",
-            &redis.url(0),
-            "--result-backend",
-            &redis.url(1),
-        ])
         .args(args)
+        .env("BROKER", redis.url(0))
+        .env("BACKEND", redis.url(1))
         .env("PYTHONDONTWRITEBYTECODE", "1");
     let out = Process::run_command(dir, command);
     assert!(
         out.status.success(),
-        "celery {args:?} failed ({}):\n{}\n{}",
+        "python {args:?} failed ({}):\n{}\n{}",
         out.status,
         out.stdout,
         out.stderr
@@ -34,25 +28,18 @@ fn celery(dir: &TestDir, redis: &RedisServer, args: &[&str]) -> String {
     out.stdout
 }
 
-/// Runs a Python script with `BROKER`/`BACKEND` set; its stdout.
+/// Runs `celery -b BROKER --result-backend BACKEND ARGS`; its stdout.
+fn celery(dir: &TestDir, redis: &RedisServer, args: &[&str]) -> String {
+    let (broker, backend) = (redis.url(0), redis.url(1));
+    let mut all = vec!["-m", "celery", "-b", &broker, "--result-backend", &backend];
+    all.extend_from_slice(args);
+    run_python(dir, redis, &all)
+}
+
+/// Writes the Python script `name` and runs it; its stdout.
 fn python_script(dir: &TestDir, redis: &RedisServer, name: &str, code: &str) -> String {
     dir.write(name, code);
-    let mut command = Command::new(python());
-    command
-        .current_dir(dir.path())
-        .arg(name)
-        .env("BROKER", redis.url(0))
-        .env("BACKEND", redis.url(1))
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    let out = Process::run_command(dir, command);
-    assert!(
-        out.status.success(),
-        "{name} failed ({}):\n{}\n{}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
-    out.stdout
+    run_python(dir, redis, &[name])
 }
 
 /// What `app.control` sees, and changes, with the Python API (replies checked field by field).

@@ -11,6 +11,7 @@
 //! honours it too, and in memory for the per-task check, which costs no Redis round trip.
 
 use crate::broker::BrokerError;
+use crate::lock;
 use crate::shutdown::Stopping;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -94,12 +95,6 @@ impl Revocations {
         }
         Ok(())
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The broadcast channel of the database `client` points at.

@@ -46,3 +46,11 @@ pub mod sandbox;
 pub mod settler;
 pub mod shutdown;
 pub mod worker;
+
+/// Locks `mutex`, through poisoning: every lock in the host guards plain map or counter updates
+/// that a panic elsewhere cannot leave half-done, so the data stays usable.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

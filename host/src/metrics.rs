@@ -6,6 +6,7 @@
 //! Names follow Prometheus' conventions: a `taskhost_` prefix, base units (seconds), `_total`
 //! on counters, `_info` on a constant 1 carrying labels.
 
+use crate::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::Mutex;
@@ -375,12 +376,6 @@ fn format_value(value: f64) -> String {
     } else {
         format!("{value}")
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! from remote control (`celery control rate_limit`), else the operator's `[tasks."NAME"]`,
 //! else the plugin's declared default.
 
+use crate::lock;
 use crate::worker::TaskOverrides;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -95,12 +96,6 @@ impl RateLimits {
         *at = now + Duration::from_secs_f64(1.0 / rate.0);
         None
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use super::{
     LoadError, Plugin, Registry, cache::Cache, is_plugin_file, load, plugin_files, plugin_name,
 };
 use crate::config::GrantTable;
+use crate::lock;
 use crate::sandbox::Sandbox;
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
@@ -265,10 +266,4 @@ impl Live {
         );
         Change::Refused { reason }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -10,6 +10,7 @@
 use crate::broker::{Broker, BrokerError, Delivery};
 use crate::config::{FileConfig, GrantTable, TaskSection};
 use crate::control::Revocations;
+use crate::lock;
 use crate::plugins::cache::Cache;
 use crate::plugins::live::Live;
 use crate::plugins::{Plugin, TaskSpec};
@@ -461,12 +462,6 @@ fn config_reloader(shared: &Arc<Shared>, path: Option<PathBuf>) -> impl Fn() + S
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Takes messages: first from what the wakers already moved, then the Lua fetch, then (when
 /// every queue is empty) by arming the wakers and waiting.
 /// The queues consumed can change at run time (`add_consumer`, `cancel_consumer`): the keys are
@@ -830,16 +825,8 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
     }
     if let Some(eta) = message.eta.filter(|eta| *eta > now) {
         let due = i64::try_from(eta.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
-        let scheduled = retrying("schedule a message with an eta", || {
-            shared
-                .broker
-                .ack_and_schedule(delivery, &delivery.source, &delivery.raw, Some(due))
-        })
-        .await;
-        if scheduled {
-            shared.scheduled.notify_one();
-            tracing::debug!(task_id = %message.id, task = %message.task, eta = %protocol::format_time(eta), "scheduled");
-        }
+        postpone(shared, delivery, due, "schedule a message with an eta").await;
+        tracing::debug!(task_id = %message.id, task = %message.task, eta = %protocol::format_time(eta), "scheduled");
         return;
     }
     let resolved = shared
@@ -867,32 +854,28 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
     {
         // Over its rate: it waits its turn in the delayed set, not in a worker slot.
         let due = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
-        if retrying("reschedule a task over its rate limit", || {
-            shared
-                .broker
-                .ack_and_schedule(delivery, &delivery.source, &delivery.raw, Some(due))
-        })
-        .await
-        {
-            shared.scheduled.notify_one();
-            tracing::debug!(task_id = %message.id, wait_s = wait.as_secs_f64(), "task over its rate limit; rescheduled");
-        }
+        postpone(
+            shared,
+            delivery,
+            due,
+            "reschedule a task over its rate limit",
+        )
+        .await;
+        tracing::debug!(task_id = %message.id, wait_s = wait.as_secs_f64(), "task over its rate limit; rescheduled");
         return;
     }
     let Some(_instance) = InstanceSlot::take(shared, &plugin.name) else {
         // The plugin runs as many instances as it may: this one waits its turn in the delayed
         // set (not in a worker slot, which tasks of other plugins can use meanwhile).
         let due = now_ms() + 200;
-        if retrying("reschedule a task over its plugin's max_instances", || {
-            shared
-                .broker
-                .ack_and_schedule(delivery, &delivery.source, &delivery.raw, Some(due))
-        })
-        .await
-        {
-            shared.scheduled.notify_one();
-            tracing::debug!(task_id = %message.id, plugin = %plugin.name, "plugin at max_instances; task rescheduled");
-        }
+        postpone(
+            shared,
+            delivery,
+            due,
+            "reschedule a task over its plugin's max_instances",
+        )
+        .await;
+        tracing::debug!(task_id = %message.id, plugin = %plugin.name, "plugin at max_instances; task rescheduled");
         return;
     };
     let started = Instant::now();
@@ -976,6 +959,18 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
             .await;
         }
     }
+}
+
+/// Settles `delivery` by moving its message, unchanged, to the delayed set until `due_ms`
+/// (retrying until Redis takes it; `what` names the step in the log), and wakes the mover.
+async fn postpone(shared: &Shared, delivery: &Delivery, due_ms: i64, what: &str) {
+    retrying(what, || {
+        shared
+            .broker
+            .ack_and_schedule(delivery, &delivery.source, &delivery.raw, Some(due_ms))
+    })
+    .await;
+    shared.scheduled.notify_one();
 }
 
 /// One running instance of a plugin, counted against its `max_instances` until dropped.

@@ -2,10 +2,11 @@
 //! `celery control`, Flower), the status behind `/metrics` and `/healthz`, and the worker
 //! heartbeat events.
 
-use super::{Shared, lock};
+use super::Shared;
 use crate::broker::Delivery;
 use crate::control::{BoxFuture, Context, Worker};
 use crate::endpoint::{Health as HealthReport, Status as StatusSource};
+use crate::lock;
 use crate::metrics::Snapshot;
 use crate::protocol::{self, Exception, State, TaskMessage};
 use serde_json::{Value, json};
