@@ -1290,9 +1290,9 @@ async fn finish_revoked(
     what: &str,
 ) {
     tracing::info!(task_id = %message.id, task = %message.task, "task {what}: REVOKED");
-    shared
-        .metrics
-        .task(&message.task, TaskOutcome::Revoked, None);
+    // Revoked and expired tasks are settled before their plugin is looked up.
+    let label = metrics_label(shared, Some(&message.task));
+    shared.metrics.task(label, TaskOutcome::Revoked, None);
     shared.events.task("task-revoked", &message.id, |e| {
         e.insert("terminated".into(), (reason == "terminated").into());
         e.insert("signum".into(), Value::Null);
@@ -1338,11 +1338,9 @@ async fn refuse(
         queue = %crate::broker::queue_of(&delivery.source),
         "message dead-lettered to {}: {reason}", crate::broker::DEAD_LETTER_KEY
     );
-    // Label by task name only when a plugin serves it: names from producers are unbounded.
-    let label = task
-        .filter(|t| shared.plugins.registry().resolve(t).is_some())
-        .unwrap_or("(unregistered)");
-    shared.metrics.task(label, TaskOutcome::Rejected, None);
+    shared
+        .metrics
+        .task(metrics_label(shared, task), TaskOutcome::Rejected, None);
     if let Some(id) = task_id {
         let kind = if exc.kind == "Reject" {
             "task-rejected"
@@ -1370,6 +1368,13 @@ async fn refuse(
     {
         shared.metrics.dead_lettered();
     }
+}
+
+/// The `task` label of a task that may not be served: its name only when a plugin serves it,
+/// since names from producers are unbounded.
+fn metrics_label<'a>(shared: &Shared, task: Option<&'a str>) -> &'a str {
+    task.filter(|t| shared.plugins.registry().resolve(t).is_some())
+        .unwrap_or("(unregistered)")
 }
 
 /// Retries a Redis write until it works, with backoff: a result is never dropped because Redis
