@@ -508,22 +508,15 @@ async fn send_reply(
     reply: Value,
 ) -> Result<(), BrokerError> {
     let body = json!({ context.node.as_str(): reply }).to_string();
-    let envelope = json!({
-        "body": BASE64.encode(body),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"ticket": ticket, "clock": context.events.tick()},
-        "properties": {
-            "delivery_mode": 1,
-            "delivery_info": {"exchange": "reply.celery.pidbox", "routing_key": routing_key},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": uuid::Uuid::new_v4().to_string(),
-        },
-    });
+    let envelope = crate::protocol::transient_envelope(
+        &body,
+        json!({"ticket": ticket, "clock": context.events.tick()}),
+        "reply.celery.pidbox",
+        routing_key,
+    );
     let key = format!("{routing_key}.reply.celery.pidbox");
     let mut pipe = redis::pipe();
-    pipe.lpush(&key, envelope.to_string())
+    pipe.lpush(&key, envelope)
         .ignore()
         .expire(&key, REPLY_TTL_S)
         .ignore();

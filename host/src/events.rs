@@ -10,8 +10,6 @@
 //! subscriber they are gone, as in Celery.
 
 use crate::metrics::Metrics;
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
@@ -202,22 +200,15 @@ async fn send(
     routing_key: &str,
     body: &Value,
 ) {
-    let envelope = json!({
-        "body": BASE64.encode(body.to_string()),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"hostname": hostname},
-        "properties": {
-            "delivery_mode": 1,
-            "delivery_info": {"exchange": "celeryev", "routing_key": routing_key},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": uuid::Uuid::new_v4().to_string(),
-        },
-    });
+    let envelope = crate::protocol::transient_envelope(
+        &body.to_string(),
+        json!({"hostname": hostname}),
+        "celeryev",
+        routing_key,
+    );
     let published: Result<i64, _> = redis::cmd("PUBLISH")
         .arg(format!("{prefix}{routing_key}"))
-        .arg(envelope.to_string())
+        .arg(envelope)
         .query_async(conn)
         .await;
     if let Err(e) = published {

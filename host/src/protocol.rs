@@ -470,6 +470,25 @@ fn exception_module(kind: &str) -> &'static str {
     }
 }
 
+/// kombu's envelope of a transient message (delivery mode 1: events, remote-control replies):
+/// `body` base64-encoded, sent to `exchange` with `routing_key`.
+pub fn transient_envelope(body: &str, headers: Value, exchange: &str, routing_key: &str) -> String {
+    json!({
+        "body": BASE64.encode(body),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": uuid::Uuid::new_v4().to_string(),
+        },
+    })
+    .to_string()
+}
+
 /// The tree of a JSON text already known to be valid (`Null` if, against that, it is not).
 pub fn parse(raw: &RawValue) -> Value {
     serde_json::from_str(raw.get()).unwrap_or(Value::Null)
