@@ -3,9 +3,9 @@
 
 use crate::workload::Workload;
 use std::time::Instant;
-use taskhost::broker::Broker;
-use taskhost::results::Backend;
-use taskhost::settler::Settler;
+use taskhost::redis::settle::Stores;
+use taskhost::redis::{Backend, Broker};
+use taskhost::worker::Settler;
 
 /// Tasks moved per round of the ceiling loops.
 const BATCH: usize = 64;
@@ -71,11 +71,18 @@ pub fn taskhost(broker_url: &str, backend_url: &str, workload: &Workload) -> f64
         let broker = Broker::connect(broker_url, "ceiling@bench")
             .await
             .expect("connect the broker");
-        let backend = Backend::connect(backend_url, taskhost::results::DEFAULT_EXPIRES)
-            .await
-            .expect("connect the backend");
-        let keys = taskhost::broker::source_keys(&["celery".to_owned()]);
-        let settler = Settler::start(broker.clone(), backend, broker_url == backend_url);
+        let backend = Backend::connect(
+            backend_url,
+            taskhost::config::resolve::DEFAULT_RESULT_EXPIRES,
+        )
+        .await
+        .expect("connect the backend");
+        let keys = taskhost::redis::keys::source_keys(&["celery".to_owned()]);
+        let settler = Settler::start(Stores {
+            broker: broker.clone(),
+            backend,
+            same_database: broker_url == backend_url,
+        });
         let doc = result_like(workload);
         let start = Instant::now();
         let mut done = 0;
@@ -106,11 +113,9 @@ pub fn taskhost(broker_url: &str, backend_url: &str, workload: &Workload) -> f64
 /// A result document of the size the workload's results have.
 fn result_like(workload: &Workload) -> String {
     taskhost::protocol::result_document(
-        "00000000-0000-0000-0000-000000000000",
+        &taskhost::protocol::Meta::of("00000000-0000-0000-0000-000000000000"),
         "SUCCESS",
         &workload.expected,
-        None,
-        None,
         None,
         time::OffsetDateTime::now_utc(),
     )

@@ -2,48 +2,38 @@
 //! sandboxed, hot-loadable WebAssembly component.
 //!
 //! # Layout
-//! - [`cli`]: the `taskhost` command line and how settings are resolved.
-//! - [`config`]: `taskhost.toml`, the operator's grants and limits per plugin.
-//! - [`protocol`]: Celery's message and result formats (pure, no I/O).
-//! - [`broker`]: Redis queues: atomic fetch into the in-flight list, ack, delay, dead letters.
-//! - [`results`]: the result backend: storing states, waiting for results.
+//!
+//! One folder per part, named for what it does; each says in its doc what it owns and what it
+//! may not touch, and `host/tests/layout.rs` holds them to it. A task's path through them:
+//! `redis` (fetched) → `worker` (decoded by `protocol`, passed through the gates, run in the
+//! `sandbox` on a plugin from `plugins`, settled) → `redis` (result stored, message acked);
+//! `monitor` watches. See `docs/architecture.md`.
+//!
+//! - [`protocol`]: Celery's formats: task messages, results and states, remote-control
+//!   commands, events, Python's repr, time. Pure: no I/O.
+//! - [`redis`]: everything that talks to Redis: queues and in-flight lists, the result
+//!   backend, dead letters, recovery, the revoked set, remote-control and event channels,
+//!   fleet deploys. Every key and Lua script is defined there. Knows no WebAssembly.
+//! - [`config`]: `taskhost.toml`, flags and environment, resolved: a worker's settings and
+//!   each plugin's grants.
+//! - [`sandbox`]: the wasmtime engine, per-task stores, the host side of the WIT imports, and
+//!   the typed outcome of a run. Never sees Redis.
 //! - [`plugins`]: loading `.wasm` files, the registry of task names, hot reload, the
-//!   precompile cache.
-//! - [`deploy`]: fleet-wide deploys and rollbacks through Redis.
-//! - [`deadletter`]: the dead-letter list, for operators.
-//! - [`sandbox`]: the wasmtime engine, per-task stores, the host side of the WIT imports.
-//! - [`worker`]: the fetch → run → settle loop.
-//! - [`settler`]: task outcomes written in batches (group commit).
-//! - [`recovery`]: heartbeats, and returning a dead worker's tasks.
-//! - [`control`]: Celery's remote control (`celery inspect`/`control`, Flower).
-//! - [`events`]: Celery's monitoring events (`-E`).
-//! - [`metrics`]: Prometheus counters and the text format; [`endpoint`] serves them with
-//!   `/healthz`.
-//! - [`ratelimit`]: per-task rate limits.
-//! - [`pyrepr`]: Python's `repr` of JSON values, as Celery's monitors show them.
-//! - [`shutdown`]: the stop flag every loop watches.
-//! - [`dev`]: the private redis-server of `taskhost dev`.
-//! - [`node`]: the worker's name.
+//!   precompile cache, following fleet deploys.
+//! - [`worker`]: the fetch → handle → settle loop, the gates, retries, and a clean stop.
+//! - [`monitor`]: remote control, monitoring events, Prometheus metrics, `/healthz`.
+//! - [`cli`]: the `taskhost` command line: parses and wires, nothing more.
+//! - [`shutdown`]: the stop flag every loop watches. [`node`]: the machine's and the worker's
+//!   names.
 
-pub mod broker;
 pub mod cli;
 pub mod config;
-pub mod control;
-pub mod deadletter;
-pub mod deploy;
-pub mod dev;
-pub mod endpoint;
-pub mod events;
-pub mod metrics;
+pub mod monitor;
 pub mod node;
 pub mod plugins;
 pub mod protocol;
-pub mod pyrepr;
-pub mod ratelimit;
-pub mod recovery;
-pub mod results;
+pub mod redis;
 pub mod sandbox;
-pub mod settler;
 pub mod shutdown;
 pub mod worker;
 

@@ -37,19 +37,6 @@ impl Cache {
         })
     }
 
-    /// The default directory: `$TASKHOST_CACHE_DIR`, else `$XDG_CACHE_HOME/taskhost`, else
-    /// `~/.cache/taskhost`.
-    pub fn default_dir() -> Option<PathBuf> {
-        if let Some(dir) = std::env::var_os("TASKHOST_CACHE_DIR").filter(|d| !d.is_empty()) {
-            return Some(PathBuf::from(dir));
-        }
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-        Some(base.join("taskhost"))
-    }
-
     /// The component for `wasm` (whose SHA-256 is `digest`): from the cache if a valid entry
     /// exists, else compiled and stored. Blocking: run it off the async runtime's workers.
     pub fn load_or_compile(

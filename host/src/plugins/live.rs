@@ -16,20 +16,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What a reload did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    /// A new plugin, or a new version replacing `previous`.
-    Loaded {
-        name: String,
-        version: String,
-        previous: Option<String>,
-    },
+    /// A new plugin, or a new version replacing the loaded one.
+    Loaded,
     /// The file holds the version already loaded.
     Unchanged,
     /// The file is gone; its plugin is unregistered.
-    Removed { name: String, version: String },
+    Removed,
     /// The file was refused; what was loaded before keeps serving.
-    Refused { reason: String },
+    Refused,
     /// Nothing to do (not a plugin file, or a file that was never loaded is gone).
     Nothing,
 }
@@ -155,7 +151,7 @@ impl Live {
     pub async fn reload(&self, path: &Path) -> Change {
         let _guard = self.reloading.lock().await;
         let change = self.reload_locked(path).await;
-        if matches!(change, Change::Removed { .. }) {
+        if change == Change::Removed {
             // A plugin refused for claiming a task the removed one served may now load.
             let retry: Vec<PathBuf> = lock(&self.refused)
                 .iter()
@@ -226,11 +222,7 @@ impl Live {
                 code = %source, %tasks, "plugin loaded"
             ),
         }
-        Change::Loaded {
-            name: plugin.name.to_string(),
-            version: plugin.version.clone(),
-            previous: current.map(|p| p.version.clone()),
-        }
+        Change::Loaded
     }
 
     fn remove(&self, plugin: &Plugin) -> Change {
@@ -241,10 +233,7 @@ impl Live {
             plugin = %plugin.name, version = %plugin.version,
             "plugin removed: its tasks are no longer served"
         );
-        Change::Removed {
-            name: plugin.name.to_string(),
-            version: plugin.version.clone(),
-        }
+        Change::Removed
     }
 
     fn refuse(&self, path: &Path, error: &LoadError, current: Option<&Plugin>) -> Change {
@@ -260,10 +249,10 @@ impl Live {
         lock(&self.refused).insert(
             path.to_path_buf(),
             Refusal {
-                reason: reason.clone(),
+                reason,
                 duplicate: matches!(error, LoadError::Duplicate { .. }),
             },
         );
-        Change::Refused { reason }
+        Change::Refused
     }
 }

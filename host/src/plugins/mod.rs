@@ -12,12 +12,15 @@
 //! - [`live`]: the current snapshot, swapped atomically on every change.
 //! - [`watcher`]: turns file-system events on the directory into reloads.
 //! - [`cache`]: the on-disk precompile cache.
+//! - [`follow`]: keeping the directory in line with fleet deploys (`worker --fleet`), and
+//!   reporting what runs.
 
 pub mod cache;
+pub mod follow;
 pub mod live;
 pub mod watcher;
 
-use crate::config::GrantTable;
+use crate::config::{GrantTable, Rate};
 use crate::sandbox::{PluginPre, PrepareError, Sandbox, Scope, TaskDefaults};
 use cache::{Cache, Source};
 use sha2::{Digest, Sha256};
@@ -62,6 +65,9 @@ pub struct Plugin {
 pub struct TaskSpec {
     pub name: String,
     pub defaults: TaskDefaults,
+    /// Its declared `rate_limit`, parsed when the plugin loaded (an invalid one is logged
+    /// then, and ignored).
+    pub rate: Option<Rate>,
 }
 
 /// A snapshot of the loaded plugins and which serves which task. Changes make a new snapshot.
@@ -128,6 +134,72 @@ impl Registry {
     }
 }
 
+/// The tasks a plugin declared, checked: at least one, valid names, none twice.
+fn task_specs(
+    plugin: &str,
+    infos: Vec<crate::sandbox::TaskInfo>,
+) -> Result<Vec<TaskSpec>, LoadError> {
+    if infos.is_empty() {
+        return Err(LoadError::NoTasks);
+    }
+    let mut tasks: Vec<TaskSpec> = Vec::with_capacity(infos.len());
+    for info in infos {
+        let valid = !info.name.is_empty()
+            && info.name.len() <= 200
+            && !info
+                .name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control());
+        if !valid {
+            return Err(LoadError::BadTaskName(info.name));
+        }
+        if tasks.iter().any(|t| t.name == info.name) {
+            return Err(LoadError::Duplicate {
+                task: info.name,
+                other: plugin.to_owned(),
+            });
+        }
+        let rate = declared_rate(plugin, &info);
+        tasks.push(TaskSpec {
+            name: info.name,
+            defaults: info.defaults,
+            rate,
+        });
+    }
+    Ok(tasks)
+}
+
+/// A task's declared rate limit; an invalid one is logged and ignored (the operator's
+/// `[tasks."NAME"] rate_limit` or remote control can still set one).
+fn declared_rate(plugin: &str, info: &crate::sandbox::TaskInfo) -> Option<Rate> {
+    let text = info.defaults.rate_limit.as_deref()?;
+    Rate::parse(text)
+        .inspect_err(|e| {
+            tracing::warn!(plugin, task = %info.name, "ignoring the declared rate limit: {e}");
+        })
+        .ok()
+}
+
+/// Why a name cannot be a plugin's.
+#[derive(Debug, thiserror::Error)]
+#[error("plugin name {0:?} is not a valid file stem (letters, digits, '-', '_', '.')")]
+pub struct BadName(pub String);
+
+/// Checks a plugin name can be a file stem in every worker's directory.
+pub fn check_name(name: &str) -> Result<(), BadName> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(BadName(name.to_owned()))
+    }
+}
+
 /// The plugin name of a file: its stem.
 pub fn plugin_name(path: &Path) -> Arc<str> {
     path.file_stem()
@@ -185,31 +257,7 @@ pub async fn load(
         progress: None,
     };
     let (declared, infos) = sandbox.describe(&pre, scope).await?;
-    if infos.is_empty() {
-        return Err(LoadError::NoTasks);
-    }
-    let mut tasks: Vec<TaskSpec> = Vec::with_capacity(infos.len());
-    for info in infos {
-        let valid = !info.name.is_empty()
-            && info.name.len() <= 200
-            && !info
-                .name
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control());
-        if !valid {
-            return Err(LoadError::BadTaskName(info.name));
-        }
-        if tasks.iter().any(|t| t.name == info.name) {
-            return Err(LoadError::Duplicate {
-                task: info.name,
-                other: name.to_string(),
-            });
-        }
-        tasks.push(TaskSpec {
-            name: info.name,
-            defaults: info.defaults,
-        });
-    }
+    let tasks = task_specs(&name, infos)?;
     let declared: String = declared
         .chars()
         .filter(|c| c.is_ascii_graphic())

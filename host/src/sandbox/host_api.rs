@@ -53,7 +53,10 @@ impl host::Host for TaskState {
             return Err("state must not be empty".into());
         }
         match &self.scope.progress {
-            Some(progress) => progress.update(state, meta).await,
+            Some(progress) => progress
+                .update(state, meta)
+                .await
+                .map_err(|e| e.to_string()),
             None => {
                 tracing::info!(
                     plugin = %self.scope.plugin, task_id = %self.scope.task_id, %state, %meta,

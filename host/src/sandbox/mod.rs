@@ -3,20 +3,25 @@
 //!
 //! Owns: engine configuration (pooling allocator, epoch interruption for CPU fairness), the
 //! per-task store state ([`TaskState`]), the host side of the WIT imports (`host_api`, `http`,
-//! `output`), and turning whatever happens in a run (result, failure, trap, time limit) into an
-//! [`Outcome`]. Knows nothing of Redis or Celery beyond the [`Exception`] shape of a failure.
+//! `output`), and turning whatever happens in a run (result, failure, trap, time limit) into
+//! one typed [`Outcome`]. Never sees Redis (`host/tests/layout.rs` keeps it so), and of Celery
+//! only the exception shape of a failure.
 //!
 //! Default deny: a store gets a WASI context with no preopened directories, no environment, no
 //! arguments, no sockets or name lookup, captured stdio, and outbound HTTP only through
 //! [`http::HttpPolicy`].
 
+mod compute;
 mod host_api;
 mod http;
 mod limits;
+mod outcome;
 mod output;
 
+pub use outcome::{Failure, FailureKind, Outcome};
+
 use crate::config::Grants;
-use crate::protocol::Exception;
+use compute::Compute;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,7 +44,6 @@ pub mod bindings {
 
 pub use bindings::exports::taskhost::plugin::handler::{Task, TaskInfo};
 pub use bindings::taskhost::plugin::types::TaskDefaults;
-use bindings::taskhost::plugin::types::{Failure as WitFailure, TaskError};
 
 /// The WIT package plugins are built against, and the versions of it this host runs.
 pub const WIT_PACKAGE: &str = "taskhost:plugin";
@@ -48,30 +52,19 @@ pub const SUPPORTED_WIT_VERSIONS: &[&str] = &["0.1.0"];
 /// How often the epoch advances: a running guest yields to other tasks at least this often.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
 
-/// How a task run ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    /// The result, as JSON text.
-    Success(String),
-    /// The plugin asked to run again.
-    Retry {
-        countdown: Option<f64>,
-        reason: Exception,
-    },
-    /// The task failed: the plugin said so, or the host stopped it.
-    Failure(Exception),
-    /// The plugin refused the message.
-    Reject(String),
-}
-
 /// Publishes a running task's progress (`update-state`).
 pub trait Progress: Send + Sync {
     fn update(
         &self,
         state: String,
         meta: serde_json::Value,
-    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+    ) -> Pin<Box<dyn Future<Output = Result<(), ProgressError>> + Send + '_>>;
 }
+
+/// Why progress could not be published; the plugin's `update-state` gets the text.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot store the progress: {0}")]
+pub struct ProgressError(pub String);
 
 /// Who is running: the plugin, the task, and what the plugin is granted.
 #[derive(Clone)]
@@ -158,60 +151,6 @@ pub struct Sandbox {
     compute: Compute,
 }
 
-/// The threads guest code runs on: a runtime of their own, so a guest that computes (even one
-/// that yields at every epoch tick) never delays the worker's own Redis I/O, which runs on the
-/// caller's runtime. Guests share these threads fairly by yielding at every epoch tick.
-struct Compute(Option<tokio::runtime::Runtime>);
-
-impl Compute {
-    /// One thread per core, or `TASKHOST_GUEST_THREADS`; 0 runs guests on the caller's
-    /// runtime (one thread hop less per task, but a computing guest then shares the I/O
-    /// threads).
-    fn new() -> std::io::Result<Self> {
-        let threads = std::env::var("TASKHOST_GUEST_THREADS")
-            .ok()
-            .and_then(|t| t.parse::<usize>().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        if threads == 0 {
-            return Ok(Self(None));
-        }
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("taskhost-wasm")
-            .enable_all()
-            .build()
-            .map(|rt| Self(Some(rt)))
-    }
-
-    /// Runs `future` on the guest threads; dropping the returned future cancels it.
-    async fn run<T: Send + 'static>(
-        &self,
-        future: impl Future<Output = T> + Send + 'static,
-    ) -> Result<T, tokio::task::JoinError> {
-        struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-        impl<T> Drop for AbortOnDrop<T> {
-            fn drop(&mut self) {
-                self.0.abort();
-            }
-        }
-        let handle = match &self.0 {
-            Some(rt) => rt.handle().spawn(future),
-            None => tokio::spawn(future),
-        };
-        let mut guard = AbortOnDrop(handle);
-        (&mut guard.0).await
-    }
-}
-
-impl Drop for Compute {
-    fn drop(&mut self) {
-        // Dropping a runtime inside another one would block it; let its threads wind down.
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
 impl Sandbox {
     /// Builds the engine (pooling allocator sized by `options`, epoch interruption) and the
     /// linker, and starts the epoch ticker (it stops when the engine is dropped).
@@ -286,12 +225,14 @@ impl Sandbox {
     /// Loads compiled code written by [`Sandbox::serialize`].
     ///
     /// # Safety of the call
-    /// The bytes are native code that will run in this process: the caller must know they are
-    /// exactly what `serialize` wrote (the cache checks a digest before calling this). Engine
-    /// incompatibilities (another wasmtime, other settings) are detected and reported as errors.
+    /// The bytes are native code that will run in this process: the caller must trust them to
+    /// be what `serialize` wrote. Engine incompatibilities (another wasmtime, other settings)
+    /// are detected and reported as errors; anything else is not.
     #[allow(unsafe_code)]
     pub fn deserialize(&self, compiled: &[u8]) -> Result<Component, PrepareError> {
-        // SAFETY: see above; the only caller verifies a SHA-256 of the bytes it wrote itself.
+        // SAFETY: see above. The only caller is the precompile cache, which checks a SHA-256
+        // written beside the entry: that catches a torn or corrupted file, not a forged one,
+        // so the cache directory must be writable only by the worker's user.
         unsafe { Component::deserialize(&self.engine, compiled) }
             .map_err(|e| PrepareError::Compile(format!("{e:#}")))
     }
@@ -447,10 +388,11 @@ impl Sandbox {
             .run(async move { Self::run_here(&engine, &pre, scope, &task, hard_limit).await })
             .await;
         outcome.unwrap_or_else(|e| {
-            Outcome::Failure(Exception::new(
+            Outcome::failed(
+                FailureKind::Trap,
                 "PluginTrap",
                 format!("guest thread failed: {e}"),
-            ))
+            )
         })
     }
 
@@ -481,24 +423,14 @@ impl Sandbox {
         let (stdout, stderr) = drain_output(&mut store, &plugin, &task_name, &task_id);
         let limits = &store.data().scope.grants.limits;
         match result {
-            Err(limit) => Outcome::Failure(Exception::new(
+            Err(limit) => Outcome::failed(
+                FailureKind::TimeLimit,
                 "TimeLimitExceeded",
                 format!("hard time limit ({:.1} s) exceeded", limit.as_secs_f64()),
-            )),
-            Ok(Ok(Ok(json))) if json.len() > limits.result_bytes => {
-                Outcome::Failure(Exception::new(
-                    "ResultTooLarge",
-                    format!(
-                        "the result is {} bytes, over this plugin's limit of {} bytes (result_mb)",
-                        json.len(),
-                        limits.result_bytes
-                    ),
-                ))
-            }
-            Ok(Ok(Ok(json))) => Outcome::Success(json),
-            Ok(Ok(Err(failure))) => from_wit(failure),
+            ),
+            Ok(Ok(returned)) => Outcome::returned(returned, limits.result_bytes),
             Ok(Err(_)) if store.data().limiter.memory_denied => {
-                let mut exception = Exception::new(
+                let mut exception = crate::protocol::Exception::new(
                     "MemoryLimitExceeded",
                     format!(
                         "the plugin needed more than its {} MiB of memory (memory_mb)",
@@ -506,9 +438,12 @@ impl Sandbox {
                     ),
                 );
                 exception.traceback = (!stderr.is_empty()).then(|| stderr.clone());
-                Outcome::Failure(exception)
+                Outcome::Failure(Failure {
+                    kind: FailureKind::Memory,
+                    exception,
+                })
             }
-            Ok(Err(error)) => Outcome::Failure(trap_exception(&error, &stderr, &stdout)),
+            Ok(Err(error)) => outcome::trapped(&error, &stderr, &stdout),
         }
     }
 }
@@ -548,102 +483,4 @@ fn drain_output(
         );
     }
     (stdout, stderr)
-}
-
-fn from_wit(failure: WitFailure) -> Outcome {
-    let exception = |e: TaskError| Exception {
-        kind: if e.kind.is_empty() {
-            "Exception".into()
-        } else {
-            e.kind
-        },
-        message: e.message,
-        traceback: e.traceback,
-    };
-    match failure {
-        WitFailure::Error(e) => Outcome::Failure(exception(e)),
-        WitFailure::Retry(r) => Outcome::Retry {
-            countdown: r.countdown.filter(|c| c.is_finite() && *c >= 0.0),
-            reason: exception(r.reason),
-        },
-        WitFailure::Reject(reason) => Outcome::Reject(reason),
-    }
-}
-
-/// The guest's last words on stderr: a Rust panic prints `thread '…' panicked at FILE:LINE:COL:`
-/// and the message on the lines after it, then `note: …`.
-fn panic_message(stderr: &str) -> Option<String> {
-    let lines: Vec<&str> = stderr.lines().collect();
-    match lines.iter().rposition(|l| l.contains("panicked at")) {
-        Some(at) => {
-            let message: Vec<&str> = lines[at + 1..]
-                .iter()
-                .take_while(|l| !l.starts_with("note:"))
-                .take(10)
-                .copied()
-                .collect();
-            let place = lines[at].trim();
-            Some(if message.is_empty() {
-                place.to_owned()
-            } else {
-                format!("{} ({place})", message.join("\n").trim())
-            })
-        }
-        None => lines
-            .iter()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .map(|l| l.trim().to_owned()),
-    }
-}
-
-/// Names what stopped a guest: a stack overflow, or a trap (a Rust guest's panic prints its
-/// message on stderr before it traps, so that message is the error's).
-fn trap_exception(error: &wasmtime::Error, stderr: &str, stdout: &str) -> Exception {
-    let trap = error.downcast_ref::<wasmtime::Trap>().copied();
-    let panic = panic_message(stderr);
-    let mut exception = match trap {
-        Some(wasmtime::Trap::StackOverflow) => {
-            Exception::new("StackOverflow", "the plugin overflowed its wasm stack")
-        }
-        Some(trap) => Exception::new(
-            "PluginTrap",
-            match panic {
-                Some(msg) => format!("{trap}: {msg}"),
-                None => trap.to_string(),
-            },
-        ),
-        None => Exception::new("PluginTrap", format!("{error:#}")),
-    };
-    let output = [stdout, stderr]
-        .iter()
-        .filter(|s| !s.is_empty())
-        .copied()
-        .collect::<Vec<_>>()
-        .join("\n");
-    exception.traceback = Some(if output.is_empty() {
-        format!("{error:?}")
-    } else {
-        format!("{error:?}\n\nplugin output:\n{output}")
-    });
-    exception
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_a_rust_panic_message_on_stderr() {
-        let stderr = "starting\nthread '<unnamed>' (1) panicked at src/lib.rs:89:9:\noh no\nnote: run with `RUST_BACKTRACE=1`\n";
-        assert_eq!(
-            panic_message(stderr).as_deref(),
-            Some("oh no (thread '<unnamed>' (1) panicked at src/lib.rs:89:9:)")
-        );
-        assert_eq!(
-            panic_message("just a line\n").as_deref(),
-            Some("just a line")
-        );
-        assert_eq!(panic_message(""), None);
-    }
 }

@@ -23,10 +23,7 @@ pub struct Capture(Arc<Mutex<Buffer>>);
 impl Capture {
     /// What was written (up to [`CAPTURE_LIMIT`]) and how many bytes were dropped.
     pub fn take(&self) -> (String, usize) {
-        let mut buffer = match self.0.lock() {
-            Ok(b) => b,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut buffer = crate::lock(&self.0);
         let text = String::from_utf8_lossy(&buffer.bytes).into_owned();
         let dropped = buffer.dropped;
         *buffer = Buffer::default();
@@ -52,10 +49,7 @@ impl tokio::io::AsyncWrite for Capture {
         _: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let mut buffer = match self.0.lock() {
-            Ok(b) => b,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut buffer = crate::lock(&self.0);
         let room = CAPTURE_LIMIT.saturating_sub(buffer.bytes.len());
         let kept = room.min(buf.len());
         buffer.bytes.extend_from_slice(&buf[..kept]);

@@ -3,59 +3,60 @@
 //! heartbeat events.
 
 use super::Shared;
-use crate::broker::Delivery;
-use crate::control::{BoxFuture, Context, Worker};
-use crate::endpoint::{Health as HealthReport, Status as StatusSource};
-use crate::lock;
-use crate::metrics::Snapshot;
-use crate::protocol::{self, Exception, State, TaskMessage};
+use crate::config::Rate;
+use crate::config::resolve::is_queue_name;
+use crate::monitor::control::{BoxFuture, Context, ControlError, Worker};
+use crate::monitor::endpoint::{Health as HealthReport, Status as StatusSource};
+use crate::monitor::metrics::Snapshot;
+use crate::protocol::event::{HEARTBEAT_FREQ, WorkerEvent};
+use crate::protocol::time::{format_time, from_epoch_ms};
+use crate::protocol::{Meta, RevokeReason, State, TaskMessage, exception_document};
+use crate::redis::keys::{queue_of, source_keys};
+use crate::redis::{Delivery, redact};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use time::OffsetDateTime;
 
 /// Delayed messages `inspect scheduled` lists at most.
 const SCHEDULED_SHOWN: usize = 1_000;
 
 /// What remote control works with.
 pub(super) fn context(shared: &Arc<Shared>) -> Context {
-    let counted = shared.clone();
     Context {
         node: shared.node.clone(),
         worker: Arc::new(Remote(shared.clone())),
         revocations: shared.revocations.clone(),
         events: shared.events.clone(),
-        counts: Arc::new(move || counts(&counted)),
     }
 }
 
 /// (tasks running, tasks processed), as worker events report them.
 fn counts(shared: &Shared) -> (u64, u64) {
-    let active = lock(&shared.running).len() as u64;
+    let active = shared.held.running_count() as u64;
     let processed = shared.metrics.totals().values().sum();
     (active, processed)
 }
 
-/// Sends worker-online, then a heartbeat every [`crate::events::HEARTBEAT_FREQ`] while events
-/// are on, and worker-offline when `gone` is set (after the running tasks finished).
+/// Sends worker-online, then a heartbeat every [`HEARTBEAT_FREQ`] while events are on, and
+/// worker-offline when `gone` is set (after the running tasks finished).
 pub(super) async fn heartbeats(shared: Arc<Shared>, mut gone: crate::shutdown::Stopping) {
     let events = &shared.events;
     let (active, processed) = counts(&shared);
-    events.worker("worker-online", active, processed);
-    let mut ticks = tokio::time::interval(crate::events::HEARTBEAT_FREQ);
+    events.worker(WorkerEvent::Online, active, processed);
+    let mut ticks = tokio::time::interval(HEARTBEAT_FREQ);
     ticks.tick().await;
     loop {
         tokio::select! {
             _ = ticks.tick() => {
                 let (active, processed) = counts(&shared);
-                events.worker("worker-heartbeat", active, processed);
+                events.worker(WorkerEvent::Heartbeat, active, processed);
             }
             () = crate::shutdown::stopped(&mut gone) => break,
         }
     }
     let (active, processed) = counts(&shared);
-    events.worker("worker-offline", active, processed);
+    events.worker(WorkerEvent::Offline, active, processed);
     events.flush(Duration::from_secs(1)).await;
 }
 
@@ -73,7 +74,7 @@ fn request(shared: &Shared, delivery: &Delivery, time_start: Option<f64>) -> Opt
         "acknowledged": false,
         "delivery_info": {
             "exchange": "",
-            "routing_key": crate::broker::queue_of(&delivery.source),
+            "routing_key": queue_of(&delivery.source),
             "priority": message.priority,
             "redelivered": false,
         },
@@ -85,16 +86,18 @@ struct Remote(Arc<Shared>);
 
 impl Worker for Remote {
     fn active(&self) -> Vec<Value> {
-        let running: Vec<(Delivery, f64)> = lock(&self.0.running).values().cloned().collect();
-        running
+        self.0
+            .held
+            .running()
             .iter()
             .filter_map(|(delivery, started)| request(&self.0, delivery, Some(*started)))
             .collect()
     }
 
     fn reserved(&self) -> Vec<Value> {
-        let reserved: Vec<Delivery> = lock(&self.0.reserved).iter().cloned().collect();
-        reserved
+        self.0
+            .held
+            .reserved()
             .iter()
             .filter_map(|delivery| request(&self.0, delivery, None))
             .collect()
@@ -112,17 +115,10 @@ impl Worker for Remote {
             };
             delayed
                 .iter()
-                .filter(|(_, d)| {
-                    consumed
-                        .iter()
-                        .any(|q| q == crate::broker::queue_of(&d.source))
-                })
+                .filter(|(_, d)| consumed.iter().any(|q| q == queue_of(&d.source)))
                 .filter_map(|(due_ms, delivery)| {
                     let request = request(&self.0, delivery, None)?;
-                    let eta =
-                        OffsetDateTime::from_unix_timestamp_nanos(i128::from(*due_ms) * 1_000_000)
-                            .ok()
-                            .map(protocol::format_time);
+                    let eta = from_epoch_ms(*due_ms).map(format_time);
                     Some(json!({
                         "eta": eta,
                         "priority": request["delivery_info"]["priority"],
@@ -146,7 +142,7 @@ impl Worker for Remote {
     fn stats(&self) -> Value {
         let shared = &self.0;
         let concurrency = shared.concurrency.load(Ordering::Relaxed);
-        let (host, port) = broker_address(shared.broker.client());
+        let (host, port, db) = crate::redis::address(shared.broker.client());
         let defaults = shared.grants.load().defaults();
         let limits = &defaults.limits;
         let plugins: serde_json::Map<String, Value> = shared
@@ -174,7 +170,7 @@ impl Worker for Remote {
             "broker": {
                 "hostname": host,
                 "userid": null,
-                "virtual_host": shared.broker.client().get_connection_info().redis_settings().db().to_string(),
+                "virtual_host": db.to_string(),
                 "port": port,
                 "insist": false,
                 "ssl": false,
@@ -221,11 +217,12 @@ impl Worker for Remote {
         })
     }
 
-    fn set_rate_limit(&self, task: &str, rate: Option<&str>) -> Result<(), String> {
+    fn set_rate_limit(&self, task: &str, rate: Option<&str>) -> Result<(), ControlError> {
         if self.0.plugins.registry().resolve(task).is_none() {
-            return Err("unknown task".into());
+            return Err(ControlError::UnknownTask);
         }
-        self.0.rate_limits.set(task, rate)?;
+        let parsed = rate.map(Rate::parse).transpose()?;
+        self.0.gates.rates.set(task, parsed);
         tracing::info!(
             task,
             rate = rate.unwrap_or("none"),
@@ -239,26 +236,28 @@ impl Worker for Remote {
         task: &str,
         soft: Option<f64>,
         hard: Option<f64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ControlError> {
         if self.0.plugins.registry().resolve(task).is_none() {
-            return Err("unknown task".into());
+            return Err(ControlError::UnknownTask);
         }
         let valid = |s: Option<f64>| s.is_none_or(|s| s.is_finite() && s >= 0.0);
         if !valid(soft) || !valid(hard) {
-            return Err("time limits must be non-negative seconds".into());
+            return Err(ControlError::BadTimeLimit);
         }
         // 0 or none lifts a limit, as in Celery.
         let positive = |s: Option<f64>| s.filter(|s| *s > 0.0);
-        lock(&self.0.time_limits).insert(task.to_owned(), (positive(soft), positive(hard)));
+        self.0
+            .gates
+            .set_time_limits(task, positive(soft), positive(hard));
         tracing::info!(task, ?soft, ?hard, "time limits set by remote control");
         Ok(())
     }
 
-    fn add_consumer(&self, queue: &str) -> BoxFuture<'_, Result<bool, String>> {
+    fn add_consumer(&self, queue: &str) -> BoxFuture<'_, Result<bool, ControlError>> {
         let queue = queue.to_owned();
         Box::pin(async move {
-            if queue.trim().is_empty() || queue.contains('\n') {
-                return Err(format!("invalid queue name {queue:?}"));
+            if !is_queue_name(&queue) {
+                return Err(ControlError::BadQueue(queue));
             }
             if self.0.queues.borrow().contains(&queue) {
                 return Ok(false);
@@ -266,9 +265,9 @@ impl Worker for Remote {
             // Recorded before the first fetch, so a crash never strands its in-flight list.
             self.0
                 .registration
-                .add_sources(&crate::broker::source_keys(std::slice::from_ref(&queue)))
+                .add_sources(&source_keys(std::slice::from_ref(&queue)))
                 .await
-                .map_err(|e| format!("cannot register the queue: {e}"))?;
+                .map_err(|e| ControlError::Register(e.to_string()))?;
             let added = self.0.queues.send_if_modified(|queues| {
                 if queues.contains(&queue) {
                     return false;
@@ -283,7 +282,7 @@ impl Worker for Remote {
         })
     }
 
-    fn cancel_consumer(&self, queue: &str) -> Result<bool, String> {
+    fn cancel_consumer(&self, queue: &str) -> Result<bool, ControlError> {
         let mut last = false;
         let removed = self.0.queues.send_if_modified(|queues| {
             if queues.len() == 1 && queues[0] == queue {
@@ -295,9 +294,7 @@ impl Worker for Remote {
             queues.len() != before
         });
         if last {
-            return Err(format!(
-                "{queue} is the only queue this worker consumes; add another first"
-            ));
+            return Err(ControlError::LastQueue(queue.to_owned()));
         }
         if removed {
             tracing::info!(queue, "no longer consuming a queue (remote control)");
@@ -340,35 +337,18 @@ impl Worker for Remote {
         let _ = self.0.stop_tx.send(true);
     }
 
-    fn revoked(&self, task_id: String, reason: &'static str) -> BoxFuture<'_, ()> {
+    fn revoked(&self, task_id: String) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let doc = protocol::result_document(
-                &task_id,
-                State::Revoked.as_str(),
-                &Exception::new("TaskRevokedError", reason).to_json(),
-                None,
-                None,
-                None,
-                OffsetDateTime::now_utc(),
-            );
+            let exception = RevokeReason::Revoked.exception();
+            let doc = exception_document(&Meta::of(&task_id), State::Revoked, &exception);
             if let Err(e) = self.0.backend.store(&task_id, &doc).await {
                 tracing::warn!(task_id, "cannot store the REVOKED result: {e}");
             }
         })
     }
-}
 
-/// A URL with its password hidden, as Celery prints it.
-fn redact(url: &str) -> String {
-    crate::broker::redact(url)
-}
-
-/// The broker's host and port, as `stats` reports them.
-fn broker_address(client: &redis::Client) -> (String, Option<u16>) {
-    let addr = client.get_connection_info().addr().to_string();
-    match addr.rsplit_once(':') {
-        Some((host, port)) => (host.to_owned(), port.parse().ok()),
-        None => (addr, None),
+    fn counts(&self) -> (u64, u64) {
+        counts(&self.0)
     }
 }
 
@@ -414,16 +394,15 @@ pub(super) struct Status(pub(super) Arc<Shared>);
 impl Status {
     async fn health(&self) -> HealthReport {
         let shared = &self.0;
-        let ping = tokio::time::timeout(Duration::from_secs(1), async {
-            redis::cmd("PING")
-                .query_async::<String>(&mut shared.broker.connection())
-                .await
-        })
+        let ping = tokio::time::timeout(
+            Duration::from_secs(1),
+            crate::redis::ping(&mut shared.broker.connection()),
+        )
         .await;
         let connected = matches!(ping, Ok(Ok(_)));
         let fetching = shared.health.is_fetching();
         let heartbeat = shared.registration.beat_within(
-            crate::recovery::heartbeat_interval(shared.config.heartbeat_lapse) * 2
+            crate::redis::recovery::heartbeat_interval(shared.config.heartbeat_lapse) * 2
                 + Duration::from_secs(1),
         );
         HealthReport {
@@ -457,8 +436,8 @@ impl StatusSource for Status {
                 queue_lengths,
                 delayed,
                 dead_letter_length,
-                running: lock(&shared.running).len() as u64,
-                reserved: lock(&shared.reserved).len() as u64,
+                running: shared.held.running_count() as u64,
+                reserved: shared.held.reserved_count() as u64,
                 concurrency: shared.concurrency.load(Ordering::Relaxed) as u64,
                 plugins: shared
                     .plugins

@@ -3,7 +3,7 @@
 //! HTTP/1.1 server: one request per connection, GET only, bounded reads and time, so a stuck
 //! or hostile client costs one short-lived task and nothing else.
 
-use crate::control::BoxFuture;
+use super::control::BoxFuture;
 use crate::shutdown::Stopping;
 use serde_json::json;
 use std::sync::Arc;

@@ -1,15 +1,48 @@
-//! The dead-letter list, for operators: list, show, requeue and purge its entries.
+//! The dead-letter list: the format of its entries, and the operator's commands on it (list,
+//! show, requeue, purge).
 //!
 //! Entries are JSON documents (newest first) with the reason, the task id and name where known,
 //! the queue, the worker, the time, and the raw message (`message`, or `message_base64` for
 //! bytes that are not UTF-8). Requeueing pushes the raw message back onto its queue (its
-//! priority bucket when the message says) and removes the entry, in one transaction.
+//! priority bucket when the message says) and removes the entry, in one step. (The recovery
+//! script writes entries of the same shape for messages that kept killing their workers.)
 
-use crate::broker::{BrokerError, DEAD_LETTER_KEY, queue_key};
+use super::keys::{DEAD, queue_key, queue_of};
+use super::{Connection, RedisError, scripts};
 use base64::Engine as _;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
-use serde_json::Value;
+use serde_json::{Value, json};
+
+/// Where a dead-lettered message comes from and why, for its entry.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub reason: &'a str,
+    pub task_id: Option<&'a str>,
+    pub task: Option<&'a str>,
+    /// The list it was fetched from.
+    pub source: &'a str,
+    pub worker: &'a str,
+}
+
+/// The entry for the raw message `raw`.
+pub fn entry(raw: &[u8], origin: &Origin<'_>) -> String {
+    let mut entry = json!({
+        "reason": origin.reason,
+        "task_id": origin.task_id,
+        "task": origin.task,
+        "queue": queue_of(origin.source),
+        "worker": origin.worker,
+        "time": crate::protocol::time::format_time(time::OffsetDateTime::now_utc()),
+    });
+    let message = match std::str::from_utf8(raw) {
+        Ok(text) => json!({"message": text}),
+        Err(_) => json!({"message_base64": base64::engine::general_purpose::STANDARD.encode(raw)}),
+    };
+    if let (Some(entry), Value::Object(message)) = (entry.as_object_mut(), message) {
+        entry.extend(message);
+    }
+    entry.to_string()
+}
 
 /// One entry, with its position (0 = newest).
 #[derive(Debug, Clone)]
@@ -67,7 +100,7 @@ impl Entry {
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
     #[error(transparent)]
-    Broker(#[from] BrokerError),
+    Redis(#[from] RedisError),
     #[error("no dead-letter entry {0} (see `taskhost dead list`)")]
     NoEntry(usize),
     #[error("entry {0} holds no message that can be requeued (no queue or no message)")]
@@ -78,69 +111,55 @@ pub enum DeadLetterError {
 
 impl From<redis::RedisError> for DeadLetterError {
     fn from(e: redis::RedisError) -> Self {
-        Self::Broker(e.into())
+        Self::Redis(e.into())
     }
 }
 
 /// The entries, newest first, at most `limit`.
-pub async fn list(
-    conn: &mut ConnectionManager,
-    limit: usize,
-) -> Result<Vec<Entry>, DeadLetterError> {
+pub async fn list(conn: &mut Connection, limit: usize) -> Result<Vec<Entry>, DeadLetterError> {
     let stop = isize::try_from(limit)
         .unwrap_or(isize::MAX)
         .saturating_sub(1);
-    let raw: Vec<String> = conn.lrange(DEAD_LETTER_KEY, 0, stop).await?;
+    let raw: Vec<String> = conn.lrange(DEAD, 0, stop).await?;
     Ok(raw
         .into_iter()
         .enumerate()
-        .map(|(index, raw)| entry(index, raw))
+        .map(|(index, raw)| read_entry(index, raw))
         .collect())
 }
 
 /// How many entries there are.
-pub async fn count(conn: &mut ConnectionManager) -> Result<usize, DeadLetterError> {
-    Ok(conn.llen(DEAD_LETTER_KEY).await?)
+pub async fn count(conn: &mut Connection) -> Result<usize, DeadLetterError> {
+    Ok(conn.llen(DEAD).await?)
 }
 
 /// The entry at `index`.
-pub async fn show(conn: &mut ConnectionManager, index: usize) -> Result<Entry, DeadLetterError> {
+pub async fn show(conn: &mut Connection, index: usize) -> Result<Entry, DeadLetterError> {
     let at = isize::try_from(index).unwrap_or(isize::MAX);
-    let raw: Option<String> = conn.lindex(DEAD_LETTER_KEY, at).await?;
-    raw.map(|raw| entry(index, raw))
+    let raw: Option<String> = conn.lindex(DEAD, at).await?;
+    raw.map(|raw| read_entry(index, raw))
         .ok_or(DeadLetterError::NoEntry(index))
 }
 
-fn entry(index: usize, raw: String) -> Entry {
+fn read_entry(index: usize, raw: String) -> Entry {
     let doc = serde_json::from_str(&raw).unwrap_or(Value::Null);
     Entry { index, raw, doc }
 }
 
 /// Pushes the message of entry `index` back onto its queue and removes the entry; returns the
 /// list it went to.
-pub async fn requeue(
-    conn: &mut ConnectionManager,
-    index: usize,
-) -> Result<String, DeadLetterError> {
+pub async fn requeue(conn: &mut Connection, index: usize) -> Result<String, DeadLetterError> {
     let entry = show(conn, index).await?;
     let (Some(message), Some(target)) = (entry.message(), entry.target()) else {
         return Err(DeadLetterError::NotRequeueable(index));
     };
-    // Remove exactly this entry and push its message in one step, so a message is never in
-    // both places, nor in neither.
-    let moved: i64 = redis::Script::new(
-        r"
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[2])
-return 1
-",
-    )
-    .key(DEAD_LETTER_KEY)
-    .key(&target)
-    .arg(&entry.raw)
-    .arg(&message)
-    .invoke_async(conn)
-    .await?;
+    let moved: i64 = scripts::requeue_dead()
+        .key(DEAD)
+        .key(&target)
+        .arg(&entry.raw)
+        .arg(&message)
+        .invoke_async(conn)
+        .await?;
     if moved == 0 {
         return Err(DeadLetterError::Changed(index));
     }
@@ -148,11 +167,11 @@ return 1
 }
 
 /// Deletes every entry; returns how many there were.
-pub async fn purge(conn: &mut ConnectionManager) -> Result<usize, DeadLetterError> {
+pub async fn purge(conn: &mut Connection) -> Result<usize, DeadLetterError> {
     let (count, _): (usize, i64) = redis::pipe()
         .atomic()
-        .llen(DEAD_LETTER_KEY)
-        .del(DEAD_LETTER_KEY)
+        .llen(DEAD)
+        .del(DEAD)
         .query_async(conn)
         .await?;
     Ok(count)

@@ -73,6 +73,7 @@ struct Counts {
     limit_hits: BTreeMap<(String, &'static str), u64>,
     dead_lettered: u64,
     events_dropped: u64,
+    settles_skipped: u64,
 }
 
 /// What the task path counts.
@@ -136,6 +137,11 @@ impl Metrics {
         lock(&self.counts).dead_lettered += 1;
     }
 
+    /// Counts a message this worker finished but found no longer in flight, so nothing moved.
+    pub fn settle_skipped(&self) {
+        lock(&self.counts).settles_skipped += 1;
+    }
+
     /// Counts a Celery event dropped because the event publisher fell behind.
     pub fn event_dropped(&self) {
         lock(&self.counts).events_dropped += 1;
@@ -152,181 +158,207 @@ impl Metrics {
 
     /// The exposition text: these counts and `snapshot`.
     pub fn render(&self, snapshot: &Snapshot) -> String {
-        let counts = lock(&self.counts);
-        let tasks: BTreeMap<&String, &PerTask> = counts.tasks.iter().collect();
         let mut out = Text::default();
-        out.family(
-            "taskhost_tasks_total",
-            "counter",
-            "Tasks finished by this worker, by task name and outcome.",
-        );
-        for (task, per_task) in &tasks {
-            for outcome in TaskOutcome::ALL {
-                let n = per_task.outcomes[outcome as usize];
-                if n > 0 {
-                    out.sample(
-                        "taskhost_tasks_total",
-                        &[("task", task), ("outcome", outcome.as_str())],
-                        n as f64,
-                    );
-                }
-            }
-        }
-        out.family(
-            "taskhost_task_runtime_seconds",
-            "histogram",
-            "Time from a task's start in the sandbox to its outcome.",
-        );
-        for (task, h) in tasks
-            .iter()
-            .map(|(task, t)| (task, &t.runtime))
-            .filter(|(_, h)| h.count > 0)
         {
-            let mut cumulative = 0;
-            for (bound, n) in RUNTIME_BUCKETS.iter().zip(h.buckets) {
-                cumulative += n;
-                out.sample(
-                    "taskhost_task_runtime_seconds_bucket",
-                    &[("task", task), ("le", &format_value(*bound))],
-                    cumulative as f64,
-                );
-            }
-            out.sample(
-                "taskhost_task_runtime_seconds_bucket",
-                &[("task", task), ("le", "+Inf")],
-                h.count as f64,
-            );
-            out.sample(
-                "taskhost_task_runtime_seconds_sum",
-                &[("task", task)],
-                h.sum,
-            );
-            out.sample(
-                "taskhost_task_runtime_seconds_count",
-                &[("task", task)],
-                h.count as f64,
-            );
+            let counts = lock(&self.counts);
+            render_tasks(&mut out, &counts);
+            render_counters(&mut out, &counts);
         }
-        out.family(
-            "taskhost_task_retries_total",
-            "counter",
-            "Retries scheduled by this worker, by task name.",
-        );
-        for (task, per_task) in &tasks {
-            let n = per_task.outcomes[TaskOutcome::Retried as usize];
-            if n > 0 {
-                out.sample("taskhost_task_retries_total", &[("task", task)], n as f64);
-            }
-        }
-        out.family(
-            "taskhost_sandbox_limit_hits_total",
-            "counter",
-            "Tasks stopped by a sandbox limit, by plugin and limit.",
-        );
-        for ((plugin, limit), n) in &counts.limit_hits {
-            out.sample(
-                "taskhost_sandbox_limit_hits_total",
-                &[("plugin", plugin), ("limit", limit)],
-                *n as f64,
-            );
-        }
-        out.single(
-            "taskhost_dead_lettered_total",
-            "counter",
-            "Messages this worker moved to the dead-letter list.",
-            counts.dead_lettered as f64,
-        );
-        out.single(
-            "taskhost_events_dropped_total",
-            "counter",
-            "Celery events dropped because Redis could not take them fast enough.",
-            counts.events_dropped as f64,
-        );
-        drop(tasks);
-        drop(counts);
-        out.family(
-            "taskhost_queue_length",
-            "gauge",
-            "Messages waiting in a consumed queue, all priorities.",
-        );
-        for (queue, n) in &snapshot.queue_lengths {
-            out.sample("taskhost_queue_length", &[("queue", queue)], *n as f64);
-        }
-        if let Some(n) = snapshot.delayed {
-            out.single(
-                "taskhost_delayed_messages",
-                "gauge",
-                "Messages waiting for their eta or countdown, all queues.",
-                n as f64,
-            );
-        }
-        if let Some(n) = snapshot.dead_letter_length {
-            out.single(
-                "taskhost_dead_letter_length",
-                "gauge",
-                "Entries in the dead-letter list (all workers).",
-                n as f64,
-            );
-        }
-        out.single(
-            "taskhost_tasks_running",
-            "gauge",
-            "Tasks this worker is handling now.",
-            snapshot.running as f64,
-        );
-        out.single(
-            "taskhost_tasks_reserved",
-            "gauge",
-            "Messages this worker fetched and has not started.",
-            snapshot.reserved as f64,
-        );
-        out.single(
-            "taskhost_concurrency",
-            "gauge",
-            "Tasks this worker may run at once.",
-            snapshot.concurrency as f64,
-        );
-        out.family(
-            "taskhost_plugin_info",
-            "gauge",
-            "Plugins loaded: 1 per plugin, with its version and WIT version.",
-        );
-        for (plugin, version, wit) in &snapshot.plugins {
-            out.sample(
-                "taskhost_plugin_info",
-                &[("plugin", plugin), ("version", version), ("wit", wit)],
-                1.0,
-            );
-        }
-        out.family(
-            "taskhost_plugin_reloads_total",
-            "counter",
-            "Plugin files loaded or swapped in (result=success), or refused (result=failure).",
-        );
-        out.sample(
-            "taskhost_plugin_reloads_total",
-            &[("result", "success")],
-            snapshot.reloads as f64,
-        );
-        out.sample(
-            "taskhost_plugin_reloads_total",
-            &[("result", "failure")],
-            snapshot.reload_failures as f64,
-        );
-        out.single(
-            "taskhost_healthy",
-            "gauge",
-            "1 while the worker is consuming (connected, fetching, heartbeat fresh).",
-            if snapshot.healthy { 1.0 } else { 0.0 },
-        );
-        out.single(
-            "taskhost_uptime_seconds",
-            "gauge",
-            "Seconds since the worker started.",
-            snapshot.uptime_seconds,
-        );
+        render_snapshot(&mut out, snapshot);
         out.0
     }
+}
+
+/// Per task name: outcomes, runtimes, retries.
+fn render_tasks(out: &mut Text, counts: &Counts) {
+    let tasks: BTreeMap<&String, &PerTask> = counts.tasks.iter().collect();
+    out.family(
+        "taskhost_tasks_total",
+        "counter",
+        "Tasks finished by this worker, by task name and outcome.",
+    );
+    for (task, per_task) in &tasks {
+        for outcome in TaskOutcome::ALL {
+            let n = per_task.outcomes[outcome as usize];
+            if n > 0 {
+                out.sample(
+                    "taskhost_tasks_total",
+                    &[("task", task), ("outcome", outcome.as_str())],
+                    n as f64,
+                );
+            }
+        }
+    }
+    out.family(
+        "taskhost_task_runtime_seconds",
+        "histogram",
+        "Time from a task's start in the sandbox to its outcome.",
+    );
+    for (task, h) in tasks
+        .iter()
+        .map(|(task, t)| (task, &t.runtime))
+        .filter(|(_, h)| h.count > 0)
+    {
+        let mut cumulative = 0;
+        for (bound, n) in RUNTIME_BUCKETS.iter().zip(h.buckets) {
+            cumulative += n;
+            out.sample(
+                "taskhost_task_runtime_seconds_bucket",
+                &[("task", task), ("le", &format_value(*bound))],
+                cumulative as f64,
+            );
+        }
+        out.sample(
+            "taskhost_task_runtime_seconds_bucket",
+            &[("task", task), ("le", "+Inf")],
+            h.count as f64,
+        );
+        out.sample(
+            "taskhost_task_runtime_seconds_sum",
+            &[("task", task)],
+            h.sum,
+        );
+        out.sample(
+            "taskhost_task_runtime_seconds_count",
+            &[("task", task)],
+            h.count as f64,
+        );
+    }
+    out.family(
+        "taskhost_task_retries_total",
+        "counter",
+        "Retries scheduled by this worker, by task name.",
+    );
+    for (task, per_task) in &tasks {
+        let n = per_task.outcomes[TaskOutcome::Retried as usize];
+        if n > 0 {
+            out.sample("taskhost_task_retries_total", &[("task", task)], n as f64);
+        }
+    }
+}
+
+/// The counters not kept per task.
+fn render_counters(out: &mut Text, counts: &Counts) {
+    out.family(
+        "taskhost_sandbox_limit_hits_total",
+        "counter",
+        "Tasks stopped by a sandbox limit, by plugin and limit.",
+    );
+    for ((plugin, limit), n) in &counts.limit_hits {
+        out.sample(
+            "taskhost_sandbox_limit_hits_total",
+            &[("plugin", plugin), ("limit", limit)],
+            *n as f64,
+        );
+    }
+    out.single(
+        "taskhost_dead_lettered_total",
+        "counter",
+        "Messages this worker moved to the dead-letter list.",
+        counts.dead_lettered as f64,
+    );
+    out.single(
+        "taskhost_events_dropped_total",
+        "counter",
+        "Celery events dropped because Redis could not take them fast enough.",
+        counts.events_dropped as f64,
+    );
+    out.single(
+            "taskhost_settles_skipped_total",
+            "counter",
+            "Messages this worker finished but found no longer in flight (another worker had returned them): nothing was moved.",
+            counts.settles_skipped as f64,
+        );
+}
+
+/// The values read at scrape time.
+fn render_snapshot(out: &mut Text, snapshot: &Snapshot) {
+    out.family(
+        "taskhost_queue_length",
+        "gauge",
+        "Messages waiting in a consumed queue, all priorities.",
+    );
+    for (queue, n) in &snapshot.queue_lengths {
+        out.sample("taskhost_queue_length", &[("queue", queue)], *n as f64);
+    }
+    if let Some(n) = snapshot.delayed {
+        out.single(
+            "taskhost_delayed_messages",
+            "gauge",
+            "Messages waiting for their eta or countdown, all queues.",
+            n as f64,
+        );
+    }
+    if let Some(n) = snapshot.dead_letter_length {
+        out.single(
+            "taskhost_dead_letter_length",
+            "gauge",
+            "Entries in the dead-letter list (all workers).",
+            n as f64,
+        );
+    }
+    render_worker(out, snapshot);
+}
+
+/// The worker's own gauges: tasks, pool, plugins, health.
+fn render_worker(out: &mut Text, snapshot: &Snapshot) {
+    out.single(
+        "taskhost_tasks_running",
+        "gauge",
+        "Tasks this worker is handling now.",
+        snapshot.running as f64,
+    );
+    out.single(
+        "taskhost_tasks_reserved",
+        "gauge",
+        "Messages this worker fetched and has not started.",
+        snapshot.reserved as f64,
+    );
+    out.single(
+        "taskhost_concurrency",
+        "gauge",
+        "Tasks this worker may run at once.",
+        snapshot.concurrency as f64,
+    );
+    out.family(
+        "taskhost_plugin_info",
+        "gauge",
+        "Plugins loaded: 1 per plugin, with its version and WIT version.",
+    );
+    for (plugin, version, wit) in &snapshot.plugins {
+        out.sample(
+            "taskhost_plugin_info",
+            &[("plugin", plugin), ("version", version), ("wit", wit)],
+            1.0,
+        );
+    }
+    out.family(
+        "taskhost_plugin_reloads_total",
+        "counter",
+        "Plugin files loaded or swapped in (result=success), or refused (result=failure).",
+    );
+    out.sample(
+        "taskhost_plugin_reloads_total",
+        &[("result", "success")],
+        snapshot.reloads as f64,
+    );
+    out.sample(
+        "taskhost_plugin_reloads_total",
+        &[("result", "failure")],
+        snapshot.reload_failures as f64,
+    );
+    out.single(
+        "taskhost_healthy",
+        "gauge",
+        "1 while the worker is consuming (connected, fetching, heartbeat fresh).",
+        if snapshot.healthy { 1.0 } else { 0.0 },
+    );
+    out.single(
+        "taskhost_uptime_seconds",
+        "gauge",
+        "Seconds since the worker started.",
+        snapshot.uptime_seconds,
+    );
 }
 
 /// The text format, written line by line.

@@ -67,7 +67,7 @@ impl PrivateRedis {
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let client = crate::broker::client(&self.url())?;
+        let client = crate::redis::client(&self.url())?;
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -76,12 +76,7 @@ impl PrivateRedis {
                     self.port
                 );
             }
-            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-            {
+            if crate::redis::answers(&client).await {
                 return Ok(());
             }
             if start.elapsed() > timeout {

@@ -1,0 +1,150 @@
+//! The `taskhost` command line: flags in Celery's style, parsed here and handed to the room
+//! that does the work. Parses and wires, nothing more: settings are resolved by `config`, the
+//! worker runs in `worker`, the rest in the rooms each command names.
+//!
+//! - [`worker`]: `worker` and `dev`.
+//! - [`task`]: `call` and `exec`.
+//! - [`fleet`]: `plugins`, `deploy`, `rollback`, `deployments`.
+//! - [`dead`]: `dead list|show|requeue|purge`.
+//! - [`dev`]: the private redis-server of `taskhost dev`.
+
+mod dead;
+mod dev;
+mod fleet;
+mod task;
+mod worker;
+
+use crate::config::WorkerFlags;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::process::ExitCode;
+
+/// A Celery-compatible worker that runs each task type as a sandboxed WebAssembly component.
+#[derive(Debug, Parser)]
+#[command(name = "taskhost", version, propagate_version = true)]
+pub struct Cli {
+    /// Log level, as Celery's: DEBUG, INFO, WARNING, ERROR, CRITICAL [default: INFO for worker
+    /// and dev, WARNING otherwise]. RUST_LOG, if set, overrides it.
+    #[arg(short = 'l', long, global = true, value_enum, ignore_case = true)]
+    pub loglevel: Option<LogLevel>,
+    /// Log lines as text, or as one JSON object per line (for log shippers).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Celery's log levels.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warning,
+    Error,
+    Critical,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume Celery queues from Redis and run their tasks in the plugins of a directory.
+    Worker(WorkerFlags),
+    /// Try it out: a worker on a private redis-server (unless a broker is given) that stops
+    /// with it, with the plugins of a directory.
+    Dev(WorkerFlags),
+    /// Send a task, as Celery's `send_task` would; with --wait, print its result.
+    Call(task::CallArgs),
+    /// Run one task in a plugin file, locally, without Redis: the plugin author's loop.
+    Exec(task::ExecArgs),
+    /// List the plugins of a directory: their tasks and WIT version, or why each was refused.
+    Plugins(fleet::PluginsArgs),
+    /// Publish a plugin to every worker following fleet deploys (`worker --fleet`).
+    Deploy(fleet::DeployArgs),
+    /// Return a deployed plugin to its previous version on every fleet worker.
+    Rollback(fleet::RollbackArgs),
+    /// Show the deployed plugin versions, and what each running worker serves.
+    Deployments(fleet::BrokerArgs),
+    /// Inspect and replay the dead-letter list: messages that could not be run.
+    #[command(subcommand)]
+    Dead(dead::DeadCommand),
+}
+
+/// Parses the command line, sets up logging and runs the command; returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Worker(_) | Command::Dev(_) => LogLevel::Info,
+        _ => LogLevel::Warning,
+    };
+    init_logging(cli.loglevel.unwrap_or(default_level), cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // On a runtime thread, not the main thread block_on polls from: the worker's loop then
+    // hands tasks to the runtime's threads without waking a thread of its own each time.
+    let outcome = runtime.block_on(async {
+        tokio::spawn(run(cli.command))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the command's task failed: {e}")))
+    });
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: LogLevel, format: LogFormat) {
+    let level = match level {
+        LogLevel::Debug => "debug",
+        LogLevel::Info => "info",
+        LogLevel::Warning => "warn",
+        LogLevel::Error | LogLevel::Critical => "error",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,taskhost={level}")));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        // One object per line: the message and every field at the top level, with the level
+        // and target, as log shippers index them.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Worker(flags) => worker::worker(&flags).await?,
+        Command::Dev(flags) => worker::dev(&flags).await?,
+        Command::Call(args) => return task::call(&args).await,
+        Command::Exec(args) => return task::exec(&args).await,
+        Command::Plugins(args) => return fleet::list_plugins(&args).await,
+        Command::Deploy(args) => fleet::deploy(&args).await?,
+        Command::Rollback(args) => fleet::rollback(&args).await?,
+        Command::Deployments(args) => fleet::deployments(&args).await?,
+        Command::Dead(command) => dead::dead(command).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,85 @@
+//! `taskhost worker` and `taskhost dev`: settings resolved by `config`, signals counted, the
+//! worker run; `dev` first starts a private redis-server when no broker is configured.
+
+use super::dev;
+use crate::config::{FileConfig, WorkerConfig, WorkerFlags};
+use crate::redis::redact;
+use std::future::Future;
+use std::path::Path;
+
+pub async fn worker(flags: &WorkerFlags) -> anyhow::Result<()> {
+    let config = WorkerConfig::resolve(flags, None)?;
+    let signals = signals();
+    crate::worker::run(config, signals.nth(1), signals.nth(2)).await
+}
+
+pub async fn dev(flags: &WorkerFlags) -> anyhow::Result<()> {
+    let (file, _) = FileConfig::load(flags.config.as_deref())?;
+    let configured = flags.broker.is_some() || file.worker.broker_url.is_some();
+    let redis = if configured {
+        None
+    } else {
+        Some(dev::PrivateRedis::start().await?)
+    };
+    let dev_url = redis.as_ref().map(dev::PrivateRedis::url);
+    let config = WorkerConfig::resolve(flags, dev_url.as_deref())?;
+    let _state = dev::StateFile::write(&config.broker_url)?;
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| {
+            let cwd = std::env::current_dir().ok()?;
+            Some(p.strip_prefix(&cwd).map(Path::to_path_buf).unwrap_or(p))
+        })
+        .map_or_else(|| "taskhost".to_owned(), |p| p.display().to_string());
+    let origin = if redis.is_some() {
+        "private redis-server, stops with this process"
+    } else {
+        "configured"
+    };
+    eprintln!(
+        "\ntaskhost dev: broker {} ({origin}), plugins from {}\n\
+         send a task from another terminal:\n    {exe} call demo.add --args '[2,3]' --wait\n\
+         stop with Ctrl-C\n",
+        redact(&config.broker_url),
+        config.plugins_dir.display()
+    );
+    let signals = signals();
+    crate::worker::run(config, signals.nth(1), signals.nth(2)).await
+}
+
+/// Counts SIGTERM and Ctrl-C (SIGINT) signals.
+#[derive(Clone)]
+struct Signals(tokio::sync::watch::Receiver<u32>);
+
+/// Starts counting stop signals.
+fn signals() -> Signals {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot listen for SIGTERM and SIGINT; stop the worker with SIGKILL");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    Signals(rx)
+}
+
+impl Signals {
+    /// Completes once `n` signals have come.
+    fn nth(&self, n: u32) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.clone();
+        async move {
+            let _ = rx.wait_for(|count| *count >= n).await;
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! What the operator decided: `taskhost.toml`, flags and Celery's environment variables,
+//! resolved into a worker's settings and each plugin's grants, all checked before anything
+//! connects or loads.
+//!
+//! - [`file`]: the file as written (strict: unknown keys are errors), and its defaults.
+//! - [`grants`]: what each plugin may use: HTTP origins, config values, limits.
+//! - [`resolve`]: a worker's settings from flags, environment and file.
+//! - [`rate`]: Celery's rate-limit notation.
+
+pub mod file;
+pub mod grants;
+pub mod rate;
+pub mod resolve;
+
+pub use file::{
+    ConfigError, DEFAULT_MEMORY_MB, DEFAULT_RESULT_MB, DEFAULT_STACK_KB, DEFAULT_TABLE_ELEMENTS,
+    DEFAULT_TIME_LIMIT_S, FileConfig, TaskSection,
+};
+pub use grants::{GrantTable, Grants, Limits, Origin};
+pub use rate::Rate;
+pub use resolve::{TaskOverrides, WorkerConfig, WorkerFlags};

@@ -1,0 +1,284 @@
+//! A worker's settings, resolved: flags first (and Celery's environment variables, which clap
+//! reads into the same flags), then `taskhost.toml`, then the defaults; every value checked
+//! before anything connects or loads.
+
+use super::file::{FileConfig, TaskSection};
+use super::grants::GrantTable;
+use anyhow::{Context as _, bail};
+use clap::Args;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Celery's default `result_expires`: one day.
+pub const DEFAULT_RESULT_EXPIRES: u64 = 86_400;
+
+/// Operator overrides of tasks' declared settings, by task name (`[tasks."NAME"]`).
+pub type TaskOverrides = Arc<HashMap<String, TaskSection>>;
+
+/// The worker's flags, as `taskhost worker` and `taskhost dev` take them.
+#[derive(Debug, Args)]
+pub struct WorkerFlags {
+    /// Queues to consume, comma-separated, highest priority first [default: celery].
+    #[arg(short = 'Q', long = "queues", value_delimiter = ',')]
+    pub queues: Vec<String>,
+    /// Tasks run at once [default: 4].
+    #[arg(short = 'c', long, env = "CELERY_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Messages fetched ahead per slot, as Celery's worker_prefetch_multiplier: a worker holds
+    /// at most concurrency x this many unstarted messages (1 suits long tasks) [default: 4].
+    #[arg(long)]
+    pub prefetch_multiplier: Option<usize>,
+    /// Broker URL, e.g. redis://localhost:6379/0.
+    #[arg(short = 'b', long, env = "CELERY_BROKER_URL")]
+    pub broker: Option<String>,
+    /// Result backend URL [default: the broker].
+    #[arg(long, env = "CELERY_RESULT_BACKEND")]
+    pub result_backend: Option<String>,
+    /// Directory of plugin .wasm files [default: ./plugins.d].
+    #[arg(short = 'p', long, env = "TASKHOST_PLUGINS")]
+    pub plugins: Option<PathBuf>,
+    /// Config file [default: ./taskhost.toml if present].
+    #[arg(long, env = "TASKHOST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Node name, as Celery's --hostname (%h, %n, %d expand) [default: celery@%h].
+    #[arg(short = 'n', long)]
+    pub hostname: Option<String>,
+    /// Seconds running tasks get to finish when the worker is asked to stop.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_grace: f64,
+    /// Precompile cache directory [default: $TASKHOST_CACHE_DIR, else $XDG_CACHE_HOME/taskhost,
+    /// else ~/.cache/taskhost].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Compile every plugin at load instead of using the precompile cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Follow fleet deploys: install the plugins `taskhost deploy` publishes through the broker.
+    #[arg(long)]
+    pub fleet: bool,
+    /// Seconds without a heartbeat after which other workers take this one for dead and
+    /// return its unfinished tasks to their queues [default: 10].
+    #[arg(long)]
+    pub heartbeat_lapse: Option<f64>,
+    /// Times a task may be returned from dead workers before it is dead-lettered [default: 3].
+    #[arg(long)]
+    pub max_redeliveries: Option<u32>,
+    /// Send Celery's monitoring events (task and worker events, for Flower and `celery
+    /// events`) from the start; a monitor's `enable_events` turns them on too.
+    #[arg(short = 'E', long)]
+    pub task_events: bool,
+    /// Serve Prometheus /metrics and /healthz on this address, e.g. 127.0.0.1:9808 (port 0
+    /// picks a free one; the log says which).
+    #[arg(long, env = "TASKHOST_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+}
+
+/// Everything a worker needs, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub node: String,
+    pub queues: Vec<String>,
+    pub concurrency: usize,
+    /// Unstarted messages held per slot, at most (Celery's `worker_prefetch_multiplier`).
+    pub prefetch_multiplier: usize,
+    pub broker_url: String,
+    pub backend_url: String,
+    pub result_expires: u64,
+    pub plugins_dir: PathBuf,
+    pub grants: GrantTable,
+    /// The config file in use, watched for changes to the grants.
+    pub config_path: Option<PathBuf>,
+    /// The precompile cache directory, if any.
+    pub cache_dir: Option<PathBuf>,
+    /// Follow fleet deploys published through the broker.
+    pub fleet: bool,
+    /// The WebAssembly stack of every instance.
+    pub stack_bytes: usize,
+    /// A worker whose heartbeat is older than this is taken for dead.
+    pub heartbeat_lapse: Duration,
+    /// Returns from dead workers after which a message is dead-lettered.
+    pub max_redeliveries: u32,
+    /// `[tasks."NAME"]` sections.
+    pub task_overrides: TaskOverrides,
+    /// How long running tasks may take to finish once a stop is asked for.
+    pub shutdown_grace: Duration,
+    /// Send Celery's monitoring events from the start.
+    pub task_events: bool,
+    /// Where to serve /metrics and /healthz.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl WorkerConfig {
+    /// Resolves `flags` over the config file they name (or `./taskhost.toml`). `dev_broker`
+    /// stands in when no broker is configured.
+    ///
+    /// # Errors
+    /// The first setting that is missing or invalid, named as the operator wrote it.
+    pub fn resolve(flags: &WorkerFlags, dev_broker: Option<&str>) -> anyhow::Result<Self> {
+        let (file, path) = FileConfig::load(flags.config.as_deref())?;
+        let section = &file.worker;
+        let (broker_url, backend_url) = urls(flags, &file, dev_broker)?;
+        let queues = if flags.queues.is_empty() {
+            section
+                .queues
+                .clone()
+                .unwrap_or_else(|| vec!["celery".into()])
+        } else {
+            flags.queues.clone()
+        };
+        if let Some(bad) = queues.iter().find(|q| !is_queue_name(q)) {
+            bail!("invalid queue name {bad:?}");
+        }
+        let concurrency = flags.concurrency.or(section.concurrency).unwrap_or(4);
+        if concurrency == 0 || concurrency > 10_000 {
+            bail!("concurrency must be between 1 and 10000, got {concurrency}");
+        }
+        let prefetch_multiplier = flags
+            .prefetch_multiplier
+            .or(section.prefetch_multiplier)
+            .unwrap_or(4);
+        if prefetch_multiplier == 0 || prefetch_multiplier > 1_000 {
+            bail!("--prefetch-multiplier must be between 1 and 1000, got {prefetch_multiplier}");
+        }
+        let lapse = flags
+            .heartbeat_lapse
+            .or(section.heartbeat_lapse)
+            .unwrap_or(10.0);
+        if !lapse.is_finite() || lapse < 1.0 {
+            bail!("--heartbeat-lapse must be at least 1 second, got {lapse}");
+        }
+        if !flags.shutdown_grace.is_finite() || flags.shutdown_grace < 0.0 {
+            bail!(
+                "--shutdown-grace must be a number of seconds, got {}",
+                flags.shutdown_grace
+            );
+        }
+        Ok(Self {
+            node: crate::node::node_name(flags.hostname.as_deref().or(section.hostname.as_deref())),
+            queues,
+            concurrency,
+            prefetch_multiplier,
+            broker_url,
+            backend_url,
+            result_expires: section.result_expires.unwrap_or(DEFAULT_RESULT_EXPIRES),
+            plugins_dir: plugins_dir(flags, &file, path.as_deref())?,
+            grants: file.grants(&|var| std::env::var(var).ok())?,
+            cache_dir: cache_dir(flags, &file, path.as_deref()),
+            config_path: path,
+            fleet: flags.fleet || section.fleet.unwrap_or(false),
+            stack_bytes: file.stack_bytes()?,
+            heartbeat_lapse: Duration::from_secs_f64(lapse),
+            max_redeliveries: flags
+                .max_redeliveries
+                .or(section.max_redeliveries)
+                .unwrap_or(3),
+            task_overrides: Arc::new(file.task_overrides()?),
+            shutdown_grace: Duration::from_secs_f64(flags.shutdown_grace),
+            task_events: flags.task_events || section.task_events.unwrap_or(false),
+            metrics_addr: metrics_addr(flags, &file)?,
+        })
+    }
+}
+
+/// Whether `name` can be a queue: not blank, one line.
+pub fn is_queue_name(name: &str) -> bool {
+    !name.trim().is_empty() && !name.contains('\n')
+}
+
+/// The broker and backend URLs, each checked to be one a Redis client can open.
+fn urls(
+    flags: &WorkerFlags,
+    file: &FileConfig,
+    dev_broker: Option<&str>,
+) -> anyhow::Result<(String, String)> {
+    let section = &file.worker;
+    let broker_url = flags
+        .broker
+        .clone()
+        .or_else(|| section.broker_url.clone())
+        .or_else(|| dev_broker.map(str::to_owned))
+        .context("no broker: pass --broker redis://HOST:PORT/DB or set CELERY_BROKER_URL (or try `taskhost dev`)")?;
+    crate::redis::client(&broker_url)?;
+    let backend_url = flags
+        .result_backend
+        .clone()
+        .or_else(|| section.result_backend.clone())
+        .unwrap_or_else(|| broker_url.clone());
+    crate::redis::client(&backend_url).context("result backend")?;
+    Ok((broker_url, backend_url))
+}
+
+/// The plugin directory: it must exist. Absolute, as the file-system watcher reports paths: a
+/// relative directory would never match them, and files dropped in would not be loaded.
+fn plugins_dir(
+    flags: &WorkerFlags,
+    file: &FileConfig,
+    config: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
+    let dir = match (&flags.plugins, &file.worker.plugins) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(dir)) => relative_to_config(dir, config),
+        (None, None) => PathBuf::from("plugins.d"),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "plugin directory {} does not exist: pass --plugins DIR (a folder of .wasm files)",
+            dir.display()
+        );
+    }
+    dir.canonicalize()
+        .with_context(|| format!("plugin directory {}", dir.display()))
+}
+
+fn cache_dir(flags: &WorkerFlags, file: &FileConfig, config: Option<&Path>) -> Option<PathBuf> {
+    if flags.no_cache {
+        return None;
+    }
+    flags
+        .cache_dir
+        .clone()
+        .or_else(|| {
+            file.worker
+                .cache_dir
+                .as_deref()
+                .map(|d| relative_to_config(d, config))
+        })
+        .or_else(default_cache_dir)
+}
+
+/// The default precompile cache directory: `$TASKHOST_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/taskhost`, else `~/.cache/taskhost`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("TASKHOST_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("taskhost"))
+}
+
+fn metrics_addr(flags: &WorkerFlags, file: &FileConfig) -> anyhow::Result<Option<SocketAddr>> {
+    flags
+        .metrics_addr
+        .as_deref()
+        .or(file.worker.metrics_addr.as_deref())
+        .map(|addr| {
+            addr.parse::<SocketAddr>().with_context(|| {
+                format!("--metrics-addr {addr:?} is not HOST:PORT (an IP address and a port)")
+            })
+        })
+        .transpose()
+}
+
+/// `dir` from the config file: relative to the file's own directory.
+fn relative_to_config(dir: &Path, config: Option<&Path>) -> PathBuf {
+    match config.and_then(Path::parent) {
+        Some(base) if dir.is_relative() => base.join(dir),
+        _ => dir.to_path_buf(),
+    }
+}

@@ -1,0 +1,264 @@
+//! Everything that talks to Redis, and nothing else does: connections, the broker's queues and
+//! in-flight lists, the result backend, the dead-letter list, worker registration and crash
+//! recovery, the revoked set, remote-control and event channels, fleet deploys.
+//!
+//! Speaks bytes, keys and `protocol` values; knows nothing of WebAssembly, plugins or the
+//! sandbox (`host/tests/layout.rs` keeps it so). Every key and channel name is in [`keys`];
+//! every Lua script is a file in `scripts/`, loaded by [`scripts`]. Every move of a message
+//! between lists is one atomic Redis step (a Lua script, `BLMOVE`, or `MULTI`): at no instant is
+//! a fetched message only in worker memory.
+//!
+//! - [`broker`]: fetching into the in-flight lists, settling, the delayed set, publishing.
+//! - [`backend`]: task results stored and published as Celery's backend does; waiting for one.
+//! - [`deadletter`]: the dead-letter entries: their format, and the operator's commands.
+//! - [`recovery`]: the worker registry, heartbeats, returning a dead worker's messages.
+//! - [`control`]: the remote-control channel, its replies, and the revoked set.
+//! - [`events`]: publishing monitoring events.
+//! - [`fleet`]: deployed plugin blobs, their history, and what each worker runs.
+//! - [`settle`]: a batch of finished tasks: states, then acknowledgements.
+
+pub mod backend;
+pub mod broker;
+pub mod control;
+pub mod deadletter;
+pub mod events;
+pub mod fleet;
+pub mod keys;
+pub mod recovery;
+mod scripts;
+pub mod settle;
+
+pub use ::redis::Client;
+pub use backend::{Backend, WaitError, Waiter};
+pub use broker::{Broker, Delivery};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::future::Future;
+use std::time::Duration;
+
+/// A shared connection that reconnects by itself, for ordinary commands.
+pub type Connection = ConnectionManager;
+
+/// Answers slower than this are a failed command (a blocking fetch gets its wait on top).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why Redis failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("invalid Redis URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("cannot connect to Redis at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error(transparent)]
+    Command(#[from] ::redis::RedisError),
+}
+
+/// Opens a Redis client for `url`, refusing what is not Redis with a clear message.
+pub fn client(url: &str) -> Result<Client, RedisError> {
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    if !matches!(scheme, "redis" | "rediss" | "unix" | "redis+unix") {
+        return Err(RedisError::Url {
+            url: redact(url),
+            reason: "taskhost speaks Celery's Redis transport: use redis://host:port/db".into(),
+        });
+    }
+    Client::open(url).map_err(|e| RedisError::Url {
+        url: redact(url),
+        reason: e.to_string(),
+    })
+}
+
+/// A reconnecting connection for `client` (whose URL is `url`, for messages).
+pub async fn manager(client: &Client, url: &str) -> Result<Connection, RedisError> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_number_of_retries(2);
+    client
+        .get_connection_manager_with_config(config)
+        .await
+        .map_err(|e| RedisError::Connect {
+            url: redact(url),
+            reason: e.to_string(),
+        })
+}
+
+/// Connects to `url` and checks that Redis answers a PING.
+pub async fn connect(url: &str) -> Result<(Client, Connection), RedisError> {
+    let client = client(url)?;
+    let mut conn = manager(&client, url).await?;
+    ping(&mut conn).await.map_err(|e| RedisError::Connect {
+        url: redact(url),
+        reason: e.to_string(),
+    })?;
+    Ok((client, conn))
+}
+
+/// Whether a server answers at `client`'s address now: one connection attempt, one PING.
+pub async fn answers(client: &Client) -> bool {
+    match client.get_multiplexed_async_connection().await {
+        Ok(mut conn) => ::redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Whether Redis answers, within the connection's response timeout.
+pub async fn ping(conn: &mut Connection) -> Result<(), RedisError> {
+    ::redis::cmd("PING").query_async::<()>(conn).await?;
+    Ok(())
+}
+
+/// The URL with any password replaced, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The host and port `client` connects to, as Celery's `stats` reports them, and its
+/// database number.
+pub fn address(client: &Client) -> (String, Option<u16>, i64) {
+    let info = client.get_connection_info();
+    let db = info.redis_settings().db();
+    let addr = info.addr().to_string();
+    match addr.rsplit_once(':') {
+        Some((host, port)) => (host.to_owned(), port.parse().ok(), db),
+        None => (addr, None, db),
+    }
+}
+
+/// The database number `client` points at (Pub/Sub channel names carry it).
+pub fn db(client: &Client) -> i64 {
+    client.get_connection_info().redis_settings().db()
+}
+
+/// Warns when Redis may evict keys when full: queued tasks have no expiry, and an `allkeys-*`
+/// policy drops them silently.
+pub async fn warn_if_evicting(conn: &mut Connection) {
+    let policy: Result<Vec<String>, _> = ::redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(conn)
+        .await;
+    if let Ok(policy) = policy
+        && let Some(value) = policy.get(1)
+        && value.starts_with("allkeys-")
+    {
+        tracing::warn!(
+            "Redis maxmemory-policy is {value}: when Redis is full it evicts any key, queued tasks \
+             included, without a trace; set maxmemory-policy noeviction (or volatile-*)"
+        );
+    }
+}
+
+/// 100 ms doubling up to 5 s: the pause before trying Redis again after `failures` failures.
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)).min(5_000))
+}
+
+/// Runs `op` until it succeeds, with [`backoff`] between tries, and returns its value: a
+/// result is never dropped because Redis was away for a while. (While it fails, the message
+/// stays in the in-flight list: late, never lost; a stop that cannot wait aborts this and
+/// leaves it there for recovery.) `what` names the step in the log.
+pub async fn retrying<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    what: &str,
+    mut op: impl FnMut() -> F,
+) -> T {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match op().await {
+            Ok(value) => {
+                if attempt > 1 {
+                    tracing::info!("could {what} after {attempt} attempts");
+                }
+                return value;
+            }
+            Err(e) => {
+                // Say so at the first failure and then at attempts 2, 4, 8, …: heard, not a flood.
+                if attempt.is_power_of_two() {
+                    tracing::warn!("could not {what} (attempt {attempt}, retrying): {e}");
+                }
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+        }
+    }
+}
+
+/// A Pub/Sub subscription to one channel.
+pub struct Subscription {
+    pubsub: ::redis::aio::PubSub,
+}
+
+impl Subscription {
+    /// Subscribes to `channel`.
+    pub async fn open(client: &Client, channel: &str) -> Result<Self, RedisError> {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok(Self { pubsub })
+    }
+
+    /// The next message's payload; none once the subscription is lost.
+    pub async fn next(&mut self) -> Option<Vec<u8>> {
+        use futures_util::StreamExt as _;
+        let message = self.pubsub.on_message().next().await?;
+        Some(message.get_payload().unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact("redis://u:pw@h/0"), "redis://u:***@h/0");
+        assert_eq!(redact("redis://h:1/0"), "redis://h:1/0");
+    }
+
+    #[test]
+    fn refuses_what_is_not_redis() {
+        assert!(client("amqp://guest@localhost//").is_err());
+        assert!(client("redis://127.0.0.1:1/0").is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retrying_backs_off_and_returns_the_value() {
+        let start = tokio::time::Instant::now();
+        let mut tries = 0;
+        let value = retrying("count", || {
+            tries += 1;
+            let attempt = tries;
+            async move {
+                if attempt < 4 {
+                    Err("not yet")
+                } else {
+                    Ok(attempt * 10)
+                }
+            }
+        })
+        .await;
+        assert_eq!(value, 40);
+        // Three failures: 200 + 400 + 800 ms of backoff, no more.
+        assert_eq!(start.elapsed(), Duration::from_millis(1400));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_five_seconds() {
+        assert_eq!(backoff(1), Duration::from_millis(200));
+        assert_eq!(backoff(3), Duration::from_millis(800));
+        assert_eq!(backoff(40), Duration::from_secs(5));
+    }
+}

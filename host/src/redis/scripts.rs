@@ -1,0 +1,40 @@
+//! Every Lua script the host runs, each a file in `scripts/` named for its atomic step with
+//! its key count (bullmq's habit). Each file opens with its contract: what it does, `KEYS`,
+//! `ARGV` and its output; callers and tests read the header, not the body.
+
+use redis::Script;
+
+/// Takes queued messages into the in-flight lists, without waiting.
+pub fn fetch() -> Script {
+    Script::new(include_str!("scripts/fetch-n.lua"))
+}
+
+/// Moves due messages from the delayed set to their queues.
+pub fn move_due() -> Script {
+    Script::new(include_str!("scripts/move_due-2.lua"))
+}
+
+/// Removes a message from its in-flight list and sends it on, only if it was still there.
+pub fn settle() -> Script {
+    Script::new(include_str!("scripts/settle-2.lua"))
+}
+
+/// Returns a lapsed worker's in-flight messages to their queues.
+pub fn recover() -> Script {
+    Script::new(include_str!("scripts/recover-2.lua"))
+}
+
+/// Stores and publishes a task state, never over a SUCCESS.
+pub fn store_result() -> Script {
+    Script::new(include_str!("scripts/store_result-1.lua"))
+}
+
+/// Makes a plugin's previous deployed version current.
+pub fn rollback() -> Script {
+    Script::new(include_str!("scripts/rollback-2.lua"))
+}
+
+/// Moves one dead-letter entry's message back onto its queue.
+pub fn requeue_dead() -> Script {
+    Script::new(include_str!("scripts/requeue_dead-2.lua"))
+}

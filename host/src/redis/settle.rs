@@ -1,0 +1,58 @@
+//! Writing a batch of finished tasks (the worker's group commit): every state first, then every
+//! acknowledgement, so a task is never acknowledged without its state.
+
+use super::{Backend, Broker, Delivery, RedisError};
+
+/// One finished task of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished<'a> {
+    /// The task's id and its result document, unless the producer ignores results.
+    pub state: Option<(&'a str, &'a str)>,
+    /// Whether the state is a SUCCESS (stored unguarded; see [`Backend::add_success`]).
+    pub success: bool,
+    pub delivery: &'a Delivery,
+}
+
+/// The broker and the backend a worker settles into.
+pub struct Stores {
+    pub broker: Broker,
+    pub backend: Backend,
+    /// The broker and the backend are one Redis database: a batch goes out as one pipeline
+    /// (Redis runs one connection's commands in order, so states still land first).
+    pub same_database: bool,
+}
+
+impl Stores {
+    /// Writes `batch`. A failed write may be retried whole: storing a state twice and removing
+    /// an absent message are both harmless.
+    pub async fn write(&self, batch: &[Finished<'_>]) -> Result<(), RedisError> {
+        // States that must not replace a stored SUCCESS go through the guarded script, one by
+        // one; they are failures and revocations, rare next to successes.
+        for job in batch.iter().filter(|j| !j.success) {
+            if let Some((id, doc)) = job.state {
+                self.backend.store(id, doc).await?;
+            }
+        }
+        let mut states = redis::pipe();
+        let mut stored = 0;
+        for job in batch.iter().filter(|j| j.success) {
+            if let Some((id, doc)) = job.state {
+                self.backend.add_success(&mut states, id, doc);
+                stored += 1;
+            }
+        }
+        let mut acks = if self.same_database {
+            states
+        } else {
+            // Redis refuses an empty pipeline.
+            if stored > 0 {
+                self.backend.run(&states).await?;
+            }
+            redis::pipe()
+        };
+        for job in batch {
+            self.broker.add_ack(&mut acks, job.delivery);
+        }
+        self.broker.run(&acks).await
+    }
+}

@@ -1,0 +1,57 @@
+//! The threads guest code runs on, apart from the worker's own I/O.
+
+use std::future::Future;
+
+/// The threads guest code runs on: a runtime of their own, so a guest that computes (even one
+/// that yields at every epoch tick) never delays the worker's own Redis I/O, which runs on the
+/// caller's runtime. Guests share these threads fairly by yielding at every epoch tick.
+pub(super) struct Compute(Option<tokio::runtime::Runtime>);
+
+impl Compute {
+    /// One thread per core, or `TASKHOST_GUEST_THREADS`; 0 runs guests on the caller's
+    /// runtime (one thread hop less per task, but a computing guest then shares the I/O
+    /// threads).
+    pub(super) fn new() -> std::io::Result<Self> {
+        let threads = std::env::var("TASKHOST_GUEST_THREADS")
+            .ok()
+            .and_then(|t| t.parse::<usize>().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if threads == 0 {
+            return Ok(Self(None));
+        }
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("taskhost-wasm")
+            .enable_all()
+            .build()
+            .map(|rt| Self(Some(rt)))
+    }
+
+    /// Runs `future` on the guest threads; dropping the returned future cancels it.
+    pub(super) async fn run<T: Send + 'static>(
+        &self,
+        future: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+        impl<T> Drop for AbortOnDrop<T> {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let handle = match &self.0 {
+            Some(rt) => rt.handle().spawn(future),
+            None => tokio::spawn(future),
+        };
+        let mut guard = AbortOnDrop(handle);
+        (&mut guard.0).await
+    }
+}
+
+impl Drop for Compute {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one would block it; let its threads wind down.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}

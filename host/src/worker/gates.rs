@@ -1,0 +1,429 @@
+//! The gates a decoded task passes before it runs, in this order: not expired, not revoked,
+//! due (its `eta`), served by a plugin, within its rate limit, within its plugin's
+//! `max_instances`; then the time limits it runs under. Each gate lets the task through, or
+//! stops it: postponed (back to the delayed set until a given time, never held in a slot) or
+//! settled without running (revoked, or refused).
+//!
+//! A new gate: a function returning `Result<_, Stop>` here, called from [`admit`] in its
+//! place in the order.
+
+use super::Shared;
+use crate::config::{Limits, Rate, TaskOverrides};
+use crate::lock;
+use crate::monitor::revocations::Revocations;
+use crate::plugins::{Plugin, Registry, TaskSpec};
+use crate::protocol::time::{epoch_ms, now_ms};
+use crate::protocol::{RevokeReason, TaskMessage};
+use crate::sandbox::TaskDefaults;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+/// How long a task over its plugin's `max_instances` waits before it is tried again.
+const INSTANCE_RETRY: Duration = Duration::from_millis(200);
+
+/// Why a task does not run now.
+#[derive(Debug)]
+pub(super) enum Stop {
+    /// Not yet: back to the delayed set until `due_ms` (ms since the epoch).
+    Postpone { due_ms: i64, wait: Wait },
+    /// Never: it is settled REVOKED.
+    Revoke(RevokeReason),
+    /// Never: no plugin serves its name.
+    NotRegistered,
+}
+
+/// What a postponed task waits for.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Wait {
+    Eta,
+    RateLimit(Duration),
+    MaxInstances,
+}
+
+impl Wait {
+    /// The step, as the log names it when Redis is slow to take it.
+    pub(super) fn step(self) -> &'static str {
+        match self {
+            Self::Eta => "schedule a message with an eta",
+            Self::RateLimit(_) => "reschedule a task over its rate limit",
+            Self::MaxInstances => "reschedule a task over its plugin's max_instances",
+        }
+    }
+}
+
+/// A task through every gate: what runs it, and under which time limits.
+pub(super) struct Admitted<'a> {
+    pub plugin: Arc<Plugin>,
+    pub spec: TaskSpec,
+    /// Counts against the plugin's `max_instances` until dropped.
+    pub _slot: InstanceSlot<'a>,
+    /// (soft, hard).
+    pub time_limits: (Option<Duration>, Option<Duration>),
+}
+
+/// Passes `message` through the gates, in order.
+pub(super) fn admit<'a>(shared: &'a Shared, message: &TaskMessage) -> Result<Admitted<'a>, Stop> {
+    let now = OffsetDateTime::now_utc();
+    expiry(message, now)?;
+    revocation(&shared.revocations, message)?;
+    eta(message, now)?;
+    let (plugin, spec) = registration(&shared.plugins.registry(), message)?;
+    shared.gates.rate_limit(&message.task, spec.rate)?;
+    let grants = shared.grants.load().for_plugin(&plugin.name);
+    let slot = shared
+        .gates
+        .instance(&plugin.name, grants.limits.max_instances)?;
+    let time_limits = shared
+        .gates
+        .time_limits(message, &grants.limits, &spec.defaults);
+    Ok(Admitted {
+        plugin,
+        spec,
+        _slot: slot,
+        time_limits,
+    })
+}
+
+fn expiry(message: &TaskMessage, now: OffsetDateTime) -> Result<(), Stop> {
+    match message.expires {
+        Some(expires) if expires <= now => Err(Stop::Revoke(RevokeReason::Expired)),
+        _ => Ok(()),
+    }
+}
+
+fn revocation(revocations: &Revocations, message: &TaskMessage) -> Result<(), Stop> {
+    if revocations.is_revoked(&message.id) {
+        return Err(Stop::Revoke(RevokeReason::Revoked));
+    }
+    Ok(())
+}
+
+fn eta(message: &TaskMessage, now: OffsetDateTime) -> Result<(), Stop> {
+    match message.eta {
+        Some(eta) if eta > now => Err(Stop::Postpone {
+            due_ms: epoch_ms(eta),
+            wait: Wait::Eta,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn registration(
+    registry: &Registry,
+    message: &TaskMessage,
+) -> Result<(Arc<Plugin>, TaskSpec), Stop> {
+    registry
+        .resolve(&message.task)
+        .map(|(plugin, spec)| (plugin.clone(), spec.clone()))
+        .ok_or(Stop::NotRegistered)
+}
+
+/// (soft, hard) time limits in seconds, as remote control sets them; none lifts one.
+type SetTimeLimits = (Option<f64>, Option<f64>);
+
+/// What the gates remember between tasks: rate limits, time limits set by remote control, and
+/// the instances running per plugin.
+pub(super) struct Gates {
+    pub rates: RateLimits,
+    /// Time limits set by remote control, per task.
+    set_time_limits: Mutex<HashMap<String, SetTimeLimits>>,
+    /// Instances running per plugin, for its `max_instances`.
+    instances: Mutex<HashMap<Arc<str>, u32>>,
+}
+
+impl Gates {
+    pub(super) fn new(overrides: &TaskOverrides) -> Self {
+        Self {
+            rates: RateLimits::new(overrides),
+            set_time_limits: Mutex::new(HashMap::new()),
+            instances: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn rate_limit(&self, task: &str, declared: Option<Rate>) -> Result<(), Stop> {
+        match self.rates.acquire(task, declared) {
+            None => Ok(()),
+            Some(wait) => Err(Stop::Postpone {
+                due_ms: now_ms()
+                    .saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)),
+                wait: Wait::RateLimit(wait),
+            }),
+        }
+    }
+
+    /// Takes one of `plugin`'s instances, if it runs fewer than `max` (none: no limit).
+    fn instance(&self, plugin: &Arc<str>, max: Option<u32>) -> Result<InstanceSlot<'_>, Stop> {
+        let mut counts = lock(&self.instances);
+        let count = counts.entry(plugin.clone()).or_default();
+        if max.is_some_and(|max| *count >= max) {
+            // It waits its turn in the delayed set, not in a worker slot, which tasks of other
+            // plugins can use meanwhile.
+            return Err(Stop::Postpone {
+                due_ms: now_ms()
+                    .saturating_add(i64::try_from(INSTANCE_RETRY.as_millis()).unwrap_or(0)),
+                wait: Wait::MaxInstances,
+            });
+        }
+        *count += 1;
+        Ok(InstanceSlot {
+            gates: self,
+            plugin: plugin.clone(),
+        })
+    }
+
+    /// Sets `task`'s time limits (remote control's `time_limit`); none lifts one.
+    pub(super) fn set_time_limits(&self, task: &str, soft: Option<f64>, hard: Option<f64>) {
+        lock(&self.set_time_limits).insert(task.to_owned(), (soft, hard));
+    }
+
+    /// The (soft, hard) limits `message` runs under: the producer's `timelimit`, else those
+    /// set by remote control, else the operator's and the plugin's (see [`time_limits`]).
+    fn time_limits(
+        &self,
+        message: &TaskMessage,
+        granted: &Limits,
+        declared: &TaskDefaults,
+    ) -> (Option<Duration>, Option<Duration>) {
+        let (mut soft, mut hard) = time_limits(message.time_limit, granted, declared);
+        if let Some((set_soft, set_hard)) = lock(&self.set_time_limits).get(&message.task).copied()
+        {
+            if message.time_limit.0.is_none() {
+                soft = set_soft.and_then(seconds);
+            }
+            if message.time_limit.1.is_none() {
+                hard = set_hard.and_then(seconds);
+            }
+        }
+        (soft, hard)
+    }
+}
+
+/// One running instance of a plugin, counted against its `max_instances` until dropped.
+pub(super) struct InstanceSlot<'a> {
+    gates: &'a Gates,
+    plugin: Arc<str>,
+}
+
+impl Drop for InstanceSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(count) = lock(&self.gates.instances).get_mut(&self.plugin) {
+            *count = count.saturating_sub(1);
+        }
+    }
+}
+
+/// Seconds as a duration, if positive and representable.
+fn seconds(s: f64) -> Option<Duration> {
+    (s > 0.0)
+        .then(|| Duration::try_from_secs_f64(s).ok())
+        .flatten()
+}
+
+/// A task's (soft, hard) time limits. The producer's `timelimit` wins (producers are trusted,
+/// as in Celery); otherwise the plugin's declared limit applies, but only to tighten the
+/// operator's (or the default) limit: a plugin cannot give itself more time than it was granted.
+pub fn time_limits(
+    requested: (Option<f64>, Option<f64>),
+    granted: &Limits,
+    declared: &TaskDefaults,
+) -> (Option<Duration>, Option<Duration>) {
+    let tighten = |granted: Option<Duration>, declared: Option<f64>| match (
+        granted,
+        declared.and_then(seconds),
+    ) {
+        (Some(g), Some(d)) => Some(g.min(d)),
+        (g, d) => g.or(d),
+    };
+    let soft = requested
+        .0
+        .and_then(seconds)
+        .or_else(|| tighten(granted.soft_time_limit, declared.soft_time_limit));
+    let hard = requested
+        .1
+        .and_then(seconds)
+        .or_else(|| tighten(granted.time_limit, declared.time_limit));
+    (soft, hard)
+}
+
+/// Celery's per-worker task rate limits: a task over its rate waits, spaced `1/rate` apart as
+/// Celery's token bucket of capacity one spaces them. The limit comes from remote control
+/// (`celery control rate_limit`), else the operator's `[tasks."NAME"]`, else the plugin's
+/// declared default (parsed when it loaded).
+pub(super) struct RateLimits {
+    /// From `[tasks."NAME"] rate_limit`.
+    configured: HashMap<String, Rate>,
+    /// Set by remote control; `None` lifts the limit.
+    set: Mutex<HashMap<String, Option<Rate>>>,
+    /// When each limited task may next start.
+    next: Mutex<HashMap<String, Instant>>,
+}
+
+impl RateLimits {
+    pub(super) fn new(overrides: &TaskOverrides) -> Self {
+        Self {
+            configured: overrides
+                .iter()
+                .filter_map(|(task, section)| Some((task.clone(), section.rate_limit?)))
+                .collect(),
+            set: Mutex::new(HashMap::new()),
+            next: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sets or (with `None`) lifts `task`'s limit at run time.
+    pub(super) fn set(&self, task: &str, rate: Option<Rate>) {
+        lock(&self.set).insert(task.to_owned(), rate);
+        lock(&self.next).remove(task);
+    }
+
+    /// Takes a start for `task` now, or says how long to wait for one. `declared` is the
+    /// plugin's default.
+    pub(super) fn acquire(&self, task: &str, declared: Option<Rate>) -> Option<Duration> {
+        let rate = match lock(&self.set).get(task) {
+            Some(set) => *set,
+            None => self.configured.get(task).copied().or(declared),
+        }?;
+        let now = Instant::now();
+        let mut next = lock(&self.next);
+        let at = next.entry(task.to_owned()).or_insert(now);
+        if *at > now {
+            return Some(*at - now);
+        }
+        // A rate too small to space within Instant's range: the next start is a year away.
+        *at = now
+            .checked_add(rate.interval())
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400));
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> TaskDefaults {
+        TaskDefaults {
+            queue: None,
+            max_retries: None,
+            retry_backoff: None,
+            retry_backoff_max: None,
+            retry_jitter: None,
+            soft_time_limit: None,
+            time_limit: Some(1e9),
+            rate_limit: None,
+            autoretry_for: None,
+        }
+    }
+
+    #[test]
+    fn a_plugin_can_tighten_but_not_extend_its_time_limit() {
+        let granted = Limits::default();
+        let mut declared = defaults();
+        assert_eq!(
+            time_limits((None, None), &granted, &declared),
+            (None, granted.time_limit)
+        );
+        declared.time_limit = Some(2.0);
+        declared.soft_time_limit = Some(1.0);
+        assert_eq!(
+            time_limits((None, None), &granted, &declared),
+            (Some(Duration::from_secs(1)), Some(Duration::from_secs(2)))
+        );
+    }
+
+    #[test]
+    fn the_producers_time_limit_wins() {
+        let declared = TaskDefaults {
+            time_limit: Some(2.0),
+            ..defaults()
+        };
+        assert_eq!(
+            time_limits((Some(5.0), Some(7.0)), &Limits::default(), &declared),
+            (Some(Duration::from_secs(5)), Some(Duration::from_secs(7)))
+        );
+    }
+
+    fn per_minute() -> Option<Rate> {
+        Rate::parse("1/m").ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_spaces_starts_by_its_interval() {
+        let limits = RateLimits::new(&TaskOverrides::default());
+        assert_eq!(limits.acquire("t", per_minute()), None);
+        assert_eq!(
+            limits.acquire("t", per_minute()),
+            Some(Duration::from_secs(60))
+        );
+        tokio::time::advance(Duration::from_secs(45)).await;
+        assert_eq!(
+            limits.acquire("t", per_minute()),
+            Some(Duration::from_secs(15))
+        );
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert_eq!(
+            limits.acquire("t", per_minute()),
+            None,
+            "due again after one interval"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_without_a_rate_never_waits() {
+        let limits = RateLimits::new(&TaskOverrides::default());
+        for _ in 0..100 {
+            assert_eq!(limits.acquire("t", None), None);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn remote_control_sets_and_lifts_a_rate_over_the_declared_one() {
+        let limits = RateLimits::new(&TaskOverrides::default());
+        limits.set("t", Rate::parse("2/s").ok());
+        assert_eq!(limits.acquire("t", per_minute()), None);
+        assert_eq!(
+            limits.acquire("t", per_minute()),
+            Some(Duration::from_millis(500))
+        );
+        limits.set("t", None);
+        assert_eq!(
+            limits.acquire("t", per_minute()),
+            None,
+            "lifted, whatever was declared"
+        );
+        assert_eq!(limits.acquire("t", per_minute()), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_configured_rate_applies_over_the_declared_one() {
+        let mut overrides = HashMap::new();
+        overrides.insert(
+            "t".to_owned(),
+            crate::config::TaskSection {
+                rate_limit: Rate::parse("10/s").ok(),
+                ..Default::default()
+            },
+        );
+        let limits = RateLimits::new(&Arc::new(overrides));
+        assert_eq!(limits.acquire("t", per_minute()), None);
+        assert_eq!(
+            limits.acquire("t", per_minute()),
+            Some(Duration::from_millis(100))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vanishing_rate_does_not_overflow_the_clock() {
+        let limits = RateLimits::new(&TaskOverrides::default());
+        let tiny = Rate::parse("1e-300/s").ok();
+        assert_eq!(limits.acquire("t", tiny), None);
+        assert!(
+            limits
+                .acquire("t", tiny)
+                .is_some_and(|w| w > Duration::from_secs(86_400))
+        );
+    }
+}

@@ -1,0 +1,343 @@
+//! The last step of a task's path: its outcome written where Celery's clients look (the result
+//! backend), counted (metrics), announced (events), logged, and its message taken out of the
+//! in-flight list — acknowledged, postponed to the delayed set, published again as a retry, or
+//! dead-lettered. Every message that reaches the worker leaves through one of these.
+
+use super::Shared;
+use super::gates::{Admitted, Stop, Wait};
+use super::retry::{RetryPolicy, retry};
+use crate::monitor::metrics::TaskOutcome;
+use crate::protocol::event::TaskEvent;
+use crate::protocol::{Exception, Meta, RevokeReason, State, TaskMessage, Undecodable};
+use crate::protocol::{exception_document, result_document};
+use crate::redis::deadletter::{self, Origin};
+use crate::redis::keys::queue_of;
+use crate::redis::{Delivery, retrying};
+use crate::sandbox::Outcome;
+use serde_json::value::RawValue;
+
+/// How a run ended, as the worker sees it: the sandbox's outcome, or stopped by a revoke.
+pub(super) enum Ran {
+    Finished(Outcome),
+    Terminated,
+}
+
+/// Settles the task `admitted` ran, by its outcome; `runtime` in seconds.
+pub(super) async fn ran(
+    shared: &Shared,
+    delivery: &Delivery,
+    message: &TaskMessage,
+    admitted: &Admitted<'_>,
+    ran: Ran,
+    runtime: f64,
+) {
+    let plugin = &admitted.plugin;
+    let log = |outcome: &str| {
+        tracing::info!(
+            task_id = %message.id, task = %message.task, plugin = %plugin.name,
+            version = %plugin.version, runtime_s = runtime, "task {outcome}"
+        );
+    };
+    let outcome = match ran {
+        Ran::Finished(outcome) => outcome,
+        Ran::Terminated => {
+            return revoked(shared, delivery, message, RevokeReason::Terminated).await;
+        }
+    };
+    let policy = || RetryPolicy::of(&admitted.spec, shared.overrides.get(&message.task));
+    match outcome {
+        Outcome::Success(result) => {
+            log("succeeded");
+            succeeded(shared, delivery, message, &result, runtime).await;
+        }
+        Outcome::Failure(failure) => {
+            if let Some(limit) = failure.kind.limit() {
+                shared.metrics.limit_hit(&plugin.name, limit);
+            }
+            let policy = policy();
+            if policy.autoretry_for.contains(&failure.exception.kind) {
+                retry(
+                    shared,
+                    delivery,
+                    message,
+                    &policy,
+                    None,
+                    failure.exception,
+                    runtime,
+                )
+                .await;
+            } else {
+                log("failed");
+                failed(shared, delivery, message, &failure.exception, Some(runtime)).await;
+            }
+        }
+        Outcome::Retry { countdown, reason } => {
+            retry(
+                shared,
+                delivery,
+                message,
+                &policy(),
+                countdown,
+                reason,
+                runtime,
+            )
+            .await;
+        }
+        Outcome::Reject(reason) => {
+            log("rejected");
+            let refusal = Refusal::Rejected {
+                message,
+                plugin: &plugin.name,
+                reason,
+            };
+            refuse(shared, delivery, &refusal).await;
+        }
+    }
+}
+
+/// Settles a task the gates stopped.
+pub(super) async fn stopped(
+    shared: &Shared,
+    delivery: &Delivery,
+    message: &TaskMessage,
+    stop: Stop,
+) {
+    match stop {
+        Stop::Postpone { due_ms, wait } => {
+            postpone(shared, delivery, due_ms, wait).await;
+            match wait {
+                Wait::Eta => {
+                    tracing::debug!(task_id = %message.id, task = %message.task, "scheduled for its eta")
+                }
+                Wait::RateLimit(wait) => {
+                    tracing::debug!(task_id = %message.id, wait_s = wait.as_secs_f64(), "task over its rate limit; rescheduled")
+                }
+                Wait::MaxInstances => {
+                    tracing::debug!(task_id = %message.id, task = %message.task, "plugin at max_instances; task rescheduled")
+                }
+            }
+        }
+        Stop::Revoke(reason) => revoked(shared, delivery, message, reason).await,
+        Stop::NotRegistered => refuse(shared, delivery, &Refusal::NotRegistered(message)).await,
+    }
+}
+
+async fn succeeded(
+    shared: &Shared,
+    delivery: &Delivery,
+    message: &TaskMessage,
+    result: &RawValue,
+    runtime: f64,
+) {
+    shared
+        .metrics
+        .task(&message.task, TaskOutcome::Succeeded, Some(runtime));
+    shared
+        .events
+        .task(&message.id, TaskEvent::Succeeded { result, runtime });
+    finish(shared, delivery, message, State::Success, result, None).await;
+}
+
+/// Stores a FAILURE and settles the message; `runtime` if the task ran.
+pub(super) async fn failed(
+    shared: &Shared,
+    delivery: &Delivery,
+    message: &TaskMessage,
+    exception: &Exception,
+    runtime: Option<f64>,
+) {
+    tracing::warn!(task_id = %message.id, task = %message.task, "{}: {}", exception.kind, exception.message);
+    shared
+        .metrics
+        .task(&message.task, TaskOutcome::Failed, runtime);
+    shared
+        .events
+        .task(&message.id, TaskEvent::Failed(exception));
+    finish(
+        shared,
+        delivery,
+        message,
+        State::Failure,
+        &exception.to_json(),
+        exception.traceback.as_deref(),
+    )
+    .await;
+}
+
+/// Stores Celery's REVOKED result (`TaskRevokedError(reason)`) and settles the message.
+async fn revoked(
+    shared: &Shared,
+    delivery: &Delivery,
+    message: &TaskMessage,
+    reason: RevokeReason,
+) {
+    let what = match reason {
+        RevokeReason::Expired => "expired before it ran",
+        RevokeReason::Revoked => "revoked before it ran",
+        RevokeReason::Terminated => "terminated by a revoke",
+    };
+    tracing::info!(task_id = %message.id, task = %message.task, "task {what}: REVOKED");
+    // Revoked and expired tasks are settled before their plugin is looked up.
+    let label = metrics_label(shared, Some(&message.task));
+    shared.metrics.task(label, TaskOutcome::Revoked, None);
+    shared.events.task(&message.id, TaskEvent::Revoked(reason));
+    let exception = reason.exception();
+    finish(
+        shared,
+        delivery,
+        message,
+        State::Revoked,
+        &exception.to_json(),
+        None,
+    )
+    .await;
+}
+
+/// Stores the task's final state (unless the producer asked to ignore its result) and
+/// acknowledges its message, through the group commit.
+async fn finish<R: serde::Serialize + ?Sized>(
+    shared: &Shared,
+    delivery: &Delivery,
+    message: &TaskMessage,
+    state: State,
+    result: &R,
+    traceback: Option<&str>,
+) {
+    let document = (!message.ignore_result).then(|| {
+        let doc = result_document(
+            &message.meta(),
+            state.as_str(),
+            result,
+            traceback,
+            time::OffsetDateTime::now_utc(),
+        );
+        (message.id.clone(), doc)
+    });
+    shared
+        .settler
+        .settle(document, state == State::Success, delivery)
+        .await;
+}
+
+/// Moves `delivery`'s message, unchanged, to the delayed set until `due_ms` (retrying until
+/// Redis takes it), and wakes the mover.
+async fn postpone(shared: &Shared, delivery: &Delivery, due_ms: i64, wait: Wait) {
+    let moved = retrying(wait.step(), || {
+        shared
+            .broker
+            .ack_and_schedule(delivery, &delivery.source, &delivery.raw, Some(due_ms))
+    })
+    .await;
+    moved_or_not(shared, moved, delivery);
+    shared.scheduled.notify_one();
+}
+
+/// A message that cannot be run.
+pub(super) enum Refusal<'a> {
+    Undecodable(&'a Undecodable),
+    NotRegistered(&'a TaskMessage),
+    Rejected {
+        message: &'a TaskMessage,
+        plugin: &'a str,
+        reason: String,
+    },
+}
+
+impl Refusal<'_> {
+    fn task_id(&self) -> Option<&str> {
+        match self {
+            Self::Undecodable(bad) => bad.task_id.as_deref(),
+            Self::NotRegistered(m) | Self::Rejected { message: m, .. } => Some(&m.id),
+        }
+    }
+
+    fn task(&self) -> Option<&str> {
+        match self {
+            Self::Undecodable(bad) => bad.task_name.as_deref(),
+            Self::NotRegistered(m) | Self::Rejected { message: m, .. } => Some(&m.task),
+        }
+    }
+
+    /// The exception the task fails with, and the reason the dead-letter entry gives.
+    fn explain(&self) -> (Exception, String) {
+        match self {
+            Self::Undecodable(bad) => {
+                let reason = format!("undecodable message: {}", bad.error);
+                (Exception::new("DecodeError", reason.clone()), reason)
+            }
+            Self::NotRegistered(m) => (
+                Exception::new("NotRegistered", m.task.clone()),
+                format!("task {:?} is not served by any plugin", m.task),
+            ),
+            Self::Rejected { plugin, reason, .. } => (
+                Exception::new("Reject", reason.clone()),
+                format!("rejected by plugin {plugin}: {reason}"),
+            ),
+        }
+    }
+}
+
+/// Fails the refused task where the message has a task id (so a waiting producer gets an
+/// answer), and moves the message to the dead-letter list with the reason.
+pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refusal<'_>) {
+    let (task_id, task) = (refusal.task_id(), refusal.task());
+    let (exception, reason) = refusal.explain();
+    if let Some(id) = task_id {
+        let doc = exception_document(&Meta::of(id), State::Failure, &exception);
+        retrying("store a result", || shared.backend.store(id, &doc)).await;
+    }
+    tracing::error!(
+        task_id = task_id.unwrap_or("-"), task = task.unwrap_or("-"),
+        queue = %queue_of(&delivery.source),
+        "message dead-lettered to {}: {reason}", crate::redis::keys::DEAD
+    );
+    shared
+        .metrics
+        .task(metrics_label(shared, task), TaskOutcome::Rejected, None);
+    if let Some(id) = task_id {
+        let rejected = matches!(refusal, Refusal::Rejected { .. });
+        shared.events.task(
+            id,
+            TaskEvent::Refused {
+                exception: &exception,
+                rejected,
+            },
+        );
+    }
+    let origin = Origin {
+        reason: &reason,
+        task_id,
+        task,
+        source: &delivery.source,
+        worker: &shared.node,
+    };
+    let entry = deadletter::entry(&delivery.raw, &origin);
+    let moved = retrying("dead-letter a message", || {
+        shared.broker.dead_letter(delivery, &entry)
+    })
+    .await;
+    if moved {
+        shared.metrics.dead_lettered();
+    }
+    moved_or_not(shared, moved, delivery);
+}
+
+/// Says so when a message this worker settled was no longer in flight: another worker had
+/// returned it (taking this one for dead), so it may run twice.
+pub(super) fn moved_or_not(shared: &Shared, moved: bool, delivery: &Delivery) {
+    if !moved {
+        shared.metrics.settle_skipped();
+        tracing::warn!(
+            queue = %queue_of(&delivery.source),
+            "a message this worker settled was no longer in its in-flight list (another worker \
+             returned it): nothing was moved"
+        );
+    }
+}
+
+/// The `task` label of a task that may not be served: its name only when a plugin serves it,
+/// since names from producers are unbounded.
+fn metrics_label<'a>(shared: &Shared, task: Option<&'a str>) -> &'a str {
+    task.filter(|t| shared.plugins.registry().resolve(t).is_some())
+        .unwrap_or("(unregistered)")
+}
