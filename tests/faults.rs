@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use taskhost_tests::{
-    Client, Process, RedisServer, Tally, TestDir, celery_message, rss_kib, wait_for,
+    Client, Process, RedisServer, ResultFeed, Tally, TestDir, celery_message, rss_kib, wait_for,
     wait_for_within,
 };
 
@@ -22,15 +22,6 @@ fn worker(dir: &TestDir, redis: &RedisServer, name: &str, extra: &[&str]) -> Pro
     let mut args = vec!["-n", node.as_str()];
     args.extend_from_slice(extra);
     Process::worker_logged(dir, &format!("{name}.log"), redis, &plugins, &args)
-}
-
-/// Messages in `node`'s in-flight lists.
-fn in_flight(client: &mut Client, node: &str) -> usize {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("taskhost:inflight:{node}:*"))
-        .query(client.broker())
-        .expect("KEYS");
-    keys.iter().map(|k| client.llen(k)).sum()
 }
 
 fn read_logs(dir: &TestDir) -> Vec<String> {
@@ -59,6 +50,7 @@ fn send_mixed(client: &mut Client, n: usize, sleep_ms: u64) -> Vec<String> {
 fn killing_workers_loses_nothing() {
     let dir = TestDir::new("fault-kill");
     let redis = RedisServer::start(&dir);
+    let feed = ResultFeed::start(&redis);
     let lapse = ["-c", "16", "--heartbeat-lapse", "2"];
     let mut w1 = worker(&dir, &redis, "w1", &lapse);
     let mut w2 = worker(&dir, &redis, "w2", &lapse);
@@ -69,20 +61,20 @@ fn killing_workers_loses_nothing() {
     let mut replacements = Vec::new();
     for (victim, node, replacement) in [(&mut w1, "w1@test", "w4"), (&mut w2, "w2@test", "w5")] {
         let held = wait_for(&format!("more than 10 tasks in flight on {node}"), || {
-            let n = in_flight(&mut client, node);
+            let n = client.in_flight(node);
             (n > 10).then_some(n)
         });
         let killed = Instant::now();
         victim.stop_with(libc::SIGKILL);
         wait_for(&format!("{node}'s tasks to be returned"), || {
-            (in_flight(&mut client, node) == 0).then_some(())
+            (client.in_flight(node) == 0).then_some(())
         });
         recoveries.push((node, held, killed.elapsed()));
         replacements.push(worker(&dir, &redis, replacement, &lapse));
     }
     let (results, _) = client.results(&ids, SETTLE);
     let logs = read_logs(&dir);
-    let tally = Tally::of(&ids, &results, &logs);
+    let tally = Tally::of(&ids, &results, &feed);
     assert!(
         !logs.iter().any(|l| l.contains("worker=w3@test")),
         "a live worker was taken for dead"
@@ -99,6 +91,7 @@ fn killing_workers_loses_nothing() {
 fn a_long_task_on_a_live_worker_is_not_run_twice() {
     let dir = TestDir::new("fault-long");
     let redis = RedisServer::start(&dir);
+    let feed = ResultFeed::start(&redis);
     let lapse = ["--heartbeat-lapse", "2"];
     let _w1 = worker(&dir, &redis, "w1", &lapse);
     let _w2 = worker(&dir, &redis, "w2", &lapse);
@@ -107,7 +100,7 @@ fn a_long_task_on_a_live_worker_is_not_run_twice() {
     let ids = vec![client.send("demo.sleep", json!([5000]))];
     let (results, _) = client.results(&ids, SETTLE);
     let logs = read_logs(&dir);
-    let tally = Tally::of(&ids, &results, &logs);
+    let tally = Tally::of(&ids, &results, &feed);
     eprintln!("a 5 s task with a 2 s heartbeat lapse: {tally}");
     assert_eq!((tally.completed, tally.duplicated), (1, 0), "{tally}");
     assert!(
@@ -134,6 +127,7 @@ fn restarting_redis_with_aof_loses_nothing() {
     let dir = TestDir::new("fault-redis");
     let mut redis =
         RedisServer::start_with(&dir, &["--appendonly", "yes", "--appendfsync", "always"]);
+    let feed = ResultFeed::start(&redis);
     let w = worker(&dir, &redis, "w1", &["-c", "8"]);
     let mut ids = Vec::new();
     for round in 0..2 {
@@ -157,7 +151,7 @@ fn restarting_redis_with_aof_loses_nothing() {
     }
     let mut client = Client::new(&redis);
     let (results, _) = client.results(&ids, SETTLE);
-    let tally = Tally::of(&ids, &results, &read_logs(&dir));
+    let tally = Tally::of(&ids, &results, &feed);
     eprintln!("Redis killed and restarted (AOF, fsync always) mid-run: {tally}");
     assert_eq!(tally.lost, 0, "{tally}\n{}", w.log());
 }
@@ -320,22 +314,23 @@ fn killed_idle_and_flapping_connections_do_not_leave_the_worker_deaf() {
 fn sigterm_under_load_loses_nothing_and_exits_zero() {
     let dir = TestDir::new("fault-sigterm");
     let redis = RedisServer::start(&dir);
+    let feed = ResultFeed::start(&redis);
     let mut w1 = worker(&dir, &redis, "w1", &["-c", "8", "--shutdown-grace", "1"]);
     let mut client = Client::new(&redis);
     let ids = send_mixed(&mut client, 1500, 300);
     wait_for("tasks in flight on w1", || {
-        (in_flight(&mut client, "w1@test") > 4).then_some(())
+        (client.in_flight("w1@test") > 4).then_some(())
     });
     let status = w1.stop_with(libc::SIGTERM);
     assert!(status.success(), "exit status {status}");
     assert_eq!(
-        in_flight(&mut client, "w1@test"),
+        client.in_flight("w1@test"),
         0,
         "everything went back to the queue"
     );
     let mut w2 = worker(&dir, &redis, "w2", &["-c", "8"]);
     let (results, _) = client.results(&ids, SETTLE);
-    let tally = Tally::of(&ids, &results, &read_logs(&dir));
+    let tally = Tally::of(&ids, &results, &feed);
     eprintln!("SIGTERM under load (1 s grace): {tally}");
     assert_eq!(tally.lost, 0, "{tally}");
     assert!(w2.stop_with(libc::SIGTERM).success());
@@ -343,13 +338,13 @@ fn sigterm_under_load_loses_nothing_and_exits_zero() {
     let mut w3 = worker(&dir, &redis, "w3", &["-c", "2", "--shutdown-grace", "60"]);
     let long = client.send("demo.sleep", json!([60_000]));
     wait_for("the long task to start", || {
-        (in_flight(&mut client, "w3@test") > 0).then_some(())
+        (client.in_flight("w3@test") > 0).then_some(())
     });
     taskhost_tests::signal(w3.pid(), libc::SIGTERM);
     w3.wait_log("stopping: no new tasks");
     let status = w3.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status}");
-    assert_eq!(in_flight(&mut client, "w3@test"), 0);
+    assert_eq!(client.in_flight("w3@test"), 0);
     assert_eq!(
         client.llen("celery"),
         1,
@@ -369,7 +364,7 @@ fn a_poison_task_ends_in_the_dead_letter_list() {
     for round in 0..3 {
         let mut w = worker(&dir, &redis, "w1", &args);
         wait_for("the poison task to be taken", || {
-            (in_flight(&mut client, "w1@test") == 1).then_some(())
+            (client.in_flight("w1@test") == 1).then_some(())
         });
         w.stop_with(libc::SIGKILL);
         eprintln!("poison round {round}: worker killed");

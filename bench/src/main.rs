@@ -3,6 +3,7 @@
 //! `bench/run` is the documented way to run it (it builds the plugins and sets up Python).
 
 mod ceiling;
+mod compare;
 mod measure;
 mod options;
 mod report;
@@ -14,5 +15,8 @@ use clap::Parser as _;
 
 fn main() {
     let options = options::Options::parse();
-    run::run(&options);
+    match &options.baseline {
+        Some(baseline) => compare::compare(&options.effective(), baseline),
+        None => run::run(&options),
+    }
 }

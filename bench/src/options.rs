@@ -31,6 +31,11 @@ pub struct Options {
     /// A quick run that only shows the bench works: few tasks, one repeat, short latency runs.
     #[arg(long)]
     pub smoke: bool,
+    /// Instead of the whole bench: drain `demo.add` with this earlier `taskhost` binary and
+    /// with this build, alternately, at each `--concurrency`, `--repeat` rounds; prints both
+    /// and their ratio (to show a change made nothing slower).
+    #[arg(long, value_name = "TASKHOST_BINARY")]
+    pub baseline: Option<std::path::PathBuf>,
 }
 
 impl Options {

@@ -121,8 +121,32 @@ impl Stage {
         Running { processes }
     }
 
+    /// A `taskhost` worker of the build `binary` with `-c concurrency`, consuming.
+    pub fn start_build(&self, binary: &Path, concurrency: usize) -> Running {
+        Running {
+            processes: vec![self.taskhost_of(binary, concurrency, 0, None, true)],
+        }
+    }
+
     fn taskhost(
         &self,
+        concurrency: usize,
+        index: usize,
+        cache: Option<&Path>,
+        wait: bool,
+    ) -> Process {
+        self.taskhost_of(
+            &taskhost_tests::taskhost_bin(),
+            concurrency,
+            index,
+            cache,
+            wait,
+        )
+    }
+
+    fn taskhost_of(
+        &self,
+        binary: &Path,
         concurrency: usize,
         index: usize,
         cache: Option<&Path>,
@@ -135,7 +159,8 @@ impl Stage {
             extra.extend(["--cache-dir", cache]);
         }
         let log = format!("taskhost-{index}-{}.log", uuid::Uuid::new_v4());
-        let command = Process::worker_command(&self.dir, &self.redis, &self.plugins, &extra);
+        let command =
+            Process::worker_command_of(binary, &self.dir, &self.redis, &self.plugins, &extra);
         let worker = Process::spawn(&self.dir, &log, command);
         if wait {
             worker.wait_log("worker ready");

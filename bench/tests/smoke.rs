@@ -1,8 +1,19 @@
 //! A smoke run of the bench (a few tasks, one repeat), so it cannot rot: every section of the
 //! table is printed with figures, Celery included.
 
+use std::io::Read;
 use std::process::Command;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// Reads `pipe` to its end on a thread of its own.
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
 
 #[test]
 fn the_bench_runs_and_prints_every_section() {
@@ -12,6 +23,9 @@ fn the_bench_runs_and_prints_every_section() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start taskhost-bench");
+    // Read while it runs: a pipe holds 64 KiB, and a bench that fills it waits for a reader.
+    let stdout = drain(child.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.stderr.take().expect("piped stderr"));
     let deadline = Instant::now() + Duration::from_secs(300);
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait for the bench") {
@@ -24,9 +38,8 @@ fn the_bench_runs_and_prints_every_section() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let output = child.wait_with_output().expect("bench output");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = stdout.join().expect("stdout reader");
+    let stderr = stderr.join().expect("stderr reader");
     assert!(
         status.success(),
         "the bench failed: {status}\n{stdout}\n{stderr}"

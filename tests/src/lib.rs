@@ -6,10 +6,12 @@
 //! what they waited for; on a failing test the worker's log is printed.
 
 pub mod bench;
+mod feed;
 mod http;
 mod process;
 mod python;
 
+pub use feed::ResultFeed;
 pub use http::{HttpStub, Reply, Request, get as http_get};
 pub use process::{Process, RedisServer, free_port, signal};
 pub use python::python;
@@ -24,6 +26,11 @@ use std::time::{Duration, Instant};
 
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Celery's ready states: a result in one of them no longer changes. Written here from
+/// Celery's `celery.states.READY_STATES`, not taken from the host, so the tests check the host
+/// against Celery and not against itself.
+pub const READY_STATES: [&str; 3] = ["SUCCESS", "FAILURE", "REVOKED"];
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -189,8 +196,8 @@ pub fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc status")
 }
 
-/// How a fault run ended: tasks sent, with a result, without one, and run to success more than
-/// once (counted from the workers' `task succeeded` log lines).
+/// How a fault run ended: tasks sent, with a result, without one, and run to their end more
+/// than once (counted from the results Redis published).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Tally {
     pub sent: usize,
@@ -200,28 +207,15 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Tallies `ids` against their results and the workers' logs.
-    pub fn of(ids: &[String], results: &HashMap<String, Value>, logs: &[String]) -> Self {
-        let mut runs: HashMap<&str, usize> = HashMap::new();
-        for log in logs {
-            for line in log.lines().filter(|l| l.contains("task succeeded")) {
-                if let Some(id) = line
-                    .split("task_id=")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                {
-                    *runs.entry(id).or_default() += 1;
-                }
-            }
-        }
+    /// Tallies `ids` against their stored results and what `feed` saw published. Take it once
+    /// every worker has stopped: a second run still going when the first result landed would
+    /// otherwise be missed.
+    pub fn of(ids: &[String], results: &HashMap<String, Value>, feed: &ResultFeed) -> Self {
         Self {
             sent: ids.len(),
             completed: results.len(),
             lost: ids.len() - results.len(),
-            duplicated: ids
-                .iter()
-                .filter(|id| runs.get(id.as_str()).is_some_and(|n| *n > 1))
-                .count(),
+            duplicated: ids.iter().filter(|id| feed.endings(id) > 1).count(),
         }
     }
 }
@@ -334,6 +328,13 @@ pub fn celery_message(id: &str, task: &str, args: Value, kwargs: Value, queue: &
     .to_string()
 }
 
+/// Whether a stored result document is in a ready state.
+pub fn is_ready(doc: &Value) -> bool {
+    doc["status"]
+        .as_str()
+        .is_some_and(|s| READY_STATES.contains(&s))
+}
+
 /// A producer and result reader on a test Redis: broker db 0, backend db 1 (as the worker
 /// started by [`Process::worker`] uses them).
 pub struct Client {
@@ -407,15 +408,10 @@ impl Client {
         doc.map(|d| serde_json::from_str(&d).expect("result is JSON"))
     }
 
-    /// Waits until the task is SUCCESS, FAILURE or REVOKED and returns its stored document.
+    /// Waits until the task is in a ready state and returns its stored document.
     pub fn result(&mut self, id: &str) -> Value {
         wait_for(&format!("the result of task {id}"), || {
-            self.state(id).filter(|doc| {
-                matches!(
-                    doc["status"].as_str(),
-                    Some("SUCCESS" | "FAILURE" | "REVOKED")
-                )
-            })
+            self.state(id).filter(is_ready)
         })
     }
 
@@ -465,12 +461,7 @@ impl Client {
                 for (id, doc) in chunk.iter().zip(docs) {
                     let doc: Option<Value> = doc.and_then(|d| serde_json::from_str(&d).ok());
                     match doc {
-                        Some(doc)
-                            if matches!(
-                                doc["status"].as_str(),
-                                Some("SUCCESS" | "FAILURE" | "REVOKED")
-                            ) =>
-                        {
+                        Some(doc) if is_ready(&doc) => {
                             done.insert(id.clone(), doc);
                         }
                         _ => still.push(id.clone()),
@@ -488,6 +479,25 @@ impl Client {
     /// Runs a raw Redis command on the broker.
     pub fn broker(&mut self) -> &mut redis::Connection {
         &mut self.broker
+    }
+
+    /// Messages in worker `node`'s in-flight lists (every queue it fetched from).
+    pub fn in_flight(&mut self, node: &str) -> usize {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("taskhost:inflight:{node}:*"))
+            .query(&mut self.broker)
+            .expect("KEYS in-flight lists");
+        keys.iter().map(|k| self.llen(k)).sum()
+    }
+
+    /// Worker `node`'s entry in the worker registry (`taskhost:workers`), if it has one.
+    pub fn registry_entry(&mut self, node: &str) -> Option<Value> {
+        let entry: Option<String> = redis::cmd("HGET")
+            .arg("taskhost:workers")
+            .arg(node)
+            .query(&mut self.broker)
+            .expect("HGET worker registry");
+        entry.map(|e| serde_json::from_str(&e).expect("a registry entry is JSON"))
     }
 
     /// Length of a list on the broker.

@@ -184,7 +184,12 @@ impl Process {
     /// The command, in the test's directory (so no `./taskhost.toml` is picked up), with a clean
     /// environment and `TASKHOST_DEV_STATE` private to the test.
     pub fn command(dir: &TestDir, args: &[&str]) -> Command {
-        let mut command = Command::new(taskhost_bin());
+        Self::command_of(&taskhost_bin(), dir, args)
+    }
+
+    /// [`Process::command`] with another `taskhost` binary (an earlier build, to compare).
+    pub fn command_of(binary: &Path, dir: &TestDir, args: &[&str]) -> Command {
+        let mut command = Command::new(binary);
         command
             .current_dir(dir.path())
             .args(args)
@@ -237,6 +242,17 @@ impl Process {
         plugins: &Path,
         extra: &[&str],
     ) -> Command {
+        Self::worker_command_of(&taskhost_bin(), dir, redis, plugins, extra)
+    }
+
+    /// [`Process::worker_command`] with another `taskhost` binary.
+    pub fn worker_command_of(
+        binary: &Path,
+        dir: &TestDir,
+        redis: &RedisServer,
+        plugins: &Path,
+        extra: &[&str],
+    ) -> Command {
         let broker = redis.url(0);
         let backend = redis.url(1);
         let plugins = plugins.to_string_lossy().into_owned();
@@ -250,7 +266,7 @@ impl Process {
             &plugins,
         ];
         args.extend_from_slice(extra);
-        Self::command(dir, &args)
+        Self::command_of(binary, dir, &args)
     }
 
     /// Runs a one-shot command to completion (bounded by [`WAIT`]).
