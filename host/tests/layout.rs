@@ -2,7 +2,7 @@
 //! (see `docs/architecture.md`):
 //!
 //! - each room (top-level module) imports only the rooms it is allowed to, and the allowed
-//!   imports form no cycle;
+//!   imports form no cycle; nor do the files within a room;
 //! - `protocol` does no I/O; the sandbox never sees Redis; the Redis room knows no WebAssembly;
 //!   only the Redis room talks to Redis;
 //! - every `taskhost:*` key is named in `redis/keys.rs`, every Lua script is a file in
@@ -158,6 +158,100 @@ fn the_allowed_imports_form_no_cycle() {
             assert!(below, "{room} may import {imported}, which is not below it");
         }
     }
+}
+
+/// The identifiers following each `prefix` in `code`: `super::a` gives `a`, and
+/// `super::{a, b::C}` gives `a` and `b`.
+fn names_after(code: &str, prefix: &str) -> BTreeSet<String> {
+    let ident = |text: &str| -> String {
+        text.trim_start()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut out = BTreeSet::new();
+    for (at, _) in code.match_indices(prefix) {
+        let rest = &code[at + prefix.len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let mut depth = 0;
+            let mut item_start = true;
+            for (i, c) in group.char_indices() {
+                if item_start && depth == 0 {
+                    out.insert(ident(&group[i..]));
+                    item_start = false;
+                }
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => item_start = true,
+                    _ => {}
+                }
+            }
+        } else {
+            out.insert(ident(rest));
+        }
+    }
+    out.remove("");
+    out
+}
+
+#[test]
+fn the_files_of_a_room_import_each_other_without_cycles() {
+    for (room, _) in ROOMS {
+        let dir = src().join(room);
+        if !dir.is_dir() {
+            continue;
+        }
+        // The room's modules: its files but mod.rs and the test files of a module.
+        let modules: BTreeMap<String, PathBuf> = files(&dir, "rs")
+            .into_iter()
+            .filter(|p| p.parent() == Some(dir.as_path()))
+            .filter_map(|p| {
+                let stem = p.file_stem()?.to_string_lossy().into_owned();
+                (stem != "mod" && !stem.ends_with("_tests")).then_some((stem, p))
+            })
+            .collect();
+        let mut edges: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for (module, path) in &modules {
+            let text = code(&std::fs::read_to_string(path).expect("read a source file"));
+            let mut used = names_after(&text, "super::");
+            used.extend(names_after(&text, &format!("crate::{room}::")));
+            used.retain(|m| m != module && modules.contains_key(m));
+            edges.insert(module, used);
+        }
+        // Depth-first search for a way back to where it started.
+        for start in edges.keys() {
+            let mut stack: Vec<Vec<&str>> = vec![vec![start]];
+            while let Some(path) = stack.pop() {
+                let last = *path.last().expect("a path is never empty");
+                for next in edges.get(last).into_iter().flatten() {
+                    assert!(
+                        next != start,
+                        "an import cycle in {room}/: {} -> {next}",
+                        path.join(" -> ")
+                    );
+                    if !path.contains(&next.as_str()) {
+                        let mut longer = path.clone();
+                        longer.push(next);
+                        stack.push(longer);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn names_after_reads_grouped_imports() {
+    let found = names_after(
+        "use super::{Shared, gates::{self, Admitted}, settle};",
+        "super::",
+    );
+    assert_eq!(
+        found,
+        BTreeSet::from(["Shared".into(), "gates".into(), "settle".into()])
+    );
 }
 
 #[test]

@@ -45,7 +45,7 @@ pub enum ConfigError {
     BadOrigin {
         place: String,
         value: String,
-        reason: super::grants::OriginError,
+        reason: super::origin::OriginError,
     },
     #[error("{place}: {message}")]
     Invalid { place: String, message: String },

@@ -4,11 +4,13 @@
 //!
 //! - [`file`]: the file as written (strict: unknown keys are errors), and its defaults.
 //! - [`grants`]: what each plugin may use: HTTP origins, config values, limits.
+//! - [`origin`]: an HTTP origin, as granted and as requested.
 //! - [`resolve`]: a worker's settings from flags, environment and file.
 //! - [`rate`]: Celery's rate-limit notation.
 
 pub mod file;
 pub mod grants;
+pub mod origin;
 pub mod rate;
 pub mod resolve;
 
@@ -16,6 +18,7 @@ pub use file::{
     ConfigError, DEFAULT_MEMORY_MB, DEFAULT_RESULT_MB, DEFAULT_STACK_KB, DEFAULT_TABLE_ELEMENTS,
     DEFAULT_TIME_LIMIT_S, FileConfig, TaskSection,
 };
-pub use grants::{GrantTable, Grants, Limits, Origin};
+pub use grants::{GrantTable, Grants, Limits};
+pub use origin::Origin;
 pub use rate::Rate;
 pub use resolve::{TaskOverrides, WorkerConfig, WorkerFlags};

@@ -8,7 +8,7 @@
 //! place in the order.
 
 use super::Shared;
-use crate::config::{Limits, Rate, TaskOverrides};
+use crate::config::{Grants, Limits, Rate, TaskOverrides};
 use crate::lock;
 use crate::monitor::revocations::Revocations;
 use crate::plugins::{Plugin, Registry, TaskSpec};
@@ -54,10 +54,13 @@ impl Wait {
     }
 }
 
-/// A task through every gate: what runs it, and under which time limits.
+/// A task through every gate: what runs it, with what grants, and under which time limits.
 pub(super) struct Admitted<'a> {
     pub plugin: Arc<Plugin>,
     pub spec: TaskSpec,
+    /// The plugin's grants as the task passed the gates: it runs under these, whatever a
+    /// config reload changes meanwhile.
+    pub grants: Arc<Grants>,
     /// Counts against the plugin's `max_instances` until dropped.
     pub _slot: InstanceSlot<'a>,
     /// (soft, hard).
@@ -82,6 +85,7 @@ pub(super) fn admit<'a>(shared: &'a Shared, message: &TaskMessage) -> Result<Adm
     Ok(Admitted {
         plugin,
         spec,
+        grants,
         _slot: slot,
         time_limits,
     })

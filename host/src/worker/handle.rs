@@ -54,7 +54,7 @@ async fn run(shared: &Shared, message: &TaskMessage, admitted: &Admitted<'_>) ->
         plugin: plugin.name.clone(),
         task_name: message.task.clone(),
         task_id: message.id.as_str().into(),
-        grants: shared.grants.load().for_plugin(&plugin.name),
+        grants: admitted.grants.clone(),
         progress: Some(Arc::new(progress)),
     };
     let terminated = shared.revocations.started(&message.id);

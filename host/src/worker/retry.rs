@@ -1,17 +1,12 @@
-//! Celery's retries: the policy (the operator's `[tasks."NAME"]` over the task's declared
-//! defaults over Celery's), the exponential backoff, and the retry itself — RETRY stored, the
-//! next try published with `retries` + 1 (and an eta after the countdown) as this message is
-//! settled, in one step; after the last try the task fails with the reason.
+//! Celery's retries, decided: the policy (the operator's `[tasks."NAME"]` over the task's
+//! declared defaults over Celery's), the exponential backoff, and what a retry request comes
+//! to — the next try, with `retries` + 1 and an eta after the countdown, or after the last try
+//! a failure with the reason. `settle` carries the decision out.
 
-use super::Shared;
-use super::settle::{failed, moved_or_not};
 use crate::config::TaskSection;
-use crate::monitor::metrics::TaskOutcome;
 use crate::plugins::TaskSpec;
-use crate::protocol::event::TaskEvent;
 use crate::protocol::time::epoch_ms;
-use crate::protocol::{Exception, State, TaskMessage, exception_document};
-use crate::redis::{Delivery, retrying};
+use crate::protocol::{Exception, TaskMessage};
 use std::time::Duration;
 use time::OffsetDateTime;
 
@@ -66,30 +61,36 @@ pub fn retry_countdown(retries: u32, factor: f64, maximum: f64, jitter: bool) ->
     }
 }
 
-/// Retries `message` for `reason` (after `countdown` seconds, or its backoff), or fails it
-/// once its retries are used up.
-pub(super) async fn retry(
-    shared: &Shared,
-    delivery: &Delivery,
+/// What a retry request comes to.
+#[derive(Debug)]
+pub(super) enum Retry {
+    /// Run again: the message of the next try, due at `due_ms` (ms since the epoch; none: at
+    /// once), after `countdown` seconds.
+    Again {
+        next: Vec<u8>,
+        due_ms: Option<i64>,
+        countdown: f64,
+        reason: Exception,
+    },
+    /// The retries are used up: the task fails with this.
+    GiveUp(Exception),
+}
+
+/// Decides a retry of `message` for `reason`, after `countdown` seconds or its backoff.
+pub(super) fn decide(
     message: &TaskMessage,
     policy: &RetryPolicy,
     countdown: Option<f64>,
     reason: Exception,
-    runtime: f64,
-) {
+) -> Retry {
     if message.retries >= policy.max_retries {
         let mut exception = reason;
         exception.message = format!(
             "{} (gave up after {} retries)",
             exception.message, message.retries
         );
-        failed(shared, delivery, message, &exception, Some(runtime)).await;
-        return;
+        return Retry::GiveUp(exception);
     }
-    shared
-        .metrics
-        .task(&message.task, TaskOutcome::Retried, Some(runtime));
-    shared.events.task(&message.id, TaskEvent::Retried(&reason));
     let countdown = countdown.unwrap_or_else(|| {
         retry_countdown(
             message.retries,
@@ -98,26 +99,12 @@ pub(super) async fn retry(
             policy.jitter,
         )
     });
-    tracing::info!(
-        task_id = %message.id, task = %message.task, retries = message.retries + 1,
-        countdown_s = countdown, "task retrying: {}: {}", reason.kind, reason.message
-    );
-    if !message.ignore_result {
-        let doc = exception_document(&message.meta(), State::Retry, &reason);
-        retrying("store a result", || shared.backend.store(&message.id, &doc)).await;
-    }
     let eta = (countdown > 0.0).then(|| after(countdown));
-    let next = message.retry_message(eta);
-    let due = eta.map(epoch_ms);
-    let moved = retrying("publish a retry", || {
-        shared
-            .broker
-            .ack_and_schedule(delivery, &delivery.source, &next, due)
-    })
-    .await;
-    moved_or_not(shared, moved, delivery);
-    if due.is_some() {
-        shared.scheduled.notify_one();
+    Retry::Again {
+        next: message.retry_message(eta),
+        due_ms: eta.map(epoch_ms),
+        countdown,
+        reason,
     }
 }
 
@@ -145,6 +132,79 @@ mod tests {
             let c = retry_countdown(2, 1.0, 600.0, true);
             assert!((0.0..=4.0).contains(&c));
         }
+    }
+
+    fn message(retries: u32) -> TaskMessage {
+        let sent = crate::protocol::NewTask {
+            id: "t-1".into(),
+            task: "demo.retry".into(),
+            args: serde_json::json!([]),
+            kwargs: serde_json::json!({}),
+            queue: "celery".into(),
+            priority: 0,
+            eta: None,
+            expires: None,
+            retries,
+        }
+        .encode("test-host");
+        TaskMessage::decode(&sent).expect("decodes")
+    }
+
+    fn policy(max_retries: u32) -> RetryPolicy {
+        RetryPolicy {
+            max_retries,
+            backoff: 2.0,
+            backoff_max: 600.0,
+            jitter: false,
+            autoretry_for: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_retry_publishes_the_next_try_after_its_backoff() {
+        let Retry::Again {
+            next,
+            due_ms,
+            countdown,
+            ..
+        } = decide(
+            &message(1),
+            &policy(3),
+            None,
+            Exception::new("OSError", "down"),
+        )
+        else {
+            panic!("a retry left");
+        };
+        assert_eq!(countdown, 4.0, "2 s doubled once");
+        let next = TaskMessage::decode(&next).expect("the next try decodes");
+        assert_eq!((next.retries, next.parent_id.as_deref()), (2, Some("t-1")));
+        let due = due_ms.expect("an eta");
+        assert_eq!(next.eta.map(epoch_ms), Some(due));
+    }
+
+    #[test]
+    fn a_zero_countdown_runs_again_at_once() {
+        let decided = decide(&message(0), &policy(3), Some(0.0), Exception::new("E", "x"));
+        assert!(
+            matches!(decided, Retry::Again { due_ms: None, .. }),
+            "{decided:?}"
+        );
+    }
+
+    #[test]
+    fn the_last_retry_gives_up_with_the_reason() {
+        let decided = decide(
+            &message(3),
+            &policy(3),
+            None,
+            Exception::new("OSError", "down"),
+        );
+        let Retry::GiveUp(exception) = decided else {
+            panic!("no retry left: {decided:?}");
+        };
+        assert_eq!(exception.kind, "OSError");
+        assert_eq!(exception.message, "down (gave up after 3 retries)");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use super::Shared;
 use super::gates::{Admitted, Stop, Wait};
-use super::retry::{RetryPolicy, retry};
+use super::retry::{self, Retry, RetryPolicy};
 use crate::monitor::metrics::TaskOutcome;
 use crate::protocol::event::TaskEvent;
 use crate::protocol::{Exception, Meta, RevokeReason, State, TaskMessage, Undecodable};
@@ -139,7 +139,7 @@ async fn succeeded(
 }
 
 /// Stores a FAILURE and settles the message; `runtime` if the task ran.
-pub(super) async fn failed(
+async fn failed(
     shared: &Shared,
     delivery: &Delivery,
     message: &TaskMessage,
@@ -230,6 +230,53 @@ async fn postpone(shared: &Shared, delivery: &Delivery, due_ms: i64, wait: Wait)
     .await;
     moved_or_not(shared, moved, delivery);
     shared.scheduled.notify_one();
+}
+
+/// Carries out a retry of `message` for `reason`: RETRY stored, then the next try published
+/// as this message is settled, in one step; or, with no retry left, the task failed.
+async fn retry(
+    shared: &Shared,
+    delivery: &Delivery,
+    message: &TaskMessage,
+    policy: &RetryPolicy,
+    countdown: Option<f64>,
+    reason: Exception,
+    runtime: f64,
+) {
+    let (next, due_ms, countdown, reason) = match retry::decide(message, policy, countdown, reason)
+    {
+        Retry::GiveUp(exception) => {
+            return failed(shared, delivery, message, &exception, Some(runtime)).await;
+        }
+        Retry::Again {
+            next,
+            due_ms,
+            countdown,
+            reason,
+        } => (next, due_ms, countdown, reason),
+    };
+    shared
+        .metrics
+        .task(&message.task, TaskOutcome::Retried, Some(runtime));
+    shared.events.task(&message.id, TaskEvent::Retried(&reason));
+    tracing::info!(
+        task_id = %message.id, task = %message.task, retries = message.retries + 1,
+        countdown_s = countdown, "task retrying: {}: {}", reason.kind, reason.message
+    );
+    if !message.ignore_result {
+        let doc = exception_document(&message.meta(), State::Retry, &reason);
+        retrying("store a result", || shared.backend.store(&message.id, &doc)).await;
+    }
+    let moved = retrying("publish a retry", || {
+        shared
+            .broker
+            .ack_and_schedule(delivery, &delivery.source, &next, due_ms)
+    })
+    .await;
+    moved_or_not(shared, moved, delivery);
+    if due_ms.is_some() {
+        shared.scheduled.notify_one();
+    }
 }
 
 /// A message that cannot be run.
@@ -324,7 +371,7 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
 
 /// Says so when a message this worker settled was no longer in flight: another worker had
 /// returned it (taking this one for dead), so it may run twice.
-pub(super) fn moved_or_not(shared: &Shared, moved: bool, delivery: &Delivery) {
+fn moved_or_not(shared: &Shared, moved: bool, delivery: &Delivery) {
     if !moved {
         shared.metrics.settle_skipped();
         tracing::warn!(
