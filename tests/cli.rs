@@ -1,65 +1,104 @@
-//! The command line as a user meets it: `exec`, `plugins`, `dev` with `call`, and clear errors.
+//! The command line as a user meets it: `exec`, `plugins`, `dev` with `call`, `dead`, and clear
+//! errors. What a command prints and its exit status are the behaviour under test here; what a
+//! worker did is read from Redis.
 
 use serde_json::json;
-use taskhost_tests::{Process, RedisServer, TestDir, plugin_wasm, wait_for};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use taskhost_tests::{Client, Process, RedisServer, TestDir, plugin_wasm, wait_for};
 
-fn path(p: &std::path::Path) -> String {
+fn path(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-#[test]
-fn exec_runs_one_task_locally() {
+/// What a finished `taskhost` command printed.
+#[derive(Debug)]
+struct Out {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `taskhost ARGS` in `dir` to completion.
+fn run(dir: &TestDir, args: &[&str]) -> Out {
+    let out = Process::run(dir, args);
+    Out {
+        status: out.status,
+        stdout: out.stdout,
+        stderr: out.stderr,
+    }
+}
+
+/// A loopback Redis URL nothing listens on.
+fn unreachable_redis() -> String {
+    let dead_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    format!("redis://127.0.0.1:{dead_port}/0")
+}
+
+// --- exec -----------------------------------------------------------------------------------
+
+/// `taskhost exec <demo.wasm> ARGS`, in a fresh directory.
+fn exec_demo(args: &[&str]) -> Out {
     let dir = TestDir::new("exec");
     let demo = path(&plugin_wasm("demo"));
-    let out = Process::run(&dir, &["exec", &demo, "demo.add", "--args", "[2, 3]"]);
+    let mut all = vec!["exec", &demo];
+    all.extend_from_slice(args);
+    run(&dir, &all)
+}
+
+#[test]
+fn exec_runs_one_task_locally_and_prints_its_result() {
+    let out = exec_demo(&["demo.add", "--args", "[2, 3]"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(out.stdout.trim(), "5");
+}
 
-    let out = Process::run(
-        &dir,
-        &[
-            "exec",
-            &demo,
-            "demo.echo",
-            "--kwargs",
-            r#"{"value": {"a": [1, null]}}"#,
-        ],
-    );
+#[test]
+fn exec_binds_keyword_arguments() {
+    let out = exec_demo(&["demo.echo", "--kwargs", r#"{"value": {"a": [1, null]}}"#]);
     assert_eq!(out.stdout.trim(), r#"{"a":[1,null]}"#, "{out:?}");
+}
 
-    let out = Process::run(&dir, &["exec", &demo, "demo.add", "--args", r#"[2, "x"]"#]);
+#[test]
+fn exec_reports_a_bad_argument_as_a_type_error_and_exits_1() {
+    let out = exec_demo(&["demo.add", "--args", r#"[2, "x"]"#]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         out.stderr.contains("TypeError") && out.stderr.contains("argument 'y'"),
         "{out:?}"
     );
+}
 
-    let out = Process::run(&dir, &["exec", &demo, "demo.fail", "--args", r#"["nope"]"#]);
+#[test]
+fn exec_reports_a_task_failure_in_one_line_and_exits_1() {
+    let out = exec_demo(&["demo.fail", "--args", r#"["nope"]"#]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(out.stderr.trim(), "FAILURE RuntimeError: nope");
+}
 
-    let out = Process::run(&dir, &["exec", &demo, "demo.retry", "--args", "[1]"]);
+#[test]
+fn exec_exits_3_when_the_task_asks_for_a_retry_and_says_how_to_run_it() {
+    let out = exec_demo(&["demo.retry", "--args", "[1]"]);
     assert_eq!(
         out.status.code(),
         Some(3),
         "a retry request has its own exit code: {out:?}"
     );
     assert!(out.stderr.contains("--retries 1"), "{out:?}");
-    let out = Process::run(
-        &dir,
-        &[
-            "exec",
-            &demo,
-            "demo.retry",
-            "--args",
-            "[1]",
-            "--retries",
-            "1",
-        ],
-    );
-    assert_eq!(out.stdout.trim(), "1", "{out:?}");
+}
 
-    let out = Process::run(&dir, &["exec", &demo, "demo.nothing"]);
+#[test]
+fn exec_with_retries_runs_that_try() {
+    let out = exec_demo(&["demo.retry", "--args", "[1]", "--retries", "1"]);
+    assert_eq!(out.stdout.trim(), "1", "{out:?}");
+}
+
+#[test]
+fn exec_of_an_unknown_task_names_the_tasks_the_plugin_serves() {
+    let out = exec_demo(&["demo.nothing"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         out.stderr.contains("does not serve task \"demo.nothing\"")
@@ -68,11 +107,13 @@ fn exec_runs_one_task_locally() {
     );
 }
 
+// --- plugins --------------------------------------------------------------------------------
+
 #[test]
-fn plugins_lists_tasks_and_refuses_what_is_not_a_plugin() {
+fn plugins_lists_each_plugin_with_its_tasks() {
     let dir = TestDir::new("plugins-cmd");
     let plugins = dir.plugins(&["demo", "crucible"]);
-    let out = Process::run(&dir, &["plugins", &path(&plugins)]);
+    let out = run(&dir, &["plugins", &path(&plugins)]);
     assert!(out.status.success(), "{out:?}");
     for expected in [
         "demo  version",
@@ -87,11 +128,17 @@ fn plugins_lists_tasks_and_refuses_what_is_not_a_plugin() {
             out.stdout
         );
     }
+}
+
+#[test]
+fn plugins_refuses_what_is_not_a_plugin_and_still_lists_the_rest() {
+    let dir = TestDir::new("plugins-refused");
+    let plugins = dir.plugins(&["demo", "crucible"]);
     std::fs::write(plugins.join("junk.wasm"), b"\0asm but not really").expect("write junk");
     let bytes = std::fs::read(plugin_wasm("demo")).expect("read demo");
     std::fs::write(plugins.join("truncated.wasm"), &bytes[..bytes.len() / 2])
         .expect("write truncated");
-    let out = Process::run(&dir, &["plugins", &path(&plugins)]);
+    let out = run(&dir, &["plugins", &path(&plugins)]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
         out.stdout
@@ -111,147 +158,219 @@ fn plugins_lists_tasks_and_refuses_what_is_not_a_plugin() {
     );
 }
 
-#[test]
-fn dev_starts_its_own_redis_and_call_finds_it() {
-    let dir = TestDir::new("dev");
+// --- dev and call ---------------------------------------------------------------------------
+
+/// `taskhost dev` with the demo plugin, once its worker is ready. Its private Redis is found
+/// by `call` through the state file `dev` writes (`TASKHOST_DEV_STATE`, private to the test).
+fn start_dev(name: &str) -> (TestDir, Process) {
+    let dir = TestDir::new(name);
     let plugins = dir.plugins(&["demo"]);
-    let mut dev = Process::spawn(
+    let dev = Process::spawn(
         &dir,
         "dev.log",
         Process::command(&dir, &["dev", "--plugins", &path(&plugins)]),
     );
+    // As `Process::worker` waits for a worker: dev's Redis is private until then.
     dev.wait_log("worker ready");
+    (dir, dev)
+}
+
+/// The broker URL `dev` wrote into its state file.
+fn dev_broker(dir: &TestDir) -> String {
+    let state = std::fs::read_to_string(dir.path().join("dev-state.json")).expect("dev state file");
+    let state: serde_json::Value = serde_json::from_str(&state).expect("state is JSON");
+    state["broker_url"].as_str().expect("broker url").to_owned()
+}
+
+const CALL_ADD: [&str; 5] = ["call", "demo.add", "--args", "[2,3]", "--wait"];
+
+#[test]
+fn dev_tells_the_user_how_to_send_it_a_task() {
+    let (_dir, dev) = start_dev("dev-hint");
+    // The behaviour under test is the hint dev prints for its user, so it is read from the log.
     assert!(
         dev.log().contains("call demo.add --args '[2,3]' --wait"),
         "{}",
         dev.log()
     );
-    let out = Process::run(&dir, &["call", "demo.add", "--args", "[2,3]", "--wait"]);
+}
+
+#[test]
+fn call_finds_the_redis_dev_started() {
+    let (dir, dev) = start_dev("dev-call");
+    let out = run(&dir, &CALL_ADD);
     assert!(out.status.success(), "{out:?}\n{}", dev.log());
     assert_eq!(out.stdout.trim(), "5");
-    let state = std::fs::read_to_string(dir.path().join("dev-state.json")).expect("dev state file");
-    let state: serde_json::Value = serde_json::from_str(&state).expect("state is JSON");
-    let url = state["broker_url"].as_str().expect("broker url").to_owned();
+}
+
+#[test]
+fn dev_stopped_with_ctrl_c_exits_cleanly_and_removes_its_state_file() {
+    let (dir, mut dev) = start_dev("dev-stop");
     let status = dev.stop_with(libc::SIGINT);
     assert!(status.success(), "{status}");
     assert!(
         !dir.path().join("dev-state.json").exists(),
         "state file removed on exit"
     );
+}
+
+#[test]
+fn dev_stopped_takes_its_redis_server_with_it() {
+    let (dir, mut dev) = start_dev("dev-stop-redis");
+    let url = dev_broker(&dir);
+    assert!(dev.stop_with(libc::SIGINT).success());
     wait_for("the private redis-server to be gone", || {
         redis::Client::open(url.as_str())
             .ok()
             .and_then(|c| c.get_connection().err())
             .map(|_| ())
     });
-    let out = Process::run(&dir, &["call", "demo.add", "--args", "[2,3]", "--wait"]);
+}
+
+#[test]
+fn call_after_dev_stopped_says_there_is_no_broker() {
+    let (dir, mut dev) = start_dev("dev-gone");
+    assert!(dev.stop_with(libc::SIGINT).success());
+    let out = run(&dir, &CALL_ADD);
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stderr.contains("no broker"), "{out:?}");
 }
 
-#[test]
-fn bad_input_gives_one_clear_line_and_a_failure_exit() {
-    let dir = TestDir::new("errors");
+// --- errors ---------------------------------------------------------------------------------
+
+/// Runs `taskhost ARGS` and checks it failed with exit 1 and one line, `error: ...`, holding
+/// `expected`, and no panic.
+fn assert_one_clear_error(dir: &TestDir, args: &[&str], expected: &str) {
+    let out = run(dir, args);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+    let line = out.stderr.trim();
+    assert!(
+        line.starts_with("error: ") && line.contains(expected),
+        "{args:?}: {line}"
+    );
+    assert_eq!(line.lines().count(), 1, "{args:?}: one line, got:\n{line}");
+    assert!(!out.stderr.contains("panicked"), "{args:?}: {line}");
+}
+
+/// A directory with the demo plugin and a live Redis, for commands that are refused anyway.
+struct ErrorSetup {
+    dir: TestDir,
+    plugins: String,
+    _redis: RedisServer,
+    broker: String,
+}
+
+fn error_setup(name: &str) -> ErrorSetup {
+    let dir = TestDir::new(name);
     let plugins = path(&dir.plugins(&["demo"]));
     let redis = RedisServer::start(&dir);
     let broker = redis.url(0);
-    let dead_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let unreachable = format!("redis://127.0.0.1:{dead_port}/0");
-    let config = path(&dir.write("bad.toml", "[plugins.demo]\nallow_htp = []\n"));
-    let cases: Vec<(Vec<&str>, &str)> = vec![
+    ErrorSetup {
+        dir,
+        plugins,
+        _redis: redis,
+        broker,
+    }
+}
+
+#[test]
+fn a_worker_with_bad_settings_gives_one_clear_line_and_exits_1() {
+    let s = error_setup("worker-errors");
+    let config = path(&s.dir.write("bad.toml", "[plugins.demo]\nallow_htp = []\n"));
+    let (broker, plugins) = (s.broker.as_str(), s.plugins.as_str());
+    fn worker<'a>(flags: &[&'a str]) -> Vec<&'a str> {
+        [&["worker"], flags].concat()
+    }
+    for (args, expected) in [
         (
-            vec![
-                "worker",
-                "--broker",
-                "amqp://guest@localhost//",
-                "--plugins",
-                &plugins,
-            ],
+            worker(&["--broker", "amqp://guest@localhost//", "--plugins", plugins]),
             "Redis transport",
         ),
         (
-            vec![
-                "worker",
-                "--broker",
-                "redis://:99999999/x",
-                "--plugins",
-                &plugins,
-            ],
+            worker(&["--broker", "redis://:99999999/x", "--plugins", plugins]),
             "invalid Redis URL",
         ),
         (
-            vec!["worker", "--broker", &broker, "--plugins", "/no/such/dir"],
+            worker(&["--broker", broker, "--plugins", "/no/such/dir"]),
             "plugin directory /no/such/dir does not exist",
         ),
         (
-            vec![
-                "worker",
+            worker(&[
                 "--broker",
-                &broker,
+                broker,
                 "--plugins",
-                &plugins,
+                plugins,
                 "--prefetch-multiplier",
                 "0",
-            ],
+            ]),
             "--prefetch-multiplier must be between 1 and 1000, got 0",
         ),
         (
-            vec![
-                "worker",
+            worker(&[
                 "--broker",
-                &broker,
+                broker,
                 "--plugins",
-                &plugins,
+                plugins,
                 "--config",
                 &config,
-            ],
+            ]),
             "allow_htp",
         ),
         (
-            vec![
-                "worker",
-                "--broker",
-                &broker,
-                "--plugins",
-                &plugins,
-                "-c",
-                "0",
-            ],
+            worker(&["--broker", broker, "--plugins", plugins, "-c", "0"]),
             "concurrency",
         ),
-        (vec!["worker", "--plugins", &plugins], "no broker"),
+        (worker(&["--plugins", plugins]), "no broker"),
+    ] {
+        assert_one_clear_error(&s.dir, &args, expected);
+    }
+}
+
+#[test]
+fn call_with_bad_arguments_gives_one_clear_line_and_exits_1() {
+    let s = error_setup("call-errors");
+    let broker = s.broker.as_str();
+    let unreachable = unreachable_redis();
+    for (args, expected) in [
         (
-            vec!["call", "demo.add", "--broker", &broker, "--args", "[2,"],
+            ["call", "demo.add", "--broker", broker, "--args", "[2,"].as_slice(),
             "--args is not JSON",
         ),
         (
-            vec!["call", "demo.add", "--broker", &broker, "--args", "{}"],
+            &["call", "demo.add", "--broker", broker, "--args", "{}"],
             "must be a JSON array",
         ),
         (
-            vec!["call", "demo.add", "--broker", &unreachable],
+            &["call", "demo.add", "--broker", &unreachable],
             "cannot connect to Redis",
         ),
-        (vec!["exec", "/no/such.wasm", "demo.add"], "does not exist"),
-    ];
-    for (args, expected) in cases {
-        let out = Process::run(&dir, &args);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
-        let line = out.stderr.trim();
-        assert!(
-            line.starts_with("error: ") && line.contains(expected),
-            "{args:?}: {line}"
-        );
-        assert_eq!(line.lines().count(), 1, "{args:?}: one line, got:\n{line}");
-        assert!(!out.stderr.contains("panicked"), "{args:?}: {line}");
+    ] {
+        assert_one_clear_error(&s.dir, args, expected);
     }
-    let out = Process::run(&dir, &["worker", "--concurrency", "many"]);
+}
+
+#[test]
+fn exec_of_a_missing_plugin_file_gives_one_clear_line_and_exits_1() {
+    let dir = TestDir::new("exec-missing");
+    assert_one_clear_error(
+        &dir,
+        &["exec", "/no/such.wasm", "demo.add"],
+        "does not exist",
+    );
+}
+
+#[test]
+fn a_usage_error_exits_2() {
+    let dir = TestDir::new("usage");
+    let out = run(&dir, &["worker", "--concurrency", "many"]);
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2: {out:?}");
+}
+
+#[test]
+fn every_command_has_help() {
+    let dir = TestDir::new("help");
     for command in ["worker", "dev", "call", "exec", "plugins"] {
-        let out = Process::run(&dir, &[command, "--help"]);
+        let out = run(&dir, &[command, "--help"]);
         assert!(
             out.status.success() && out.stdout.contains("Usage: taskhost"),
             "{command} --help: {out:?}"
@@ -259,90 +378,187 @@ fn bad_input_gives_one_clear_line_and_a_failure_exit() {
     }
 }
 
-#[test]
-fn a_worker_waits_for_an_unreachable_redis_and_stops_cleanly() {
-    let dir = TestDir::new("unreachable");
+// --- a worker without Redis -----------------------------------------------------------------
+
+/// A worker pointed at a Redis nothing listens on, once it has said it is retrying.
+fn worker_without_redis(name: &str) -> (TestDir, Process) {
+    let dir = TestDir::new(name);
     let plugins = path(&dir.plugins(&["demo"]));
-    let dead_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let unreachable = format!("redis://127.0.0.1:{dead_port}/0");
-    let mut worker = Process::spawn(
+    let worker = Process::spawn(
         &dir,
         "worker.log",
         Process::command(
             &dir,
-            &["worker", "--broker", &unreachable, "--plugins", &plugins],
+            &[
+                "worker",
+                "--broker",
+                &unreachable_redis(),
+                "--plugins",
+                &plugins,
+            ],
         ),
     );
+    // No Redis to observe: the log says when it is waiting.
+    worker.wait_log("Redis is not reachable (retrying in");
+    (dir, worker)
+}
+
+#[test]
+fn a_worker_keeps_retrying_an_unreachable_redis() {
+    let (_dir, worker) = worker_without_redis("unreachable");
+    // The behaviour under test is what the operator is told, so it is read from the log.
     worker.wait_log_count("Redis is not reachable (retrying in", 2);
+}
+
+#[test]
+fn a_worker_waiting_for_redis_stops_cleanly() {
+    let (_dir, mut worker) = worker_without_redis("unreachable-stop");
     let status = worker.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status}");
 }
 
-#[test]
-fn dead_letters_can_be_listed_shown_requeued_and_purged() {
-    let dir = TestDir::new("dead-cli");
+// --- dead letters ---------------------------------------------------------------------------
+
+/// A worker without the demo plugin, and two dead letters: a `demo.add` it does not serve and
+/// an undecodable message.
+struct Dead {
+    dir: TestDir,
+    redis: RedisServer,
+    plugins: PathBuf,
+    _worker: Process,
+    client: Client,
+    /// The id of the `demo.add` task.
+    id: String,
+}
+
+const DEAD_NODE: &str = "dead@test";
+
+fn dead_setup(name: &str) -> Dead {
+    let dir = TestDir::new(name);
     let redis = RedisServer::start(&dir);
-    // A worker without the demo plugin: demo tasks are dead-lettered.
     let plugins = dir.plugins(&["crucible"]);
-    let worker = Process::worker(&dir, &redis, &plugins, &[]);
-    let mut client = taskhost_tests::Client::new(&redis);
+    let worker = Process::worker(&dir, &redis, &plugins, &["-n", DEAD_NODE]);
+    let mut client = Client::new(&redis);
     let id = client.send("demo.add", json!([2, 3]));
     client.push_raw("celery", b"garbage");
     wait_for("two dead letters", || {
         (client.dead_letters().len() == 2).then_some(())
     });
-    let broker = redis.url(0);
-    let dead = |args: &[&str]| {
+    Dead {
+        dir,
+        redis,
+        plugins,
+        _worker: worker,
+        client,
+        id,
+    }
+}
+
+impl Dead {
+    /// `taskhost dead ARGS --broker <the test's Redis>`.
+    fn dead(&self, args: &[&str]) -> Out {
+        let broker = self.redis.url(0);
         let mut all = vec!["dead"];
         all.extend_from_slice(args);
         all.extend_from_slice(&["--broker", &broker]);
-        Process::run(&dir, &all)
-    };
-    let out = dead(&["list"]);
+        run(&self.dir, &all)
+    }
+
+    /// The `demo.add` entry's line in `dead list`.
+    fn listed_line(&self) -> String {
+        let out = self.dead(&["list"]);
+        assert!(out.status.success(), "{out:?}");
+        out.stdout
+            .lines()
+            .find(|l| l.contains(&self.id))
+            .unwrap_or_else(|| panic!("the demo.add entry listed:\n{}", out.stdout))
+            .to_owned()
+    }
+
+    /// The `demo.add` entry's index, as `dead list` shows it.
+    fn index(&self) -> String {
+        let line = self.listed_line();
+        line.split_whitespace().next().expect("index").to_owned()
+    }
+}
+
+#[test]
+fn dead_list_counts_the_entries() {
+    let s = dead_setup("dead-list");
+    let out = s.dead(&["list"]);
     assert!(out.status.success(), "{out:?}");
     assert!(
         out.stdout.contains("2 dead-letter entries"),
         "{}",
         out.stdout
     );
-    let line = out
-        .stdout
-        .lines()
-        .find(|l| l.contains(&id))
-        .expect("the demo.add entry listed")
-        .to_owned();
+}
+
+#[test]
+fn dead_list_names_each_entrys_task_and_reason() {
+    let s = dead_setup("dead-list-line");
+    let line = s.listed_line();
     assert!(
         line.contains("demo.add") && line.contains("not served"),
         "{line}"
     );
-    let index = line.split_whitespace().next().expect("index").to_owned();
-    let out = dead(&["show", &index]);
+}
+
+#[test]
+fn dead_show_prints_an_entry_in_full() {
+    let s = dead_setup("dead-show");
+    let out = s.dead(&["show", &s.index()]);
     assert!(
-        out.stdout.contains("\"task_id\"") && out.stdout.contains(&id),
+        out.stdout.contains("\"task_id\"") && out.stdout.contains(&s.id),
         "{}",
         out.stdout
     );
-    // Once a plugin serves it, the entry is replayed and runs.
-    std::fs::copy(plugin_wasm("demo"), plugins.join("demo.wasm")).expect("add demo");
-    worker.wait_log("plugin loaded plugin=demo");
-    let out = dead(&["requeue", &index]);
+}
+
+#[test]
+fn dead_requeue_replays_an_entry_once_a_plugin_serves_it() {
+    let mut s = dead_setup("dead-requeue");
+    let index = s.index();
+    std::fs::copy(plugin_wasm("demo"), s.plugins.join("demo.wasm")).expect("add demo");
+    // Served once the worker reports the plugin among those it runs.
+    wait_for("the worker to run the demo plugin", || {
+        redis::cmd("HGET")
+            .arg(format!("taskhost:running:{DEAD_NODE}"))
+            .arg("demo")
+            .query::<Option<String>>(s.client.broker())
+            .expect("HGET running plugins")
+    });
+    let out = s.dead(&["requeue", &index]);
     assert!(
         out.status.success() && out.stdout.contains("onto celery"),
         "{out:?}"
     );
     wait_for("the requeued task to succeed", || {
-        client.state(&id).filter(|d| d["status"] == "SUCCESS")
+        s.client.state(&s.id).filter(|d| d["status"] == "SUCCESS")
     });
-    assert_eq!(client.dead_letters().len(), 1);
-    let out = dead(&["requeue", "7"]);
+    assert_eq!(s.client.dead_letters().len(), 1);
+}
+
+#[test]
+fn dead_requeue_of_a_missing_entry_fails() {
+    let s = dead_setup("dead-requeue-missing");
+    let out = s.dead(&["requeue", "7"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stderr.contains("no dead-letter entry 7"), "{out:?}");
-    let out = dead(&["purge"]);
+}
+
+#[test]
+fn dead_purge_wants_yes() {
+    let mut s = dead_setup("dead-purge-no");
+    let out = s.dead(&["purge"]);
     assert_eq!(out.status.code(), Some(1), "purge wants --yes");
-    let out = dead(&["purge", "--yes"]);
-    assert!(out.stdout.contains("purged 1"), "{out:?}");
-    assert!(client.dead_letters().is_empty());
+    assert_eq!(s.client.dead_letters().len(), 2, "nothing purged");
+}
+
+#[test]
+fn dead_purge_yes_empties_the_list() {
+    let mut s = dead_setup("dead-purge");
+    let out = s.dead(&["purge", "--yes"]);
+    assert!(out.stdout.contains("purged 2"), "{out:?}");
+    assert!(s.client.dead_letters().is_empty());
 }

@@ -1,12 +1,17 @@
 //! Nothing lost: workers killed, Redis restarted or cutting connections, shutdowns under load,
-//! a poison task, a million far-ETA tasks. Each fault run counts tasks sent, completed, lost and
-//! run twice, and prints the count (`cargo test -- --nocapture` shows them).
+//! a poison task, a million far-ETA tasks. Outcomes are read from Redis: result documents, the
+//! results Redis published (a `ResultFeed`, which counts each task's runs), the in-flight lists,
+//! the worker registry and the dead letters; or from the worker's own `/healthz` and `/metrics`.
+//! Fault runs print their tally (`cargo test -- --nocapture` shows it).
 
 use serde_json::{Value, json};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use taskhost_tests::{
-    Client, Process, RedisServer, ResultFeed, Tally, TestDir, celery_message, rss_kib, wait_for,
-    wait_for_within,
+    Client, Process, RedisServer, ResultFeed, Tally, TestDir, WAIT, celery_message, http_get,
+    rss_kib, wait_for, wait_for_within,
 };
 
 /// How long a fault run may take to finish all its tasks.
@@ -24,13 +29,44 @@ fn worker(dir: &TestDir, redis: &RedisServer, name: &str, extra: &[&str]) -> Pro
     Process::worker_logged(dir, &format!("{name}.log"), redis, &plugins, &args)
 }
 
-fn read_logs(dir: &TestDir) -> Vec<String> {
-    std::fs::read_dir(dir.path())
-        .expect("test dir")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
-        .collect()
+/// Stops every worker with SIGTERM (running tasks finish) and waits until each has exited 0.
+fn stop_all(workers: Vec<Process>) {
+    for w in &workers {
+        taskhost_tests::signal(w.pid(), libc::SIGTERM);
+    }
+    for mut w in workers {
+        let status = w.wait_exit();
+        assert!(status.success(), "a worker exited {status}:\n{}", w.log());
+    }
+}
+
+/// Waits until `feed` has recorded everything Redis published so far: Redis delivers one
+/// subscriber's messages in order, so once a marker published now has arrived, so has all
+/// that came before it.
+fn feed_caught_up(feed: &ResultFeed, redis: &RedisServer) {
+    let marker = format!("marker-{}", uuid::Uuid::new_v4());
+    redis::cmd("PUBLISH")
+        .arg(format!("celery-task-meta-{marker}"))
+        .arg("{}")
+        .query::<()>(&mut redis.conn(0))
+        .expect("PUBLISH the marker");
+    wait_for("the result feed to catch up", || {
+        (!feed.states(&marker).is_empty()).then_some(())
+    });
+}
+
+/// Stops the workers, then tallies: only once every worker has exited can no second run of a
+/// task still be going.
+fn tally_after_stopping(
+    workers: Vec<Process>,
+    ids: &[String],
+    results: &std::collections::HashMap<String, Value>,
+    feed: &ResultFeed,
+    redis: &RedisServer,
+) -> Tally {
+    stop_all(workers);
+    feed_caught_up(feed, redis);
+    Tally::of(ids, results, feed)
 }
 
 /// Sends `n` tasks: two `demo.add` for every `demo.sleep(ms)`.
@@ -46,20 +82,112 @@ fn send_mixed(client: &mut Client, n: usize, sleep_ms: u64) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn killing_workers_loses_nothing() {
-    let dir = TestDir::new("fault-kill");
-    let redis = RedisServer::start(&dir);
-    let feed = ResultFeed::start(&redis);
+/// Counts removals of entries from the worker registry (`taskhost:workers`), from Redis's
+/// keyspace notifications. An entry is removed only when a worker is taken for dead (the
+/// recover script returns its tasks and removes it, once) or when a worker stops cleanly, so
+/// while no worker is being stopped, the count is how many workers were taken for dead. (A
+/// live worker's next heartbeat writes its entry back: polling the entry could miss that.)
+struct RegistryRemovals {
+    count: Arc<AtomicUsize>,
+    broken: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RegistryRemovals {
+    /// Turns keyspace notifications for hashes on and subscribes, returning once subscribed.
+    fn start(redis: &RedisServer) -> Self {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg("Kh")
+            .query::<()>(&mut redis.conn(0))
+            .expect("turn keyspace notifications on");
+        let (count, broken, stop) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (subscribed, ready) = mpsc::channel();
+        let mut conn = redis.conn(0);
+        let thread = {
+            let (count, broken, stop) = (count.clone(), broken.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut pubsub = conn.as_pubsub();
+                pubsub
+                    .subscribe("__keyspace@0__:taskhost:workers")
+                    .expect("subscribe to the registry's keyspace events");
+                pubsub
+                    .set_read_timeout(Some(Duration::from_millis(50)))
+                    .expect("read timeout");
+                let _ = subscribed.send(());
+                while !stop.load(Ordering::SeqCst) {
+                    match pubsub.get_message() {
+                        Ok(message) => {
+                            if message.get_payload::<String>().unwrap_or_default() == "hdel" {
+                                count.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        Err(e) if e.is_timeout() => {}
+                        Err(_) => {
+                            broken.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        ready
+            .recv_timeout(WAIT)
+            .expect("subscribed to the registry's keyspace events");
+        Self {
+            count,
+            broken,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Entries removed so far.
+    fn count(&self) -> usize {
+        assert!(
+            !self.broken.load(Ordering::SeqCst),
+            "the keyspace subscription was lost: removals may have been missed"
+        );
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RegistryRemovals {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Three workers under load, two of them killed (kill -9) mid-run and replaced, and the run
+/// finished: the tasks sent, their results, and the workers still running.
+struct KillRun {
+    ids: Vec<String>,
+    results: std::collections::HashMap<String, Value>,
+    live: Vec<Process>,
+}
+
+/// Runs 3000 tasks on three workers (2 s heartbeat lapse), kills two of them while they hold
+/// tasks, waits for their tasks to be returned, starts a replacement for each, and waits for
+/// every result.
+fn kill_two_workers_under_load(dir: &TestDir, redis: &RedisServer) -> KillRun {
     let lapse = ["-c", "16", "--heartbeat-lapse", "2"];
-    let mut w1 = worker(&dir, &redis, "w1", &lapse);
-    let mut w2 = worker(&dir, &redis, "w2", &lapse);
-    let _w3 = worker(&dir, &redis, "w3", &lapse);
-    let mut client = Client::new(&redis);
+    let mut live = vec![worker(dir, redis, "w3", &lapse)];
+    let mut victims = vec![
+        ("w1@test", "w4", worker(dir, redis, "w1", &lapse)),
+        ("w2@test", "w5", worker(dir, redis, "w2", &lapse)),
+    ];
+    let mut client = Client::new(redis);
     let ids = send_mixed(&mut client, 3000, 200);
-    let mut recoveries = Vec::new();
-    let mut replacements = Vec::new();
-    for (victim, node, replacement) in [(&mut w1, "w1@test", "w4"), (&mut w2, "w2@test", "w5")] {
+    for (node, replacement, victim) in &mut victims {
         let held = wait_for(&format!("more than 10 tasks in flight on {node}"), || {
             let n = client.in_flight(node);
             (n > 10).then_some(n)
@@ -69,22 +197,49 @@ fn killing_workers_loses_nothing() {
         wait_for(&format!("{node}'s tasks to be returned"), || {
             (client.in_flight(node) == 0).then_some(())
         });
-        recoveries.push((node, held, killed.elapsed()));
-        replacements.push(worker(&dir, &redis, replacement, &lapse));
+        eprintln!(
+            "killed {node} holding {held} tasks: returned to the queue after {:?}",
+            killed.elapsed()
+        );
+        live.push(worker(dir, redis, replacement, &lapse));
     }
     let (results, _) = client.results(&ids, SETTLE);
-    let logs = read_logs(&dir);
-    let tally = Tally::of(&ids, &results, &feed);
-    assert!(
-        !logs.iter().any(|l| l.contains("worker=w3@test")),
-        "a live worker was taken for dead"
-    );
-    for (node, held, took) in &recoveries {
-        eprintln!("killed {node} holding {held} tasks: returned to the queue after {took:?}");
-    }
+    KillRun { ids, results, live }
+}
+
+#[test]
+fn killing_workers_mid_run_loses_no_task() {
+    let dir = TestDir::new("fault-kill-lost");
+    let redis = RedisServer::start(&dir);
+    let feed = ResultFeed::start(&redis);
+    let run = kill_two_workers_under_load(&dir, &redis);
+    let tally = tally_after_stopping(run.live, &run.ids, &run.results, &feed, &redis);
+    // At least once, not exactly once: a task a killed worker was running when it died may
+    // have stored its result just before, and then runs again from the returned message. So
+    // duplicates are printed, not asserted; what is guaranteed is that nothing is lost.
     eprintln!("kill -9 twice: {tally}");
     assert_eq!(tally.lost, 0, "{tally}");
-    assert!(results.values().all(|d| d["status"] == "SUCCESS"));
+    assert!(run.results.values().all(|d| d["status"] == "SUCCESS"));
+}
+
+#[test]
+fn killing_workers_mid_run_takes_only_the_killed_ones_for_dead() {
+    let dir = TestDir::new("fault-kill-live");
+    let redis = RedisServer::start(&dir);
+    let removals = RegistryRemovals::start(&redis);
+    let run = kill_two_workers_under_load(&dir, &redis);
+    assert_eq!(run.results.len(), run.ids.len(), "the run finished");
+    // Exactly one removal per killed worker: none of w3 (up from the start), w4 or w5 (the
+    // replacements) was taken for dead while the others ran the load, and each killed worker
+    // was recovered once.
+    assert_eq!(removals.count(), 2, "workers taken for dead");
+    let mut client = Client::new(&redis);
+    for node in ["w3@test", "w4@test", "w5@test"] {
+        assert!(
+            client.registry_entry(node).is_some(),
+            "{node} is registered"
+        );
+    }
 }
 
 #[test]
@@ -92,21 +247,41 @@ fn a_long_task_on_a_live_worker_is_not_run_twice() {
     let dir = TestDir::new("fault-long");
     let redis = RedisServer::start(&dir);
     let feed = ResultFeed::start(&redis);
+    let removals = RegistryRemovals::start(&redis);
     let lapse = ["--heartbeat-lapse", "2"];
-    let _w1 = worker(&dir, &redis, "w1", &lapse);
-    let _w2 = worker(&dir, &redis, "w2", &lapse);
+    let workers = vec![
+        worker(&dir, &redis, "w1", &lapse),
+        worker(&dir, &redis, "w2", &lapse),
+    ];
     let mut client = Client::new(&redis);
     // Longer than the lapse, twice over.
-    let ids = vec![client.send("demo.sleep", json!([5000]))];
-    let (results, _) = client.results(&ids, SETTLE);
-    let logs = read_logs(&dir);
-    let tally = Tally::of(&ids, &results, &feed);
+    let id = client.send("demo.sleep", json!([5000]));
+    // While it runs, the message stays in the in-flight list of the one worker running it.
+    let mut holders = std::collections::BTreeSet::new();
+    let result = wait_for("the long task's result", || {
+        for node in ["w1@test", "w2@test"] {
+            if client.in_flight(node) > 0 {
+                holders.insert(node);
+            }
+        }
+        client.state(&id).filter(taskhost_tests::is_ready)
+    });
+    assert_eq!(result["status"], "SUCCESS", "{result}");
+    assert_eq!(holders.len(), 1, "held in flight by {holders:?}");
+    assert_eq!(removals.count(), 0, "a live worker was taken for dead");
+    // Every return of a message to its queue counts it in `taskhost:redelivered:<tag>`.
+    let returned: Vec<String> = redis::cmd("KEYS")
+        .arg("taskhost:redelivered:*")
+        .query(client.broker())
+        .expect("KEYS");
+    assert!(returned.is_empty(), "the task was returned: {returned:?}");
+    let ids = vec![id.clone()];
+    let results: std::collections::HashMap<String, Value> =
+        [(id.clone(), result)].into_iter().collect();
+    let tally = tally_after_stopping(workers, &ids, &results, &feed, &redis);
     eprintln!("a 5 s task with a 2 s heartbeat lapse: {tally}");
+    assert_eq!(feed.endings(&id), 1, "{:?}", feed.states(&id));
     assert_eq!((tally.completed, tally.duplicated), (1, 0), "{tally}");
-    assert!(
-        !logs.iter().any(|l| l.contains("worker lapsed")),
-        "no live worker was taken for dead"
-    );
 }
 
 /// Pushes with a fresh connection, retrying while Redis is away.
@@ -123,7 +298,7 @@ fn push_retrying(redis: &RedisServer, message: &str) {
 }
 
 #[test]
-fn restarting_redis_with_aof_loses_nothing() {
+fn restarting_redis_with_aof_loses_nothing_and_runs_nothing_twice() {
     let dir = TestDir::new("fault-redis");
     let mut redis =
         RedisServer::start_with(&dir, &["--appendonly", "yes", "--appendfsync", "always"]);
@@ -151,9 +326,15 @@ fn restarting_redis_with_aof_loses_nothing() {
     }
     let mut client = Client::new(&redis);
     let (results, _) = client.results(&ids, SETTLE);
-    let tally = Tally::of(&ids, &results, &feed);
+    let log = w.log();
+    let tally = tally_after_stopping(vec![w], &ids, &results, &feed, &redis);
     eprintln!("Redis killed and restarted (AOF, fsync always) mid-run: {tally}");
-    assert_eq!(tally.lost, 0, "{tally}\n{}", w.log());
+    assert_eq!(tally.lost, 0, "{tally}\n{log}");
+    // One worker, never taken for dead; a write repeated after a lost reply publishes the same
+    // document, and a fetch whose answer was lost returns only messages the worker does not
+    // hold: no task runs twice. (The feed is cut while Redis is down, so this counts the runs
+    // it saw: a lower bound.)
+    assert_eq!(tally.duplicated, 0, "{tally}\n{log}");
 }
 
 /// Kills every client connection but `keep`'s own.
@@ -162,17 +343,9 @@ fn kill_clients(keep: &mut redis::Connection) -> usize {
         .arg("ID")
         .query(keep)
         .expect("CLIENT ID");
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query(keep)
-        .expect("CLIENT LIST");
     let mut killed = 0;
-    for line in list.lines() {
-        let id = line
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("id="))
-            .and_then(|v| v.parse::<i64>().ok());
-        if let Some(id) = id.filter(|id| *id != own) {
+    for id in client_ids(keep) {
+        if id != own {
             let n: i64 = redis::cmd("CLIENT")
                 .arg("KILL")
                 .arg("ID")
@@ -185,73 +358,94 @@ fn kill_clients(keep: &mut redis::Connection) -> usize {
     killed
 }
 
+/// The ids of every client connection (`CLIENT LIST`).
+fn client_ids(admin: &mut redis::Connection) -> Vec<i64> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(admin)
+        .unwrap_or_default();
+    list.lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("id="))
+                .and_then(|v| v.parse().ok())
+        })
+        .collect()
+}
+
+/// Checks the worker consumes: 50 tasks sent now all get their result.
+fn assert_consumes(redis: &RedisServer, w: &Process, when: &str) {
+    let mut client = Client::new(redis);
+    let start = Instant::now();
+    let batch: Vec<String> = (0..50)
+        .map(|i| client.send("demo.add", json!([i, 1])))
+        .collect();
+    let (results, missing) = client.results(&batch, SETTLE);
+    assert!(
+        missing.is_empty(),
+        "{when}: {} tasks never ran\n{}",
+        missing.len(),
+        w.log()
+    );
+    assert_eq!(results.len(), 50);
+    eprintln!(
+        "{when}: consumption resumed, 50 tasks done {:?} after sending",
+        start.elapsed()
+    );
+}
+
+/// A worker (`-c 4`) on a fresh Redis, checked to consume before any fault.
+fn consuming_worker(dir: &TestDir, redis: &RedisServer, extra: &[&str]) -> Process {
+    let mut args = vec!["-c", "4"];
+    args.extend_from_slice(extra);
+    let w = worker(dir, redis, "w1", &args);
+    assert_consumes(redis, &w, "before");
+    w
+}
+
 #[test]
-fn killed_idle_and_flapping_connections_do_not_leave_the_worker_deaf() {
-    let dir = TestDir::new("fault-conn");
+fn a_worker_consumes_again_after_its_connections_are_killed() {
+    let dir = TestDir::new("fault-conn-kill");
     let redis = RedisServer::start(&dir);
-    let w = worker(&dir, &redis, "w1", &["-c", "4"]);
-    let mut client = Client::new(&redis);
-    let mut admin = redis.conn(0);
-    let mut ids = Vec::new();
-    let check = |what: &str, client: &mut Client, ids: &mut Vec<String>| {
-        let start = Instant::now();
-        let batch: Vec<String> = (0..50)
-            .map(|i| client.send("demo.add", json!([i, 1])))
-            .collect();
-        let (results, missing) = client.results(&batch, SETTLE);
-        assert!(
-            missing.is_empty(),
-            "{what}: {} tasks never ran\n{}",
-            missing.len(),
-            w.log()
-        );
-        assert_eq!(results.len(), 50);
-        eprintln!(
-            "{what}: consumption resumed, 50 tasks done {:?} after sending",
-            start.elapsed()
-        );
-        ids.extend(batch);
-    };
-    check("before", &mut client, &mut ids);
+    let w = consuming_worker(&dir, &redis, &[]);
     // Every connection of the worker killed (CLIENT KILL), and this test's own but `admin`.
+    let mut admin = redis.conn(0);
     assert!(kill_clients(&mut admin) > 0);
-    client = Client::new(&redis);
-    check("after CLIENT KILL", &mut client, &mut ids);
-    // Idle connections closed by Redis itself (`timeout`): wait until one of the worker's
-    // goes, then check the worker still consumes.
-    let client_ids = |admin: &mut redis::Connection| -> Vec<String> {
-        let list: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query(admin)
-            .unwrap_or_default();
-        list.lines()
-            .filter_map(|l| {
-                l.split_whitespace()
-                    .find_map(|f| f.strip_prefix("id="))
-                    .map(str::to_owned)
-            })
-            .collect()
-    };
+    assert_consumes(&redis, &w, "after CLIENT KILL");
+}
+
+#[test]
+fn a_worker_consumes_again_after_redis_closes_its_idle_connections() {
+    let dir = TestDir::new("fault-conn-idle");
+    let redis = RedisServer::start(&dir);
+    let w = consuming_worker(&dir, &redis, &[]);
+    // Idle connections closed by Redis itself (`timeout`). The test holds no connection but
+    // `admin`, which it keeps busy, so the connection that goes is one of the worker's.
+    let mut admin = redis.conn(0);
     let before = client_ids(&mut admin);
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("timeout")
-        .arg("1")
-        .query::<()>(&mut admin)
-        .expect("timeout");
-    wait_for("Redis to close an idle connection", || {
+    let set_timeout = |admin: &mut redis::Connection, seconds: &str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("timeout")
+            .arg(seconds)
+            .query::<()>(admin)
+            .expect("CONFIG SET timeout");
+    };
+    set_timeout(&mut admin, "1");
+    wait_for("Redis to close an idle connection of the worker", || {
         let now = client_ids(&mut admin);
         before.iter().any(|id| !now.contains(id)).then_some(())
     });
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("timeout")
-        .arg("0")
-        .query::<()>(&mut admin)
-        .expect("timeout");
-    client = Client::new(&redis);
-    check("after idle connections timed out", &mut client, &mut ids);
-    // A flapping connection: killed every 100 ms while tasks are sent and run.
+    set_timeout(&mut admin, "0");
+    assert_consumes(&redis, &w, "after idle connections timed out");
+}
+
+#[test]
+fn every_task_sent_while_connections_flap_runs() {
+    let dir = TestDir::new("fault-conn-flap");
+    let redis = RedisServer::start(&dir);
+    let w = consuming_worker(&dir, &redis, &[]);
+    // A flapping connection: killed every 100 ms for 3 s while tasks are sent and run.
     let flapping = {
         let url = redis.url(0);
         std::thread::spawn(move || {
@@ -263,7 +457,7 @@ fn killed_idle_and_flapping_connections_do_not_leave_the_worker_deaf() {
             while Instant::now() < until {
                 kills += kill_clients(&mut admin);
                 // The flapping itself: cut, let it reconnect, cut again.
-                std::thread::sleep(Duration::from_millis(100));
+                taskhost_tests::pace(Duration::from_millis(100));
             }
             kills
         })
@@ -291,31 +485,103 @@ fn killed_idle_and_flapping_connections_do_not_leave_the_worker_deaf() {
         missing.len(),
         w.log()
     );
-    check("after flapping", &mut client, &mut ids);
-    // Stalled: CLIENT PAUSE longer than the fetch stall: the worker says it is not fetching,
-    // then that it is again. (The flapping killed `admin` too.)
+    assert_consumes(&redis, &w, "after flapping");
+}
+
+/// `/healthz`: the status and the JSON it answered.
+fn healthz(addr: &str) -> (u16, Value) {
+    let (status, body) = http_get(addr, "/healthz", None).expect("/healthz answers");
+    let body = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/healthz: {e}: {body}"));
+    (status, body)
+}
+
+/// Stalls Redis: it holds every write until [`unpause`] (60 s at most). The fetches move
+/// messages, so they are held too; PING is not. The worker reports the stall once no fetch
+/// has been answered for 5 s; the tests lift the pause only once they have seen the report,
+/// so nothing depends on how long the detection takes, within the minute.
+fn pause_writes(admin: &mut redis::Connection) {
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(60_000)
+        .arg("WRITE")
+        .query::<()>(admin)
+        .expect("CLIENT PAUSE");
+}
+
+fn unpause(admin: &mut redis::Connection) {
+    redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query::<()>(admin)
+        .expect("CLIENT UNPAUSE");
+}
+
+#[test]
+fn a_stalled_redis_shows_in_healthz_as_not_fetching_until_it_answers_again() {
+    let dir = TestDir::new("fault-stall-healthz");
+    let redis = RedisServer::start(&dir);
+    let w = consuming_worker(&dir, &redis, &["--metrics-addr", "127.0.0.1:0"]);
+    let addr = w.metrics_addr();
+    let (status, health) = healthz(&addr);
+    assert_eq!(
+        (status, &health["fetching"]),
+        (200, &json!(true)),
+        "{health}"
+    );
     let mut admin = redis.conn(0);
+    let paused = Instant::now();
+    pause_writes(&mut admin);
+    // Each answer may take a second meanwhile: the worker's PING waits behind its held writes.
+    let stalled = wait_for("/healthz to report the stall", || {
+        Some(healthz(&addr)).filter(|(_, h)| h["fetching"] == false)
+    });
+    let detected = paused.elapsed();
+    unpause(&mut admin);
+    eprintln!("a stall of writes reported by /healthz after {detected:?}: {stalled:?}");
+    assert_eq!(stalled.0, 503, "{:?}", stalled.1);
+    // Not before 5 s without an answered fetch (a blocking fetch is answered at least every
+    // second, so the last one came at most 1 s before the pause).
+    assert!(
+        detected >= Duration::from_secs(4),
+        "reported after {detected:?}"
+    );
+    let resumed = wait_for("/healthz to report fetching again", || {
+        Some(healthz(&addr)).filter(|(status, h)| *status == 200 && h["fetching"] == true)
+    });
+    eprintln!("fetching again once Redis answers: {resumed:?}");
+    assert_consumes(&redis, &w, "after CLIENT PAUSE");
+}
+
+#[test]
+fn a_stalled_redis_is_logged_as_not_fetching_then_fetching_again() {
+    // The log lines are the behaviour under test here (the README documents them as the
+    // operator's report of a stall), so they are what is waited for and checked.
+    let dir = TestDir::new("fault-stall-log");
+    let redis = RedisServer::start(&dir);
+    let w = consuming_worker(&dir, &redis, &[]);
     assert!(
         !w.log().contains("not fetching"),
         "no stall before the pause"
     );
-    redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(7000)
-        .arg("ALL")
-        .query::<()>(&mut admin)
-        .expect("pause");
+    let mut admin = redis.conn(0);
+    pause_writes(&mut admin);
     w.wait_log("not fetching");
+    assert!(
+        !w.log().contains("fetching again"),
+        "not fetching again while Redis holds the fetches"
+    );
+    unpause(&mut admin);
     w.wait_log("fetching again");
-    check("after CLIENT PAUSE", &mut client, &mut ids);
+    assert_consumes(&redis, &w, "after CLIENT PAUSE");
 }
 
 #[test]
-fn sigterm_under_load_loses_nothing_and_exits_zero() {
+fn sigterm_under_load_exits_zero_and_loses_nothing() {
     let dir = TestDir::new("fault-sigterm");
     let redis = RedisServer::start(&dir);
     let feed = ResultFeed::start(&redis);
-    let mut w1 = worker(&dir, &redis, "w1", &["-c", "8", "--shutdown-grace", "1"]);
+    // A grace period far longer than any task (300 ms): every task running at the signal
+    // finishes, so none is cut and run again.
+    let mut w1 = worker(&dir, &redis, "w1", &["-c", "8", "--shutdown-grace", "10"]);
     let mut client = Client::new(&redis);
     let ids = send_mixed(&mut client, 1500, 300);
     wait_for("tasks in flight on w1", || {
@@ -328,55 +594,98 @@ fn sigterm_under_load_loses_nothing_and_exits_zero() {
         0,
         "everything went back to the queue"
     );
-    let mut w2 = worker(&dir, &redis, "w2", &["-c", "8"]);
+    let w2 = worker(&dir, &redis, "w2", &["-c", "8"]);
     let (results, _) = client.results(&ids, SETTLE);
-    let tally = Tally::of(&ids, &results, &feed);
-    eprintln!("SIGTERM under load (1 s grace): {tally}");
+    let tally = tally_after_stopping(vec![w2], &ids, &results, &feed, &redis);
+    eprintln!("SIGTERM under load: {tally}");
     assert_eq!(tally.lost, 0, "{tally}");
-    assert!(w2.stop_with(libc::SIGTERM).success());
-    // A second signal does not wait for the grace period.
-    let mut w3 = worker(&dir, &redis, "w3", &["-c", "2", "--shutdown-grace", "60"]);
+    assert_eq!(tally.duplicated, 0, "{tally}");
+}
+
+/// A gauge without labels from `/metrics`.
+fn gauge(addr: &str, name: &str) -> Option<f64> {
+    let (_, text) = http_get(addr, "/metrics", None)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn a_second_sigterm_stops_running_tasks_without_waiting_for_the_grace_period() {
+    let dir = TestDir::new("fault-sigterm-twice");
+    let redis = RedisServer::start(&dir);
+    let grace = Duration::from_secs(60);
+    let grace_s = grace.as_secs().to_string();
+    let mut w = worker(
+        &dir,
+        &redis,
+        "w3",
+        &[
+            "-c",
+            "2",
+            "--shutdown-grace",
+            &grace_s,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr = w.metrics_addr();
+    let mut client = Client::new(&redis);
     let long = client.send("demo.sleep", json!([60_000]));
-    wait_for("the long task to start", || {
-        (client.in_flight("w3@test") > 0).then_some(())
+    wait_for("the long task to run", || {
+        (gauge(&addr, "taskhost_tasks_running") == Some(1.0)).then_some(())
     });
-    taskhost_tests::signal(w3.pid(), libc::SIGTERM);
-    w3.wait_log("stopping: no new tasks");
-    let status = w3.stop_with(libc::SIGTERM);
+    taskhost_tests::signal(w.pid(), libc::SIGTERM);
+    // The first signal is taken when the worker says so: nothing in Redis changes then.
+    w.wait_log("stopping: no new tasks");
+    let second = Instant::now();
+    let status = w.stop_with(libc::SIGTERM);
+    let took = second.elapsed();
     assert!(status.success(), "{status}");
+    assert!(took < grace / 2, "stopped {took:?} after the second signal");
     assert_eq!(client.in_flight("w3@test"), 0);
     assert_eq!(
         client.llen("celery"),
         1,
         "the long task is back in its queue"
     );
-    let _ = long;
+    assert_eq!(client.state(&long), None, "the stopped run stored nothing");
 }
 
-#[test]
-fn a_poison_task_ends_in_the_dead_letter_list() {
-    let dir = TestDir::new("fault-poison");
-    let redis = RedisServer::start(&dir);
-    let mut client = Client::new(&redis);
+/// A task that kills every worker that runs it (here the test does the killing): taken and
+/// killed three times with `--max-redeliveries 2`, then a fourth worker returns it once more.
+/// Returns that worker, and the task's id.
+fn poison_run(dir: &TestDir, redis: &RedisServer, client: &mut Client) -> (Process, String) {
     let poison = client.send("demo.sleep", json!([600_000]));
     let args = ["--heartbeat-lapse", "2", "--max-redeliveries", "2"];
-    // A task that kills every worker that runs it (here the test does the killing).
     for round in 0..3 {
-        let mut w = worker(&dir, &redis, "w1", &args);
+        let mut w = worker(dir, redis, "w1", &args);
         wait_for("the poison task to be taken", || {
             (client.in_flight("w1@test") == 1).then_some(())
         });
         w.stop_with(libc::SIGKILL);
         eprintln!("poison round {round}: worker killed");
     }
-    // The next worker returns it a third time: past the limit, so to the dead letters.
-    let w = worker(&dir, &redis, "w1", &args);
-    let dead = wait_for("the poison task to be dead-lettered", || {
+    (worker(dir, redis, "w1", &args), poison)
+}
+
+/// The dead-letter entry of task `id`, once there.
+fn dead_letter_of(client: &mut Client, id: &str) -> Value {
+    wait_for("the poison task to be dead-lettered", || {
         client
             .dead_letters()
             .into_iter()
-            .find(|d| d["task_id"] == poison.as_str())
-    });
+            .find(|d| d["task_id"] == id)
+    })
+}
+
+#[test]
+fn a_task_that_kills_its_workers_ends_in_the_dead_letter_list() {
+    let dir = TestDir::new("fault-poison");
+    let redis = RedisServer::start(&dir);
+    let mut client = Client::new(&redis);
+    let (_w, poison) = poison_run(&dir, &redis, &mut client);
+    // The next worker returns it a third time: past the limit, so to the dead letters.
+    let dead = dead_letter_of(&mut client, &poison);
     assert!(
         dead["reason"]
             .as_str()
@@ -385,6 +694,15 @@ fn a_poison_task_ends_in_the_dead_letter_list() {
         "{dead}"
     );
     assert_eq!(client.llen("celery"), 0);
+}
+
+#[test]
+fn a_worker_serves_new_tasks_after_a_poison_task_is_dead_lettered() {
+    let dir = TestDir::new("fault-poison-after");
+    let redis = RedisServer::start(&dir);
+    let mut client = Client::new(&redis);
+    let (w, poison) = poison_run(&dir, &redis, &mut client);
+    dead_letter_of(&mut client, &poison);
     let id = client.send("demo.add", json!([2, 3]));
     assert_eq!(
         client.result(&id)["result"],
@@ -396,6 +714,8 @@ fn a_poison_task_ends_in_the_dead_letter_list() {
 
 #[test]
 fn a_million_far_eta_tasks_wait_in_redis_not_in_the_worker() {
+    // One test, not three: pushing and moving a million tasks takes 20 s to a minute, by the
+    // machine's load, and each check (in Redis, RSS flat, no slot held) is of that one state.
     let dir = TestDir::new("fault-eta");
     let redis = RedisServer::start(&dir);
     let w = worker(&dir, &redis, "w1", &["-c", "16"]);
@@ -443,6 +763,7 @@ fn a_million_far_eta_tasks_wait_in_redis_not_in_the_worker() {
         after < before + 16 * 1024,
         "RSS grew from {before} to {after} KiB"
     );
+    // They hold no slot: a task sent now runs.
     let id = client.send("demo.add", json!([2, 3]));
     assert_eq!(client.result(&id)["result"], 5);
 }

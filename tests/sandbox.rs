@@ -1,6 +1,9 @@
 //! The sandbox against a hostile plugin: every misbehaviour fails its own task with a precise
-//! error, the worker's memory returns to its baseline, and the normal tasks flowing beside it
-//! all come back correct.
+//! error, what a well-behaved plugin may do still works, the worker's memory returns to its
+//! baseline, and the normal tasks flowing beside the hostile ones all come back correct.
+//!
+//! Each test starts its own worker (demo, crucible and the `hostile` test plugin, `-c 2`) with
+//! two stand-in HTTP services: one the hostile plugin is granted, one it is not.
 
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -13,15 +16,25 @@ use taskhost_tests::{
 /// reach for 128 MiB of guest memory and 20 MiB results; what stays must be far less.
 const RSS_TOLERANCE_KIB: u64 = 12 * 1024;
 
+/// Dropped in field order: the worker first, its directory last.
 struct Setup {
-    dir: TestDir,
-    redis: RedisServer,
     worker: Process,
+    client: Client,
+    redis: RedisServer,
+    /// The origin the hostile plugin is granted.
     granted: HttpStub,
+    /// An origin it is not granted.
     forbidden: HttpStub,
+    dir: TestDir,
 }
 
-fn setup(name: &str, extra_config: &str, worker_args: &[&str]) -> Setup {
+/// A worker serving demo, crucible and hostile with `-c 2`.
+fn setup(name: &str) -> Setup {
+    setup_with(name, "", &["-c", "2"])
+}
+
+/// A worker with `extra_config` in hostile's section of `taskhost.toml` and `worker_args`.
+fn setup_with(name: &str, extra_config: &str, worker_args: &[&str]) -> Setup {
     let dir = TestDir::new(name);
     let redis = RedisServer::start(&dir);
     let forbidden = HttpStub::start(|_| Reply::json(200, json!({"leaked": true})));
@@ -51,15 +64,406 @@ fn setup(name: &str, extra_config: &str, worker_args: &[&str]) -> Setup {
         ),
     );
     let config = config.to_string_lossy().into_owned();
-    let mut args = vec!["--config", config.as_str()];
+    let cache = shared_precompile_cache();
+    let mut args = vec!["--config", config.as_str(), "--cache-dir", cache.as_str()];
     args.extend_from_slice(worker_args);
     let worker = Process::worker(&dir, &redis, &plugins, &args);
+    let client = Client::new(&redis);
     Setup {
-        dir,
-        redis,
         worker,
+        client,
+        redis,
         granted,
         forbidden,
+        dir,
+    }
+}
+
+/// A precompile cache every worker of this file shares (across runs too: entries are keyed by
+/// the plugin's digest and the engine), so each test's worker loads the three plugins without
+/// compiling them again. What the cache does is tested in `reload.rs`.
+fn shared_precompile_cache() -> String {
+    taskhost_tests::target_dir()
+        .join("test-runs")
+        .join("sandbox-precompiled")
+        .to_string_lossy()
+        .into_owned()
+}
+
+impl Setup {
+    /// Sends `attempt` and waits for its final result document.
+    fn run(&mut self, attempt: Attempt) -> (String, Value) {
+        let args = (attempt.args)(self);
+        let id = self
+            .client
+            .send_with_time_limit(attempt.task, args, attempt.limits);
+        let doc = self.client.result(&id);
+        (id, doc)
+    }
+
+    /// Runs `attempt`, checks it succeeded, and returns its result.
+    fn succeeds(&mut self, attempt: Attempt) -> Value {
+        let (_, doc) = self.run(attempt);
+        assert_eq!(doc["status"], "SUCCESS", "{}: {doc}", attempt.task);
+        doc["result"].clone()
+    }
+
+    /// The paths the granted service was asked for.
+    fn granted_paths(&self) -> Vec<String> {
+        self.granted
+            .requests()
+            .into_iter()
+            .map(|r| r.path)
+            .collect()
+    }
+
+    /// The worker's log lines that mention task `id`.
+    fn log_lines_of(&self, id: &str) -> Vec<String> {
+        self.worker
+            .log()
+            .lines()
+            .filter(|l| l.contains(id))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// A task the hostile plugin is asked to run: its name, its arguments (which may name the
+/// test's services) and its time limits (soft, hard) in seconds.
+#[derive(Clone, Copy)]
+struct Attempt {
+    task: &'static str,
+    args: fn(&Setup) -> Value,
+    limits: (Option<f64>, Option<f64>),
+}
+
+const NO_LIMITS: (Option<f64>, Option<f64>) = (None, None);
+
+const SPIN: Attempt = Attempt {
+    task: "hostile.spin",
+    args: |_| json!([]),
+    limits: (None, Some(1.0)),
+};
+const MEMORY_BOMB: Attempt = Attempt {
+    task: "hostile.memory_bomb",
+    args: |_| json!([512]),
+    limits: NO_LIMITS,
+};
+const ENDLESS_RECURSION: Attempt = Attempt {
+    task: "hostile.recurse",
+    args: |_| json!([100_000_000u64]),
+    limits: NO_LIMITS,
+};
+/// 20 MiB: fits in guest memory, over the plugin's result limit.
+const BIG_RESULT: Attempt = Attempt {
+    task: "hostile.big_result",
+    args: |_| json!([20]),
+    limits: NO_LIMITS,
+};
+/// 200 MiB: more than the guest's memory can hold.
+const HUGE_RESULT: Attempt = Attempt {
+    task: "hostile.big_result",
+    args: |_| json!([200]),
+    limits: NO_LIMITS,
+};
+const PANIC: Attempt = Attempt {
+    task: "hostile.panic",
+    args: |_| json!(["boom from a plugin"]),
+    limits: NO_LIMITS,
+};
+const READ_HOST_FILE: Attempt = Attempt {
+    task: "hostile.read_file",
+    args: |_| json!(["/etc/passwd"]),
+    limits: NO_LIMITS,
+};
+const READ_ENVIRONMENT: Attempt = Attempt {
+    task: "hostile.read_env",
+    args: |_| json!([]),
+    limits: NO_LIMITS,
+};
+/// A TCP connection to the test's Redis.
+const OPEN_SOCKET: Attempt = Attempt {
+    task: "hostile.connect",
+    args: |s| json!([format!("127.0.0.1:{}", s.redis.port())]),
+    limits: NO_LIMITS,
+};
+const GET_UNGRANTED: Attempt = Attempt {
+    task: "hostile.http_get",
+    args: |s| json!([s.forbidden.url(), false]),
+    limits: NO_LIMITS,
+};
+/// A granted URL answering with a redirect to the ungranted host, followed by the plugin.
+const FOLLOW_REDIRECT_TO_UNGRANTED: Attempt = Attempt {
+    task: "hostile.http_get",
+    args: |s| json!([format!("{}/redirect", s.granted.url()), true]),
+    limits: NO_LIMITS,
+};
+/// A granted URL answering with 17 MiB, over the 16 MiB response cap.
+const GET_OVERSIZED_ANSWER: Attempt = Attempt {
+    task: "hostile.http_get",
+    args: |s| json!([format!("{}/huge", s.granted.url()), false]),
+    limits: NO_LIMITS,
+};
+const WORK_UNTIL_SOFT_LIMIT: Attempt = Attempt {
+    task: "hostile.until_soft_limit",
+    args: |_| json!([]),
+    limits: (Some(0.3), Some(10.0)),
+};
+const GET_GRANTED: Attempt = Attempt {
+    task: "hostile.http_get",
+    args: |s| json!([format!("{}/ok", s.granted.url()), false]),
+    limits: NO_LIMITS,
+};
+const READ_OWN_CONFIG: Attempt = Attempt {
+    task: "hostile.read_config",
+    args: |_| json!(["own"]),
+    limits: NO_LIMITS,
+};
+/// A key only crucible's config holds.
+const READ_OTHER_PLUGINS_CONFIG: Attempt = Attempt {
+    task: "hostile.read_config",
+    args: |_| json!(["executor_service_url"]),
+    limits: NO_LIMITS,
+};
+/// 20 000 lines on stdout and on stderr.
+const FLOOD_OUTPUT: Attempt = Attempt {
+    task: "hostile.flood",
+    args: |_| json!([20_000]),
+    limits: NO_LIMITS,
+};
+
+/// Every hostile attempt, in the order the whole-worker tests run them.
+const HOSTILE: [Attempt; 12] = [
+    SPIN,
+    MEMORY_BOMB,
+    ENDLESS_RECURSION,
+    BIG_RESULT,
+    HUGE_RESULT,
+    PANIC,
+    READ_HOST_FILE,
+    READ_ENVIRONMENT,
+    OPEN_SOCKET,
+    GET_UNGRANTED,
+    FOLLOW_REDIRECT_TO_UNGRANTED,
+    GET_OVERSIZED_ANSWER,
+];
+
+/// What a well-behaved plugin under the same limits does, run after the hostile attempts.
+const WELL_BEHAVED: [Attempt; 5] = [
+    WORK_UNTIL_SOFT_LIMIT,
+    GET_GRANTED,
+    READ_OWN_CONFIG,
+    READ_OTHER_PLUGINS_CONFIG,
+    FLOOD_OUTPUT,
+];
+
+/// One test per hostile attempt: its task ends in FAILURE with exception `exc_type`, whose
+/// message contains `message`.
+macro_rules! fails_with {
+    ($($(#[$doc:meta])* $test:ident: $attempt:expr => $exc_type:literal, $message:literal;)*) => {$(
+        $(#[$doc])*
+        #[test]
+        fn $test() {
+            let mut s = setup(stringify!($test));
+            let (_, doc) = s.run($attempt);
+            assert_eq!(doc["status"], "FAILURE", "{doc}");
+            assert_eq!(doc["result"]["exc_type"], $exc_type, "{doc}");
+            let text = doc["result"]["exc_message"][0]
+                .as_str()
+                .expect("the failure has a message");
+            assert!(text.contains($message), "{text}");
+        }
+    )*};
+}
+
+fails_with! {
+    a_task_spinning_forever_fails_at_its_hard_time_limit:
+        SPIN => "TimeLimitExceeded", "hard time limit (1.0 s)";
+    a_task_allocating_past_its_memory_limit_fails_with_memory_limit_exceeded:
+        MEMORY_BOMB => "MemoryLimitExceeded", "128 MiB";
+    a_task_recursing_without_end_fails_with_stack_overflow:
+        ENDLESS_RECURSION => "StackOverflow", "stack";
+    a_result_over_the_plugins_result_limit_fails_with_result_too_large:
+        BIG_RESULT => "ResultTooLarge", "over this plugin's limit";
+    a_result_too_big_for_guest_memory_fails_with_memory_limit_exceeded:
+        HUGE_RESULT => "MemoryLimitExceeded", "128 MiB";
+    a_panicking_task_fails_as_a_plugin_trap_with_its_message:
+        PANIC => "PluginTrap", "boom from a plugin";
+    reading_a_host_file_is_denied:
+        READ_HOST_FILE => "CapabilityDenied", "open /etc/passwd";
+    a_plugin_sees_no_environment_variables:
+        READ_ENVIRONMENT => "CapabilityDenied", "no variables are visible";
+    opening_a_socket_is_denied:
+        OPEN_SOCKET => "CapabilityDenied", "connect 127.0.0.1";
+    an_http_request_to_an_ungranted_origin_is_denied:
+        GET_UNGRANTED => "CapabilityDenied", "HTTP request denied";
+    a_redirect_to_an_ungranted_origin_is_denied:
+        FOLLOW_REDIRECT_TO_UNGRANTED => "CapabilityDenied", "/stolen: HTTP request denied";
+    /// The guest sees its body stream fail (how it words that varies).
+    an_http_answer_over_the_size_cap_fails_the_task:
+        GET_OVERSIZED_ANSWER => "ConnectionError", "/huge";
+}
+
+#[test]
+fn a_denied_http_request_never_reaches_the_ungranted_origin() {
+    let mut s = setup("sandbox-denied-unsent");
+    s.run(GET_UNGRANTED);
+    assert!(
+        s.forbidden.requests().is_empty(),
+        "nothing reached the forbidden host"
+    );
+}
+
+#[test]
+fn a_redirect_to_an_ungranted_origin_reaches_only_the_granted_one() {
+    let mut s = setup("sandbox-redirect-unsent");
+    s.run(FOLLOW_REDIRECT_TO_UNGRANTED);
+    assert_eq!(s.granted_paths(), ["/redirect"], "the redirect was allowed");
+    assert!(
+        s.forbidden.requests().is_empty(),
+        "nothing reached the forbidden host"
+    );
+}
+
+#[test]
+fn the_size_cap_cuts_the_answer_not_the_request() {
+    let mut s = setup("sandbox-huge-requested");
+    s.run(GET_OVERSIZED_ANSWER);
+    assert_eq!(s.granted_paths(), ["/huge"], "the huge answer was allowed");
+}
+
+#[test]
+fn a_denied_http_request_is_reported_to_the_operator() {
+    let mut s = setup("sandbox-denied-logged");
+    let (id, _) = s.run(GET_UNGRANTED);
+    // The operator's warning is the behaviour under test; it is logged before the task ends.
+    let lines = s.log_lines_of(&id);
+    assert!(
+        lines.iter().any(|l| l.contains("denied HTTP request")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn an_http_answer_cut_off_at_the_size_cap_is_reported_to_the_operator() {
+    let mut s = setup("sandbox-huge-logged");
+    s.run(GET_OVERSIZED_ANSWER);
+    // The operator's warning is the behaviour under test; it is logged before the task ends.
+    assert!(
+        s.worker
+            .log()
+            .contains("HTTP response body over the 16777216 byte limit cut off")
+    );
+}
+
+#[test]
+fn a_task_stopping_at_its_soft_time_limit_succeeds() {
+    let mut s = setup("sandbox-soft-limit");
+    assert_eq!(
+        s.succeeds(WORK_UNTIL_SOFT_LIMIT)["stopped"],
+        "soft time limit"
+    );
+}
+
+#[test]
+fn an_http_request_to_a_granted_origin_succeeds() {
+    let mut s = setup("sandbox-granted-http");
+    assert_eq!(s.succeeds(GET_GRANTED)["status"], 200);
+    assert_eq!(s.granted_paths(), ["/ok"]);
+}
+
+#[test]
+fn a_plugin_reads_its_own_config() {
+    let mut s = setup("sandbox-own-config");
+    assert_eq!(s.succeeds(READ_OWN_CONFIG), "mine");
+}
+
+#[test]
+fn a_plugin_cannot_read_another_plugins_config() {
+    let mut s = setup("sandbox-other-config");
+    assert_eq!(
+        s.succeeds(READ_OTHER_PLUGINS_CONFIG),
+        Value::Null,
+        "a plugin cannot read another plugin's config"
+    );
+}
+
+#[test]
+fn a_task_flooding_its_output_still_succeeds() {
+    let mut s = setup("sandbox-flood-succeeds");
+    assert_eq!(s.succeeds(FLOOD_OUTPUT), 20_000);
+}
+
+#[test]
+fn a_flooding_task_logs_no_more_lines_than_its_budget() {
+    let mut s = setup("sandbox-flood-budget");
+    s.succeeds(FLOOD_OUTPUT);
+    // The log budget is the behaviour under test: the plugin's lines reach the worker's log
+    // (before the task ends), up to 200 per task.
+    let logged = s.worker.log().matches("flood line").count();
+    assert!(logged > 0, "the plugin's output is logged");
+    assert!(
+        logged <= 200,
+        "at most the budget of lines is logged: {logged}"
+    );
+}
+
+#[test]
+fn plugin_output_over_its_budget_is_reported_as_dropped() {
+    let mut s = setup("sandbox-flood-reported");
+    let (id, _) = s.run(FLOOD_OUTPUT);
+    // The operator's summary is the behaviour under test; it is logged before the task ends.
+    let lines = s.log_lines_of(&id);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("plugin output over its budget was dropped")),
+        "flood summary logged: {lines:#?}"
+    );
+}
+
+/// What a worker went through in [`hostile_tasks_beside_traffic`].
+struct HostileRun {
+    /// The worker's RSS after 20 normal tasks, before anything hostile, KiB.
+    baseline: u64,
+    /// Each attempt and the worker's RSS right after its result, KiB.
+    rss_after: Vec<(Attempt, u64)>,
+    /// The RSS once everything, the traffic included, has its result, KiB.
+    final_rss: u64,
+    /// Each demo.add sent beside the attempts: its expected sum and its final document.
+    traffic: Vec<(i64, Value)>,
+}
+
+/// Runs every hostile attempt, then the well-behaved ones, one after the other, while a steady
+/// trickle of demo.add tasks flows beside them; measures the worker's memory throughout.
+fn hostile_tasks_beside_traffic(name: &str) -> HostileRun {
+    let mut s = setup(name);
+    // Baseline: the worker after it has run tasks, before anything hostile.
+    for i in 0..20 {
+        let id = s.client.send("demo.add", json!([i, 1]));
+        assert_eq!(s.client.result(&id)["result"], i + 1);
+    }
+    let baseline = rss_kib(s.worker.pid());
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = background_traffic(&s.redis, stop.clone());
+    let mut rss_after = Vec::new();
+    for attempt in HOSTILE.into_iter().chain(WELL_BEHAVED) {
+        s.run(attempt);
+        rss_after.push((attempt, rss_kib(s.worker.pid())));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let traffic: Vec<(i64, Value)> = traffic
+        .join()
+        .expect("traffic thread")
+        .into_iter()
+        .map(|(id, expected)| (expected, s.client.result(&id)))
+        .collect();
+    let final_rss = rss_kib(s.worker.pid());
+    HostileRun {
+        baseline,
+        rss_after,
+        final_rss,
+        traffic,
     }
 }
 
@@ -75,228 +479,53 @@ fn background_traffic(
         while !stop.load(Ordering::SeqCst) {
             sent.push((client.send("demo.add", json!([i, 7])), i + 7));
             i += 1;
-            // A steady trickle beside the hostile tasks (traffic, not a wait).
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            // A steady trickle beside the hostile tasks (pacing traffic, not a wait).
+            taskhost_tests::pace(std::time::Duration::from_millis(5));
         }
         sent
     })
 }
 
 #[test]
-fn hostile_tasks_fail_alone_and_the_worker_keeps_serving() {
-    let s = setup("sandbox-hostile", "", &["-c", "2"]);
-    let mut client = Client::new(&s.redis);
-    // Baseline: the worker after it has run tasks, before anything hostile.
-    for i in 0..20 {
-        let id = client.send("demo.add", json!([i, 1]));
-        assert_eq!(client.result(&id)["result"], i + 1);
-    }
-    let baseline = rss_kib(s.worker.pid());
-    let mut highest = baseline;
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = background_traffic(&s.redis, stop.clone());
-
-    let redis_addr = format!("127.0.0.1:{}", s.redis.port());
-    // (task, args, time limits (soft, hard), expected exception type, expected message part)
-    type Case<'a> = (&'a str, Value, (Option<f64>, Option<f64>), &'a str, &'a str);
-    let cases: Vec<Case> = vec![
-        (
-            "hostile.spin",
-            json!([]),
-            (None, Some(1.0)),
-            "TimeLimitExceeded",
-            "hard time limit (1.0 s)",
-        ),
-        (
-            "hostile.memory_bomb",
-            json!([512]),
-            (None, None),
-            "MemoryLimitExceeded",
-            "128 MiB",
-        ),
-        (
-            "hostile.recurse",
-            json!([100_000_000u64]),
-            (None, None),
-            "StackOverflow",
-            "stack",
-        ),
-        (
-            "hostile.big_result",
-            json!([20]),
-            (None, None),
-            "ResultTooLarge",
-            "over this plugin's limit",
-        ),
-        (
-            "hostile.big_result",
-            json!([200]),
-            (None, None),
-            "MemoryLimitExceeded",
-            "128 MiB",
-        ),
-        (
-            "hostile.panic",
-            json!(["boom from a plugin"]),
-            (None, None),
-            "PluginTrap",
-            "boom from a plugin",
-        ),
-        (
-            "hostile.read_file",
-            json!(["/etc/passwd"]),
-            (None, None),
-            "CapabilityDenied",
-            "open /etc/passwd",
-        ),
-        (
-            "hostile.read_env",
-            json!([]),
-            (None, None),
-            "CapabilityDenied",
-            "no variables are visible",
-        ),
-        (
-            "hostile.connect",
-            json!([redis_addr]),
-            (None, None),
-            "CapabilityDenied",
-            "connect 127.0.0.1",
-        ),
-        (
-            "hostile.http_get",
-            json!([s.forbidden.url(), false]),
-            (None, None),
-            "CapabilityDenied",
-            "HTTP request denied",
-        ),
-        (
-            "hostile.http_get",
-            json!([format!("{}/redirect", s.granted.url()), true]),
-            (None, None),
-            "CapabilityDenied",
-            "/stolen: HTTP request denied",
-        ),
-        (
-            "hostile.http_get",
-            json!([format!("{}/huge", s.granted.url()), false]),
-            (None, None),
-            // The guest sees its body stream fail (how it words that varies).
-            "ConnectionError",
-            "/huge",
-        ),
-    ];
-    for (task, args, time_limit, exc_type, message) in &cases {
-        let id = client.send_with_time_limit(task, args.clone(), *time_limit);
-        let doc = client.result(&id);
-        assert_eq!(doc["status"], "FAILURE", "{task}{args}: {doc}");
-        assert_eq!(doc["result"]["exc_type"], *exc_type, "{task}{args}: {doc}");
-        let text = doc["result"]["exc_message"][0].as_str().unwrap_or_default();
-        assert!(text.contains(message), "{task}{args}: {text}");
-        let rss = rss_kib(s.worker.pid());
-        highest = highest.max(rss);
+fn the_workers_memory_stays_near_its_baseline_through_hostile_tasks() {
+    let run = hostile_tasks_beside_traffic("sandbox-rss");
+    let baseline = run.baseline;
+    for (attempt, rss) in &run.rss_after {
         assert!(
-            rss <= baseline + RSS_TOLERANCE_KIB,
-            "{task}{args}: worker RSS {rss} KiB, baseline {baseline} KiB"
+            *rss <= baseline + RSS_TOLERANCE_KIB,
+            "after {}: worker RSS {rss} KiB, baseline {baseline} KiB",
+            attempt.task
         );
     }
-    assert!(
-        s.forbidden.requests().is_empty(),
-        "nothing reached the forbidden host"
-    );
-    assert_eq!(
-        s.granted.requests().len(),
-        2,
-        "the redirect and the huge answer were allowed"
-    );
-    assert!(s.worker.log().contains("denied HTTP request"));
-    assert!(
-        s.worker
-            .log()
-            .contains("HTTP response body over the 16777216 byte limit cut off")
-    );
-
-    // What a well-behaved plugin under the same limits gets.
-    let succeeds = |client: &mut Client, task: &str, args: Value, limit| {
-        let id = client.send_with_time_limit(task, args, limit);
-        let doc = client.result(&id);
-        assert_eq!(doc["status"], "SUCCESS", "{task}: {doc}");
-        doc["result"].clone()
-    };
-    let soft = succeeds(
-        &mut client,
-        "hostile.until_soft_limit",
-        json!([]),
-        (Some(0.3), Some(10.0)),
-    );
-    assert_eq!(soft["stopped"], "soft time limit");
-    let fetched = succeeds(
-        &mut client,
-        "hostile.http_get",
-        json!([format!("{}/ok", s.granted.url()), false]),
-        (None, None),
-    );
-    assert_eq!(fetched["status"], 200);
-    assert_eq!(
-        succeeds(
-            &mut client,
-            "hostile.read_config",
-            json!(["own"]),
-            (None, None)
-        ),
-        "mine"
-    );
-    assert_eq!(
-        succeeds(
-            &mut client,
-            "hostile.read_config",
-            json!(["executor_service_url"]),
-            (None, None)
-        ),
-        Value::Null,
-        "a plugin cannot read another plugin's config"
-    );
-    assert_eq!(
-        succeeds(&mut client, "hostile.flood", json!([20_000]), (None, None)),
-        20_000
-    );
-    let log = s.worker.log();
-    assert!(
-        log.contains("plugin output over its budget was dropped"),
-        "flood summary logged"
-    );
-    assert!(
-        log.matches("flood line").count() <= 200,
-        "at most the budget of lines is logged"
-    );
-
-    stop.store(true, Ordering::SeqCst);
-    let sent = traffic.join().expect("traffic thread");
-    assert!(
-        sent.len() > 50,
-        "traffic flowed during the hostile tasks: {}",
-        sent.len()
-    );
-    for (id, expected) in &sent {
-        let doc = client.result(id);
-        assert_eq!(doc["status"], "SUCCESS", "{doc}");
-        assert_eq!(doc["result"], *expected);
-    }
-    let rss = rss_kib(s.worker.pid());
+    let rss = run.final_rss;
     assert!(
         rss <= baseline + RSS_TOLERANCE_KIB,
         "final RSS {rss} KiB, baseline {baseline} KiB"
     );
+    let highest = run.rss_after.iter().map(|(_, r)| *r).max().unwrap_or(0);
     eprintln!(
         "worker RSS: baseline {baseline} KiB, highest after a hostile task {highest} KiB, final {rss} KiB"
     );
-    let _ = &s.dir;
+}
+
+#[test]
+fn normal_tasks_beside_hostile_ones_all_come_back_correct() {
+    let run = hostile_tasks_beside_traffic("sandbox-traffic");
+    assert!(
+        run.traffic.len() > 50,
+        "traffic flowed during the hostile tasks: {}",
+        run.traffic.len()
+    );
+    for (expected, doc) in &run.traffic {
+        assert_eq!(doc["status"], "SUCCESS", "{doc}");
+        assert_eq!(doc["result"], *expected, "{doc}");
+    }
 }
 
 #[test]
 fn a_spinning_plugin_does_not_stall_the_other_slot() {
-    let s = setup("sandbox-fairness", "", &["-c", "2"]);
-    let mut client = Client::new(&s.redis);
+    let mut s = setup("sandbox-fairness");
+    let client = &mut s.client;
     let spinner = client.send_with_time_limit("hostile.spin", json!([]), (None, Some(5.0)));
     let mut latencies = Vec::new();
     for i in 0..100 {
@@ -305,7 +534,7 @@ fn a_spinning_plugin_does_not_stall_the_other_slot() {
         assert_eq!(client.result(&id)["result"], i + 1);
         latencies.push(sent.elapsed());
     }
-    // All of them ran while the spinner held the other slot: it has not finished yet.
+    // All of them ran while the spinner held the other slot: it has not finished yet...
     assert!(
         client.state(&spinner).is_none(),
         "the spinner was still running"
@@ -315,30 +544,31 @@ fn a_spinning_plugin_does_not_stall_the_other_slot() {
         "demo.add beside a spinning slot (-c 2), 100 tasks: p50 {:?}, max {:?}",
         latencies[50], latencies[99]
     );
+    // ...and it was spinning, not waiting: it ends at its hard time limit.
     let doc = client.result(&spinner);
     assert_eq!(doc["result"]["exc_type"], "TimeLimitExceeded");
 }
 
+/// Three 300 ms `hostile.hold` tasks under `max_instances = 1`, then a demo.add, on `-c 4`.
+fn holds_under_max_instances_one(name: &str) -> (Setup, Vec<String>, String) {
+    let mut s = setup_with(name, "max_instances = 1\n", &["-c", "4"]);
+    let holds = (0..3)
+        .map(|_| s.client.send("hostile.hold", json!([300])))
+        .collect();
+    let add = s.client.send("demo.add", json!([1, 1]));
+    (s, holds, add)
+}
+
 #[test]
 fn a_plugin_runs_no_more_instances_than_granted() {
-    let s = setup("sandbox-instances", "max_instances = 1\n", &["-c", "4"]);
-    let mut client = Client::new(&s.redis);
-    let holds: Vec<String> = (0..3)
-        .map(|_| client.send("hostile.hold", json!([300])))
-        .collect();
-    let add = client.send("demo.add", json!([1, 1]));
-    assert_eq!(
-        client.result(&add)["result"],
-        2,
-        "other plugins are not held up"
-    );
+    let (mut s, holds, _) = holds_under_max_instances_one("sandbox-instances");
     let mut spans: Vec<(u64, u64)> = holds
         .iter()
         .map(|id| {
-            let r = client.result(id)["result"].clone();
+            let r = s.client.result(id)["result"].clone();
             (
-                r["start"].as_u64().unwrap_or(0),
-                r["end"].as_u64().unwrap_or(0),
+                r["start"].as_u64().expect("hold reports its start"),
+                r["end"].as_u64().expect("hold reports its end"),
             )
         })
         .collect();
@@ -349,11 +579,28 @@ fn a_plugin_runs_no_more_instances_than_granted() {
 }
 
 #[test]
-fn python_sees_the_precise_error_types() {
-    let s = setup("sandbox-python", "", &["-c", "2"]);
+fn a_plugin_at_its_instance_limit_does_not_hold_up_other_plugins() {
+    let (mut s, holds, add) = holds_under_max_instances_one("sandbox-instances-others");
+    assert_eq!(
+        s.client.result(&add)["result"],
+        2,
+        "other plugins are not held up"
+    );
+    // The holds run one at a time, 300 ms each: the last cannot have finished yet.
+    assert!(
+        holds.iter().any(|id| s.client.state(id).is_none()),
+        "demo.add finished while hostile.hold tasks still waited for their instance"
+    );
+}
+
+/// Runs, in Python Celery, `AsyncResult.get()` on the task `raised(...)` sends (`call`), and
+/// asserts `check` about the exception `e` it raised.
+fn python_sees(name: &str, call: &str, check: &str) {
+    let s = setup(name);
     let script = s.dir.write(
         "errors.py",
-        r#"
+        &format!(
+            r#"
 import sys
 from celery import Celery
 import celery.exceptions
@@ -365,18 +612,13 @@ def raised(name, args=(), **options):
         app.send_task(name, args, **options).get(timeout=20)
     except Exception as e:
         return e
-    raise SystemExit(f"{name} did not fail")
+    raise SystemExit(f"{{name}} did not fail")
 
-e = raised("hostile.spin", time_limit=1)
-assert isinstance(e, celery.exceptions.TimeLimitExceeded), repr(e)
-e = raised("hostile.memory_bomb", (512,))
-assert type(e).__name__ == "MemoryLimitExceeded" and "128 MiB" in str(e), repr(e)
-e = raised("hostile.panic", ("seen from python",))
-assert type(e).__name__ == "PluginTrap" and "seen from python" in str(e), repr(e)
-e = raised("hostile.read_file", ("/etc/passwd",))
-assert type(e).__name__ == "CapabilityDenied", repr(e)
+e = {call}
+assert {check}, repr(e)
 print("python OK")
-"#,
+"#
+        ),
     );
     let mut command = std::process::Command::new(python());
     command
@@ -389,5 +631,41 @@ print("python OK")
         out.status.success() && out.stdout.contains("python OK"),
         "{out:?}\n{}",
         s.worker.log()
+    );
+}
+
+#[test]
+fn python_sees_a_hard_time_limit_as_celerys_time_limit_exceeded() {
+    python_sees(
+        "sandbox-python-time-limit",
+        r#"raised("hostile.spin", time_limit=1)"#,
+        "isinstance(e, celery.exceptions.TimeLimitExceeded)",
+    );
+}
+
+#[test]
+fn python_sees_memory_limit_exceeded_with_its_message() {
+    python_sees(
+        "sandbox-python-memory",
+        r#"raised("hostile.memory_bomb", (512,))"#,
+        r#"type(e).__name__ == "MemoryLimitExceeded" and "128 MiB" in str(e)"#,
+    );
+}
+
+#[test]
+fn python_sees_a_plugin_trap_with_its_message() {
+    python_sees(
+        "sandbox-python-trap",
+        r#"raised("hostile.panic", ("seen from python",))"#,
+        r#"type(e).__name__ == "PluginTrap" and "seen from python" in str(e)"#,
+    );
+}
+
+#[test]
+fn python_sees_capability_denied() {
+    python_sees(
+        "sandbox-python-denied",
+        r#"raised("hostile.read_file", ("/etc/passwd",))"#,
+        r#"type(e).__name__ == "CapabilityDenied""#,
     );
 }

@@ -1,30 +1,65 @@
 //! Round trips through a real Redis and a real `taskhost worker` running the demo plugin.
+//! Every outcome is read from Redis: the stored result, the published states, the lists.
 
 use serde_json::{Value, json};
-use taskhost_tests::{Client, Process, RedisServer, TestDir, celery_message, wait_for};
+use taskhost_tests::{
+    Client, Process, READY_STATES, RedisServer, ResultFeed, TestDir, celery_message, wait_for,
+};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 struct Setup {
     _dir: TestDir,
-    _redis: RedisServer,
+    redis: RedisServer,
     worker: Process,
     client: Client,
 }
 
+/// A private Redis and a worker serving the demo plugin, started with `extra` flags.
 fn setup(name: &str, extra: &[&str]) -> Setup {
     let dir = TestDir::new(name);
     let redis = RedisServer::start(&dir);
+    start(dir, redis, extra)
+}
+
+/// A worker serving the demo plugin on `redis`, started with `extra` flags.
+fn start(dir: TestDir, redis: RedisServer, extra: &[&str]) -> Setup {
     let plugins = dir.plugins(&["demo"]);
     let worker = Process::worker(&dir, &redis, &plugins, extra);
     let client = Client::new(&redis);
     Setup {
         _dir: dir,
-        _redis: redis,
+        redis,
         worker,
         client,
     }
 }
+
+/// The worker's node name: Celery's default, `celery@<hostname>`.
+fn node() -> String {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    format!("celery@{hostname}")
+}
+
+/// Every state Redis published for task `id`, once a final one has been published.
+fn published_states(feed: &ResultFeed, id: &str) -> Vec<String> {
+    wait_for(&format!("a final state of task {id} published"), || {
+        let states = feed.states(id);
+        states
+            .last()
+            .is_some_and(|s| READY_STATES.contains(&s.as_str()))
+            .then_some(states)
+    })
+}
+
+fn date_done(doc: &Value) -> OffsetDateTime {
+    OffsetDateTime::parse(doc["date_done"].as_str().expect("date_done"), &Rfc3339)
+        .expect("date_done parses")
+}
+
+// --- results --------------------------------------------------------------------------------
 
 #[test]
 fn add_returns_the_sum_in_celerys_result_format() {
@@ -41,26 +76,29 @@ fn add_returns_the_sum_in_celerys_result_format() {
         done.ends_with("+00:00") && OffsetDateTime::parse(done, &Rfc3339).is_ok(),
         "{done}"
     );
-    // Kept as long as Celery keeps results (result_expires: one day).
-    let mut backend = s._redis.conn(1);
-    let ttl: i64 = redis::cmd("TTL")
-        .arg(format!("celery-task-meta-{id}"))
-        .query(&mut backend)
-        .expect("TTL");
-    assert!((86_000..=86_400).contains(&ttl), "ttl {ttl}");
-    // Settled: nothing left in flight.
-    wait_for("the in-flight list to empty", || {
-        (s.client
-            .llen(&format!("taskhost:inflight:celery@{}:celery", hostname()))
-            == 0)
-            .then_some(())
-    });
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
+#[test]
+fn a_result_is_kept_for_one_day() {
+    let mut s = setup("result-ttl", &[]);
+    let id = s.client.send("demo.add", json!([2, 3]));
+    s.client.result(&id);
+    // As long as Celery keeps results (result_expires: one day).
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("celery-task-meta-{id}"))
+        .query(&mut s.redis.conn(1))
+        .expect("TTL");
+    assert!((86_000..=86_400).contains(&ttl), "ttl {ttl}");
+}
+
+#[test]
+fn a_settled_task_leaves_nothing_in_flight() {
+    let mut s = setup("settled", &[]);
+    let id = s.client.send("demo.add", json!([2, 3]));
+    s.client.result(&id);
+    wait_for("the in-flight list to empty", || {
+        (s.client.in_flight(&node()) == 0).then_some(())
+    });
 }
 
 #[test]
@@ -85,12 +123,19 @@ fn echo_returns_any_json_unchanged() {
         assert_eq!(doc["status"], "SUCCESS", "{doc}");
         assert_eq!(&doc["result"], value);
     }
-    // Keyword arguments bind by name, as in Python.
+}
+
+#[test]
+fn keyword_arguments_bind_by_name() {
+    let mut s = setup("kwargs", &[]);
+    // As in Python: `add(1, y=41)`.
     let id = s
         .client
         .send_to("celery", "demo.add", json!([1]), json!({"y": 41}));
     assert_eq!(s.client.result(&id)["result"], 42);
 }
+
+// --- failures -------------------------------------------------------------------------------
 
 #[test]
 fn a_failing_task_stores_its_error_text() {
@@ -104,31 +149,72 @@ fn a_failing_task_stores_its_error_text() {
         doc["result"],
         json!({"exc_type": "RuntimeError", "exc_message": ["boom: the executor is on fire"], "exc_module": "builtins"})
     );
-    // A bad argument is a TypeError naming the parameter, not a trap.
+}
+
+#[test]
+fn a_bad_argument_fails_with_a_type_error_naming_the_parameter() {
+    let mut s = setup("bad-argument", &[]);
+    // A TypeError, as in Python, not a trap.
     let id = s.client.send("demo.add", json!(["two", 3]));
     let doc = s.client.result(&id);
     assert_eq!(doc["status"], "FAILURE");
     assert_eq!(doc["result"]["exc_type"], "TypeError");
     let message = doc["result"]["exc_message"][0].as_str().unwrap_or_default();
     assert!(message.contains("argument 'x'"), "{message}");
-    // The worker keeps serving.
+}
+
+#[test]
+fn the_worker_keeps_serving_after_failed_tasks() {
+    let mut s = setup("after-failures", &[]);
+    let failed = [
+        s.client.send("demo.fail", json!(["boom"])),
+        s.client.send("demo.add", json!(["two", 3])),
+    ];
     let id = s.client.send("demo.add", json!([1, 2]));
+    for failed in &failed {
+        assert_eq!(s.client.result(failed)["status"], "FAILURE");
+    }
     assert_eq!(s.client.result(&id)["result"], 3);
 }
+
+// --- retries --------------------------------------------------------------------------------
 
 #[test]
 fn retry_runs_again_until_the_count_is_reached() {
     let mut s = setup("retry", &[]);
+    let feed = ResultFeed::start(&s.redis);
     let id = s.client.send("demo.retry", json!([2]));
     let doc = s.client.result(&id);
     assert_eq!(doc["status"], "SUCCESS", "{doc}");
     assert_eq!(doc["result"], 2);
-    let log = s.worker.log();
-    assert_eq!(log.matches("task retrying").count(), 2, "{log}");
+    // Each try that asked for a retry published RETRY; the third try succeeded.
+    assert_eq!(published_states(&feed, &id), ["RETRY", "RETRY", "SUCCESS"]);
 }
 
 #[test]
-fn an_unknown_task_fails_not_registered_and_is_dead_lettered() {
+fn autoretry_for_retries_a_failing_task_then_fails_it() {
+    let dir = TestDir::new("autoretry");
+    let config = dir.write(
+        "taskhost.toml",
+        "[tasks.\"demo.fail\"]\nautoretry_for = [\"RuntimeError\"]\nmax_retries = 2\nretry_backoff = 0.05\nretry_jitter = false\n",
+    );
+    let config = config.to_string_lossy().into_owned();
+    let redis = RedisServer::start(&dir);
+    let mut s = start(dir, redis, &["--config", &config]);
+    let feed = ResultFeed::start(&s.redis);
+    let id = s.client.send("demo.fail", json!(["flaky"]));
+    let doc = s.client.result(&id);
+    assert_eq!(doc["status"], "FAILURE");
+    assert_eq!(doc["result"]["exc_type"], "RuntimeError");
+    let message = doc["result"]["exc_message"][0].as_str().unwrap_or_default();
+    assert_eq!(message, "flaky (gave up after 2 retries)");
+    assert_eq!(published_states(&feed, &id), ["RETRY", "RETRY", "FAILURE"]);
+}
+
+// --- what cannot run ------------------------------------------------------------------------
+
+#[test]
+fn an_unknown_task_fails_not_registered() {
     let mut s = setup("unknown", &[]);
     let id = s.client.send("tasks.nobody_serves_this", json!([1]));
     let doc = s.client.result(&id);
@@ -139,6 +225,12 @@ fn an_unknown_task_fails_not_registered_and_is_dead_lettered() {
         doc["result"]["exc_message"],
         json!(["tasks.nobody_serves_this"])
     );
+}
+
+#[test]
+fn an_unknown_task_is_dead_lettered_with_its_raw_message() {
+    let mut s = setup("unknown-dead", &[]);
+    let id = s.client.send("tasks.nobody_serves_this", json!([1]));
     let dead = wait_for("a dead-letter entry", || {
         s.client
             .dead_letters()
@@ -157,16 +249,10 @@ fn an_unknown_task_fails_not_registered_and_is_dead_lettered() {
     let raw: Value = serde_json::from_str(dead["message"].as_str().expect("raw message kept"))
         .expect("the raw message is kept as sent");
     assert_eq!(raw["headers"]["id"], id.as_str());
-    let log = s.worker.log();
-    assert!(
-        log.contains("dead-lettered") && log.contains("tasks.nobody_serves_this"),
-        "{log}"
-    );
 }
 
-#[test]
-fn garbage_on_the_queue_is_dead_lettered_and_the_worker_keeps_serving() {
-    let mut s = setup("garbage", &[]);
+/// Pushes six undecodable messages onto `celery`; returns how many.
+fn push_garbage(client: &mut Client) -> usize {
     // A real message cut in half, as a producer dying mid-write could leave it.
     let whole = celery_message("cut-1", "demo.add", json!([1, 2]), json!({}), "celery");
     let truncated = &whole.as_bytes()[..whole.len() / 2];
@@ -179,31 +265,64 @@ fn garbage_on_the_queue_is_dead_lettered_and_the_worker_keeps_serving() {
         truncated,
     ];
     for g in garbage {
-        s.client.push_raw("celery", g);
+        client.push_raw("celery", g);
     }
-    let id = s.client.send("demo.add", json!([20, 22]));
-    assert_eq!(s.client.result(&id)["result"], 42);
-    let dead = wait_for("six dead-letter entries", || {
-        let d = s.client.dead_letters();
-        (d.len() == garbage.len()).then_some(d)
-    });
-    for entry in &dead {
+    garbage.len()
+}
+
+/// Waits until `count` dead-letter entries are in Redis and returns them.
+fn dead_letters(client: &mut Client, count: usize) -> Vec<Value> {
+    wait_for(&format!("{count} dead-letter entries"), || {
+        let d = client.dead_letters();
+        (d.len() == count).then_some(d)
+    })
+}
+
+#[test]
+fn undecodable_messages_are_dead_lettered_with_the_reason() {
+    let mut s = setup("garbage", &[]);
+    let count = push_garbage(&mut s.client);
+    for entry in dead_letters(&mut s.client, count) {
         assert!(
             entry["reason"]
                 .as_str()
                 .unwrap_or_default()
-                .starts_with("undecodable message")
+                .starts_with("undecodable message"),
+            "{entry}"
         );
     }
+}
+
+#[test]
+fn an_undecodable_binary_message_is_kept_as_base64() {
+    let mut s = setup("garbage-binary", &[]);
+    let count = push_garbage(&mut s.client);
+    let dead = dead_letters(&mut s.client, count);
     assert!(
         dead.iter().any(|d| d.get("message_base64").is_some()),
-        "binary kept as base64"
+        "binary kept as base64: {dead:?}"
     );
-    // Where the message had a task id, that task fails rather than hanging its waiter.
+}
+
+#[test]
+fn an_undecodable_message_with_a_task_id_fails_with_decode_error() {
+    let mut s = setup("garbage-id", &[]);
+    push_garbage(&mut s.client);
+    // Its waiter gets a failure rather than hanging.
     let doc = s.client.result("bad-body-1");
     assert_eq!(doc["status"], "FAILURE");
     assert_eq!(doc["result"]["exc_type"], "DecodeError");
 }
+
+#[test]
+fn the_worker_keeps_serving_after_undecodable_messages() {
+    let mut s = setup("garbage-serving", &[]);
+    push_garbage(&mut s.client);
+    let id = s.client.send("demo.add", json!([20, 22]));
+    assert_eq!(s.client.result(&id)["result"], 42);
+}
+
+// --- throughput and concurrency -------------------------------------------------------------
 
 #[test]
 fn a_burst_of_1000_tasks_all_complete_correctly() {
@@ -231,10 +350,7 @@ fn concurrency_4_runs_four_sleeps_at_once() {
         .map(|id| {
             let doc = s.client.result(id);
             assert_eq!(doc["status"], "SUCCESS", "{doc}");
-            let done =
-                OffsetDateTime::parse(doc["date_done"].as_str().expect("date_done"), &Rfc3339)
-                    .expect("date_done parses");
-            (done.unix_timestamp_nanos() as f64) / 1e9
+            (date_done(&doc).unix_timestamp_nanos() as f64) / 1e9
         })
         .collect();
     // Each run lasts at least 0.5 s, so it started no later than its end minus 0.5 s. If the
@@ -249,136 +365,6 @@ fn concurrency_4_runs_four_sleeps_at_once() {
     );
 }
 
-/// A Celery message for `demo.add(1, 2)` with one header set.
-fn add_with_header(id: &str, header: &str, value: Value) -> String {
-    let message = celery_message(id, "demo.add", json!([1, 2]), json!({}), "celery");
-    let mut message: Value = serde_json::from_str(&message).expect("json");
-    message["headers"][header] = value;
-    message.to_string()
-}
-
-#[test]
-fn eta_and_expires_are_honoured() {
-    let mut s = setup("eta", &[]);
-    let id = uuid::Uuid::new_v4().to_string();
-    let eta = OffsetDateTime::now_utc() + time::Duration::seconds(1);
-    let message = add_with_header(&id, "eta", json!(eta.format(&Rfc3339).expect("format")));
-    s.client.push_raw("celery", message.as_bytes());
-    // Not yet due: it waits in Redis's delayed set, not in a queue or in the worker.
-    wait_for("the task to wait in the delayed set", || {
-        (s.client.zcard("taskhost:delayed") == 1).then_some(())
-    });
-    let doc = s.client.result(&id);
-    assert_eq!(doc["result"], 3);
-    let done = OffsetDateTime::parse(doc["date_done"].as_str().expect("date_done"), &Rfc3339)
-        .expect("parses");
-    assert!(done >= eta, "ran at {done}, before its eta {eta}");
-    assert_eq!(s.client.zcard("taskhost:delayed"), 0);
-    // Expired before it could run: REVOKED, as Celery marks it.
-    let id = uuid::Uuid::new_v4().to_string();
-    let message = add_with_header(&id, "expires", json!("2001-01-01T00:00:00+00:00"));
-    s.client.push_raw("celery", message.as_bytes());
-    let doc = s.client.result(&id);
-    assert_eq!(doc["status"], "REVOKED");
-    assert_eq!(doc["result"]["exc_type"], "TaskRevokedError");
-    assert_eq!(doc["result"]["exc_message"], json!(["expired"]));
-}
-
-#[test]
-fn priority_buckets_and_several_queues_are_consumed() {
-    let mut s = setup("queues", &["-Q", "high_priority,celery"]);
-    let a = s
-        .client
-        .send_to("high_priority", "demo.add", json!([1, 1]), json!({}));
-    let b = s
-        .client
-        .send_to("celery\x06\x169", "demo.add", json!([2, 2]), json!({}));
-    assert_eq!(s.client.result(&a)["result"], 2);
-    assert_eq!(s.client.result(&b)["result"], 4);
-    // A queue it does not consume is left alone.
-    s.client
-        .send_to("batch", "demo.add", json!([3, 3]), json!({}));
-    let c = s.client.send("demo.add", json!([4, 4]));
-    assert_eq!(s.client.result(&c)["result"], 8);
-    assert_eq!(s.client.llen("batch"), 1);
-}
-
-#[test]
-fn a_stopped_worker_exits_cleanly_and_leaves_nothing_in_flight() {
-    let mut s = setup("stop", &[]);
-    let id = s.client.send("demo.add", json!([1, 1]));
-    assert_eq!(s.client.result(&id)["result"], 2);
-    let status = s.worker.stop_with(libc::SIGTERM);
-    assert!(status.success(), "exit status {status}");
-    assert!(s.worker.log().contains("worker stopped"));
-    // Sent after the stop: it waits in the queue for the next worker.
-    s.client.send("demo.add", json!([1, 1]));
-    assert_eq!(s.client.llen("celery"), 1);
-}
-
-#[test]
-fn autoretry_for_retries_a_failing_task_then_fails_it() {
-    let dir = TestDir::new("autoretry");
-    let redis = RedisServer::start_with(&dir, &["--maxmemory-policy", "allkeys-lru"]);
-    let plugins = dir.plugins(&["demo"]);
-    let config = dir.write(
-        "taskhost.toml",
-        "[tasks.\"demo.fail\"]\nautoretry_for = [\"RuntimeError\"]\nmax_retries = 2\nretry_backoff = 0.05\nretry_jitter = false\n",
-    );
-    let config = config.to_string_lossy().into_owned();
-    let worker = Process::worker(&dir, &redis, &plugins, &["--config", &config]);
-    // The operator was warned that this Redis may evict queued tasks.
-    assert!(
-        worker.log().contains("maxmemory-policy is allkeys-lru"),
-        "{}",
-        worker.log()
-    );
-    let mut client = Client::new(&redis);
-    let id = client.send("demo.fail", json!(["flaky"]));
-    let doc = client.result(&id);
-    assert_eq!(doc["status"], "FAILURE");
-    assert_eq!(doc["result"]["exc_type"], "RuntimeError");
-    let message = doc["result"]["exc_message"][0].as_str().unwrap_or_default();
-    assert_eq!(message, "flaky (gave up after 2 retries)");
-    assert_eq!(worker.log().matches("task retrying").count(), 2);
-}
-
-#[test]
-fn progress_through_the_host_interface_is_published_before_the_result() {
-    let mut s = setup("progress", &[]);
-    let mut listener = s._redis.conn(1);
-    let mut pubsub = listener.as_pubsub();
-    let id = uuid::Uuid::new_v4().to_string();
-    let channel = format!("celery-task-meta-{id}");
-    pubsub.subscribe(&channel).expect("subscribe");
-    pubsub
-        .set_read_timeout(Some(taskhost_tests::WAIT))
-        .expect("read timeout");
-    s.client.send_as(&id, "demo.progress", json!([3]));
-    let mut states = Vec::new();
-    while states
-        .last()
-        .map(|d: &Value| d["status"] != "SUCCESS")
-        .unwrap_or(true)
-    {
-        let message = pubsub
-            .get_message()
-            .expect("a published state within the wait");
-        let payload: String = message.get_payload().expect("payload");
-        states.push(serde_json::from_str(&payload).expect("state is JSON"));
-    }
-    let progress: Vec<&Value> = states
-        .iter()
-        .filter(|d| d["status"] == "PROGRESS")
-        .collect();
-    assert_eq!(progress.len(), 3, "{states:?}");
-    for (n, doc) in progress.iter().enumerate() {
-        assert_eq!(doc["result"], json!({"current": n + 1, "total": 3}));
-        assert_eq!(doc["date_done"], Value::Null, "progress is not final");
-    }
-    assert_eq!(s.client.result(&id)["result"], 3);
-}
-
 #[test]
 fn a_worker_holds_no_more_unstarted_messages_than_its_prefetch_allows() {
     // -c 1 with a prefetch multiplier of 2: a batch of two is fetched when a slot is free, one
@@ -387,10 +373,9 @@ fn a_worker_holds_no_more_unstarted_messages_than_its_prefetch_allows() {
     let ids: Vec<String> = (0..6)
         .map(|_| s.client.send("demo.sleep", json!([100])))
         .collect();
-    let inflight = format!("taskhost:inflight:celery@{}:celery", hostname());
     let mut most_held = 0;
     wait_for("all six results", || {
-        most_held = most_held.max(s.client.llen(&inflight));
+        most_held = most_held.max(s.client.in_flight(&node()));
         ids.iter()
             .all(|id| s.client.state(id).is_some_and(|d| d["status"] == "SUCCESS"))
             .then_some(())
@@ -399,4 +384,174 @@ fn a_worker_holds_no_more_unstarted_messages_than_its_prefetch_allows() {
         (1..=2).contains(&most_held),
         "{most_held} messages held at once"
     );
+}
+
+#[test]
+fn progress_through_the_host_interface_is_published_before_the_result() {
+    let mut s = setup("progress", &[]);
+    let mut listener = s.redis.conn(1);
+    let mut pubsub = listener.as_pubsub();
+    let id = uuid::Uuid::new_v4().to_string();
+    pubsub
+        .subscribe(format!("celery-task-meta-{id}"))
+        .expect("subscribe");
+    pubsub
+        .set_read_timeout(Some(taskhost_tests::WAIT))
+        .expect("read timeout");
+    s.client.send_as(&id, "demo.progress", json!([3]));
+    // Every document published for the task, up to its SUCCESS.
+    let mut published: Vec<Value> = Vec::new();
+    while published.last().is_none_or(|d| d["status"] != "SUCCESS") {
+        let message = pubsub
+            .get_message()
+            .expect("a published state within the wait");
+        let payload: String = message.get_payload().expect("payload");
+        published.push(serde_json::from_str(&payload).expect("state is JSON"));
+    }
+    let progress: Vec<&Value> = published
+        .iter()
+        .filter(|d| d["status"] == "PROGRESS")
+        .collect();
+    assert_eq!(progress.len(), 3, "{published:?}");
+    for (n, doc) in progress.iter().enumerate() {
+        assert_eq!(doc["result"], json!({"current": n + 1, "total": 3}));
+        assert_eq!(doc["date_done"], Value::Null, "progress is not final");
+    }
+    assert_eq!(s.client.result(&id)["result"], 3);
+}
+
+// --- queues ---------------------------------------------------------------------------------
+
+#[test]
+fn every_queue_named_with_dash_q_is_consumed() {
+    let mut s = setup("queues", &["-Q", "high_priority,celery"]);
+    let a = s
+        .client
+        .send_to("high_priority", "demo.add", json!([1, 1]), json!({}));
+    let b = s.client.send("demo.add", json!([4, 4]));
+    assert_eq!(s.client.result(&a)["result"], 2);
+    assert_eq!(s.client.result(&b)["result"], 8);
+}
+
+#[test]
+fn a_queues_priority_buckets_are_consumed() {
+    let mut s = setup("buckets", &["-Q", "high_priority,celery"]);
+    let id = s
+        .client
+        .send_to("celery\x06\x169", "demo.add", json!([2, 2]), json!({}));
+    assert_eq!(s.client.result(&id)["result"], 4);
+}
+
+#[test]
+fn a_queue_not_consumed_is_left_alone() {
+    let mut s = setup("other-queue", &["-Q", "high_priority,celery"]);
+    s.client
+        .send_to("batch", "demo.add", json!([3, 3]), json!({}));
+    // Sent after it and run: the worker has fetched past the moment `batch` was filled.
+    let id = s.client.send("demo.add", json!([4, 4]));
+    assert_eq!(s.client.result(&id)["result"], 8);
+    assert_eq!(s.client.llen("batch"), 1);
+}
+
+// --- eta and expires ------------------------------------------------------------------------
+
+/// A Celery message for `demo.add(1, 2)` with one header set.
+fn add_with_header(id: &str, header: &str, value: Value) -> String {
+    let message = celery_message(id, "demo.add", json!([1, 2]), json!({}), "celery");
+    let mut message: Value = serde_json::from_str(&message).expect("json");
+    message["headers"][header] = value;
+    message.to_string()
+}
+
+fn rfc3339(t: OffsetDateTime) -> Value {
+    json!(t.format(&Rfc3339).expect("format"))
+}
+
+#[test]
+fn a_task_with_a_far_eta_waits_in_the_delayed_set() {
+    let mut s = setup("eta-far", &[]);
+    let id = uuid::Uuid::new_v4().to_string();
+    let eta = OffsetDateTime::now_utc() + time::Duration::hours(1);
+    s.client.push_raw(
+        "celery",
+        add_with_header(&id, "eta", rfc3339(eta)).as_bytes(),
+    );
+    wait_for("the task to wait in the delayed set", || {
+        (s.client.zcard("taskhost:delayed") == 1).then_some(())
+    });
+    // In Redis's delayed set only: not in the queue, not held by the worker, not run.
+    assert_eq!(s.client.llen("celery"), 0);
+    assert_eq!(s.client.in_flight(&node()), 0);
+    assert_eq!(s.client.state(&id), None);
+}
+
+#[test]
+fn a_task_with_a_near_eta_runs_no_earlier_than_its_eta() {
+    let mut s = setup("eta-near", &[]);
+    let id = uuid::Uuid::new_v4().to_string();
+    let eta = OffsetDateTime::now_utc() + time::Duration::seconds(1);
+    s.client.push_raw(
+        "celery",
+        add_with_header(&id, "eta", rfc3339(eta)).as_bytes(),
+    );
+    let doc = s.client.result(&id);
+    assert_eq!(doc["result"], 3);
+    let done = date_done(&doc);
+    assert!(done >= eta, "ran at {done}, before its eta {eta}");
+    assert_eq!(s.client.zcard("taskhost:delayed"), 0);
+}
+
+#[test]
+fn an_expired_task_is_revoked_as_expired() {
+    let mut s = setup("expired", &[]);
+    let id = uuid::Uuid::new_v4().to_string();
+    let message = add_with_header(&id, "expires", json!("2001-01-01T00:00:00+00:00"));
+    s.client.push_raw("celery", message.as_bytes());
+    // REVOKED, as Celery marks a task that expired before it could run.
+    let doc = s.client.result(&id);
+    assert_eq!(doc["status"], "REVOKED");
+    assert_eq!(doc["result"]["exc_type"], "TaskRevokedError");
+    assert_eq!(doc["result"]["exc_message"], json!(["expired"]));
+}
+
+// --- stopping -------------------------------------------------------------------------------
+
+#[test]
+fn a_stopped_worker_exits_cleanly_and_leaves_nothing_in_flight() {
+    let mut s = setup("stop", &[]);
+    let id = s.client.send("demo.add", json!([1, 1]));
+    assert_eq!(s.client.result(&id)["result"], 2);
+    assert!(
+        s.client.registry_entry(&node()).is_some(),
+        "a running worker is in the registry"
+    );
+    let status = s.worker.stop_with(libc::SIGTERM);
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(s.client.in_flight(&node()), 0);
+    assert!(
+        s.client.registry_entry(&node()).is_none(),
+        "a cleanly stopped worker leaves the registry"
+    );
+}
+
+#[test]
+fn a_task_sent_after_the_worker_stopped_waits_in_the_queue() {
+    let mut s = setup("stop-queue", &[]);
+    assert!(s.worker.stop_with(libc::SIGTERM).success());
+    let id = s.client.send("demo.add", json!([1, 1]));
+    // Left for the next worker.
+    assert_eq!(s.client.llen("celery"), 1);
+    assert_eq!(s.client.state(&id), None);
+}
+
+// --- operator warnings ----------------------------------------------------------------------
+
+#[test]
+fn a_redis_that_may_evict_queued_tasks_is_warned_about() {
+    let dir = TestDir::new("allkeys-lru");
+    let redis = RedisServer::start_with(&dir, &["--maxmemory-policy", "allkeys-lru"]);
+    let s = start(dir, redis, &[]);
+    // The behaviour under test is the operator's warning itself, so it is read from the log.
+    let log = s.worker.log();
+    assert!(log.contains("maxmemory-policy is allkeys-lru"), "{log}");
 }

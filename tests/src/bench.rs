@@ -50,7 +50,7 @@ pub fn latency_run(
         let now = Instant::now();
         if due > now {
             // Pacing the producer at a fixed rate (the load being measured).
-            std::thread::sleep(due - now);
+            crate::pace(due - now);
         }
         between(Instant::now());
         let sent_at = Instant::now();

@@ -43,7 +43,8 @@ impl ResultFeed {
                 // a fault are lower bounds.
                 while !stop.load(Ordering::SeqCst) {
                     if record(&url, &states, &stop, &subscribed).is_err() {
-                        std::thread::sleep(Duration::from_millis(50));
+                        let retry_after = Duration::from_millis(50);
+                        std::thread::sleep(retry_after);
                     }
                 }
             })

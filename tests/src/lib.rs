@@ -280,6 +280,13 @@ impl Drop for TestDir {
     }
 }
 
+/// Pauses the thread driving traffic for `interval`: the rhythm of a producer, a slow writer
+/// or a fault injector a test runs. Never a wait for the system under test: that is
+/// [`wait_for`], which polls a real condition under a deadline.
+pub fn pace(interval: Duration) {
+    std::thread::sleep(interval); // the rhythm of what the test drives, not a poll
+}
+
 /// Polls `check` until it returns `Some`, failing the test after [`WAIT`] with `what`.
 pub fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
     wait_for_within(what, WAIT, check)
@@ -288,17 +295,17 @@ pub fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
 /// [`wait_for`] with a bound of its own, for long runs.
 pub fn wait_for_within<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + within;
-    let mut pause = Duration::from_millis(2);
+    let mut poll_interval = Duration::from_millis(2);
     loop {
         if let Some(value) = check() {
             return value;
         }
         assert!(
             Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
+            "timed out after {within:?} waiting for {what}"
         );
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
+        std::thread::sleep(poll_interval);
+        poll_interval = (poll_interval * 2).min(Duration::from_millis(50));
     }
 }
 
@@ -472,7 +479,8 @@ impl Client {
             if pending.is_empty() || Instant::now() > deadline {
                 return (done, pending);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            let poll_interval = Duration::from_millis(50);
+            std::thread::sleep(poll_interval);
         }
     }
 

@@ -48,7 +48,8 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
         if Instant::now() > deadline {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        let poll_interval = Duration::from_millis(5);
+        std::thread::sleep(poll_interval);
     }
 }
 
@@ -300,6 +301,18 @@ impl Process {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Where a worker started with `--metrics-addr` (port 0 picks one) serves `/metrics` and
+    /// `/healthz`: its text log says so, the only place the picked port shows.
+    pub fn metrics_addr(&self) -> String {
+        self.wait_log("serving /metrics and /healthz");
+        self.log()
+            .lines()
+            .filter(|l| l.contains("serving /metrics and /healthz"))
+            .find_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("addr=")))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no metrics address in the log:\n{}", self.log()))
     }
 
     /// Everything the process has logged so far.

@@ -135,7 +135,10 @@ tasks! {
     #[task(name = "hostile.hold")]
     fn hold(ms: u64) -> Result<Value> {
         let start = now_ms();
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+        // On a WASI timer, as any plugin waiting for something would.
+        wstd::runtime::block_on(async {
+            wstd::task::sleep(wstd::time::Duration::from_millis(ms)).await;
+        });
         Ok(json!({"start": start, "end": now_ms()}))
     }
 }
