@@ -289,7 +289,9 @@ fn defined_keys(keys_rs: &str) -> BTreeSet<String> {
         .map(|(at, _)| {
             text[at..]
                 .chars()
-                .take_while(|c| c.is_ascii_lowercase() || *c == ':' || *c == '-')
+                .take_while(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, ':' | '-' | '_')
+                })
                 .collect()
         })
         .collect()

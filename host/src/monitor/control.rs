@@ -40,7 +40,8 @@ pub enum ControlError {
 }
 
 /// The worker as remote control sees it: what `inspect` reports and what `control` changes.
-/// Replies are built here, in Celery's format; the worker answers in its own terms.
+/// Each reply is shaped in [`execute`]; what only the worker knows (request dicts, `stats`,
+/// `conf`) it gives in Celery's shapes through this trait (implemented in `worker::remote`).
 pub trait Worker: Send + Sync {
     /// Tasks running now, as Celery's request dicts.
     fn active(&self) -> Vec<Value>;
