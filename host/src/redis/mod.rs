@@ -126,15 +126,12 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// The host and port `client` connects to, as Celery's `stats` reports them, and its
-/// database number.
-pub fn address(client: &Client) -> (String, Option<u16>, i64) {
-    let info = client.get_connection_info();
-    let db = info.redis_settings().db();
-    let addr = info.addr().to_string();
+/// The host and port `client` connects to, as Celery's `stats` reports them.
+pub fn address(client: &Client) -> (String, Option<u16>) {
+    let addr = client.get_connection_info().addr().to_string();
     match addr.rsplit_once(':') {
-        Some((host, port)) => (host.to_owned(), port.parse().ok(), db),
-        None => (addr, None, db),
+        Some((host, port)) => (host.to_owned(), port.parse().ok()),
+        None => (addr, None),
     }
 }
 

@@ -43,7 +43,7 @@ pub(super) async fn handle(shared: &Shared, delivery: &Delivery) {
 async fn run(shared: &Shared, message: &TaskMessage, admitted: &Admitted<'_>) -> Ran {
     let plugin = &admitted.plugin;
     let (soft, hard) = admitted.time_limits;
-    let task = task_record(message, soft.map(deadline_ms), &shared.node);
+    let task = task_record(message, soft.map(deadline_ms), &shared.config.node);
     let progress = ProgressWriter {
         backend: shared.backend.clone(),
         task_id: message.id.clone(),

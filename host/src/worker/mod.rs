@@ -29,7 +29,7 @@ pub use gates::time_limits;
 pub use handle::task_record;
 pub use retry::{DEFAULT_MAX_RETRIES, RetryPolicy, retry_countdown};
 
-use crate::config::{FileConfig, GrantTable, TaskOverrides, WorkerConfig};
+use crate::config::{FileConfig, GrantTable, WorkerConfig};
 use crate::monitor::events::Events;
 use crate::monitor::metrics::Metrics;
 use crate::monitor::revocations::Revocations;
@@ -59,11 +59,9 @@ use tokio::task::JoinSet;
 struct Shared {
     config: WorkerConfig,
     started: Instant,
-    node: String,
     sandbox: Arc<Sandbox>,
     plugins: Arc<Live>,
     grants: Arc<ArcSwap<GrantTable>>,
-    overrides: TaskOverrides,
     broker: Broker,
     backend: Backend,
     settler: Settler,
@@ -129,7 +127,7 @@ pub async fn run(
     background.stop().await;
     // After the heartbeat stopped, so that no beat writes the entry back.
     if all_returned {
-        crate::redis::recovery::leave(&mut shared.broker.connection(), &shared.node).await;
+        crate::redis::recovery::leave(&mut shared.broker.connection(), &shared.config.node).await;
     }
     tracing::info!(returned_to_queue = returned, "worker stopped");
     Ok(())
@@ -188,11 +186,9 @@ async fn start(
     let concurrency = config.concurrency.max(1);
     let shared = Arc::new(Shared {
         started: Instant::now(),
-        node: config.node.clone(),
         sandbox,
         plugins,
         grants,
-        overrides: config.task_overrides.clone(),
         gates: Gates::new(&config.task_overrides),
         queues: watch::channel(config.queues.clone()).0,
         registration: presence.registration(),

@@ -24,7 +24,7 @@ const SCHEDULED_SHOWN: usize = 1_000;
 /// What remote control works with.
 pub(super) fn context(shared: &Arc<Shared>) -> Context {
     Context {
-        node: shared.node.clone(),
+        node: shared.config.node.clone(),
         worker: Arc::new(Remote(shared.clone())),
         revocations: shared.revocations.clone(),
         events: shared.events.clone(),
@@ -69,7 +69,7 @@ fn request(shared: &Shared, delivery: &Delivery, time_start: Option<f64>) -> Opt
         "args": message.args,
         "kwargs": message.kwargs,
         "type": message.task,
-        "hostname": shared.node,
+        "hostname": shared.config.node,
         "time_start": time_start,
         "acknowledged": false,
         "delivery_info": {
@@ -142,7 +142,8 @@ impl Worker for Remote {
     fn stats(&self) -> Value {
         let shared = &self.0;
         let concurrency = shared.concurrency.load(Ordering::Relaxed);
-        let (host, port, db) = crate::redis::address(shared.broker.client());
+        let (host, port) = crate::redis::address(shared.broker.client());
+        let db = crate::redis::db(shared.broker.client());
         let defaults = shared.grants.load().defaults();
         let limits = &defaults.limits;
         let plugins: serde_json::Map<String, Value> = shared

@@ -44,7 +44,12 @@ pub(super) async fn ran(
             return revoked(shared, delivery, message, RevokeReason::Terminated).await;
         }
     };
-    let policy = || RetryPolicy::of(&admitted.spec, shared.overrides.get(&message.task));
+    let policy = || {
+        RetryPolicy::of(
+            &admitted.spec,
+            shared.config.task_overrides.get(&message.task),
+        )
+    };
     match outcome {
         Outcome::Success(result) => {
             log("succeeded");
@@ -356,7 +361,7 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
         task_id,
         task,
         source: &delivery.source,
-        worker: &shared.node,
+        worker: &shared.config.node,
     };
     let entry = deadletter::entry(&delivery.raw, &origin);
     let moved = retrying("dead-letter a message", || {
