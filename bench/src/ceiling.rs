@@ -98,7 +98,7 @@ pub fn taskhost(broker_url: &str, backend_url: &str, workload: &Workload) -> f64
                         .map(|m| m.id)
                         .expect("a bench message decodes");
                     settler
-                        .settle(Some((id, doc.clone())), true, delivery)
+                        .settle(Some((id, doc.clone())), true, delivery, Vec::new())
                         .await;
                 }
             });

@@ -124,6 +124,7 @@ pub async fn call(args: &CallArgs) -> anyhow::Result<ExitCode> {
         eta: at("--countdown", args.countdown)?,
         expires: at("--expires", args.expires)?,
         retries: 0,
+        ..Default::default()
     };
     let timeout = seconds("--timeout", Some(args.timeout))?.unwrap_or(Duration::from_secs(60));
     let broker_url = args
@@ -212,6 +213,7 @@ pub async fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
         eta: None,
         expires: None,
         retries: args.retries,
+        ..Default::default()
     }
     .encode(&hostname);
     let message = TaskMessage::decode(&sent).map_err(|bad| anyhow::anyhow!("{}", bad.error))?;

@@ -13,6 +13,10 @@
 //! [plugins.crucible]  # the plugin file crucible.wasm
 //! allow_http = ["${EXECUTOR_SERVICE_URL}", "${STORAGE_SERVICE_URL:-http://127.0.0.1:8002}"]
 //! config = { executor_service_url = "${EXECUTOR_SERVICE_URL}" }
+//!
+//! [schedule.cleanup]  # a periodic task (see `schedule`)
+//! task = "tasks.cleanup_old_evaluations"
+//! every = "1h"
 //! ```
 //!
 //! A plugin is named by its file's stem, which the operator controls; a plugin cannot pick the
@@ -64,6 +68,9 @@ pub struct FileConfig {
     /// Overrides of tasks' declared defaults, by task name: `[tasks."tasks.evaluate_code"]`.
     #[serde(default)]
     pub tasks: BTreeMap<String, TaskSection>,
+    /// Periodic tasks, by entry name: `[schedule."cleanup"]`.
+    #[serde(default)]
+    pub schedule: BTreeMap<String, super::schedule::ScheduleSection>,
 }
 
 /// `[tasks."NAME"]`: how the task `NAME` is retried, over what its plugin declares.
@@ -81,6 +88,8 @@ pub struct TaskSection {
     pub autoretry_for: Option<Vec<String>>,
     /// Starts allowed per worker, as Celery's `rate_limit`: `10/s`, `30/m`, `100/h`.
     pub rate_limit: Option<super::rate::Rate>,
+    /// Starts allowed across every worker of the fleet, counted in Redis: `100/m`.
+    pub fleet_rate_limit: Option<super::rate::Rate>,
 }
 
 /// `[worker]`: defaults for the `worker` command's flags (flags and Celery's environment
@@ -191,6 +200,18 @@ impl FileConfig {
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text)
             .map_err(|e| ConfigError::Syntax(e.to_string().trim().replace('\n', " ")))
+    }
+
+    /// The `[schedule."NAME"]` entries, checked.
+    pub fn schedule(&self) -> Result<Vec<super::schedule::Entry>, ConfigError> {
+        self.schedule
+            .iter()
+            .map(|(name, section)| {
+                section
+                    .check(name)
+                    .map_err(|e| ConfigError::Syntax(e.to_string()))
+            })
+            .collect()
     }
 
     /// The `[tasks."NAME"]` sections, checked.

@@ -7,12 +7,14 @@
 //! - [`origin`]: an HTTP origin, as granted and as requested.
 //! - [`resolve`]: a worker's settings from flags, environment and file.
 //! - [`rate`]: Celery's rate-limit notation.
+//! - [`schedule`]: periodic tasks, and when their ticks fall.
 
 pub mod file;
 pub mod grants;
 pub mod origin;
 pub mod rate;
 pub mod resolve;
+pub mod schedule;
 
 pub use file::{
     ConfigError, DEFAULT_MEMORY_MB, DEFAULT_RESULT_MB, DEFAULT_STACK_KB, DEFAULT_TABLE_ELEMENTS,

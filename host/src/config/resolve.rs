@@ -74,6 +74,10 @@ pub struct WorkerFlags {
     /// picks a free one; the log says which).
     #[arg(long, env = "TASKHOST_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// Do not run the `[schedule]` entries from this worker (by default every worker runs
+    /// them; each tick is sent once across the fleet).
+    #[arg(long)]
+    pub no_beat: bool,
 }
 
 /// Everything a worker needs, resolved and validated.
@@ -103,6 +107,9 @@ pub struct WorkerConfig {
     pub max_redeliveries: u32,
     /// `[tasks."NAME"]` sections.
     pub task_overrides: TaskOverrides,
+    /// The periodic tasks this worker sends; none with `--no-beat`, which also ignores the
+    /// schedule on a config reload.
+    pub schedule: Option<Vec<super::schedule::Entry>>,
     /// How long running tasks may take to finish once a stop is asked for.
     pub shutdown_grace: Duration,
     /// Send Celery's monitoring events from the start.
@@ -176,6 +183,7 @@ impl WorkerConfig {
                 .or(section.max_redeliveries)
                 .unwrap_or(3),
             task_overrides: Arc::new(file.task_overrides()?),
+            schedule: Some(file.schedule()?).filter(|_| !flags.no_beat),
             shutdown_grace: Duration::from_secs_f64(flags.shutdown_grace),
             task_events: flags.task_events || section.task_events.unwrap_or(false),
             metrics_addr: metrics_addr(flags, &file)?,

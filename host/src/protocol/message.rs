@@ -2,6 +2,7 @@
 //! it, re-encoded for a retry, and encoded as a producer sends it. See
 //! `celery-protocol/SPEC.md` sections 1, 4 and 10 for the observed formats.
 
+use super::embed::Embed;
 use super::pyrepr;
 use super::result::Meta;
 use super::time::{format_time, parse_time};
@@ -65,8 +66,12 @@ pub struct TaskMessage {
     pub root_id: Option<String>,
     pub parent_id: Option<String>,
     pub group: Option<String>,
+    /// The task's place in its group (a chord part's score in the chord's join).
+    pub group_index: Option<u64>,
     pub ignore_result: bool,
     pub priority: u8,
+    /// What follows the task: callbacks, errbacks, the rest of its chain, its chord.
+    pub embed: Embed,
     envelope: Map<String, Value>,
 }
 
@@ -118,7 +123,7 @@ impl TaskMessage {
             .ok_or(DecodeError::Missing("headers.id"))?
             .to_owned();
         let properties = envelope.get("properties").and_then(Value::as_object);
-        let (args, kwargs) = body(&envelope, properties)?;
+        let (args, kwargs, embed) = body(&envelope, properties)?;
         let opt_text = |key: &str| headers.get(key).and_then(Value::as_str).map(str::to_owned);
         let time_limit = match headers.get("timelimit").and_then(Value::as_array) {
             Some(pair) => (
@@ -141,6 +146,7 @@ impl TaskMessage {
             root_id: opt_text("root_id"),
             parent_id: opt_text("parent_id"),
             group: opt_text("group"),
+            group_index: headers.get("group_index").and_then(Value::as_u64),
             ignore_result: headers
                 .get("ignore_result")
                 .and_then(Value::as_bool)
@@ -151,6 +157,7 @@ impl TaskMessage {
             kwargs,
             time_limit,
             priority,
+            embed,
             envelope,
         })
     }
@@ -161,6 +168,7 @@ impl TaskMessage {
             task_id: &self.id,
             parent_id: self.parent_id.as_deref(),
             group: self.group.as_deref(),
+            children: &[],
         }
     }
 
@@ -208,11 +216,11 @@ impl TaskMessage {
 }
 
 /// The positional and keyword arguments of the body (`[args, kwargs, embed]`), checked and
-/// split, not parsed into a tree.
+/// split, not parsed into a tree; and the embed, read.
 fn body(
     envelope: &Map<String, Value>,
     properties: Option<&Map<String, Value>>,
-) -> Result<(Box<RawValue>, Box<RawValue>), DecodeError> {
+) -> Result<(Box<RawValue>, Box<RawValue>, Embed), DecodeError> {
     let content_type = envelope
         .get("content-type")
         .and_then(Value::as_str)
@@ -244,14 +252,19 @@ fn body(
         }
     };
     match parts.as_slice() {
-        [args, kwargs] | [args, kwargs, _] => {
+        [args, kwargs, rest @ ..] if rest.len() <= 1 => {
             if !args.get().starts_with('[') || !kwargs.get().starts_with('{') {
                 return Err(DecodeError::BodyShape(truncate(
                     &format!("[{}, {}, ...]", args.get(), kwargs.get()),
                     80,
                 )));
             }
-            Ok(((*args).to_owned(), (*kwargs).to_owned()))
+            // Most messages embed nothing: skip building a tree for four nulls.
+            let embed = match rest.first() {
+                Some(raw) if raw.get().contains("\"task\"") => Embed::parse(&parse(raw)),
+                _ => Embed::default(),
+            };
+            Ok(((*args).to_owned(), (*kwargs).to_owned(), embed))
         }
         _ => {
             let text = String::from_utf8_lossy(&body_bytes);
@@ -278,7 +291,7 @@ fn parse_time_header(
 }
 
 /// What a producer asks for when it sends a task.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct NewTask {
     pub id: String,
     pub task: String,
@@ -290,17 +303,24 @@ pub struct NewTask {
     pub expires: Option<OffsetDateTime>,
     /// Times the task was retried before (0 for a first send).
     pub retries: u32,
+    /// The workflow's first task (the task itself when none).
+    pub root_id: Option<String>,
+    /// The task that sent this one.
+    pub parent_id: Option<String>,
+    pub group: Option<String>,
+    pub group_index: Option<u64>,
+    /// Callbacks, errbacks, the rest of a chain, a chord body.
+    pub embed: Embed,
+    /// (soft, hard) seconds.
+    pub time_limit: (Option<f64>, Option<f64>),
+    pub ignore_result: bool,
 }
 
 impl NewTask {
     /// The protocol-v2 envelope a Celery 5.7 producer on machine `hostname` would push for
     /// this call.
     pub fn encode(&self, hostname: &str) -> Vec<u8> {
-        let body = json!([
-            self.args,
-            self.kwargs,
-            {"callbacks": null, "errbacks": null, "chain": null, "chord": null}
-        ]);
+        let body = json!([self.args, self.kwargs, self.embed.to_json()]);
         let envelope = json!({
             "body": BASE64.encode(body.to_string()),
             "content-encoding": "utf-8",
@@ -312,16 +332,16 @@ impl NewTask {
                 "shadow": null,
                 "eta": self.eta.map(format_time),
                 "expires": self.expires.map(format_time),
-                "group": null,
-                "group_index": null,
+                "group": self.group,
+                "group_index": self.group_index,
                 "retries": self.retries,
-                "timelimit": [null, null],
-                "root_id": self.id,
-                "parent_id": null,
+                "timelimit": [self.time_limit.1, self.time_limit.0],
+                "root_id": self.root_id.as_deref().unwrap_or(&self.id),
+                "parent_id": self.parent_id,
                 "argsrepr": pyrepr::args_repr(&self.args),
                 "kwargsrepr": pyrepr::python_repr(&self.kwargs),
                 "origin": format!("gen{}@{hostname}", std::process::id()),
-                "ignore_result": false,
+                "ignore_result": self.ignore_result,
                 "replaced_task_nesting": 0,
                 "stamped_headers": null,
                 "stamps": {},

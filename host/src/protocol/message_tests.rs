@@ -37,6 +37,7 @@ fn round_trips_what_the_producer_encodes() {
         eta: parse_time("2030-01-02T03:04:05.000006+00:00"),
         expires: None,
         retries: 0,
+        ..Default::default()
     };
     let encoded = new.encode("test-host");
     let envelope: Value = serde_json::from_slice(&encoded).expect("JSON envelope");
@@ -172,6 +173,7 @@ fn any_arguments_and_results_survive_the_round_trip() {
             eta: None,
             expires: None,
             retries: 0,
+            ..Default::default()
         };
         let m = TaskMessage::decode(&new.encode("test-host")).expect("decodes");
         // What the plugin receives is the JSON text of these values.
@@ -207,6 +209,7 @@ fn no_corruption_of_a_message_makes_the_decoder_panic() {
             eta: None,
             expires: None,
             retries: 0,
+            ..Default::default()
         }
         .encode("test-host"),
     ];

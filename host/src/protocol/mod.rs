@@ -9,6 +9,9 @@
 //!
 //! - [`message`]: a task message, decoded (as a worker gets it) and encoded (as a producer
 //!   sends it, and for a retry).
+//! - [`canvas`]: what applying a signature (task, chain, group, chord) publishes, and what
+//!   follows a task that succeeded or failed; [`signature`] reads signatures, [`embed`] the
+//!   ones a message carries.
 //! - [`result`]: task states (the one list of ready states), exceptions, the result document.
 //! - [`pidbox`]: remote-control commands as typed requests, and the replies.
 //! - [`event`]: monitoring events, task and worker.
@@ -16,12 +19,15 @@
 //! - [`pyrepr`]: Python's `repr` of JSON values.
 //! - [`time`]: Celery's ISO 8601 times and epoch readings.
 
+pub mod canvas;
+pub mod embed;
 pub mod envelope;
 pub mod event;
 pub mod message;
 pub mod pidbox;
 pub mod pyrepr;
 pub mod result;
+pub mod signature;
 pub mod time;
 
 pub use message::{DecodeError, NewTask, TaskMessage, Undecodable, parse, truncate};

@@ -124,6 +124,7 @@ const CELERY_EXCEPTIONS: &[&str] = &[
     "SoftTimeLimitExceeded",
     "Reject",
     "WorkerLostError",
+    "ChordError",
 ];
 
 fn exception_module(kind: &str) -> &'static str {
@@ -142,6 +143,8 @@ pub struct Meta<'a> {
     pub task_id: &'a str,
     pub parent_id: Option<&'a str>,
     pub group: Option<&'a str>,
+    /// The result tuples of the tasks this one sent (a chain's next step, its callbacks).
+    pub children: &'a [Value],
 }
 
 impl<'a> Meta<'a> {
@@ -151,6 +154,7 @@ impl<'a> Meta<'a> {
             task_id,
             parent_id: None,
             group: None,
+            children: &[],
         }
     }
 }
@@ -161,7 +165,7 @@ struct ResultDocument<'a, R: Serialize + ?Sized> {
     status: &'a str,
     result: &'a R,
     traceback: Option<&'a str>,
-    children: [(); 0],
+    children: &'a [Value],
     date_done: Option<String>,
     task_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -185,7 +189,7 @@ pub fn result_document<R: Serialize + ?Sized>(
         status,
         result,
         traceback,
-        children: [],
+        children: meta.children,
         date_done: is_ready(status).then(|| format_time(now)),
         task_id: meta.task_id,
         parent_id: meta.parent_id,

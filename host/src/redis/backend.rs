@@ -73,6 +73,16 @@ impl Backend {
         pipe.cmd("PUBLISH").arg(&key).arg(document).ignore();
     }
 
+    /// A handle on the backend's shared connection, for the other writers of its keys.
+    pub(super) fn connection(&self) -> Connection {
+        self.conn.clone()
+    }
+
+    /// How long results are kept, in seconds (0: forever).
+    pub(super) fn expires(&self) -> u64 {
+        self.expires
+    }
+
     /// Runs a pipeline of commands on the backend.
     pub async fn run(&self, pipe: &redis::Pipeline) -> Result<(), RedisError> {
         pipe.exec_async(&mut self.conn.clone()).await?;

@@ -138,6 +138,36 @@ impl Broker {
             .ignore();
     }
 
+    /// Takes one start of `task` under its fleet-wide rate limit of one per `interval`: none
+    /// if taken, else how long until the next start is allowed.
+    pub async fn take_fleet_start(
+        &self,
+        task: &str,
+        interval: Duration,
+    ) -> Result<Option<Duration>, RedisError> {
+        let micros = u64::try_from(interval.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let wait: u64 = scripts::fleet_rate()
+            .key(keys::fleet_rate(task))
+            .arg(micros)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok((wait > 0).then(|| Duration::from_micros(wait)))
+    }
+
+    /// Pushes messages onto their queues, in one pipeline.
+    pub async fn push(&self, messages: &[super::settle::Outgoing]) -> Result<(), RedisError> {
+        let mut pipe = redis::pipe();
+        for message in messages {
+            pipe.cmd("LPUSH")
+                .arg(&message.key)
+                .arg(&message.raw)
+                .ignore();
+        }
+        self.run(&pipe).await
+    }
+
     /// Runs a pipeline of commands on the broker.
     pub async fn run(&self, pipe: &redis::Pipeline) -> Result<(), RedisError> {
         pipe.exec_async(&mut self.conn.clone()).await?;

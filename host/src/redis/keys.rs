@@ -77,6 +77,14 @@ pub fn result_key(task_id: &str) -> String {
     format!("celery-task-meta-{task_id}")
 }
 
+/// The key of a group's saved result (`GroupResult.save()`); with a suffix, one of the keys a
+/// chord counts its header in: `.j` the parts' outcomes (ZSET by `group_index`), `.t` parts
+/// added later, `.s` the size the publisher wrote, `.d` parts seen (`<id>:<index>`), `.c` the
+/// claim on calling the body, then `done`.
+pub fn taskset_key(group_id: &str, suffix: &str) -> String {
+    format!("celery-taskset-meta-{group_id}{suffix}")
+}
+
 // --- taskhost's own ------------------------------------------------------------------------
 
 /// LIST per worker and source: messages the worker fetched from that list and has not
@@ -102,6 +110,16 @@ pub const REDELIVERED_PREFIX: &str = "taskhost:redelivered:";
 
 /// ZSET: revoked task ids, scored by when the revoke is forgotten (ms since the epoch).
 pub const REVOKED: &str = "taskhost:revoked";
+
+/// STRING per task name with a fleet rate limit: when its next start is allowed
+/// (microseconds since the epoch on Redis's clock), expiring once that has passed.
+pub fn fleet_rate(task: &str) -> String {
+    format!("taskhost:fleet-rate:{task}")
+}
+
+/// HASH: schedule entry name → its last tick sent (ms since the epoch), shared by every
+/// worker's scheduler: a tick is sent only if it is later than this.
+pub const SCHEDULE_LAST: &str = "taskhost:schedule:last";
 
 /// HASH: plugin name → the SHA-256 of its deployed version.
 pub const DEPLOYED: &str = "taskhost:deployed";

@@ -10,21 +10,25 @@
 //!
 //! - [`broker`]: fetching into the in-flight lists, settling, the delayed set, publishing.
 //! - [`backend`]: task results stored and published as Celery's backend does; waiting for one.
+//! - [`chord`]: counting a chord's header as Celery's Redis backend does; writing its size.
 //! - [`deadletter`]: the dead-letter entries: their format, and the operator's commands.
 //! - [`recovery`]: the worker registry, heartbeats, returning a dead worker's messages.
 //! - [`control`]: the remote-control channel, its replies, and the revoked set.
 //! - [`events`]: publishing monitoring events.
 //! - [`fleet`]: deployed plugin blobs, their history, and what each worker runs.
+//! - [`schedule`]: the schedule's last ticks, and sending a tick once across the fleet.
 //! - [`settle`]: a batch of finished tasks: states, then acknowledgements.
 
 pub mod backend;
 pub mod broker;
+pub mod chord;
 pub mod control;
 pub mod deadletter;
 pub mod events;
 pub mod fleet;
 pub mod keys;
 pub mod recovery;
+pub mod schedule;
 mod scripts;
 pub mod settle;
 

@@ -38,3 +38,23 @@ pub fn rollback() -> Script {
 pub fn requeue_dead() -> Script {
     Script::new(include_str!("scripts/requeue_dead-2.lua"))
 }
+
+/// Records a chord header task's outcome once; claims the body when the header is complete.
+pub fn chord_part_return() -> Script {
+    Script::new(include_str!("scripts/chord_part_return-6.lua"))
+}
+
+/// Deletes a completed chord's data and marks it done, if the caller still holds the claim.
+pub fn chord_cleanup() -> Script {
+    Script::new(include_str!("scripts/chord_cleanup-5.lua"))
+}
+
+/// Takes a start under a fleet-wide rate limit, or says how long until the next one.
+pub fn fleet_rate() -> Script {
+    Script::new(include_str!("scripts/fleet_rate-1.lua"))
+}
+
+/// Sends a schedule entry's tick unless it, or a later one, was sent already.
+pub fn schedule_tick() -> Script {
+    Script::new(include_str!("scripts/schedule_tick-2.lua"))
+}

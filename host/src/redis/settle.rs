@@ -1,5 +1,6 @@
 //! Writing a batch of finished tasks (the worker's group commit): every state first, then every
-//! acknowledgement, so a task is never acknowledged without its state.
+//! acknowledgement with the messages that follow it in its canvas, so a task is never
+//! acknowledged without its state, nor without what comes next.
 
 use super::{Backend, Broker, Delivery, RedisError};
 
@@ -11,6 +12,17 @@ pub struct Finished<'a> {
     /// Whether the state is a SUCCESS (stored unguarded; see [`Backend::add_success`]).
     pub success: bool,
     pub delivery: &'a Delivery,
+    /// Messages published with the acknowledgement: the next chain step, callbacks, errbacks,
+    /// a chord body.
+    pub publish: &'a [Outgoing],
+}
+
+/// A message to publish as a task settles.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// The queue list (with its priority bucket).
+    pub key: String,
+    pub raw: Vec<u8>,
 }
 
 /// The broker and the backend a worker settles into.
@@ -51,6 +63,11 @@ impl Stores {
             redis::pipe()
         };
         for job in batch {
+            // In the same pipeline as the acknowledgement: sent before it, never without it
+            // unless the connection drops between the two (then the task runs again).
+            for next in job.publish {
+                acks.cmd("LPUSH").arg(&next.key).arg(&next.raw).ignore();
+            }
             self.broker.add_ack(&mut acks, job.delivery);
         }
         self.broker.run(&acks).await

@@ -10,7 +10,7 @@
 //! and a failed batch is retried whole (storing a state twice and removing an absent message
 //! are both harmless), so a task is never acknowledged without its state.
 
-use crate::redis::settle::{Finished, Stores};
+use crate::redis::settle::{Finished, Outgoing, Stores};
 use crate::redis::{Delivery, RedisError, retrying};
 use std::future::Future;
 use tokio::sync::{mpsc, oneshot};
@@ -25,6 +25,8 @@ pub struct Job {
     /// Whether the state is a SUCCESS (stored unguarded).
     success: bool,
     delivery: Delivery,
+    /// What follows the task in its canvas, published with the acknowledgement.
+    publish: Vec<Outgoing>,
     done: oneshot::Sender<()>,
 }
 
@@ -45,6 +47,7 @@ impl Sink for Stores {
                     .map(|(id, doc)| (id.as_str(), doc.as_str())),
                 success: job.success,
                 delivery: &job.delivery,
+                publish: &job.publish,
             })
             .collect();
         Stores::write(self, &finished).await
@@ -65,19 +68,21 @@ impl Settler {
         Self { jobs }
     }
 
-    /// Stores `state` (task id, document) if any, then acknowledges `delivery`; returns once
-    /// both are done. Redis being away delays this, never drops it.
+    /// Stores `state` (task id, document) if any, then publishes `publish` and acknowledges
+    /// `delivery`; returns once all are done. Redis being away delays this, never drops it.
     pub async fn settle(
         &self,
         state: Option<(String, String)>,
         success: bool,
         delivery: &Delivery,
+        publish: Vec<Outgoing>,
     ) {
         let (done, finished) = oneshot::channel();
         let job = Job {
             state,
             success,
             delivery: delivery.clone(),
+            publish,
             done,
         };
         if self.jobs.send(job).is_ok() {
@@ -144,7 +149,7 @@ mod tests {
         };
         let settler = Settler::start(sink.clone());
         let start = Instant::now();
-        settler.settle(None, true, &delivery(1)).await;
+        settler.settle(None, true, &delivery(1), Vec::new()).await;
         // Two failures: 200 ms then 400 ms of backoff, then the write that lands.
         assert_eq!(start.elapsed(), Duration::from_millis(600));
         assert_eq!(crate::lock(&sink.batches).len(), 1);
@@ -159,14 +164,16 @@ mod tests {
         let settler = Settler::start(sink.clone());
         let first = {
             let settler = settler.clone();
-            tokio::spawn(async move { settler.settle(None, true, &delivery(0)).await })
+            tokio::spawn(async move { settler.settle(None, true, &delivery(0), Vec::new()).await })
         };
         // The first batch is being written (it takes 10 ms): three more finish meanwhile.
         tokio::time::sleep(Duration::from_millis(5)).await;
         let rest: Vec<_> = (1..4)
             .map(|n| {
                 let settler = settler.clone();
-                tokio::spawn(async move { settler.settle(None, true, &delivery(n)).await })
+                tokio::spawn(
+                    async move { settler.settle(None, true, &delivery(n), Vec::new()).await },
+                )
             })
             .collect();
         first.await.expect("first settle");

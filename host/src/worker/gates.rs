@@ -1,6 +1,6 @@
 //! The gates a decoded task passes before it runs, in this order: not expired, not revoked,
-//! due (its `eta`), served by a plugin, within its rate limit, within its plugin's
-//! `max_instances`; then the time limits it runs under. Each gate lets the task through, or
+//! due (its `eta`), served by a plugin, within its rate limit, within its fleet-wide rate limit
+//! (counted in Redis), within its plugin's `max_instances`; then the time limits it runs under. Each gate lets the task through, or
 //! stops it: postponed (back to the delayed set until a given time, never held in a slot) or
 //! settled without running (revoked, or refused).
 //!
@@ -40,6 +40,7 @@ pub(super) enum Stop {
 pub(super) enum Wait {
     Eta,
     RateLimit(Duration),
+    FleetRateLimit(Duration),
     MaxInstances,
 }
 
@@ -49,6 +50,7 @@ impl Wait {
         match self {
             Self::Eta => "schedule a message with an eta",
             Self::RateLimit(_) => "reschedule a task over its rate limit",
+            Self::FleetRateLimit(_) => "reschedule a task over its fleet rate limit",
             Self::MaxInstances => "reschedule a task over its plugin's max_instances",
         }
     }
@@ -68,13 +70,17 @@ pub(super) struct Admitted<'a> {
 }
 
 /// Passes `message` through the gates, in order.
-pub(super) fn admit<'a>(shared: &'a Shared, message: &TaskMessage) -> Result<Admitted<'a>, Stop> {
+pub(super) async fn admit<'a>(
+    shared: &'a Shared,
+    message: &TaskMessage,
+) -> Result<Admitted<'a>, Stop> {
     let now = OffsetDateTime::now_utc();
     expiry(message, now)?;
     revocation(&shared.revocations, message)?;
     eta(message, now)?;
     let (plugin, spec) = registration(&shared.plugins.registry(), message)?;
     shared.gates.rate_limit(&message.task, spec.rate)?;
+    fleet_rate_limit(shared, &message.task).await?;
     let grants = shared.grants.load().for_plugin(&plugin.name);
     let slot = shared
         .gates
@@ -112,6 +118,36 @@ fn eta(message: &TaskMessage, now: OffsetDateTime) -> Result<(), Stop> {
             wait: Wait::Eta,
         }),
         _ => Ok(()),
+    }
+}
+
+/// The task's `fleet_rate_limit`, shared by every worker through Redis. A task over it is
+/// postponed until the next start is allowed, plus up to one interval of jitter, so the
+/// tasks waiting do not all come back at the same instant.
+async fn fleet_rate_limit(shared: &Shared, task: &str) -> Result<(), Stop> {
+    let Some(rate) = shared
+        .config
+        .task_overrides
+        .get(task)
+        .and_then(|o| o.fleet_rate_limit)
+    else {
+        return Ok(());
+    };
+    let interval = rate.interval();
+    let wait = crate::redis::retrying("take a start under a fleet rate limit", || {
+        shared.broker.take_fleet_start(task, interval)
+    })
+    .await;
+    match wait {
+        None => Ok(()),
+        Some(wait) => {
+            let wait = wait + interval.mul_f64(fastrand::f64());
+            Err(Stop::Postpone {
+                due_ms: now_ms()
+                    .saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)),
+                wait: Wait::FleetRateLimit(wait),
+            })
+        }
     }
 }
 

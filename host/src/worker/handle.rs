@@ -28,7 +28,7 @@ pub(super) async fn handle(shared: &Shared, delivery: &Delivery) {
     shared
         .events
         .task(&message.id, TaskEvent::Received(&message));
-    let admitted = match gates::admit(shared, &message) {
+    let admitted = match gates::admit(shared, &message).await {
         Ok(admitted) => admitted,
         Err(stop) => return settle::stopped(shared, delivery, &message, stop).await,
     };
@@ -100,6 +100,7 @@ impl Progress for ProgressWriter {
                 task_id: &self.task_id,
                 parent_id: self.parent_id.as_deref(),
                 group: self.group.as_deref(),
+                children: &[],
             };
             let doc = result_document(&who, &state, &meta, None, time::OffsetDateTime::now_utc());
             self.backend

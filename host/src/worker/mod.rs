@@ -14,6 +14,8 @@
 //! - [`remote`]: the worker as remote control, `/metrics` and `/healthz` see it.
 //! - [`held`], [`health`]: what the worker holds, and whether it is consuming.
 
+mod beat;
+mod canvas;
 mod commit;
 mod fetch;
 mod gates;
@@ -83,6 +85,8 @@ struct Shared {
     stop_tx: Stop,
     metrics: Arc<Metrics>,
     events: Arc<Events>,
+    /// The `[schedule]` entries this worker's scheduler sends (a config reload changes them).
+    schedule: watch::Sender<Arc<Vec<crate::config::schedule::Entry>>>,
 }
 
 /// Runs a worker until `shutdown` completes, then stops fetching, lets running tasks finish
@@ -204,6 +208,7 @@ async fn start(
         stop_tx,
         metrics,
         events,
+        schedule: watch::channel(Arc::new(config.schedule.clone().unwrap_or_default())).0,
         config,
     });
     Ok(Some((shared, presence)))
@@ -331,6 +336,14 @@ impl Background {
             tokio::spawn(crate::monitor::endpoint::serve(
                 listener,
                 Arc::new(remote::Status(shared.clone())),
+                stop.clone(),
+            ));
+        }
+        if config.schedule.is_some() {
+            tokio::spawn(beat::run(
+                shared.broker.clone(),
+                beat::SystemClock,
+                shared.schedule.subscribe(),
                 stop.clone(),
             ));
         }
@@ -468,27 +481,37 @@ async fn wind_down(
 /// that start from then on; an invalid one is refused with the reason, and the old one stays.
 fn config_reloader(shared: &Arc<Shared>, path: Option<PathBuf>) -> impl Fn() + Send + 'static {
     let grants = shared.grants.clone();
+    let schedule = shared
+        .config
+        .schedule
+        .is_some()
+        .then(|| shared.schedule.clone());
     let max_memory = shared.sandbox.max_memory_bytes();
     let max_table = shared.sandbox.max_table_elements();
     move || {
         let Some(path) = &path else { return };
-        let loaded = FileConfig::load(Some(path))
-            .and_then(|(file, _)| file.grants(&|var| std::env::var(var).ok()));
+        let loaded = FileConfig::load(Some(path)).and_then(|(file, _)| {
+            let table = file.grants(&|var| std::env::var(var).ok())?;
+            Ok((table, file.schedule()?))
+        });
         match loaded {
-            Ok(table) if table.max_memory_bytes() > max_memory => tracing::error!(
+            Ok((table, _)) if table.max_memory_bytes() > max_memory => tracing::error!(
                 file = %path.display(),
                 "config change refused, the previous config stays: a memory limit above the \
                  {} MiB this worker started with needs a restart",
                 max_memory >> 20
             ),
-            Ok(table) if table.max_table_elements() > max_table => tracing::error!(
+            Ok((table, _)) if table.max_table_elements() > max_table => tracing::error!(
                 file = %path.display(),
                 "config change refused, the previous config stays: a table limit above the \
                  {max_table} elements this worker started with needs a restart"
             ),
-            Ok(table) => {
+            Ok((table, entries)) => {
                 grants.store(Arc::new(table));
-                tracing::info!(file = %path.display(), "config reloaded: new grants apply to tasks starting now");
+                if let Some(schedule) = &schedule {
+                    schedule.send_replace(Arc::new(entries));
+                }
+                tracing::info!(file = %path.display(), "config reloaded: new grants apply to tasks starting now; the schedule is the file's");
             }
             Err(e) => tracing::error!(
                 file = %path.display(),

@@ -145,6 +145,7 @@ mod tests {
             eta: None,
             expires: None,
             retries,
+            ..Default::default()
         }
         .encode("test-host");
         TaskMessage::decode(&sent).expect("decodes")

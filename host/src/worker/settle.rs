@@ -4,6 +4,7 @@
 //! dead-lettered. Every message that reaches the worker leaves through one of these.
 
 use super::Shared;
+use super::canvas::{self, FollowUps};
 use super::gates::{Admitted, Stop, Wait};
 use super::retry::{self, Retry, RetryPolicy};
 use crate::monitor::metrics::TaskOutcome;
@@ -117,6 +118,9 @@ pub(super) async fn stopped(
                 Wait::RateLimit(wait) => {
                     tracing::debug!(task_id = %message.id, wait_s = wait.as_secs_f64(), "task over its rate limit; rescheduled")
                 }
+                Wait::FleetRateLimit(wait) => {
+                    tracing::debug!(task_id = %message.id, wait_s = wait.as_secs_f64(), "task over its fleet rate limit; rescheduled")
+                }
                 Wait::MaxInstances => {
                     tracing::debug!(task_id = %message.id, task = %message.task, "plugin at max_instances; task rescheduled")
                 }
@@ -134,13 +138,30 @@ async fn succeeded(
     result: &RawValue,
     runtime: f64,
 ) {
+    let follow = match canvas::after_success(shared, message, result).await {
+        Ok(follow) => follow,
+        Err(e) => {
+            // Celery fails a task whose callbacks cannot be sent; so does taskhost, saying why.
+            let exception = Exception::new("InvalidTaskError", format!("canvas: {e}"));
+            return failed(shared, delivery, message, &exception, Some(runtime)).await;
+        }
+    };
     shared
         .metrics
         .task(&message.task, TaskOutcome::Succeeded, Some(runtime));
     shared
         .events
         .task(&message.id, TaskEvent::Succeeded { result, runtime });
-    finish(shared, delivery, message, State::Success, result, None).await;
+    finish(
+        shared,
+        delivery,
+        message,
+        State::Success,
+        result,
+        None,
+        follow,
+    )
+    .await;
 }
 
 /// Stores a FAILURE and settles the message; `runtime` if the task ran.
@@ -158,6 +179,7 @@ async fn failed(
     shared
         .events
         .task(&message.id, TaskEvent::Failed(exception));
+    let follow = canvas::after_failure(shared, message, exception).await;
     finish(
         shared,
         delivery,
@@ -165,6 +187,7 @@ async fn failed(
         State::Failure,
         &exception.to_json(),
         exception.traceback.as_deref(),
+        follow,
     )
     .await;
 }
@@ -194,12 +217,13 @@ async fn revoked(
         State::Revoked,
         &exception.to_json(),
         None,
+        FollowUps::default(),
     )
     .await;
 }
 
-/// Stores the task's final state (unless the producer asked to ignore its result) and
-/// acknowledges its message, through the group commit.
+/// Stores the task's final state (unless the producer asked to ignore its result), counts it
+/// in its chord, and acknowledges its message with what follows it, through the group commit.
 async fn finish<R: serde::Serialize + ?Sized>(
     shared: &Shared,
     delivery: &Delivery,
@@ -207,10 +231,15 @@ async fn finish<R: serde::Serialize + ?Sized>(
     state: State,
     result: &R,
     traceback: Option<&str>,
+    mut follow: FollowUps,
 ) {
-    let document = (!message.ignore_result).then(|| {
+    let meta = Meta {
+        children: &follow.children,
+        ..message.meta()
+    };
+    let mut document = (!message.ignore_result).then(|| {
         let doc = result_document(
-            &message.meta(),
+            &meta,
             state.as_str(),
             result,
             traceback,
@@ -218,10 +247,22 @@ async fn finish<R: serde::Serialize + ?Sized>(
         );
         (message.id.clone(), doc)
     });
+    if message.embed.chord.is_some() {
+        // A chord part is counted once its state is stored (the body may read it at once).
+        if let Some((id, doc)) = document.take() {
+            retrying("store a result", || shared.backend.store(&id, &doc)).await;
+        }
+        let result = serde_json::to_string(result).unwrap_or_else(|_| "null".into());
+        canvas::chord_part(shared, message, state, &result, &mut follow).await;
+    }
+    let completed = follow.completed.take();
     shared
         .settler
-        .settle(document, state == State::Success, delivery)
+        .settle(document, state == State::Success, delivery, follow.publish)
         .await;
+    if let Some((group_id, token)) = completed {
+        canvas::cleanup(shared, &group_id, &token).await;
+    }
 }
 
 /// Moves `delivery`'s message, unchanged, to the delayed set until `due_ms` (retrying until
@@ -296,6 +337,13 @@ pub(super) enum Refusal<'a> {
 }
 
 impl Refusal<'_> {
+    fn message(&self) -> Option<&TaskMessage> {
+        match self {
+            Self::Undecodable(_) => None,
+            Self::NotRegistered(m) | Self::Rejected { message: m, .. } => Some(m),
+        }
+    }
+
     fn task_id(&self) -> Option<&str> {
         match self {
             Self::Undecodable(bad) => bad.task_id.as_deref(),
@@ -337,6 +385,22 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
     if let Some(id) = task_id {
         let doc = exception_document(&Meta::of(id), State::Failure, &exception);
         retrying("store a result", || shared.backend.store(id, &doc)).await;
+    }
+    if let Some(message) = refusal.message() {
+        // A refused task fails its chain, chord and errbacks as a failed one does, so no
+        // workflow waits on it forever.
+        let mut follow = canvas::after_failure(shared, message, &exception).await;
+        let result = exception.to_json().to_string();
+        canvas::chord_part(shared, message, State::Failure, &result, &mut follow).await;
+        if !follow.publish.is_empty() {
+            retrying("publish what follows a refused task", || {
+                shared.broker.push(&follow.publish)
+            })
+            .await;
+        }
+        if let Some((group_id, token)) = follow.completed {
+            canvas::cleanup(shared, &group_id, &token).await;
+        }
     }
     tracing::error!(
         task_id = task_id.unwrap_or("-"), task = task.unwrap_or("-"),

@@ -12,6 +12,14 @@ tasks! {
             .ok_or_else(|| Failure::error("OverflowError", format!("{x} + {y} overflows a 64-bit integer")))
     }
 
+    /// The sum of a list of integers: a chord body over `demo.add` parts.
+    #[task(name = "demo.tsum")]
+    fn tsum(numbers: Vec<i64>) -> Result<i64> {
+        numbers.iter().try_fold(0i64, |sum, n| sum.checked_add(*n)).ok_or_else(|| {
+            Failure::error("OverflowError", "the sum overflows a 64-bit integer")
+        })
+    }
+
     /// Returns its argument unchanged, whatever JSON it is.
     #[task(name = "demo.echo")]
     fn echo(value: Value) -> Result<Value> {

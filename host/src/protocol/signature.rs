@@ -1,0 +1,236 @@
+//! Celery's signatures (`celery/canvas.py`): a task, chain, group or chord as a dict of
+//! `task, args, kwargs, options, subtask_type, immutable`, read, and edited as Celery freezes
+//! them into their groups and chains.
+
+use serde_json::{Map, Value, json};
+
+/// Why a signature cannot be applied.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CanvasError {
+    #[error("a signature is not an object with a task name: {0}")]
+    NotASignature(String),
+    #[error("{0} signatures are not supported by taskhost (see the README's canvas section)")]
+    Unsupported(String),
+    #[error("a {kind} signature has no {field}")]
+    Missing {
+        kind: &'static str,
+        field: &'static str,
+    },
+}
+
+/// A signature, read.
+#[derive(Debug, Clone)]
+pub(super) struct Signature {
+    pub(super) task: String,
+    pub(super) args: Vec<Value>,
+    pub(super) kwargs: Map<String, Value>,
+    pub(super) options: Map<String, Value>,
+    pub(super) immutable: bool,
+    pub(super) kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum Kind {
+    Task,
+    Chain(Vec<Value>),
+    Group(Vec<Value>),
+    Chord {
+        header: Vec<Value>,
+        /// The header group's id, when the producer froze it.
+        group_id: Option<String>,
+        body: Value,
+    },
+}
+
+impl Signature {
+    pub(super) fn parse(value: &Value) -> Result<Self, CanvasError> {
+        let not_one =
+            || CanvasError::NotASignature(super::message::truncate(&value.to_string(), 80));
+        let object = value.as_object().ok_or_else(not_one)?;
+        let task = object
+            .get("task")
+            .and_then(Value::as_str)
+            .ok_or_else(not_one)?
+            .to_owned();
+        let args = match object.get("args") {
+            Some(Value::Array(items)) => items.clone(),
+            _ => Vec::new(),
+        };
+        let kwargs = match object.get("kwargs") {
+            Some(Value::Object(map)) => map.clone(),
+            _ => Map::new(),
+        };
+        let kind = match object.get("subtask_type").and_then(Value::as_str) {
+            None => Kind::Task,
+            Some("chain") => Kind::Chain(tasks_of(&kwargs, "chain")?),
+            Some("group") => Kind::Group(tasks_of(&kwargs, "group")?),
+            Some("chord") => {
+                let (header, group_id) = header_of(&kwargs)?;
+                Kind::Chord {
+                    header,
+                    group_id,
+                    body: kwargs.get("body").cloned().ok_or(CanvasError::Missing {
+                        kind: "chord",
+                        field: "body",
+                    })?,
+                }
+            }
+            Some(other) => return Err(CanvasError::Unsupported(other.to_owned())),
+        };
+        Ok(Self {
+            task,
+            args,
+            kwargs,
+            options: match object.get("options") {
+                Some(Value::Object(map)) => map.clone(),
+                _ => Map::new(),
+            },
+            immutable: object
+                .get("immutable")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            kind,
+        })
+    }
+
+    pub(super) fn option_text(&self, key: &str) -> Option<String> {
+        text(&Value::Object(self.options.clone()), key)
+    }
+
+    /// The arguments after `partial` is prepended (unless immutable).
+    pub(super) fn merged_args(&self, partial: Vec<Value>) -> Vec<Value> {
+        if self.immutable || partial.is_empty() {
+            self.args.clone()
+        } else {
+            partial
+                .into_iter()
+                .chain(self.args.iter().cloned())
+                .collect()
+        }
+    }
+}
+
+pub(super) fn text(value: &Value, key: &str) -> Option<String> {
+    value.get(key).and_then(Value::as_str).map(str::to_owned)
+}
+
+fn tasks_of(kwargs: &Map<String, Value>, kind: &'static str) -> Result<Vec<Value>, CanvasError> {
+    match kwargs.get("tasks") {
+        Some(Value::Array(items)) => Ok(items.clone()),
+        // A group of one may be stored as the signature itself.
+        Some(sig @ Value::Object(_)) => Ok(vec![sig.clone()]),
+        _ => Err(CanvasError::Missing {
+            kind,
+            field: "tasks",
+        }),
+    }
+}
+
+/// A chord's header: a list of signatures, or a group signature holding them (and the group's
+/// frozen id).
+fn header_of(kwargs: &Map<String, Value>) -> Result<(Vec<Value>, Option<String>), CanvasError> {
+    match kwargs.get("header") {
+        Some(Value::Array(items)) => Ok((items.clone(), None)),
+        Some(group @ Value::Object(_)) => {
+            let id = group.get("options").and_then(|o| text(o, "task_id"));
+            match group.get("kwargs").and_then(|k| k.get("tasks")) {
+                Some(Value::Array(items)) => Ok((items.clone(), id)),
+                _ => Ok((vec![group.clone()], None)),
+            }
+        }
+        _ => Err(CanvasError::Missing {
+            kind: "chord",
+            field: "header",
+        }),
+    }
+}
+
+/// A group signature of `tasks`, as Celery writes one.
+pub(super) fn group_of(tasks: Vec<Value>) -> Value {
+    json!({
+        "task": "celery.group",
+        "args": [],
+        "kwargs": {"tasks": tasks},
+        "options": {},
+        "subtask_type": "group",
+        "immutable": false,
+    })
+}
+
+pub(super) fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+pub(super) fn add_to_list_option(sig: &mut Value, key: &str, extra: &Value) {
+    let Some(object) = sig.as_object_mut() else {
+        return;
+    };
+    let options = object
+        .entry("options")
+        .or_insert_with(|| Value::Object(Map::new()));
+    let Some(options) = options.as_object_mut() else {
+        return;
+    };
+    let mut list = match options.remove(key) {
+        Some(Value::Array(items)) => items,
+        Some(one @ Value::Object(_)) => vec![one],
+        _ => Vec::new(),
+    };
+    match extra {
+        Value::Array(items) => list.extend(items.iter().cloned()),
+        one => list.push(one.clone()),
+    }
+    options.insert(key.into(), Value::Array(list));
+}
+
+/// Freezes a group member into its group: on a chain, its last step carries the group.
+pub(super) fn set_options(member: &mut Value, group_id: &str, index: usize, chord: Option<&Value>) {
+    let target = if member.get("subtask_type").and_then(Value::as_str) == Some("chain") {
+        match member
+            .get_mut("kwargs")
+            .and_then(|k| k.get_mut("tasks"))
+            .and_then(Value::as_array_mut)
+            .and_then(|t| t.last_mut())
+        {
+            Some(last) => last,
+            None => return,
+        }
+    } else {
+        member
+    };
+    let Some(object) = target.as_object_mut() else {
+        return;
+    };
+    let options = object
+        .entry("options")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Some(options) = options.as_object_mut() {
+        options.insert("group_id".into(), json!(group_id));
+        options.insert("group_index".into(), json!(index));
+        if let Some(body) = chord {
+            options.insert("chord".into(), body.clone());
+        }
+        options.entry("task_id").or_insert_with(|| json!(new_id()));
+    }
+}
+
+/// A chain body is its first task with the rest as that task's chain, as Celery 5.7 unrolls it
+/// so that the header parts do not each carry the whole chain.
+pub(super) fn unroll_body(body: Value) -> Result<Value, CanvasError> {
+    let sig = Signature::parse(&body)?;
+    let Kind::Chain(tasks) = sig.kind else {
+        return Ok(body);
+    };
+    let Some((first, rest)) = tasks.split_first() else {
+        return Err(CanvasError::Missing {
+            kind: "chord body chain",
+            field: "tasks",
+        });
+    };
+    let mut first = first.clone();
+    if !rest.is_empty() {
+        let reversed: Vec<Value> = rest.iter().rev().cloned().collect();
+        add_to_list_option(&mut first, "chain", &Value::Array(reversed));
+    }
+    Ok(first)
+}

@@ -1,0 +1,265 @@
+//! What follows a task in Celery's canvas, worked out as the task settles: on success its
+//! callbacks and next chain step (given the result); on failure the chain steps it dooms and
+//! its errbacks (given its id); for a chord part, its share of the chord's count, the last part
+//! calling the body with every result in header order or failing it with a ChordError. Chord
+//! sizes and doomed states are written here; the messages go out with the task's
+//! acknowledgement (`commit`), so a task that runs again after a crash sends them again rather
+//! than never.
+
+use super::Shared;
+use crate::protocol::canvas::{self, CanvasError, Origin, Step};
+use crate::protocol::{Exception, Meta, State, TaskMessage, exception_document, parse, pyrepr};
+use crate::redis::chord::{Joined, Part};
+use crate::redis::keys::queue_key;
+use crate::redis::retrying;
+use crate::redis::settle::Outgoing;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+
+/// The queue of a signature that names none: Celery's `task_default_queue`.
+const DEFAULT_QUEUE: &str = "celery";
+
+/// What a settling task sends on.
+#[derive(Default)]
+pub(super) struct FollowUps {
+    /// Published with the acknowledgement.
+    pub publish: Vec<Outgoing>,
+    /// The result tuples recorded as the task's `children`.
+    pub children: Vec<Value>,
+    /// A chord this task completed (group id, claim token): cleaned up once its body is out.
+    pub completed: Option<(String, String)>,
+}
+
+fn origin<'a>(parent_id: &'a str, root_id: &'a str) -> Origin<'a> {
+    Origin {
+        parent_id: Some(parent_id),
+        root_id: Some(root_id),
+        default_queue: DEFAULT_QUEUE,
+        now: OffsetDateTime::now_utc(),
+    }
+}
+
+fn root_of(message: &TaskMessage) -> &str {
+    message.root_id.as_deref().unwrap_or(&message.id)
+}
+
+/// The callbacks and next chain step of a task that succeeded with `result`.
+pub(super) async fn after_success(
+    shared: &Shared,
+    message: &TaskMessage,
+    result: &RawValue,
+) -> Result<FollowUps, CanvasError> {
+    let embed = &message.embed;
+    let mut follow = FollowUps::default();
+    if embed.callbacks.is_empty() && embed.chain.is_empty() {
+        return Ok(follow);
+    }
+    let mut steps = Vec::new();
+    let origin = origin(&message.id, root_of(message));
+    follow.children = canvas::succeeded(embed, &parse(result), &origin, &mut steps)?;
+    carry_out(shared, steps, &mut follow.publish).await;
+    Ok(follow)
+}
+
+/// What a failed task takes down with it, as Celery's `mark_as_failure`: every later chain
+/// step (a chord part among them counted as failed), then its errbacks, sent its id.
+pub(super) async fn after_failure(
+    shared: &Shared,
+    message: &TaskMessage,
+    exception: &Exception,
+) -> FollowUps {
+    let mut follow = FollowUps::default();
+    let failure = exception.to_json().to_string();
+    for doomed in canvas::doomed(&message.embed.chain) {
+        let meta = Meta {
+            group: doomed.group_id.as_deref(),
+            ..Meta::of(&doomed.task_id)
+        };
+        let doc = exception_document(&meta, State::Failure, exception);
+        retrying("store a failed chain step", || {
+            shared.backend.store(&doomed.task_id, &doc)
+        })
+        .await;
+        if let (Some(body), Some(group_id)) = (&doomed.chord, &doomed.group_id) {
+            let part = Part {
+                group_id,
+                task_id: &doomed.task_id,
+                index: doomed.group_index,
+                state: State::Failure.as_str(),
+                result: &failure,
+            };
+            part_returned(shared, &part, body, root_of(message), &mut follow).await;
+        }
+    }
+    let origin = origin(&message.id, root_of(message));
+    send_errbacks(shared, &message.embed.errbacks, &origin, &mut follow).await;
+    follow
+}
+
+/// Counts a chord part that ended in `state` with `result` (JSON text), after its state is
+/// stored and before its message is acknowledged; a part that runs again is counted once.
+pub(super) async fn chord_part(
+    shared: &Shared,
+    message: &TaskMessage,
+    state: State,
+    result: &str,
+    follow: &mut FollowUps,
+) {
+    let (Some(body), Some(group_id)) = (&message.embed.chord, &message.group) else {
+        return;
+    };
+    let part = Part {
+        group_id,
+        task_id: &message.id,
+        index: message.group_index,
+        state: state.as_str(),
+        result,
+    };
+    part_returned(shared, &part, body, root_of(message), follow).await;
+}
+
+/// Deletes a completed chord's data once its body is out.
+pub(super) async fn cleanup(shared: &Shared, group_id: &str, token: &str) {
+    let cleaned = retrying("clean up a chord", || {
+        shared.backend.chord_cleanup(group_id, token)
+    })
+    .await;
+    if !cleaned {
+        tracing::warn!(
+            group_id,
+            "chord claim lapsed before cleanup: its data is left to expire"
+        );
+    }
+}
+
+async fn part_returned(
+    shared: &Shared,
+    part: &Part<'_>,
+    body: &Value,
+    root_id: &str,
+    follow: &mut FollowUps,
+) {
+    let joined = retrying("count a chord part", || {
+        shared.backend.chord_part_return(part)
+    })
+    .await;
+    let Joined::Claimed { parts, token } = joined else {
+        return;
+    };
+    follow.completed = Some((part.group_id.to_owned(), token));
+    let origin = origin(part.task_id, root_id);
+    let called = match join(&parts) {
+        Ok(results) => {
+            let mut steps = Vec::new();
+            canvas::apply(body, vec![Value::Array(results)], &origin, &mut steps)
+                .map(|_| steps)
+                .map_err(|e| Exception::new("ChordError", format!("Callback error: {e}")))
+        }
+        Err(error) => Err(error),
+    };
+    match called {
+        Ok(steps) => carry_out(shared, steps, &mut follow.publish).await,
+        Err(error) => {
+            tracing::warn!(group_id = part.group_id, "chord failed: {}", error.message);
+            body_failed(shared, body, &error, root_id, follow).await;
+            retrying("forget a failed chord's size", || {
+                shared.backend.drop_chord_size(part.group_id)
+            })
+            .await;
+        }
+    }
+}
+
+/// The header's results in order, or the ChordError naming the first part that failed.
+fn join(parts: &[String]) -> Result<Vec<Value>, Exception> {
+    let mut results = Vec::with_capacity(parts.len());
+    for text in parts {
+        let part: Value = serde_json::from_str(text)
+            .map_err(|e| Exception::new("ChordError", format!("Join error: {e}")))?;
+        let (id, state, result) = (&part[1], part[2].as_str().unwrap_or(""), &part[3]);
+        if state == State::Failure.as_str() || state == State::Revoked.as_str() {
+            let kind = result["exc_type"].as_str().unwrap_or("Exception");
+            let message = result["exc_message"]
+                .get(0)
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            return Err(Exception::new(
+                "ChordError",
+                format!(
+                    "Dependency {} raised {}",
+                    id.as_str().unwrap_or("?"),
+                    pyrepr::exception_repr(kind, message)
+                ),
+            ));
+        }
+        results.push(result.clone());
+    }
+    Ok(results)
+}
+
+/// Celery's `chord_error_from_stack`: the body's result is the ChordError, and the body's
+/// errbacks are sent its id.
+async fn body_failed(
+    shared: &Shared,
+    body: &Value,
+    error: &Exception,
+    root_id: &str,
+    follow: &mut FollowUps,
+) {
+    let options = body.get("options").unwrap_or(&Value::Null);
+    let Some(body_id) = options.get("task_id").and_then(Value::as_str) else {
+        return;
+    };
+    let meta = Meta {
+        group: options.get("group_id").and_then(Value::as_str),
+        ..Meta::of(body_id)
+    };
+    let doc = exception_document(&meta, State::Failure, error);
+    retrying("store a chord body's failure", || {
+        shared.backend.store(body_id, &doc)
+    })
+    .await;
+    let errbacks = match options.get("link_error") {
+        Some(Value::Array(items)) => items.clone(),
+        Some(one @ Value::Object(_)) => vec![one.clone()],
+        _ => Vec::new(),
+    };
+    send_errbacks(shared, &errbacks, &origin(body_id, root_id), follow).await;
+}
+
+async fn send_errbacks(
+    shared: &Shared,
+    errbacks: &[Value],
+    origin: &Origin<'_>,
+    follow: &mut FollowUps,
+) {
+    let Some(failed_id) = origin.parent_id else {
+        return;
+    };
+    let mut steps = Vec::new();
+    match canvas::errbacks(errbacks, failed_id, origin, &mut steps) {
+        Ok(()) => carry_out(shared, steps, &mut follow.publish).await,
+        Err(e) => tracing::error!(task_id = failed_id, "errbacks not sent: {e}"),
+    }
+}
+
+/// Carries out `steps` in order: chord sizes written now, messages kept for the
+/// acknowledgement (which follows, so every size is written before its last header task).
+async fn carry_out(shared: &Shared, steps: Vec<Step>, publish: &mut Vec<Outgoing>) {
+    let hostname = crate::node::machine_hostname();
+    for step in steps {
+        match step {
+            Step::ChordSize { group_id, size } => {
+                retrying("write a chord's size", || {
+                    shared.backend.set_chord_size(&group_id, size)
+                })
+                .await;
+            }
+            Step::Publish(task) => publish.push(Outgoing {
+                key: queue_key(&task.queue, task.priority),
+                raw: task.encode(&hostname),
+            }),
+        }
+    }
+}
