@@ -296,3 +296,20 @@ assert r.parent.state == "FAILURE"
 "#,
     );
 }
+
+#[test]
+fn a_plugin_fans_out_tasks_a_group_and_a_chord_from_inside_a_task() {
+    let s = setup("canvas-fanout");
+    s.python(
+        r#"
+r = app.send_task("demo.fanout", (100,))
+out = r.get(timeout=30)
+assert [AsyncResult(i).get(timeout=30) for i in out["tasks"]] == [2 * i for i in range(100)]
+assert AsyncResult(out["chord"]).get(timeout=30) == sum(2 * i for i in range(100))
+first = AsyncResult(out["tasks"][0])._get_task_meta()
+assert first["parent_id"] == r.id, first
+members = [c for c in r.children if c.id == out["group"]]
+assert members and members[0].get(timeout=30) == [i + 1 for i in range(100)], r.children
+"#,
+    );
+}

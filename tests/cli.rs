@@ -5,7 +5,9 @@
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use taskhost_tests::{Client, Process, RedisServer, TestDir, plugin_wasm, wait_for};
+use taskhost_tests::{
+    Client, Process, RedisServer, TestDir, plugin_wasm, test_plugin_wasm, wait_for,
+};
 
 fn path(p: &Path) -> String {
     p.to_string_lossy().into_owned()
@@ -54,6 +56,22 @@ fn exec_runs_one_task_locally_and_prints_its_result() {
     let out = exec_demo(&["demo.add", "--args", "[2, 3]"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(out.stdout.trim(), "5");
+}
+
+#[test]
+fn a_plugin_built_for_an_earlier_minor_wit_version_still_runs() {
+    let dir = TestDir::new("exec-legacy");
+    let legacy = path(&test_plugin_wasm("legacy"));
+    let out = run(&dir, &["exec", &legacy, "legacy.add", "--args", "[2, 3]"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout.trim(), "5");
+}
+
+#[test]
+fn exec_of_a_task_that_sends_tasks_says_sending_needs_a_worker() {
+    let out = exec_demo(&["demo.fanout", "--args", "[1]"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("needs a worker"), "{out:?}");
 }
 
 #[test]
@@ -117,7 +135,7 @@ fn plugins_lists_each_plugin_with_its_tasks() {
     assert!(out.status.success(), "{out:?}");
     for expected in [
         "demo  version",
-        "wit taskhost:plugin@0.1.0",
+        "wit taskhost:plugin@0.1.1",
         "demo.add",
         "tasks.evaluate_code",
         "max_retries=3",

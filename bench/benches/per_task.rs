@@ -61,6 +61,7 @@ fn per_task(c: &mut Criterion) {
         task_id: message.id.as_str().into(),
         grants: grants.for_plugin(&plugin.name),
         progress: None,
+        outbox: None,
     };
     let task = task_record(&message, None, "bench@localhost");
 

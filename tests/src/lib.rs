@@ -109,6 +109,7 @@ fn built() -> &'static Built {
         // Test plugins; `versioned` twice, as two versions of one plugin.
         for (features, from, to) in [
             ("", "wrongwit", "wrongwit"),
+            ("", "legacy", "legacy"),
             ("", "hostile", "hostile"),
             ("", "versioned", "versioned-v1"),
             ("versioned/v2", "versioned", "versioned-v2"),
@@ -168,7 +169,8 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
 }
 
 /// A test plugin: `versioned-v1`, `versioned-v2` (one plugin serving demo.add and demo.echo,
-/// reporting which build ran), `wrongwit` (built for a WIT version the host does not support).
+/// reporting which build ran), `wrongwit` (built for a WIT version the host does not support),
+/// `legacy` (built for taskhost:plugin@0.1.0, before `host.send`).
 pub fn test_plugin_wasm(name: &str) -> PathBuf {
     built().test_plugins.join(format!("{name}.wasm"))
 }

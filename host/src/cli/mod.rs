@@ -6,11 +6,13 @@
 //! - [`task`]: `call` and `exec`.
 //! - [`fleet`]: `plugins`, `deploy`, `rollback`, `deployments`.
 //! - [`dead`]: `dead list|show|requeue|purge`.
+//! - [`schedule`]: `beat` and `schedule list`.
 //! - [`dev`]: the private redis-server of `taskhost dev`.
 
 mod dead;
 mod dev;
 mod fleet;
+mod schedule;
 mod task;
 mod worker;
 
@@ -72,13 +74,18 @@ pub enum Command {
     /// Inspect and replay the dead-letter list: messages that could not be run.
     #[command(subcommand)]
     Dead(dead::DeadCommand),
+    /// Run only the scheduler: send the `[schedule]` entries' ticks (workers run it too).
+    Beat(schedule::BeatArgs),
+    /// Show the `[schedule]` entries with their last and next runs.
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCommand),
 }
 
 /// Parses the command line, sets up logging and runs the command; returns the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Worker(_) | Command::Dev(_) => LogLevel::Info,
+        Command::Worker(_) | Command::Dev(_) | Command::Beat(_) => LogLevel::Info,
         _ => LogLevel::Warning,
     };
     init_logging(cli.loglevel.unwrap_or(default_level), cli.log_format);
@@ -145,6 +152,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Rollback(args) => fleet::rollback(&args).await?,
         Command::Deployments(args) => fleet::deployments(&args).await?,
         Command::Dead(command) => dead::dead(command).await?,
+        Command::Beat(args) => schedule::beat(&args).await?,
+        Command::Schedule(command) => schedule::schedule(command).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -255,6 +255,7 @@ pub async fn load(
         task_id: "-".into(),
         grants: grants.for_plugin(&name),
         progress: None,
+        outbox: None,
     };
     let (declared, infos) = sandbox.describe(&pre, scope).await?;
     let tasks = task_specs(&name, infos)?;

@@ -70,4 +70,20 @@ impl host::Host for TaskState {
     async fn config(&mut self, key: String) -> Option<String> {
         self.scope.grants.config.get(&key).cloned()
     }
+
+    async fn send(&mut self, signature: String) -> Result<String, String> {
+        let cap = self.scope.grants.limits.result_bytes;
+        if signature.len() > cap {
+            return Err(format!(
+                "the signature is {} bytes, over the {cap}-byte result limit",
+                signature.len()
+            ));
+        }
+        let signature: serde_json::Value = serde_json::from_str(&signature)
+            .map_err(|e| format!("the signature is not JSON: {e}"))?;
+        match &self.scope.outbox {
+            Some(outbox) => outbox.send(signature).await.map_err(|e| e.to_string()),
+            None => Err("sending tasks needs a worker and its broker (not `taskhost exec`)".into()),
+        }
+    }
 }

@@ -47,7 +47,7 @@ pub use bindings::taskhost::plugin::types::TaskDefaults;
 
 /// The WIT package plugins are built against, and the versions of it this host runs.
 pub const WIT_PACKAGE: &str = "taskhost:plugin";
-pub const SUPPORTED_WIT_VERSIONS: &[&str] = &["0.1.0"];
+pub const SUPPORTED_WIT_VERSIONS: &[&str] = &["0.1.0", "0.1.1"];
 
 /// How often the epoch advances: a running guest yields to other tasks at least this often.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -66,6 +66,20 @@ pub trait Progress: Send + Sync {
 #[error("cannot store the progress: {0}")]
 pub struct ProgressError(pub String);
 
+/// Takes the tasks a running task sends (`send`).
+pub trait Outbox: Send + Sync {
+    /// Accepts Celery's signature JSON; returns the id of what will be sent.
+    fn send(
+        &self,
+        signature: serde_json::Value,
+    ) -> Pin<Box<dyn Future<Output = Result<String, SendError>> + Send + '_>>;
+}
+
+/// Why a task could not be sent; the plugin's `send` gets the text.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot send: {0}")]
+pub struct SendError(pub String);
+
 /// Who is running: the plugin, the task, and what the plugin is granted.
 #[derive(Clone)]
 pub struct Scope {
@@ -74,6 +88,8 @@ pub struct Scope {
     pub task_id: Arc<str>,
     pub grants: Arc<Grants>,
     pub progress: Option<Arc<dyn Progress>>,
+    /// Where the tasks it sends go; none where there is no broker (`taskhost exec`).
+    pub outbox: Option<Arc<dyn Outbox>>,
 }
 
 /// The state of one store: everything one task run can reach.

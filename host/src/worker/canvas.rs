@@ -11,11 +11,18 @@ use crate::protocol::canvas::{self, CanvasError, Origin, Step};
 use crate::protocol::{Exception, Meta, State, TaskMessage, exception_document, parse, pyrepr};
 use crate::redis::chord::{Joined, Part};
 use crate::redis::keys::queue_key;
-use crate::redis::retrying;
 use crate::redis::settle::Outgoing;
+use crate::redis::{Backend, retrying};
+use crate::sandbox::SendError;
 use serde_json::Value;
 use serde_json::value::RawValue;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
 use time::OffsetDateTime;
+
+/// The most messages one task may send through `send` (a group counts each member).
+const MAX_SENT: usize = 10_000;
 
 /// The queue of a signature that names none: Celery's `task_default_queue`.
 const DEFAULT_QUEUE: &str = "celery";
@@ -29,6 +36,14 @@ pub(super) struct FollowUps {
     pub children: Vec<Value>,
     /// A chord this task completed (group id, claim token): cleaned up once its body is out.
     pub completed: Option<(String, String)>,
+}
+
+impl FollowUps {
+    /// Adds what the task itself sent.
+    pub fn add(&mut self, sent: Sent) {
+        self.publish.extend(sent.publish);
+        self.children.extend(sent.children);
+    }
 }
 
 fn origin<'a>(parent_id: &'a str, root_id: &'a str) -> Origin<'a> {
@@ -58,7 +73,7 @@ pub(super) async fn after_success(
     let mut steps = Vec::new();
     let origin = origin(&message.id, root_of(message));
     follow.children = canvas::succeeded(embed, &parse(result), &origin, &mut steps)?;
-    carry_out(shared, steps, &mut follow.publish).await;
+    carry_out(&shared.backend, steps, &mut follow.publish).await;
     Ok(follow)
 }
 
@@ -159,7 +174,7 @@ async fn part_returned(
         Err(error) => Err(error),
     };
     match called {
-        Ok(steps) => carry_out(shared, steps, &mut follow.publish).await,
+        Ok(steps) => carry_out(&shared.backend, steps, &mut follow.publish).await,
         Err(error) => {
             tracing::warn!(group_id = part.group_id, "chord failed: {}", error.message);
             body_failed(shared, body, &error, root_id, follow).await;
@@ -239,20 +254,20 @@ async fn send_errbacks(
     };
     let mut steps = Vec::new();
     match canvas::errbacks(errbacks, failed_id, origin, &mut steps) {
-        Ok(()) => carry_out(shared, steps, &mut follow.publish).await,
+        Ok(()) => carry_out(&shared.backend, steps, &mut follow.publish).await,
         Err(e) => tracing::error!(task_id = failed_id, "errbacks not sent: {e}"),
     }
 }
 
 /// Carries out `steps` in order: chord sizes written now, messages kept for the
 /// acknowledgement (which follows, so every size is written before its last header task).
-async fn carry_out(shared: &Shared, steps: Vec<Step>, publish: &mut Vec<Outgoing>) {
+async fn carry_out(backend: &Backend, steps: Vec<Step>, publish: &mut Vec<Outgoing>) {
     let hostname = crate::node::machine_hostname();
     for step in steps {
         match step {
             Step::ChordSize { group_id, size } => {
                 retrying("write a chord's size", || {
-                    shared.backend.set_chord_size(&group_id, size)
+                    backend.set_chord_size(&group_id, size)
                 })
                 .await;
             }
@@ -261,5 +276,67 @@ async fn carry_out(shared: &Shared, steps: Vec<Step>, publish: &mut Vec<Outgoing
                 raw: task.encode(&hostname),
             }),
         }
+    }
+}
+
+/// What a running task sends through `send`: applied at once (chord sizes written), the
+/// messages kept until the task settles and published with its acknowledgement.
+pub(super) struct Outbox {
+    backend: Backend,
+    parent_id: String,
+    root_id: String,
+    sent: Mutex<Sent>,
+}
+
+#[derive(Default)]
+pub(super) struct Sent {
+    pub publish: Vec<Outgoing>,
+    /// The result tuples of what was sent, recorded among the task's `children`.
+    pub children: Vec<Value>,
+}
+
+impl Outbox {
+    pub(super) fn new(backend: Backend, message: &TaskMessage) -> Self {
+        Self {
+            backend,
+            parent_id: message.id.clone(),
+            root_id: root_of(message).to_owned(),
+            sent: Mutex::new(Sent::default()),
+        }
+    }
+
+    /// What was sent so far, taken.
+    pub(super) fn take(&self) -> Sent {
+        std::mem::take(&mut *crate::lock(&self.sent))
+    }
+}
+
+impl crate::sandbox::Outbox for Outbox {
+    fn send(
+        &self,
+        signature: Value,
+    ) -> Pin<Box<dyn Future<Output = Result<String, SendError>> + Send + '_>> {
+        Box::pin(async move {
+            let origin = origin(&self.parent_id, &self.root_id);
+            let mut steps = Vec::new();
+            let child = canvas::apply(&signature, Vec::new(), &origin, &mut steps)
+                .map_err(|e| SendError(e.to_string()))?;
+            let count = steps
+                .iter()
+                .filter(|s| matches!(s, Step::Publish(_)))
+                .count();
+            if crate::lock(&self.sent).publish.len() + count > MAX_SENT {
+                return Err(SendError(format!(
+                    "a task may send at most {MAX_SENT} messages"
+                )));
+            }
+            let id = child[0][0].as_str().unwrap_or_default().to_owned();
+            let mut publish = Vec::new();
+            carry_out(&self.backend, steps, &mut publish).await;
+            let mut sent = crate::lock(&self.sent);
+            sent.publish.append(&mut publish);
+            sent.children.push(child);
+            Ok(id)
+        })
     }
 }

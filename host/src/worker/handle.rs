@@ -6,6 +6,7 @@
 //! [`settle`]: super::settle
 
 use super::Shared;
+use super::canvas::Outbox;
 use super::gates::{self, Admitted};
 use super::settle::{self, Ran, Refusal};
 use crate::protocol::event::TaskEvent;
@@ -34,13 +35,20 @@ pub(super) async fn handle(shared: &Shared, delivery: &Delivery) {
     };
     let started = Instant::now();
     shared.events.task(&message.id, TaskEvent::Started);
-    let ran = run(shared, &message, &admitted).await;
+    let outbox = Arc::new(Outbox::new(shared.backend.clone(), &message));
+    let ran = run(shared, &message, &admitted, outbox.clone()).await;
     let runtime = started.elapsed().as_secs_f64();
-    settle::ran(shared, delivery, &message, &admitted, ran, runtime).await;
+    let sent = outbox.take();
+    settle::ran(shared, delivery, &message, &admitted, ran, runtime, sent).await;
 }
 
 /// Runs the task in its plugin's sandbox, unless a revoke with `terminate` stops it first.
-async fn run(shared: &Shared, message: &TaskMessage, admitted: &Admitted<'_>) -> Ran {
+async fn run(
+    shared: &Shared,
+    message: &TaskMessage,
+    admitted: &Admitted<'_>,
+    outbox: Arc<Outbox>,
+) -> Ran {
     let plugin = &admitted.plugin;
     let (soft, hard) = admitted.time_limits;
     let task = task_record(message, soft.map(deadline_ms), &shared.config.node);
@@ -56,6 +64,7 @@ async fn run(shared: &Shared, message: &TaskMessage, admitted: &Admitted<'_>) ->
         task_id: message.id.as_str().into(),
         grants: admitted.grants.clone(),
         progress: Some(Arc::new(progress)),
+        outbox: Some(outbox),
     };
     let terminated = shared.revocations.started(&message.id);
     let ran = tokio::select! {

@@ -5,16 +5,18 @@
 //! - [`fetch`]: taking messages into the in-flight lists (batched fetch, blocking wakers,
 //!   reconciling after a lost answer), and moving due messages back from the delayed set.
 //! - [`handle`]: one task's path, top to bottom: decode → gates → run → outcome → settle.
-//! - [`gates`]: expiry, revocation, eta, registration, rate limit, `max_instances`, time
-//!   limits: each lets a task through, postpones it or stops it.
+//! - [`gates`]: expiry, revocation, eta, registration, rate limit, fleet rate limit,
+//!   `max_instances`, time limits: each lets a task through, postpones it or stops it.
 //! - [`settle`]: every way a message leaves: result stored, acknowledged, postponed,
 //!   dead-lettered; with metrics, events and the log line.
 //! - [`retry`]: Celery's retry policy and backoff.
 //! - [`commit`]: the group commit that batches outcomes into few Redis round trips.
 //! - [`remote`]: the worker as remote control, `/metrics` and `/healthz` see it.
 //! - [`held`], [`health`]: what the worker holds, and whether it is consuming.
+//! - [`canvas`]: what follows a task in Celery's canvas, sent as it settles.
+//! - [`beat`]: the leaderless scheduler of the `[schedule]` entries.
 
-mod beat;
+pub mod beat;
 mod canvas;
 mod commit;
 mod fetch;

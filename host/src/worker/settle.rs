@@ -4,7 +4,7 @@
 //! dead-lettered. Every message that reaches the worker leaves through one of these.
 
 use super::Shared;
-use super::canvas::{self, FollowUps};
+use super::canvas::{self, FollowUps, Sent};
 use super::gates::{Admitted, Stop, Wait};
 use super::retry::{self, Retry, RetryPolicy};
 use crate::monitor::metrics::TaskOutcome;
@@ -23,7 +23,8 @@ pub(super) enum Ran {
     Terminated,
 }
 
-/// Settles the task `admitted` ran, by its outcome; `runtime` in seconds.
+/// Settles the task `admitted` ran, by its outcome; `runtime` in seconds. What the task sent
+/// goes out with its acknowledgement when it succeeds or fails, else before its message moves.
 pub(super) async fn ran(
     shared: &Shared,
     delivery: &Delivery,
@@ -31,6 +32,7 @@ pub(super) async fn ran(
     admitted: &Admitted<'_>,
     ran: Ran,
     runtime: f64,
+    sent: Sent,
 ) {
     let plugin = &admitted.plugin;
     let log = |outcome: &str| {
@@ -42,6 +44,7 @@ pub(super) async fn ran(
     let outcome = match ran {
         Ran::Finished(outcome) => outcome,
         Ran::Terminated => {
+            push_now(shared, sent).await;
             return revoked(shared, delivery, message, RevokeReason::Terminated).await;
         }
     };
@@ -54,7 +57,7 @@ pub(super) async fn ran(
     match outcome {
         Outcome::Success(result) => {
             log("succeeded");
-            succeeded(shared, delivery, message, &result, runtime).await;
+            succeeded(shared, delivery, message, &result, runtime, sent).await;
         }
         Outcome::Failure(failure) => {
             if let Some(limit) = failure.kind.limit() {
@@ -62,6 +65,7 @@ pub(super) async fn ran(
             }
             let policy = policy();
             if policy.autoretry_for.contains(&failure.exception.kind) {
+                push_now(shared, sent).await;
                 retry(
                     shared,
                     delivery,
@@ -74,10 +78,12 @@ pub(super) async fn ran(
                 .await;
             } else {
                 log("failed");
-                failed(shared, delivery, message, &failure.exception, Some(runtime)).await;
+                let exception = &failure.exception;
+                failed(shared, delivery, message, exception, Some(runtime), sent).await;
             }
         }
         Outcome::Retry { countdown, reason } => {
+            push_now(shared, sent).await;
             retry(
                 shared,
                 delivery,
@@ -90,6 +96,7 @@ pub(super) async fn ran(
             .await;
         }
         Outcome::Reject(reason) => {
+            push_now(shared, sent).await;
             log("rejected");
             let refusal = Refusal::Rejected {
                 message,
@@ -137,15 +144,17 @@ async fn succeeded(
     message: &TaskMessage,
     result: &RawValue,
     runtime: f64,
+    sent: Sent,
 ) {
-    let follow = match canvas::after_success(shared, message, result).await {
+    let mut follow = match canvas::after_success(shared, message, result).await {
         Ok(follow) => follow,
         Err(e) => {
             // Celery fails a task whose callbacks cannot be sent; so does taskhost, saying why.
             let exception = Exception::new("InvalidTaskError", format!("canvas: {e}"));
-            return failed(shared, delivery, message, &exception, Some(runtime)).await;
+            return failed(shared, delivery, message, &exception, Some(runtime), sent).await;
         }
     };
+    follow.add(sent);
     shared
         .metrics
         .task(&message.task, TaskOutcome::Succeeded, Some(runtime));
@@ -164,13 +173,14 @@ async fn succeeded(
     .await;
 }
 
-/// Stores a FAILURE and settles the message; `runtime` if the task ran.
+/// Stores a FAILURE and settles the message with what the task sent; `runtime` if it ran.
 async fn failed(
     shared: &Shared,
     delivery: &Delivery,
     message: &TaskMessage,
     exception: &Exception,
     runtime: Option<f64>,
+    sent: Sent,
 ) {
     tracing::warn!(task_id = %message.id, task = %message.task, "{}: {}", exception.kind, exception.message);
     shared
@@ -179,7 +189,8 @@ async fn failed(
     shared
         .events
         .task(&message.id, TaskEvent::Failed(exception));
-    let follow = canvas::after_failure(shared, message, exception).await;
+    let mut follow = canvas::after_failure(shared, message, exception).await;
+    follow.add(sent);
     finish(
         shared,
         delivery,
@@ -265,6 +276,17 @@ async fn finish<R: serde::Serialize + ?Sized>(
     }
 }
 
+/// Publishes what a task sent now, when its message is not acknowledged with a result (a
+/// retry, a reject, a terminate).
+async fn push_now(shared: &Shared, sent: Sent) {
+    if !sent.publish.is_empty() {
+        retrying("publish the tasks a task sent", || {
+            shared.broker.push(&sent.publish)
+        })
+        .await;
+    }
+}
+
 /// Moves `delivery`'s message, unchanged, to the delayed set until `due_ms` (retrying until
 /// Redis takes it), and wakes the mover.
 async fn postpone(shared: &Shared, delivery: &Delivery, due_ms: i64, wait: Wait) {
@@ -292,7 +314,8 @@ async fn retry(
     let (next, due_ms, countdown, reason) = match retry::decide(message, policy, countdown, reason)
     {
         Retry::GiveUp(exception) => {
-            return failed(shared, delivery, message, &exception, Some(runtime)).await;
+            let sent = Sent::default();
+            return failed(shared, delivery, message, &exception, Some(runtime), sent).await;
         }
         Retry::Again {
             next,

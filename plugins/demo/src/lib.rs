@@ -1,7 +1,8 @@
 //! The demo plugin: small tasks that show every outcome a task can have, used by the README, the
 //! tests and the benchmarks.
 
-use serde_json::Value;
+use serde_json::{Value, json};
+use taskhost_sdk::canvas::{Signature, chord, group};
 use taskhost_sdk::{Failure, Result, tasks};
 
 tasks! {
@@ -18,6 +19,21 @@ tasks! {
         numbers.iter().try_fold(0i64, |sum, n| sum.checked_add(*n)).ok_or_else(|| {
             Failure::error("OverflowError", "the sum overflows a 64-bit integer")
         })
+    }
+
+    /// Fans out from inside a task: `n` tasks `demo.add(i, i)`, and a chord of `n` more summed
+    /// by `demo.tsum`. Returns their ids: `{"group": id, "tasks": [ids], "chord": body id}`.
+    #[task(name = "demo.fanout")]
+    fn fanout(n: u32) -> Result<Value> {
+        let failed = |e: String| Failure::error("RuntimeError", format!("cannot send: {e}"));
+        let tasks: Vec<String> = (0..n)
+            .map(|i| Signature::new("demo.add", (i, i)).send())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(failed)?;
+        let group_id = group((0..n).map(|i| Signature::new("demo.add", (i, 1)))).send().map_err(failed)?;
+        let parts = (0..n).map(|i| Signature::new("demo.add", (i, i)));
+        let body = chord(parts, Signature::new("demo.tsum", ())).send().map_err(failed)?;
+        Ok(json!({"tasks": tasks, "group": group_id, "chord": body}))
     }
 
     /// Returns its argument unchanged, whatever JSON it is.

@@ -24,15 +24,18 @@
 //! `args` and keyword `kwargs` to the parameters by position and name (as Python would), and
 //! serialises the result to JSON. A bad argument becomes a `TypeError` failure naming the
 //! parameter, never a trap. [`task()`] tells the running task's id, retries and worker; [`log`],
-//! [`update_state`] and [`config`] reach the host.
+//! [`update_state`] and [`config`] reach the host; [`canvas`] sends tasks, chains, groups and
+//! chords from inside a task.
 //!
 //! # Layout
 //! - [`bindings`]: what `wit-bindgen` generates from `wit/plugin.wit`.
 //! - this file: the author-facing API ([`Failure`], [`TaskDefaults`], [`task()`], [`config`],
 //!   [`update_state`], [`log`]) and the [`tasks!`] macro.
 //! - `args`: binding Celery arguments to parameters.
+//! - [`canvas`]: signatures, and sending them.
 
 mod args;
+pub mod canvas;
 
 /// Generated from `wit/plugin.wit`. Plugin authors rarely need it directly.
 #[allow(missing_docs, unsafe_code, clippy::all)]
