@@ -313,3 +313,76 @@ assert members and members[0].get(timeout=30) == [i + 1 for i in range(100)], r.
 "#,
     );
 }
+
+#[test]
+fn a_nested_chord_failure_fails_the_enclosing_chord_and_fires_link_error_once() {
+    let s = setup("canvas-nested-chord");
+    let feed = ResultFeed::start(&s.redis);
+    let out = s.python(
+        r#"
+errback = str(uuid.uuid4())
+inner = chord([fail.si("boom"), add.si(1, 1)], tsum.s())
+outer = chord([inner, add.si(2, 2)], tsum.s())
+outer.link_error(echo.s().set(task_id=errback))
+r = outer.delay()
+# The enclosing chord's body fails (it does not wait forever) ...
+e = raises(AsyncResult(r.id), celery.exceptions.ChordError)
+# ... and the errback got the failed inner chord's body, once.
+inner_body = r.parent.results[0].id
+assert AsyncResult(errback).get(timeout=30) == inner_body
+print(f"errback={errback}")
+"#,
+    );
+    let errback = Setup::printed(&out, "errback");
+    assert_eq!(feed.endings(&errback), 1, "the errback ran once");
+}
+
+#[test]
+fn the_readme_canvas_example_runs() {
+    let s = setup("canvas-readme");
+    s.dir.write(
+        "readme_example.py",
+        &taskhost_tests::readme_block("canvas-example"),
+    );
+    let mut command = Command::new(taskhost_tests::python());
+    command
+        .current_dir(s.dir.path())
+        .arg("readme_example.py")
+        .env("CELERY_BROKER_URL", s.redis.url(0))
+        .env("CELERY_RESULT_BACKEND", s.redis.url(1))
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let out = Process::run_command(&s.dir, command);
+    assert!(
+        out.status.success() && out.stdout.contains("canvas OK"),
+        "{}\n{}\n{}",
+        out.stdout,
+        out.stderr,
+        s.workers[0].log()
+    );
+}
+
+#[test]
+fn a_plugin_sends_another_plugins_task_only_when_granted() {
+    let mut s = bare("canvas-send-grant");
+    let plugins = s.dir.plugins(&["demo"]);
+    let config = s.dir.write(
+        "taskhost.toml",
+        "[plugins.demo]\nallow_send = [\"granted.*\"]\n",
+    );
+    let config = config.to_str().expect("utf-8 path").to_owned();
+    s.workers.push(Process::worker(
+        &s.dir,
+        &s.redis,
+        &plugins,
+        &["--config", &config],
+    ));
+    s.python(
+        r#"
+e = raises(app.send_task("demo.send", ("other.task", [1])), PermissionError)
+assert "not granted: other.task" in str(e), repr(e)
+sent = app.send_task("demo.send", ("granted.task", [1])).get(timeout=30)
+# Sent, and refused by the worker as no plugin serves it: proof it reached the queue.
+raises(AsyncResult(sent), celery.exceptions.NotRegistered)
+"#,
+    );
+}

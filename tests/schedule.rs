@@ -123,3 +123,53 @@ fn schedule_list_shows_each_entry_with_its_last_and_next_run() {
         "{cleanup}"
     );
 }
+
+#[test]
+fn taskhost_beat_sends_the_ticks_that_no_beat_workers_only_run() {
+    let dir = TestDir::new("schedule-beat");
+    let redis = RedisServer::start(&dir);
+    let config = dir.write("taskhost.toml", EVERY_SECOND);
+    let config = config.to_str().expect("utf-8 path").to_owned();
+    let plugins = dir.plugins(&["demo"]);
+    let _worker = Process::worker(&dir, &redis, &plugins, &["--config", &config, "--no-beat"]);
+    let mut client = Client::new(&redis);
+    let broker = redis.url(0);
+    let mut command = Process::command(&dir, &["beat", "--config", &config, "-b", &broker]);
+    command.env_remove("RUST_LOG");
+    let mut beat = Process::spawn(&dir, "beat.log", command);
+    let tick = wait_tick(&redis, "pulse", 0);
+    let id = tick_id("pulse", tick);
+    let doc = wait_for_within("the beat's tick to run", Duration::from_secs(20), || {
+        client.state(&id).filter(taskhost_tests::is_ready)
+    });
+    beat.stop_with(libc::SIGTERM);
+    assert_eq!(doc["result"], "tick");
+}
+
+#[test]
+fn the_readme_schedule_example_is_read_and_listed() {
+    let dir = TestDir::new("schedule-readme");
+    let redis = RedisServer::start(&dir);
+    let config = dir.write(
+        "taskhost.toml",
+        &taskhost_tests::readme_block("schedule-example"),
+    );
+    let config = config.to_str().expect("utf-8 path").to_owned();
+    let broker = redis.url(0);
+    let out = Process::run(
+        &dir,
+        &["schedule", "list", "--config", &config, "-b", &broker],
+    );
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("cleanup_old_evaluations"))
+        .unwrap_or_else(|| panic!("no entry listed: {}", out.stdout));
+    assert!(
+        line.contains("tasks.cleanup_old_evaluations")
+            && line.contains("Europe/Berlin")
+            && line.contains(":00:00Z"),
+        "{line}"
+    );
+}

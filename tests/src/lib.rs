@@ -158,6 +158,26 @@ fn run_build(mut command: std::process::Command, what: &str) {
     assert!(status.success(), "building {what} failed: {status}");
 }
 
+/// The code block of README.md that follows the line `<!-- NAME -->`: the README's examples
+/// are run by the tests, so they stay true.
+pub fn readme_block(name: &str) -> String {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("read README.md");
+    let marker = format!("<!-- {name} -->");
+    let after = readme
+        .split_once(&marker)
+        .unwrap_or_else(|| panic!("README.md has no {marker}"))
+        .1;
+    let body = after
+        .split_once("```")
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .map(|(_, rest)| rest)
+        .unwrap_or_else(|| panic!("no code block after {marker}"));
+    body.split_once("```")
+        .unwrap_or_else(|| panic!("unterminated code block after {marker}"))
+        .0
+        .to_owned()
+}
+
 /// The `taskhost` binary.
 pub fn taskhost_bin() -> PathBuf {
     built().taskhost.clone()

@@ -152,6 +152,9 @@ pub struct PluginSection {
     /// Values the plugin reads with `config(key)`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// Task names the plugin may send besides its own: exact, `prefix.*`, or `*`.
+    #[serde(default)]
+    pub allow_send: Vec<String>,
     #[serde(flatten)]
     pub limits: LimitsSection,
 }

@@ -47,6 +47,7 @@ impl FileConfig {
                 Arc::new(Grants {
                     allow_http,
                     config,
+                    allow_send: section.allow_send.clone(),
                     limits,
                 }),
             );
@@ -171,6 +172,8 @@ impl Limits {
 pub struct Grants {
     pub allow_http: Vec<Origin>,
     pub config: HashMap<String, String>,
+    /// Task names the plugin may send besides its own (`allow_send`).
+    pub allow_send: Vec<String>,
     pub limits: Limits,
 }
 
@@ -178,6 +181,17 @@ impl Grants {
     /// Whether an HTTP request to `origin` is allowed.
     pub fn allows(&self, origin: &Origin) -> bool {
         self.allow_http.contains(origin)
+    }
+
+    /// Whether the plugin may send task `name` besides its own: `allow_send` names it, or a
+    /// `prefix.*` (or `*`) pattern there covers it.
+    pub fn may_send(&self, name: &str) -> bool {
+        self.allow_send
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => pattern == name,
+            })
     }
 }
 
@@ -231,6 +245,18 @@ impl GrantTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allow_send_names_tasks_exactly_or_by_prefix() {
+        let grants = Grants {
+            allow_send: vec!["tasks.health_check".into(), "reports.*".into()],
+            ..Grants::default()
+        };
+        assert!(grants.may_send("tasks.health_check"));
+        assert!(grants.may_send("reports.daily"));
+        assert!(!grants.may_send("tasks.evaluate_code"));
+        assert!(!Grants::default().may_send("anything"));
+    }
 
     fn env(var: &str) -> Option<String> {
         (var == "EXECUTOR_SERVICE_URL").then(|| "http://Exec.local:8001/api".to_owned())

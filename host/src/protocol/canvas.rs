@@ -340,10 +340,7 @@ fn unroll(tasks: Vec<Value>, out: &mut Vec<Value>) -> Result<(), CanvasError> {
         match Signature::parse(&task)?.kind {
             Kind::Group(inner) => unroll(inner, out)?,
             Kind::Chain(inner) if inner.is_empty() => {}
-            Kind::Task | Kind::Chain(_) => out.push(task),
-            Kind::Chord { .. } => {
-                return Err(CanvasError::Unsupported("chord inside a group".into()));
-            }
+            Kind::Task | Kind::Chain(_) | Kind::Chord { .. } => out.push(task),
         }
     }
     Ok(())
@@ -381,7 +378,8 @@ fn send_chord(
                 field: "body options",
             })?;
         options.insert("task_id".into(), json!(body_id));
-        options.insert("group_id".into(), json!(group_id));
+        // A nested chord's body already belongs to the enclosing chord's group.
+        options.entry("group_id").or_insert_with(|| json!(group_id));
         if !call.chain.is_empty() {
             let mut chain = call.chain.clone();
             if let Some(Value::Array(own)) = options.remove("chain") {

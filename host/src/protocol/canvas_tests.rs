@@ -166,3 +166,21 @@ fn an_embed_round_trips_through_a_message() {
     assert_eq!(decoded.group_index, Some(3));
     assert_eq!(decoded.group.as_deref(), Some("g"));
 }
+
+#[test]
+fn every_task_a_signature_would_send_is_named() {
+    let mut first = sig(
+        "a",
+        json!([]),
+        json!({"link": [sig("on_ok", json!([]), json!({}))]}),
+    );
+    first["options"]["link_error"] = sig("on_error", json!([]), json!({}));
+    let chord = json!({
+        "task": "celery.chord", "args": [], "subtask_type": "chord", "immutable": false,
+        "options": {},
+        "kwargs": {"header": [first], "body": sig("body", json!([]), json!({}))},
+    });
+    let mut names = crate::protocol::signature::task_names(&chord);
+    names.sort();
+    assert_eq!(names, ["a", "body", "on_error", "on_ok"]);
+}

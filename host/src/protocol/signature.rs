@@ -110,6 +110,40 @@ impl Signature {
     }
 }
 
+/// Every task name a signature would send: the tasks of its chains, groups and chords, and
+/// their links, errbacks, later chain steps and chord bodies.
+pub fn task_names(sig: &Value) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut pending = vec![sig];
+    while let Some(sig) = pending.pop() {
+        let kind = sig.get("subtask_type").and_then(Value::as_str);
+        if kind.is_none()
+            && let Some(name) = sig.get("task").and_then(Value::as_str)
+        {
+            names.push(name.to_owned());
+        }
+        let kwargs = sig.get("kwargs");
+        let options = sig.get("options");
+        let nested = [
+            kwargs.and_then(|k| k.get("tasks")),
+            kwargs.and_then(|k| k.get("header")),
+            kwargs.and_then(|k| k.get("body")),
+            options.and_then(|o| o.get("link")),
+            options.and_then(|o| o.get("link_error")),
+            options.and_then(|o| o.get("chain")),
+            options.and_then(|o| o.get("chord")),
+        ];
+        for value in nested.into_iter().flatten() {
+            match value {
+                Value::Array(items) => pending.extend(items.iter()),
+                one @ Value::Object(_) => pending.push(one),
+                _ => {}
+            }
+        }
+    }
+    names
+}
+
 pub(super) fn text(value: &Value, key: &str) -> Option<String> {
     value.get(key).and_then(Value::as_str).map(str::to_owned)
 }
@@ -183,20 +217,21 @@ pub(super) fn add_to_list_option(sig: &mut Value, key: &str, extra: &Value) {
     options.insert(key.into(), Value::Array(list));
 }
 
-/// Freezes a group member into its group: on a chain, its last step carries the group.
+/// Freezes a group member into its group: on a chain, its last step carries the group; on a
+/// chord, its body (whose result is the chord's).
 pub(super) fn set_options(member: &mut Value, group_id: &str, index: usize, chord: Option<&Value>) {
-    let target = if member.get("subtask_type").and_then(Value::as_str) == Some("chain") {
-        match member
+    let kind = member.get("subtask_type").and_then(Value::as_str);
+    let target = match kind {
+        Some("chain") => member
             .get_mut("kwargs")
             .and_then(|k| k.get_mut("tasks"))
             .and_then(Value::as_array_mut)
-            .and_then(|t| t.last_mut())
-        {
-            Some(last) => last,
-            None => return,
-        }
-    } else {
-        member
+            .and_then(|t| t.last_mut()),
+        Some("chord") => member.get_mut("kwargs").and_then(|k| k.get_mut("body")),
+        _ => Some(member),
+    };
+    let Some(target) = target else {
+        return;
     };
     let Some(object) = target.as_object_mut() else {
         return;

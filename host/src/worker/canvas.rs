@@ -7,7 +7,10 @@
 //! than never.
 
 use super::Shared;
+use crate::config::Grants;
+use crate::plugins::Plugin;
 use crate::protocol::canvas::{self, CanvasError, Origin, Step};
+use crate::protocol::signature::task_names;
 use crate::protocol::{Exception, Meta, State, TaskMessage, exception_document, parse, pyrepr};
 use crate::redis::chord::{Joined, Part};
 use crate::redis::keys::queue_key;
@@ -18,7 +21,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use time::OffsetDateTime;
 
 /// The most messages one task may send through `send` (a group counts each member).
@@ -34,8 +37,9 @@ pub(super) struct FollowUps {
     pub publish: Vec<Outgoing>,
     /// The result tuples recorded as the task's `children`.
     pub children: Vec<Value>,
-    /// A chord this task completed (group id, claim token): cleaned up once its body is out.
-    pub completed: Option<(String, String)>,
+    /// The chords this task completed (group id, claim token): cleaned up once their bodies
+    /// are out.
+    pub completed: Vec<(String, String)>,
 }
 
 impl FollowUps {
@@ -85,8 +89,31 @@ pub(super) async fn after_failure(
     exception: &Exception,
 ) -> FollowUps {
     let mut follow = FollowUps::default();
+    let root_id = root_of(message);
+    fail_chain(
+        shared,
+        &message.embed.chain,
+        exception,
+        root_id,
+        &mut follow,
+    )
+    .await;
+    let origin = origin(&message.id, root_id);
+    send_errbacks(shared, &message.embed.errbacks, &origin, &mut follow).await;
+    follow
+}
+
+/// Celery's `_fail_chain`: every chain step after a failure stores it, a chord part among
+/// them counted as failed in its chord.
+async fn fail_chain(
+    shared: &Shared,
+    chain: &[Value],
+    exception: &Exception,
+    root_id: &str,
+    follow: &mut FollowUps,
+) {
     let failure = exception.to_json().to_string();
-    for doomed in canvas::doomed(&message.embed.chain) {
+    for doomed in canvas::doomed(chain) {
         let meta = Meta {
             group: doomed.group_id.as_deref(),
             ..Meta::of(&doomed.task_id)
@@ -104,12 +131,9 @@ pub(super) async fn after_failure(
                 state: State::Failure.as_str(),
                 result: &failure,
             };
-            part_returned(shared, &part, body, root_of(message), &mut follow).await;
+            part_returned(shared, &part, body, root_id, follow).await;
         }
     }
-    let origin = origin(&message.id, root_of(message));
-    send_errbacks(shared, &message.embed.errbacks, &origin, &mut follow).await;
-    follow
 }
 
 /// Counts a chord part that ended in `state` with `result` (JSON text), after its state is
@@ -148,50 +172,62 @@ pub(super) async fn cleanup(shared: &Shared, group_id: &str, token: &str) {
     }
 }
 
-async fn part_returned(
-    shared: &Shared,
-    part: &Part<'_>,
-    body: &Value,
-    root_id: &str,
-    follow: &mut FollowUps,
-) {
-    let joined = retrying("count a chord part", || {
-        shared.backend.chord_part_return(part)
+/// Counts `part`; when it completes its chord, calls the body or fails it. Boxed: a failed
+/// body may itself be a part of an enclosing chord.
+fn part_returned<'a>(
+    shared: &'a Shared,
+    part: &'a Part<'a>,
+    body: &'a Value,
+    root_id: &'a str,
+    follow: &'a mut FollowUps,
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        let joined = retrying("count a chord part", || {
+            shared.backend.chord_part_return(part)
+        })
+        .await;
+        let Joined::Claimed { parts, token } = joined else {
+            return;
+        };
+        follow.completed.push((part.group_id.to_owned(), token));
+        let origin = origin(part.task_id, root_id);
+        let called = match join(&parts) {
+            Ok(results) => {
+                let mut steps = Vec::new();
+                canvas::apply(body, vec![Value::Array(results)], &origin, &mut steps)
+                    .map(|_| steps)
+                    .map_err(|e| {
+                        let error = Exception::new("ChordError", format!("Callback error: {e}"));
+                        (error, false)
+                    })
+            }
+            Err(failed) => Err(failed),
+        };
+        match called {
+            Ok(steps) => carry_out(&shared.backend, steps, &mut follow.publish).await,
+            Err((error, nested)) => {
+                tracing::warn!(group_id = part.group_id, "chord failed: {}", error.message);
+                body_failed(shared, body, &error, !nested, root_id, follow).await;
+                retrying("forget a failed chord's size", || {
+                    shared.backend.drop_chord_size(part.group_id)
+                })
+                .await;
+            }
+        }
     })
-    .await;
-    let Joined::Claimed { parts, token } = joined else {
-        return;
-    };
-    follow.completed = Some((part.group_id.to_owned(), token));
-    let origin = origin(part.task_id, root_id);
-    let called = match join(&parts) {
-        Ok(results) => {
-            let mut steps = Vec::new();
-            canvas::apply(body, vec![Value::Array(results)], &origin, &mut steps)
-                .map(|_| steps)
-                .map_err(|e| Exception::new("ChordError", format!("Callback error: {e}")))
-        }
-        Err(error) => Err(error),
-    };
-    match called {
-        Ok(steps) => carry_out(&shared.backend, steps, &mut follow.publish).await,
-        Err(error) => {
-            tracing::warn!(group_id = part.group_id, "chord failed: {}", error.message);
-            body_failed(shared, body, &error, root_id, follow).await;
-            retrying("forget a failed chord's size", || {
-                shared.backend.drop_chord_size(part.group_id)
-            })
-            .await;
-        }
-    }
 }
 
-/// The header's results in order, or the ChordError naming the first part that failed.
-fn join(parts: &[String]) -> Result<Vec<Value>, Exception> {
+/// The header's results in order, or the ChordError naming the first part that failed, and
+/// whether that part was itself a chord that failed (its errbacks were sent already).
+fn join(parts: &[String]) -> Result<Vec<Value>, (Exception, bool)> {
     let mut results = Vec::with_capacity(parts.len());
     for text in parts {
-        let part: Value = serde_json::from_str(text)
-            .map_err(|e| Exception::new("ChordError", format!("Join error: {e}")))?;
+        let part: Value = serde_json::from_str(text).map_err(|e| {
+            (
+                Exception::new("ChordError", format!("Join error: {e}")),
+                false,
+            )
+        })?;
         let (id, state, result) = (&part[1], part[2].as_str().unwrap_or(""), &part[3]);
         if state == State::Failure.as_str() || state == State::Revoked.as_str() {
             let kind = result["exc_type"].as_str().unwrap_or("Exception");
@@ -199,26 +235,31 @@ fn join(parts: &[String]) -> Result<Vec<Value>, Exception> {
                 .get(0)
                 .and_then(Value::as_str)
                 .unwrap_or("");
-            return Err(Exception::new(
+            let error = Exception::new(
                 "ChordError",
                 format!(
                     "Dependency {} raised {}",
                     id.as_str().unwrap_or("?"),
                     pyrepr::exception_repr(kind, message)
                 ),
-            ));
+            );
+            return Err((error, kind == "ChordError"));
         }
         results.push(result.clone());
     }
     Ok(results)
 }
 
-/// Celery's `chord_error_from_stack`: the body's result is the ChordError, and the body's
-/// errbacks are sent its id.
+/// Celery's `chord_error_from_stack`: the body's result is the ChordError, the chain after it
+/// fails too, and the body's errbacks are sent its id — unless the failure is a nested
+/// chord's, whose errbacks fired already: each failure fires errbacks once, at the innermost
+/// chord (Celery #9107). A body that is itself a part of an enclosing chord is counted there
+/// as failed, so the enclosing chord fails instead of waiting forever.
 async fn body_failed(
     shared: &Shared,
     body: &Value,
     error: &Exception,
+    errbacks: bool,
     root_id: &str,
     follow: &mut FollowUps,
 ) {
@@ -235,12 +276,29 @@ async fn body_failed(
         shared.backend.store(body_id, &doc)
     })
     .await;
-    let errbacks = match options.get("link_error") {
-        Some(Value::Array(items)) => items.clone(),
-        Some(one @ Value::Object(_)) => vec![one.clone()],
-        _ => Vec::new(),
-    };
-    send_errbacks(shared, &errbacks, &origin(body_id, root_id), follow).await;
+    if let Some(Value::Array(chain)) = options.get("chain") {
+        fail_chain(shared, chain, error, root_id, follow).await;
+    }
+    if errbacks {
+        let errbacks = match options.get("link_error") {
+            Some(Value::Array(items)) => items.clone(),
+            Some(one @ Value::Object(_)) => vec![one.clone()],
+            _ => Vec::new(),
+        };
+        send_errbacks(shared, &errbacks, &origin(body_id, root_id), follow).await;
+    }
+    let enclosing = options.get("chord").filter(|c| c.is_object());
+    if let (Some(outer), Some(group_id)) = (enclosing, meta.group) {
+        let failure = error.to_json().to_string();
+        let part = Part {
+            group_id,
+            task_id: body_id,
+            index: options.get("group_index").and_then(Value::as_u64),
+            state: State::Failure.as_str(),
+            result: &failure,
+        };
+        part_returned(shared, &part, outer, root_id, follow).await;
+    }
 }
 
 async fn send_errbacks(
@@ -285,6 +343,9 @@ pub(super) struct Outbox {
     backend: Backend,
     parent_id: String,
     root_id: String,
+    /// The names the plugin serves, which it may send without a grant.
+    own: Vec<String>,
+    grants: Arc<Grants>,
     sent: Mutex<Sent>,
 }
 
@@ -296,13 +357,37 @@ pub(super) struct Sent {
 }
 
 impl Outbox {
-    pub(super) fn new(backend: Backend, message: &TaskMessage) -> Self {
+    /// The outbox of `message`, run by `plugin` under `grants`.
+    pub(super) fn new(
+        backend: Backend,
+        message: &TaskMessage,
+        plugin: &Plugin,
+        grants: Arc<Grants>,
+    ) -> Self {
         Self {
             backend,
             parent_id: message.id.clone(),
             root_id: root_of(message).to_owned(),
+            own: plugin.tasks.iter().map(|t| t.name.clone()).collect(),
+            grants,
             sent: Mutex::new(Sent::default()),
         }
+    }
+
+    /// Refuses a signature naming a task the plugin neither serves nor was granted.
+    fn check(&self, signature: &Value) -> Result<(), SendError> {
+        let refused: Vec<String> = task_names(signature)
+            .into_iter()
+            .filter(|name| !self.own.contains(name) && !self.grants.may_send(name))
+            .collect();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(SendError(format!(
+            "not granted: {} (a plugin sends its own tasks; others need `allow_send` in its \
+             [plugins] section)",
+            refused.join(", ")
+        )))
     }
 
     /// What was sent so far, taken.
@@ -317,6 +402,7 @@ impl crate::sandbox::Outbox for Outbox {
         signature: Value,
     ) -> Pin<Box<dyn Future<Output = Result<String, SendError>> + Send + '_>> {
         Box::pin(async move {
+            self.check(&signature)?;
             let origin = origin(&self.parent_id, &self.root_id);
             let mut steps = Vec::new();
             let child = canvas::apply(&signature, Vec::new(), &origin, &mut steps)

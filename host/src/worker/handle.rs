@@ -35,7 +35,13 @@ pub(super) async fn handle(shared: &Shared, delivery: &Delivery) {
     };
     let started = Instant::now();
     shared.events.task(&message.id, TaskEvent::Started);
-    let outbox = Arc::new(Outbox::new(shared.backend.clone(), &message));
+    let outbox = Outbox::new(
+        shared.backend.clone(),
+        &message,
+        &admitted.plugin,
+        admitted.grants.clone(),
+    );
+    let outbox = Arc::new(outbox);
     let ran = run(shared, &message, &admitted, outbox.clone()).await;
     let runtime = started.elapsed().as_secs_f64();
     let sent = outbox.take();

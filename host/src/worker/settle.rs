@@ -266,12 +266,12 @@ async fn finish<R: serde::Serialize + ?Sized>(
         let result = serde_json::to_string(result).unwrap_or_else(|_| "null".into());
         canvas::chord_part(shared, message, state, &result, &mut follow).await;
     }
-    let completed = follow.completed.take();
+    let completed = std::mem::take(&mut follow.completed);
     shared
         .settler
         .settle(document, state == State::Success, delivery, follow.publish)
         .await;
-    if let Some((group_id, token)) = completed {
+    for (group_id, token) in completed {
         canvas::cleanup(shared, &group_id, &token).await;
     }
 }
@@ -421,7 +421,7 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
             })
             .await;
         }
-        if let Some((group_id, token)) = follow.completed {
+        for (group_id, token) in follow.completed {
             canvas::cleanup(shared, &group_id, &token).await;
         }
     }

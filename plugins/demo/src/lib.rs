@@ -36,6 +36,15 @@ tasks! {
         Ok(json!({"tasks": tasks, "group": group_id, "chord": body}))
     }
 
+    /// Sends task `name` with `args` and returns its id: a task of another plugin needs the
+    /// operator's `allow_send` grant.
+    #[task(name = "demo.send")]
+    fn send(name: String, args: Vec<Value>) -> Result<String> {
+        Signature::new(&name, args)
+            .send()
+            .map_err(|e| Failure::error("PermissionError", e))
+    }
+
     /// Returns its argument unchanged, whatever JSON it is.
     #[task(name = "demo.echo")]
     fn echo(value: Value) -> Result<Value> {
