@@ -60,7 +60,7 @@ pub async fn beat(args: &BeatArgs) -> anyhow::Result<()> {
     );
     let (entries_tx, entries_rx) = tokio::sync::watch::channel(Arc::new(entries));
     let (stop_tx, stop_rx) = crate::shutdown::flag();
-    let scheduler = tokio::spawn(beat::run(broker, beat::SystemClock, entries_rx, stop_rx));
+    let mut scheduler = tokio::spawn(beat::run(broker, beat::SystemClock, entries_rx, stop_rx));
     let (mut term, mut int, mut hup) = (
         signal(SignalKind::terminate())?,
         signal(SignalKind::interrupt())?,
@@ -83,7 +83,14 @@ pub async fn beat(args: &BeatArgs) -> anyhow::Result<()> {
         }
     }
     let _ = stop_tx.send(true);
-    let _ = scheduler.await;
+    // A scheduler waiting on an unreachable Redis is stopped where it stands: each tick is one
+    // atomic script, so nothing is left half sent.
+    if tokio::time::timeout(std::time::Duration::from_secs(5), &mut scheduler)
+        .await
+        .is_err()
+    {
+        scheduler.abort();
+    }
     Ok(())
 }
 

@@ -34,25 +34,13 @@ pub(super) async fn ran(
     runtime: f64,
     sent: Sent,
 ) {
-    let plugin = &admitted.plugin;
-    let log = |outcome: &str| {
-        tracing::info!(
-            task_id = %message.id, task = %message.task, plugin = %plugin.name,
-            version = %plugin.version, runtime_s = runtime, "task {outcome}"
-        );
-    };
+    let log = |outcome: &str| log_outcome(message, admitted, runtime, outcome);
     let outcome = match ran {
         Ran::Finished(outcome) => outcome,
         Ran::Terminated => {
             push_now(shared, sent).await;
             return revoked(shared, delivery, message, RevokeReason::Terminated).await;
         }
-    };
-    let policy = || {
-        RetryPolicy::of(
-            &admitted.spec,
-            shared.config.task_overrides.get(&message.task),
-        )
     };
     match outcome {
         Outcome::Success(result) => {
@@ -61,21 +49,13 @@ pub(super) async fn ran(
         }
         Outcome::Failure(failure) => {
             if let Some(limit) = failure.kind.limit() {
-                shared.metrics.limit_hit(&plugin.name, limit);
+                shared.metrics.limit_hit(&admitted.plugin.name, limit);
             }
-            let policy = policy();
+            let policy = policy(shared, message, admitted);
             if policy.autoretry_for.contains(&failure.exception.kind) {
                 push_now(shared, sent).await;
-                retry(
-                    shared,
-                    delivery,
-                    message,
-                    &policy,
-                    None,
-                    failure.exception,
-                    runtime,
-                )
-                .await;
+                let reason = failure.exception;
+                retry(shared, delivery, message, &policy, None, reason, runtime).await;
             } else {
                 log("failed");
                 let exception = &failure.exception;
@@ -84,28 +64,38 @@ pub(super) async fn ran(
         }
         Outcome::Retry { countdown, reason } => {
             push_now(shared, sent).await;
+            let policy = policy(shared, message, admitted);
             retry(
-                shared,
-                delivery,
-                message,
-                &policy(),
-                countdown,
-                reason,
-                runtime,
+                shared, delivery, message, &policy, countdown, reason, runtime,
             )
             .await;
         }
         Outcome::Reject(reason) => {
             push_now(shared, sent).await;
             log("rejected");
+            let plugin = &admitted.plugin.name;
             let refusal = Refusal::Rejected {
                 message,
-                plugin: &plugin.name,
+                plugin,
                 reason,
             };
             refuse(shared, delivery, &refusal).await;
         }
     }
+}
+
+fn log_outcome(message: &TaskMessage, admitted: &Admitted<'_>, runtime: f64, outcome: &str) {
+    let plugin = &admitted.plugin;
+    tracing::info!(
+        task_id = %message.id, task = %message.task, plugin = %plugin.name,
+        version = %plugin.version, runtime_s = runtime, "task {outcome}"
+    );
+}
+
+/// The retry policy of `message`: its plugin's declaration under the operator's overrides.
+fn policy(shared: &Shared, message: &TaskMessage, admitted: &Admitted<'_>) -> RetryPolicy {
+    let overrides = shared.config.task_overrides.get(&message.task);
+    RetryPolicy::of(&admitted.spec, overrides)
 }
 
 /// Settles a task the gates stopped.
