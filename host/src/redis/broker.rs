@@ -145,9 +145,10 @@ impl Broker {
         task: &str,
         interval: Duration,
     ) -> Result<Option<Duration>, RedisError> {
+        // Capped at 30 days, so the key's expiry stays one Redis accepts.
         let micros = u64::try_from(interval.as_micros())
             .unwrap_or(u64::MAX)
-            .max(1);
+            .clamp(1, 30 * 86_400 * 1_000_000);
         let wait: u64 = scripts::fleet_rate()
             .key(keys::fleet_rate(task))
             .arg(micros)

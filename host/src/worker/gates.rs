@@ -141,7 +141,8 @@ async fn fleet_rate_limit(shared: &Shared, task: &str) -> Result<(), Stop> {
     match wait {
         None => Ok(()),
         Some(wait) => {
-            let wait = wait + interval.mul_f64(fastrand::f64());
+            let jitter = interval.min(wait).mul_f64(fastrand::f64());
+            let wait = wait.saturating_add(jitter);
             Err(Stop::Postpone {
                 due_ms: now_ms()
                     .saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)),
