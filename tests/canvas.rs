@@ -71,6 +71,22 @@ fn bare(name: &str) -> Setup {
 }
 
 impl Setup {
+    /// `python SCRIPT` in the test directory, with the broker and backend under both the names
+    /// the snippets read and Celery's own.
+    fn python_command(&self, script: &str) -> Command {
+        let mut command = Command::new(taskhost_tests::python());
+        command
+            .current_dir(self.dir.path())
+            .arg(script)
+            .env("BROKER", self.redis.url(0))
+            .env("BACKEND", self.redis.url(1))
+            .env("CELERY_BROKER_URL", self.redis.url(0))
+            .env("CELERY_RESULT_BACKEND", self.redis.url(1))
+            .env("PYTHONPATH", self.dir.path())
+            .env("PYTHONDONTWRITEBYTECODE", "1");
+        command
+    }
+
     /// Runs `code` (after [`PRELUDE`]) with Python Celery and returns what it printed; fails
     /// the test, with the workers' logs, unless it runs to its end.
     fn python(&self, code: &str) -> String {
@@ -79,15 +95,7 @@ impl Setup {
             "producer.py",
             &format!("{PRELUDE}\n{code}\nprint('snippet OK')\n"),
         );
-        let mut command = Command::new(taskhost_tests::python());
-        command
-            .current_dir(self.dir.path())
-            .arg("producer.py")
-            .env("BROKER", self.redis.url(0))
-            .env("BACKEND", self.redis.url(1))
-            .env("PYTHONPATH", self.dir.path())
-            .env("PYTHONDONTWRITEBYTECODE", "1");
-        let out = Process::run_command(&self.dir, command);
+        let out = Process::run_command(&self.dir, self.python_command("producer.py"));
         let logs: Vec<String> = self.workers.iter().map(Process::log).collect();
         assert!(
             out.status.success() && out.stdout.contains("snippet OK"),
@@ -195,15 +203,7 @@ fn a_chord_survives_a_worker_killed_during_its_header() {
              assert r.get(timeout=90) == sum(2 * i for i in range(50))\nprint('snippet OK')\n"
         ),
     );
-    let mut command = Command::new(taskhost_tests::python());
-    command
-        .current_dir(s.dir.path())
-        .arg("producer.py")
-        .env("BROKER", s.redis.url(0))
-        .env("BACKEND", s.redis.url(1))
-        .env("PYTHONPATH", s.dir.path())
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    let mut python = Process::spawn(&s.dir, "producer", command);
+    let mut python = Process::spawn(&s.dir, "producer", s.python_command("producer.py"));
     let body = wait_for("the producer to print the body id", || {
         python
             .log()
@@ -344,14 +344,7 @@ fn the_readme_canvas_example_runs() {
         "readme_example.py",
         &taskhost_tests::readme_block("canvas-example"),
     );
-    let mut command = Command::new(taskhost_tests::python());
-    command
-        .current_dir(s.dir.path())
-        .arg("readme_example.py")
-        .env("CELERY_BROKER_URL", s.redis.url(0))
-        .env("CELERY_RESULT_BACKEND", s.redis.url(1))
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    let out = Process::run_command(&s.dir, command);
+    let out = Process::run_command(&s.dir, s.python_command("readme_example.py"));
     assert!(
         out.status.success() && out.stdout.contains("canvas OK"),
         "{}\n{}\n{}",
