@@ -94,7 +94,10 @@ impl Signature {
     }
 
     pub(super) fn option_text(&self, key: &str) -> Option<String> {
-        text(&Value::Object(self.options.clone()), key)
+        self.options
+            .get(key)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
     }
 
     /// The arguments after `partial` is prepended (unless immutable).
