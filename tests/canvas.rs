@@ -74,17 +74,7 @@ impl Setup {
     /// `python SCRIPT` in the test directory, with the broker and backend under both the names
     /// the snippets read and Celery's own.
     fn python_command(&self, script: &str) -> Command {
-        let mut command = Command::new(taskhost_tests::python());
-        command
-            .current_dir(self.dir.path())
-            .arg(script)
-            .env("BROKER", self.redis.url(0))
-            .env("BACKEND", self.redis.url(1))
-            .env("CELERY_BROKER_URL", self.redis.url(0))
-            .env("CELERY_RESULT_BACKEND", self.redis.url(1))
-            .env("PYTHONPATH", self.dir.path())
-            .env("PYTHONDONTWRITEBYTECODE", "1");
-        command
+        taskhost_tests::python_in(&self.dir, &self.redis, &[script])
     }
 
     /// Runs `code` (after [`PRELUDE`]) with Python Celery and returns what it printed; fails

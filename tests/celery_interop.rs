@@ -8,7 +8,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use std::process::Command;
 use taskhost_tests::{
-    Client, Process, READY_STATES, RedisServer, ResultFeed, TestDir, WAIT, python, wait_for,
+    Client, Process, READY_STATES, RedisServer, ResultFeed, TestDir, WAIT, wait_for,
 };
 
 /// Python tasks of the demo plugin's names, for the Celery side.
@@ -47,15 +47,7 @@ const NODE: &str = "interop@test";
 
 fn python_command(dir: &TestDir, redis: &RedisServer, args: &[&str]) -> Command {
     dir.write("celery_app.py", CELERY_APP);
-    let mut command = Command::new(python());
-    command
-        .current_dir(dir.path())
-        .args(args)
-        .env("BROKER", redis.url(0))
-        .env("BACKEND", redis.url(1))
-        .env("PYTHONPATH", dir.path())
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    command
+    taskhost_tests::python_in(dir, redis, args)
 }
 
 /// A taskhost worker serving the demo plugin, and Python Celery to produce for it.

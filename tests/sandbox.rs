@@ -6,10 +6,9 @@
 //! two stand-in HTTP services: one the hostile plugin is granted, one it is not.
 
 use serde_json::{Value, json};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use taskhost_tests::{
-    Client, HttpStub, Process, RedisServer, Reply, TestDir, python, rss_kib, test_plugin_wasm,
+    Beside, Client, HttpStub, Process, RedisServer, Reply, TestDir, python, rss_kib,
+    test_plugin_wasm,
 };
 
 /// Memory the worker may keep above its baseline after a hostile task, KiB. The hostile tasks
@@ -444,20 +443,13 @@ fn hostile_tasks_beside_traffic(name: &str) -> HostileRun {
         assert_eq!(s.client.result(&id)["result"], i + 1);
     }
     let baseline = rss_kib(s.worker.pid());
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = background_traffic(&s.redis, stop.clone());
+    let traffic = Beside::start(&s.redis);
     let mut rss_after = Vec::new();
     for attempt in HOSTILE.into_iter().chain(WELL_BEHAVED) {
         s.run(attempt);
         rss_after.push((attempt, rss_kib(s.worker.pid())));
     }
-    stop.store(true, Ordering::SeqCst);
-    let traffic: Vec<(i64, Value)> = traffic
-        .join()
-        .expect("traffic thread")
-        .into_iter()
-        .map(|(id, expected)| (expected, s.client.result(&id)))
-        .collect();
+    let traffic = traffic.finish(&mut s.client);
     let final_rss = rss_kib(s.worker.pid());
     HostileRun {
         baseline,
@@ -465,25 +457,6 @@ fn hostile_tasks_beside_traffic(name: &str) -> HostileRun {
         final_rss,
         traffic,
     }
-}
-
-/// Sends demo.add tasks until stopped; returns (id, expected sum) of each.
-fn background_traffic(
-    redis: &RedisServer,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Vec<(String, i64)>> {
-    let mut client = Client::new(redis);
-    std::thread::spawn(move || {
-        let mut sent = Vec::new();
-        let mut i = 0i64;
-        while !stop.load(Ordering::SeqCst) {
-            sent.push((client.send("demo.add", json!([i, 7])), i + 7));
-            i += 1;
-            // A steady trickle beside the hostile tasks (pacing traffic, not a wait).
-            taskhost_tests::pace(std::time::Duration::from_millis(5));
-        }
-        sent
-    })
 }
 
 #[test]

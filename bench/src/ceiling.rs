@@ -82,6 +82,7 @@ pub fn taskhost(broker_url: &str, backend_url: &str, workload: &Workload) -> f64
             broker: broker.clone(),
             backend,
             same_database: broker_url == backend_url,
+            node: "ceiling@bench".to_owned(),
         });
         let doc = result_like(workload);
         let start = Instant::now();
@@ -97,8 +98,10 @@ pub fn taskhost(broker_url: &str, backend_url: &str, workload: &Workload) -> f64
                     let id = taskhost::protocol::TaskMessage::decode(&delivery.raw)
                         .map(|m| m.id)
                         .expect("a bench message decodes");
+                    let task = (id.as_str(), "demo.add");
+                    let state = Some((id.clone(), doc.clone()));
                     settler
-                        .settle(Some((id, doc.clone())), true, delivery, Vec::new())
+                        .settle(task, state, true, delivery, Vec::new())
                         .await;
                 }
             });

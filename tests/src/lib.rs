@@ -6,15 +6,17 @@
 //! what they waited for; on a failing test the worker's log is printed.
 
 pub mod bench;
+mod beside;
 mod feed;
 mod http;
 mod process;
 mod python;
 
+pub use beside::Beside;
 pub use feed::ResultFeed;
 pub use http::{HttpStub, Reply, Request, get as http_get};
 pub use process::{Process, RedisServer, free_port, signal};
-pub use python::python;
+pub use python::{python, python_in};
 
 use base64::Engine as _;
 use serde_json::{Value, json};

@@ -1,7 +1,7 @@
 //! Python with Celery from PyPI, in a virtualenv under the target directory, created once and
 //! reused by every later run.
 
-use crate::target_dir;
+use crate::{RedisServer, TestDir, target_dir};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -18,6 +18,22 @@ const REQUIREMENTS: &[&str] = &[
 pub fn python() -> PathBuf {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
     PYTHON.get_or_init(create).clone()
+}
+
+/// `python ARGS` in `dir`, for a producer on `redis` (broker db 0, backend db 1, under the names
+/// the tests' snippets read and under Celery's own), importing modules from `dir`.
+pub fn python_in(dir: &TestDir, redis: &RedisServer, args: &[&str]) -> Command {
+    let mut command = Command::new(python());
+    command
+        .current_dir(dir.path())
+        .args(args)
+        .env("BROKER", redis.url(0))
+        .env("BACKEND", redis.url(1))
+        .env("CELERY_BROKER_URL", redis.url(0))
+        .env("CELERY_RESULT_BACKEND", redis.url(1))
+        .env("PYTHONPATH", dir.path())
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    command
 }
 
 fn create() -> PathBuf {

@@ -72,8 +72,15 @@ pub struct TaskMessage {
     pub priority: u8,
     /// What follows the task: callbacks, errbacks, the rest of its chain, its chord.
     pub embed: Embed,
+    /// A worker already sent `task-received` for this delivery: it is back from a
+    /// postponement (see [`TaskMessage::postponed_message`]).
+    pub announced: bool,
     envelope: Map<String, Value>,
 }
+
+/// The property a postponed message carries once its `task-received` was sent (kombu and
+/// Celery ignore properties they do not know).
+const ANNOUNCED: &str = "taskhost_received";
 
 impl TaskMessage {
     /// Decodes one raw message as popped from a queue list.
@@ -136,6 +143,10 @@ impl TaskMessage {
             .and_then(|p| p.get("priority"))
             .and_then(Value::as_u64)
             .map_or(0, |p| p.min(9) as u8);
+        let announced = properties
+            .and_then(|p| p.get(ANNOUNCED))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         Ok(Self {
             eta: parse_time_header(headers, "eta")?,
             expires: parse_time_header(headers, "expires")?,
@@ -158,6 +169,7 @@ impl TaskMessage {
             time_limit,
             priority,
             embed,
+            announced,
             envelope,
         })
     }
@@ -193,6 +205,22 @@ impl TaskMessage {
             .map(str::to_owned)
     }
 
+    /// The message to hold in the delayed set while the task waits (its eta, a rate limit):
+    /// the same delivery, marked as announced so its `task-received` is not sent again.
+    /// `raw` is the message as fetched, returned as it is when already marked.
+    pub fn postponed_message(&self, raw: &[u8]) -> Vec<u8> {
+        if self.announced {
+            return raw.to_vec();
+        }
+        let mut envelope = self.envelope.clone();
+        if let Some(Value::Object(properties)) = envelope.get_mut("properties") {
+            properties.insert(ANNOUNCED.into(), Value::Bool(true));
+        } else {
+            envelope.insert("properties".into(), json!({ ANNOUNCED: true }));
+        }
+        Value::Object(envelope).to_string().into_bytes()
+    }
+
     /// The message to publish for the next try, as Celery's `Task.retry` does: same id,
     /// `retries` + 1, `eta` when there is a countdown, `parent_id` = this task, new delivery tag.
     pub fn retry_message(&self, eta: Option<OffsetDateTime>) -> Vec<u8> {
@@ -206,6 +234,8 @@ impl TaskMessage {
             headers.insert("parent_id".into(), json!(self.id));
         }
         if let Some(Value::Object(properties)) = envelope.get_mut("properties") {
+            // A new delivery: announced again when a worker receives it.
+            properties.remove(ANNOUNCED);
             properties.insert(
                 "delivery_tag".into(),
                 json!(uuid::Uuid::new_v4().to_string()),

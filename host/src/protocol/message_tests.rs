@@ -242,3 +242,20 @@ fn no_corruption_of_a_message_makes_the_decoder_panic() {
     // Some corruptions leave a valid message (a changed letter in a name, say).
     assert!(decoded > 0);
 }
+
+#[test]
+fn a_postponed_message_is_marked_announced_and_a_retry_is_not() {
+    let raw = CAPTURED_COUNTDOWN.as_bytes().to_vec();
+    let message = TaskMessage::decode(&raw).expect("decodes");
+    assert!(!message.announced);
+    let held = message.postponed_message(&raw);
+    let back = TaskMessage::decode(&held).expect("the held message decodes");
+    assert!(
+        back.announced,
+        "back from the delayed set, already announced"
+    );
+    assert_eq!(back.id, message.id);
+    assert_eq!(back.postponed_message(&held), held, "marked once");
+    let retry = TaskMessage::decode(&back.retry_message(None)).expect("retry decodes");
+    assert!(!retry.announced, "a retry is a new delivery");
+}

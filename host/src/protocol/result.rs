@@ -37,6 +37,13 @@ pub fn is_ready(status: &str) -> bool {
     State::READY.iter().any(|s| s.as_str() == status)
 }
 
+/// Whether only the worker may store `status`: the ready states, and those Celery's clients
+/// read an exception or a worker's verdict from (`RETRY`, `REJECTED`, `IGNORED`). A plugin's
+/// progress may use any other name (`PROGRESS`, `STARTED`, its own).
+pub fn is_hosts_state(status: &str) -> bool {
+    is_ready(status) || matches!(status, "RETRY" | "REJECTED" | "IGNORED")
+}
+
 /// Why a task was revoked: the message of its `TaskRevokedError`, and what the `task-revoked`
 /// event says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

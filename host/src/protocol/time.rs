@@ -45,9 +45,21 @@ pub fn from_epoch_ms(ms: i64) -> Option<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
 }
 
-/// Milliseconds since the Unix epoch, now.
+/// Milliseconds since the Unix epoch, now, by this machine's clock. (Shifted by
+/// `TASKHOST_TEST_CLOCK_SKEW_MS` when set: a test hook that fakes a machine whose clock is
+/// off, to show that nothing between workers depends on their clocks agreeing.)
 pub fn now_ms() -> i64 {
-    epoch_ms(OffsetDateTime::now_utc())
+    epoch_ms(OffsetDateTime::now_utc()).saturating_add(clock_skew_ms())
+}
+
+fn clock_skew_ms() -> i64 {
+    static SKEW: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *SKEW.get_or_init(|| {
+        std::env::var("TASKHOST_TEST_CLOCK_SKEW_MS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 /// Milliseconds since the Unix epoch, `after` from now (a deadline as plugins receive it).

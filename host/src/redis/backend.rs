@@ -44,11 +44,32 @@ impl Backend {
     /// Stores `document` as the task's state and publishes it. Returns false if a SUCCESS was
     /// already stored (and is kept).
     pub async fn store(&self, task_id: &str, document: &str) -> Result<bool, RedisError> {
+        self.store_keeping(task_id, document, "success").await
+    }
+
+    /// Stores `document` unless the task already has a ready state (which is kept): for what
+    /// is not the task's outcome (progress, a revoke heard from afar). Returns whether it was
+    /// stored.
+    pub async fn store_unless_ready(
+        &self,
+        task_id: &str,
+        document: &str,
+    ) -> Result<bool, RedisError> {
+        self.store_keeping(task_id, document, "ready").await
+    }
+
+    async fn store_keeping(
+        &self,
+        task_id: &str,
+        document: &str,
+        keeps: &str,
+    ) -> Result<bool, RedisError> {
         let stored: i64 = self
             .store
             .key(result_key(task_id))
             .arg(document)
             .arg(self.expires)
+            .arg(keeps)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(stored == 1)

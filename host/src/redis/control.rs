@@ -1,8 +1,8 @@
 //! Remote control through Redis: the broadcast channel commands arrive on, the reply lists
 //! answers are pushed to, and the revoked set (so a worker started after a revoke honours it).
 
-use super::keys::{self, REPLY_TTL, REVOKED};
-use super::{Client, Connection, RedisError, Subscription};
+use super::keys::{self, INFLIGHT, REPLY_TTL, REVOKED, WORKERS};
+use super::{Client, Connection, RedisError, Subscription, scripts};
 use redis::AsyncCommands;
 
 /// Subscribes to the remote-control channel of `client`'s database.
@@ -54,4 +54,17 @@ pub async fn revoked(conn: &mut Connection, now_ms: i64) -> Result<Vec<(String, 
         .into_iter()
         .map(|(id, until)| (id, until as i64))
         .collect())
+}
+
+/// Whether some worker has taken task `task_id` (its message is in an in-flight list): it
+/// then settles the task itself, by the task's outcome or, if it meets the revoke before
+/// running it, as REVOKED.
+pub async fn in_flight_anywhere(conn: &mut Connection, task_id: &str) -> Result<bool, RedisError> {
+    let found: i64 = scripts::in_flight_anywhere()
+        .key(WORKERS)
+        .arg(INFLIGHT)
+        .arg(task_id)
+        .invoke_async(conn)
+        .await?;
+    Ok(found == 1)
 }

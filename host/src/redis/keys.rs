@@ -91,8 +91,11 @@ pub fn taskset_key(group_id: &str, suffix: &str) -> String {
 /// settled, so recovery knows where each goes back. This is the prefix; the source list's key
 /// completes the name.
 pub fn inflight_prefix(node: &str) -> String {
-    format!("taskhost:inflight:{node}:")
+    format!("{INFLIGHT}{node}:")
 }
+
+/// What every in-flight list's name starts with; the node and source complete it.
+pub const INFLIGHT: &str = "taskhost:inflight:";
 
 /// ZSET: `<queue key>\n<message>` scored by when it is due (ms since the epoch): messages with
 /// an `eta` in the future, and tasks waiting out a rate limit or a plugin's `max_instances`.

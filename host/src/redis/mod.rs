@@ -58,6 +58,22 @@ pub enum RedisError {
     Command(#[from] ::redis::RedisError),
 }
 
+impl RedisError {
+    /// Whether trying again cannot help: a key holds another type than the command needs
+    /// (`WRONGTYPE`, e.g. a producer's id naming a list), or the server refuses the command
+    /// (`NOPERM`). Everything else (connection lost, timeouts, loading, failover) may pass.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Command(e) => e.clone().into_server_errors().is_some_and(|errors| {
+                errors
+                    .iter()
+                    .any(|(_, error)| matches!(error.code(), "WRONGTYPE" | "NOPERM"))
+            }),
+            Self::Url { .. } | Self::Connect { .. } => false,
+        }
+    }
+}
+
 /// Opens a Redis client for `url`, refusing what is not Redis with a clear message.
 pub fn client(url: &str) -> Result<Client, RedisError> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
@@ -180,21 +196,43 @@ pub async fn retrying<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>
     loop {
         attempt += 1;
         match op().await {
-            Ok(value) => {
-                if attempt > 1 {
-                    tracing::info!("could {what} after {attempt} attempts");
-                }
-                return value;
-            }
-            Err(e) => {
-                // Say so at the first failure and then at attempts 2, 4, 8, …: heard, not a flood.
-                if attempt.is_power_of_two() {
-                    tracing::warn!("could not {what} (attempt {attempt}, retrying): {e}");
-                }
-                tokio::time::sleep(backoff(attempt)).await;
-            }
+            Ok(value) => return succeeded_after(what, attempt, value),
+            Err(e) => failed_attempt(what, attempt, &e).await,
         }
     }
+}
+
+/// As [`retrying`], for a step on one task's keys: an error retrying cannot cure
+/// ([`RedisError::is_permanent`]) is returned, so the caller settles that task otherwise
+/// instead of stalling on it.
+pub async fn retrying_transient<T, F: Future<Output = Result<T, RedisError>>>(
+    what: &str,
+    mut op: impl FnMut() -> F,
+) -> Result<T, RedisError> {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match op().await {
+            Ok(value) => return Ok(succeeded_after(what, attempt, value)),
+            Err(e) if e.is_permanent() => return Err(e),
+            Err(e) => failed_attempt(what, attempt, &e).await,
+        }
+    }
+}
+
+fn succeeded_after<T>(what: &str, attempt: u32, value: T) -> T {
+    if attempt > 1 {
+        tracing::info!("could {what} after {attempt} attempts");
+    }
+    value
+}
+
+async fn failed_attempt(what: &str, attempt: u32, e: &impl std::fmt::Display) {
+    // Say so at the first failure and then at attempts 2, 4, 8, …: heard, not a flood.
+    if attempt.is_power_of_two() {
+        tracing::warn!("could not {what} (attempt {attempt}, retrying): {e}");
+    }
+    tokio::time::sleep(backoff(attempt)).await;
 }
 
 /// A Pub/Sub subscription to one channel.
@@ -254,6 +292,19 @@ mod tests {
         assert_eq!(value, 40);
         // Three failures: 200 + 400 + 800 ms of backoff, no more.
         assert_eq!(start.elapsed(), Duration::from_millis(1400));
+    }
+
+    #[test]
+    fn a_wrong_type_is_permanent_and_a_lost_connection_is_not() {
+        let wrong = ::redis::make_extension_error("WRONGTYPE".into(), Some("list".into()));
+        assert!(RedisError::Command(wrong).is_permanent());
+        let lost = RedisError::Connect {
+            url: "redis://x".into(),
+            reason: "refused".into(),
+        };
+        assert!(!lost.is_permanent());
+        let loading = ::redis::make_extension_error("LOADING".into(), None);
+        assert!(!RedisError::Command(loading).is_permanent());
     }
 
     #[test]

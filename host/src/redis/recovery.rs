@@ -41,7 +41,7 @@ const REDELIVERY_MEMORY_S: u64 = 7 * 86_400;
 /// One worker's entry in [`WORKERS`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
-    /// Last heartbeat, milliseconds since the Unix epoch.
+    /// Last heartbeat, milliseconds since the Unix epoch by Redis's clock (`TIME`).
     pub hb: i64,
     pub host: String,
     pub pid: u32,
@@ -65,7 +65,6 @@ pub async fn recover(
         .key(WORKERS)
         .key(DEAD)
         .arg(node)
-        .arg(now_ms())
         .arg(u64::try_from(lapse.as_millis()).unwrap_or(u64::MAX))
         .arg(inflight_prefix(node))
         .arg(max_redeliveries)
@@ -89,18 +88,18 @@ pub struct Registration {
     conn: Connection,
     node: String,
     entry: tokio::sync::Mutex<Entry>,
-    /// When a heartbeat was last written (ms since the epoch).
+    /// When a heartbeat was last written (ms since the epoch, this machine's clock).
     last_beat_ms: AtomicI64,
 }
 
 impl Registration {
-    /// Writes the entry with a fresh heartbeat.
+    /// Writes the entry with a fresh heartbeat, on Redis's clock.
     async fn beat(&self, fetching: bool) -> Result<(), RedisError> {
         let mut entry = self.entry.lock().await;
-        entry.hb = now_ms();
+        entry.hb = redis_now_ms(&mut self.conn.clone()).await?;
         entry.fetching = fetching;
         self.write(&entry).await?;
-        self.last_beat_ms.store(entry.hb, Ordering::Relaxed);
+        self.last_beat_ms.store(now_ms(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -174,7 +173,8 @@ impl Presence {
             return Ok(None);
         }
         let entry = Entry {
-            hb: now_ms(),
+            // Written on Redis's clock by the first beat, below.
+            hb: 0,
             host,
             pid: std::process::id(),
             sources,
@@ -233,13 +233,19 @@ impl Presence {
                     return;
                 }
             };
-        let lapse_ms = i64::try_from(self.lapse.as_millis()).unwrap_or(i64::MAX);
+        let now = match redis_now_ms(&mut self.conn).await {
+            Ok(now) => now,
+            Err(e) => {
+                tracing::debug!("cannot read Redis's clock: {e}");
+                return;
+            }
+        };
         for (node, entry) in entries {
             if node == self.node {
                 continue;
             }
-            let lapsed =
-                serde_json::from_str::<Entry>(&entry).map_or(true, |e| now_ms() - e.hb >= lapse_ms);
+            let lapsed = serde_json::from_str::<Entry>(&entry)
+                .map_or(true, |e| is_lapsed(now, e.hb, self.lapse));
             if !lapsed {
                 continue;
             }
@@ -275,7 +281,7 @@ async fn take_name(
         let stale = match &holder {
             None => true,
             Some(e) => {
-                now_ms() - e.hb >= i64::try_from(lapse.as_millis()).unwrap_or(i64::MAX)
+                is_lapsed(redis_now_ms(conn).await?, e.hb, lapse)
                     || (e.host == host && !process_exists(e.pid))
             }
         };
@@ -315,6 +321,18 @@ pub async fn leave(conn: &mut Connection, node: &str) {
     if let Err(e) = removed {
         tracing::warn!("cannot remove this worker from the registry: {e}");
     }
+}
+
+/// Milliseconds since the epoch by Redis's clock: every heartbeat is written and judged by
+/// it, so no worker's clock is compared with another's.
+async fn redis_now_ms(conn: &mut Connection) -> Result<i64, RedisError> {
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
+    Ok(secs.saturating_mul(1000).saturating_add(micros / 1000))
+}
+
+/// Whether a heartbeat written at `hb` is older than `lapse` at `now` (both on Redis's clock).
+fn is_lapsed(now: i64, hb: i64, lapse: Duration) -> bool {
+    now.saturating_sub(hb) >= i64::try_from(lapse.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn process_exists(pid: u32) -> bool {

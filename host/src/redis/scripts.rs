@@ -58,3 +58,8 @@ pub fn fleet_rate() -> Script {
 pub fn schedule_tick() -> Script {
     Script::new(include_str!("scripts/schedule_tick-2.lua"))
 }
+
+/// Says whether any registered worker holds a task in one of its in-flight lists.
+pub fn in_flight_anywhere() -> Script {
+    Script::new(include_str!("scripts/in_flight_anywhere-1.lua"))
+}

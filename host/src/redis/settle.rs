@@ -32,6 +32,8 @@ pub struct Stores {
     /// The broker and the backend are one Redis database: a batch goes out as one pipeline
     /// (Redis runs one connection's commands in order, so states still land first).
     pub same_database: bool,
+    /// The worker's node name, for dead-letter entries.
+    pub node: String,
 }
 
 impl Stores {

@@ -2,6 +2,10 @@
 
 use super::TaskState;
 use super::bindings::taskhost::plugin::{host, types};
+use crate::protocol::is_hosts_state;
+
+/// The longest progress state name, in bytes (Celery's own are at most 8).
+pub const MAX_STATE_BYTES: usize = 64;
 
 impl types::Host for TaskState {}
 
@@ -47,11 +51,9 @@ impl host::Host for TaskState {
                 meta.len()
             ));
         }
+        check_progress_state(&state)?;
         let meta: serde_json::Value =
             serde_json::from_str(&meta).map_err(|e| format!("meta is not JSON: {e}"))?;
-        if state.is_empty() {
-            return Err("state must not be empty".into());
-        }
         match &self.scope.progress {
             Some(progress) => progress
                 .update(state, meta)
@@ -85,5 +87,53 @@ impl host::Host for TaskState {
             Some(outbox) => outbox.send(signature).await.map_err(|e| e.to_string()),
             None => Err("sending tasks needs a worker and its broker (not `taskhost exec`)".into()),
         }
+    }
+}
+
+/// A progress state a plugin may write: named, short, and none of the states whose meaning is
+/// the worker's to give (a forged SUCCESS would end a waiter's `.get()` with the plugin's value).
+fn check_progress_state(state: &str) -> Result<(), String> {
+    if state.is_empty() {
+        return Err("state must not be empty".into());
+    }
+    if state.len() > MAX_STATE_BYTES {
+        return Err(format!(
+            "state is {} bytes, over the {MAX_STATE_BYTES}-byte limit",
+            state.len()
+        ));
+    }
+    if is_hosts_state(state) {
+        return Err(format!(
+            "state {state} is the worker's to store: progress may use any other name (e.g. PROGRESS)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_progress_state;
+
+    #[test]
+    fn progress_may_not_write_a_ready_or_worker_state() {
+        for state in [
+            "SUCCESS", "FAILURE", "REVOKED", "RETRY", "REJECTED", "IGNORED",
+        ] {
+            let refused = check_progress_state(state).expect_err(state);
+            assert!(refused.contains("worker's to store"), "{refused}");
+        }
+    }
+
+    #[test]
+    fn progress_may_write_its_own_states() {
+        for state in ["PROGRESS", "STARTED", "downloading"] {
+            assert_eq!(check_progress_state(state), Ok(()), "{state}");
+        }
+    }
+
+    #[test]
+    fn a_progress_state_name_is_bounded() {
+        assert!(check_progress_state("").is_err());
+        assert!(check_progress_state(&"X".repeat(65)).is_err());
     }
 }

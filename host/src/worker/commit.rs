@@ -8,10 +8,14 @@
 //! stored before any of its messages is acknowledged (in one pipeline when the broker and the
 //! backend are the same Redis database, since Redis runs one connection's commands in order),
 //! and a failed batch is retried whole (storing a state twice and removing an absent message
-//! are both harmless), so a task is never acknowledged without its state.
+//! are both harmless), so a task is never acknowledged without its state. A batch that fails
+//! with an error retrying cannot cure (one task's key holding another type) is written task by
+//! task, and the task that still fails has its message dead-lettered with the reason: one
+//! task's keys never stall the others' outcomes.
 
+use crate::redis::deadletter::{self, Origin};
 use crate::redis::settle::{Finished, Outgoing, Stores};
-use crate::redis::{Delivery, RedisError, retrying};
+use crate::redis::{Delivery, RedisError, retrying_transient};
 use std::future::Future;
 use tokio::sync::{mpsc, oneshot};
 
@@ -20,6 +24,9 @@ const MAX_BATCH: usize = 256;
 
 /// One task to settle.
 pub struct Job {
+    /// The task's id and name, for a dead-letter entry.
+    task_id: String,
+    task: String,
     /// The task's id and its final state document, unless the producer ignores results.
     state: Option<(String, String)>,
     /// Whether the state is a SUCCESS (stored unguarded).
@@ -34,6 +41,12 @@ pub struct Job {
 pub trait Sink: Send + Sync + 'static {
     /// Writes one batch: every state, then every acknowledgement.
     fn write(&self, batch: &[Job]) -> impl Future<Output = Result<(), RedisError>> + Send;
+    /// Moves a job's message to the dead-letter list, saying `reason`.
+    fn dead_letter(
+        &self,
+        job: &Job,
+        reason: &str,
+    ) -> impl Future<Output = Result<bool, RedisError>> + Send;
 }
 
 impl Sink for Stores {
@@ -51,6 +64,18 @@ impl Sink for Stores {
             })
             .collect();
         Stores::write(self, &finished).await
+    }
+
+    async fn dead_letter(&self, job: &Job, reason: &str) -> Result<bool, RedisError> {
+        let origin = Origin {
+            reason,
+            task_id: Some(&job.task_id),
+            task: Some(&job.task),
+            source: &job.delivery.source,
+            worker: &self.node,
+        };
+        let entry = deadletter::entry(&job.delivery.raw, &origin);
+        self.broker.dead_letter(&job.delivery, &entry).await
     }
 }
 
@@ -70,8 +95,10 @@ impl Settler {
 
     /// Stores `state` (task id, document) if any, then publishes `publish` and acknowledges
     /// `delivery`; returns once all are done. Redis being away delays this, never drops it.
+    /// `task` is the task's (id, name).
     pub async fn settle(
         &self,
+        task: (&str, &str),
         state: Option<(String, String)>,
         success: bool,
         delivery: &Delivery,
@@ -79,6 +106,8 @@ impl Settler {
     ) {
         let (done, finished) = oneshot::channel();
         let job = Job {
+            task_id: task.0.to_owned(),
+            task: task.1.to_owned(),
             state,
             success,
             delivery: delivery.clone(),
@@ -94,10 +123,33 @@ impl Settler {
 async fn write(mut queue: mpsc::UnboundedReceiver<Job>, sink: impl Sink) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        retrying("settle finished tasks", || sink.write(&batch)).await;
+        if let Err(e) = retrying_transient("settle finished tasks", || sink.write(&batch)).await {
+            tracing::warn!(
+                "settling a batch of finished tasks failed ({e}): settling them one by one"
+            );
+            for job in &batch {
+                settle_alone(&sink, job).await;
+            }
+        }
         for job in batch.drain(..) {
             let _ = job.done.send(());
         }
+    }
+}
+
+/// Settles one job of a batch that failed for good; if the job itself fails for good, its
+/// message goes to the dead-letter list with the reason.
+async fn settle_alone(sink: &impl Sink, job: &Job) {
+    let alone = std::slice::from_ref(job);
+    let Err(e) = retrying_transient("settle a finished task", || sink.write(alone)).await else {
+        return;
+    };
+    let reason = format!("cannot settle the task: {e}");
+    tracing::error!(task_id = %job.task_id, task = %job.task, "{reason}; its message is dead-lettered");
+    if let Err(e) =
+        retrying_transient("dead-letter a message", || sink.dead_letter(job, &reason)).await
+    {
+        tracing::error!(task_id = %job.task_id, "cannot dead-letter it either ({e}): it stays in flight");
     }
 }
 
@@ -109,12 +161,14 @@ mod tests {
     use tokio::time::Instant;
 
     /// Records each batch's size and when it was written; fails the first `failures` writes;
-    /// takes `takes` to write.
+    /// takes `takes` to write; fails for good any batch holding the delivery `poison`.
     #[derive(Clone, Default)]
     struct Recorder {
         batches: Arc<Mutex<Vec<(usize, Duration)>>>,
         failures: Arc<Mutex<u32>>,
         takes: Duration,
+        poison: Option<u8>,
+        dead: Arc<Mutex<Vec<(String, String)>>>,
     }
 
     impl Sink for Recorder {
@@ -129,9 +183,48 @@ mod tests {
                     reason: "down".into(),
                 });
             }
+            if batch.iter().any(|j| Some(j.delivery.raw[0]) == self.poison) {
+                let wrong = redis::make_extension_error("WRONGTYPE".into(), None);
+                return Err(RedisError::Command(wrong));
+            }
             crate::lock(&self.batches).push((batch.len(), start.elapsed()));
             Ok(())
         }
+
+        async fn dead_letter(&self, job: &Job, reason: &str) -> Result<bool, RedisError> {
+            crate::lock(&self.dead).push((job.task_id.clone(), reason.to_owned()));
+            Ok(true)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_whose_keys_fail_for_good_is_dead_lettered_and_the_rest_settle() {
+        let sink = Recorder {
+            takes: Duration::from_millis(10),
+            poison: Some(2),
+            ..Recorder::default()
+        };
+        let settler = Settler::start(sink.clone());
+        let tasks: Vec<_> = (0..4u8)
+            .map(|n| {
+                let settler = settler.clone();
+                tokio::spawn(async move {
+                    let id = n.to_string();
+                    settler
+                        .settle((&id, "t"), None, true, &delivery(n), Vec::new())
+                        .await;
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("settle returns");
+        }
+        let written: usize = crate::lock(&sink.batches).iter().map(|(n, _)| *n).sum();
+        assert_eq!(written, 3, "every other task settled");
+        let dead = crate::lock(&sink.dead).clone();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0].0, "2");
+        assert!(dead[0].1.contains("WRONGTYPE"), "{dead:?}");
     }
 
     fn delivery(n: u8) -> Delivery {
@@ -149,7 +242,9 @@ mod tests {
         };
         let settler = Settler::start(sink.clone());
         let start = Instant::now();
-        settler.settle(None, true, &delivery(1), Vec::new()).await;
+        settler
+            .settle(("t", "t"), None, true, &delivery(1), Vec::new())
+            .await;
         // Two failures: 200 ms then 400 ms of backoff, then the write that lands.
         assert_eq!(start.elapsed(), Duration::from_millis(600));
         assert_eq!(crate::lock(&sink.batches).len(), 1);
@@ -164,16 +259,22 @@ mod tests {
         let settler = Settler::start(sink.clone());
         let first = {
             let settler = settler.clone();
-            tokio::spawn(async move { settler.settle(None, true, &delivery(0), Vec::new()).await })
+            tokio::spawn(async move {
+                settler
+                    .settle(("t", "t"), None, true, &delivery(0), Vec::new())
+                    .await
+            })
         };
         // The first batch is being written (it takes 10 ms): three more finish meanwhile.
         tokio::time::sleep(Duration::from_millis(5)).await;
         let rest: Vec<_> = (1..4)
             .map(|n| {
                 let settler = settler.clone();
-                tokio::spawn(
-                    async move { settler.settle(None, true, &delivery(n), Vec::new()).await },
-                )
+                tokio::spawn(async move {
+                    settler
+                        .settle(("t", "t"), None, true, &delivery(n), Vec::new())
+                        .await
+                })
             })
             .collect();
         first.await.expect("first settle");

@@ -8,15 +8,13 @@
 use super::Shared;
 use super::canvas::Outbox;
 use super::gates::{self, Admitted};
+use super::progress::ProgressWriter;
 use super::settle::{self, Ran, Refusal};
+use crate::protocol::TaskMessage;
 use crate::protocol::event::TaskEvent;
 use crate::protocol::time::deadline_ms;
-use crate::protocol::{Meta, TaskMessage, result_document};
-use crate::redis::{Backend, Delivery};
-use crate::sandbox::{Progress, ProgressError, Scope, Task};
-use serde_json::Value;
-use std::future::Future;
-use std::pin::Pin;
+use crate::redis::Delivery;
+use crate::sandbox::{Scope, Task};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,9 +24,11 @@ pub(super) async fn handle(shared: &Shared, delivery: &Delivery) {
         Ok(message) => message,
         Err(bad) => return settle::refuse(shared, delivery, &Refusal::Undecodable(&bad)).await,
     };
-    shared
-        .events
-        .task(&message.id, TaskEvent::Received(&message));
+    if !message.announced {
+        shared
+            .events
+            .task(&message.id, TaskEvent::Received(&message));
+    }
     let admitted = match gates::admit(shared, &message).await {
         Ok(admitted) => admitted,
         Err(stop) => return settle::stopped(shared, delivery, &message, stop).await,
@@ -58,12 +58,12 @@ async fn run(
     let plugin = &admitted.plugin;
     let (soft, hard) = admitted.time_limits;
     let task = task_record(message, soft.map(deadline_ms), &shared.config.node);
-    let progress = ProgressWriter {
-        backend: shared.backend.clone(),
-        task_id: message.id.clone(),
-        parent_id: message.parent_id.clone(),
-        group: message.group.clone(),
-    };
+    let progress = ProgressWriter::new(
+        shared.backend.clone(),
+        message.id.clone(),
+        message.parent_id.clone(),
+        message.group.clone(),
+    );
     let scope = Scope {
         plugin: plugin.name.clone(),
         task_name: message.task.clone(),
@@ -93,36 +93,5 @@ pub fn task_record(message: &TaskMessage, soft_deadline_ms: Option<u64>, hostnam
         parent_id: message.parent_id.clone(),
         soft_deadline_ms,
         hostname: hostname.to_owned(),
-    }
-}
-
-/// Stores a running task's progress as its state.
-struct ProgressWriter {
-    backend: Backend,
-    task_id: String,
-    parent_id: Option<String>,
-    group: Option<String>,
-}
-
-impl Progress for ProgressWriter {
-    fn update(
-        &self,
-        state: String,
-        meta: Value,
-    ) -> Pin<Box<dyn Future<Output = Result<(), ProgressError>> + Send + '_>> {
-        Box::pin(async move {
-            let who = Meta {
-                task_id: &self.task_id,
-                parent_id: self.parent_id.as_deref(),
-                group: self.group.as_deref(),
-                children: &[],
-            };
-            let doc = result_document(&who, &state, &meta, None, time::OffsetDateTime::now_utc());
-            self.backend
-                .store(&self.task_id, &doc)
-                .await
-                .map(|_| ())
-                .map_err(|e| ProgressError(e.to_string()))
-        })
     }
 }

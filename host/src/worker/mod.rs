@@ -24,6 +24,7 @@ mod gates;
 mod handle;
 mod health;
 mod held;
+mod progress;
 mod remote;
 mod retry;
 mod settle;
@@ -185,6 +186,7 @@ async fn start(
         broker: broker.clone(),
         backend: backend.clone(),
         same_database: config.broker_url == config.backend_url,
+        node: config.node.clone(),
     });
     let metrics = Arc::new(Metrics::default());
     let channels = crate::redis::events::EventChannels::new(broker.client(), broker.connection());

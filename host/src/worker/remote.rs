@@ -338,11 +338,32 @@ impl Worker for Remote {
         let _ = self.0.stop_tx.send(true);
     }
 
+    /// A task waiting in a queue or the delayed set is REVOKED at once, so its waiters need not
+    /// wait for its turn. A task some worker holds is left to that worker: a running one ends
+    /// with its own outcome, as in Celery (only `terminate` stops it), and one not yet started
+    /// meets the revoke at its gates. A ready result is never replaced.
     fn revoked(&self, task_id: String) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            let shared = &self.0;
+            match crate::redis::control::in_flight_anywhere(
+                &mut shared.broker.connection(),
+                &task_id,
+            )
+            .await
+            {
+                Ok(false) => {}
+                Ok(true) => return,
+                Err(e) => {
+                    tracing::warn!(
+                        task_id,
+                        "cannot tell whether a worker holds the revoked task: {e}"
+                    );
+                    return;
+                }
+            }
             let exception = RevokeReason::Revoked.exception();
             let doc = exception_document(&Meta::of(&task_id), State::Revoked, &exception);
-            if let Err(e) = self.0.backend.store(&task_id, &doc).await {
+            if let Err(e) = shared.backend.store_unless_ready(&task_id, &doc).await {
                 tracing::warn!(task_id, "cannot store the REVOKED result: {e}");
             }
         })

@@ -13,7 +13,7 @@ use crate::protocol::{Exception, Meta, RevokeReason, State, TaskMessage, Undecod
 use crate::protocol::{exception_document, result_document};
 use crate::redis::deadletter::{self, Origin};
 use crate::redis::keys::queue_of;
-use crate::redis::{Delivery, retrying};
+use crate::redis::{Delivery, retrying, retrying_transient};
 use crate::sandbox::Outcome;
 use serde_json::value::RawValue;
 
@@ -107,7 +107,7 @@ pub(super) async fn stopped(
 ) {
     match stop {
         Stop::Postpone { due_ms, wait } => {
-            postpone(shared, delivery, due_ms, wait).await;
+            postpone(shared, delivery, message, due_ms, wait).await;
             match wait {
                 Wait::Eta => {
                     tracing::debug!(task_id = %message.id, task = %message.task, "scheduled for its eta")
@@ -250,8 +250,10 @@ async fn finish<R: serde::Serialize + ?Sized>(
     });
     if message.embed.chord.is_some() {
         // A chord part is counted once its state is stored (the body may read it at once).
-        if let Some((id, doc)) = document.take() {
-            retrying("store a result", || shared.backend.store(&id, &doc)).await;
+        if let Some((id, doc)) = document.take()
+            && !store_or_dead_letter(shared, delivery, message, &id, &doc).await
+        {
+            return;
         }
         let result = serde_json::to_string(result).unwrap_or_else(|_| "null".into());
         canvas::chord_part(shared, message, state, &result, &mut follow).await;
@@ -259,7 +261,13 @@ async fn finish<R: serde::Serialize + ?Sized>(
     let completed = std::mem::take(&mut follow.completed);
     shared
         .settler
-        .settle(document, state == State::Success, delivery, follow.publish)
+        .settle(
+            (&message.id, &message.task),
+            document,
+            state == State::Success,
+            delivery,
+            follow.publish,
+        )
         .await;
     for (group_id, token) in completed {
         canvas::cleanup(shared, &group_id, &token).await;
@@ -277,13 +285,20 @@ async fn push_now(shared: &Shared, sent: Sent) {
     }
 }
 
-/// Moves `delivery`'s message, unchanged, to the delayed set until `due_ms` (retrying until
-/// Redis takes it), and wakes the mover.
-async fn postpone(shared: &Shared, delivery: &Delivery, due_ms: i64, wait: Wait) {
+/// Moves `delivery`'s message to the delayed set until `due_ms` (retrying until Redis takes
+/// it), marked as announced, and wakes the mover.
+async fn postpone(
+    shared: &Shared,
+    delivery: &Delivery,
+    message: &TaskMessage,
+    due_ms: i64,
+    wait: Wait,
+) {
+    let held = message.postponed_message(&delivery.raw);
     let moved = retrying(wait.step(), || {
         shared
             .broker
-            .ack_and_schedule(delivery, &delivery.source, &delivery.raw, Some(due_ms))
+            .ack_and_schedule(delivery, &delivery.source, &held, Some(due_ms))
     })
     .await;
     moved_or_not(shared, moved, delivery);
@@ -324,7 +339,9 @@ async fn retry(
     );
     if !message.ignore_result {
         let doc = exception_document(&message.meta(), State::Retry, &reason);
-        retrying("store a result", || shared.backend.store(&message.id, &doc)).await;
+        if !store_or_dead_letter(shared, delivery, message, &message.id, &doc).await {
+            return;
+        }
     }
     let moved = retrying("publish a retry", || {
         shared
@@ -397,7 +414,10 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
     let (exception, reason) = refusal.explain();
     if let Some(id) = task_id {
         let doc = exception_document(&Meta::of(id), State::Failure, &exception);
-        retrying("store a result", || shared.backend.store(id, &doc)).await;
+        let stored = retrying_transient("store a result", || shared.backend.store(id, &doc)).await;
+        if let Err(e) = stored {
+            tracing::error!(task_id = id, "cannot store the refused task's FAILURE: {e}");
+        }
     }
     if let Some(message) = refusal.message() {
         // A refused task fails its chain, chord and errbacks as a failed one does, so no
@@ -433,8 +453,51 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
             },
         );
     }
+    dead_letter(shared, delivery, &reason, task_id, task).await;
+}
+
+/// Stores `doc` as task `id`'s state, retrying while Redis is away. When retrying cannot help
+/// (the result key holds another type), the message goes to the dead-letter list with the
+/// reason instead, so the task stalls nothing; returns false then, and the caller stops.
+async fn store_or_dead_letter(
+    shared: &Shared,
+    delivery: &Delivery,
+    message: &TaskMessage,
+    id: &str,
+    doc: &str,
+) -> bool {
+    let Err(e) = retrying_transient("store a result", || shared.backend.store(id, doc)).await
+    else {
+        return true;
+    };
+    let reason = format!("cannot store the task's state: {e}");
+    tracing::error!(task_id = %message.id, task = %message.task, "{reason}; its message is dead-lettered");
+    shared.metrics.task(
+        metrics_label(shared, Some(&message.task)),
+        TaskOutcome::Rejected,
+        None,
+    );
+    dead_letter(
+        shared,
+        delivery,
+        &reason,
+        Some(&message.id),
+        Some(&message.task),
+    )
+    .await;
+    false
+}
+
+/// Moves `delivery`'s message to the dead-letter list, saying `reason`.
+async fn dead_letter(
+    shared: &Shared,
+    delivery: &Delivery,
+    reason: &str,
+    task_id: Option<&str>,
+    task: Option<&str>,
+) {
     let origin = Origin {
-        reason: &reason,
+        reason,
         task_id,
         task,
         source: &delivery.source,

@@ -131,6 +131,28 @@ tasks! {
         Ok(taskhost_sdk::config(&key))
     }
 
+    /// Writes `state` as its progress (a forged `SUCCESS`, say) with a forged value, then
+    /// returns what the host answered: `{"refused": why}` or `{"accepted": true}`.
+    #[task(name = "hostile.forge_state")]
+    fn forge_state(state: String) -> Result<Value> {
+        match taskhost_sdk::update_state(&state, &json!("forged by the plugin")) {
+            Ok(()) => Ok(json!({"accepted": true})),
+            Err(why) => Ok(json!({"refused": why})),
+        }
+    }
+
+    /// Calls `update_state` `times` times as fast as it can; returns how many were accepted.
+    #[task(name = "hostile.progress_flood")]
+    fn progress_flood(times: u64) -> Result<u64> {
+        let mut accepted = 0;
+        for n in 0..times {
+            if taskhost_sdk::update_state("PROGRESS", &json!({"n": n})).is_ok() {
+                accepted += 1;
+            }
+        }
+        Ok(accepted)
+    }
+
     /// Sleeps `ms` and reports when it started and ended.
     #[task(name = "hostile.hold")]
     fn hold(ms: u64) -> Result<Value> {

@@ -1,0 +1,328 @@
+//! Trust boundaries (SECURITY.md): what a plugin, a producer or a skewed clock cannot do to a
+//! worker. Each test runs a real worker on a real Redis with a stream of `demo.add` beside the
+//! attack, all of which must succeed; outcomes are read from Redis or from Python Celery.
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use taskhost_tests::{
+    Beside, Client, Process, RedisServer, ResultFeed, TestDir, python_in, test_plugin_wasm,
+    wait_for,
+};
+
+const NODE: &str = "trust@test";
+
+/// A worker (`-c 4`, task events on) serving demo and the hostile test plugin.
+struct Setup {
+    worker: Process,
+    client: Client,
+    redis: RedisServer,
+    dir: TestDir,
+}
+
+fn setup(name: &str, config: &str) -> Setup {
+    let dir = TestDir::new(name);
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.plugins(&["demo"]);
+    std::fs::copy(test_plugin_wasm("hostile"), plugins.join("hostile.wasm")).expect("hostile");
+    let config = dir.write("taskhost.toml", config);
+    let config = config.to_string_lossy().into_owned();
+    let args = ["-n", NODE, "-c", "4", "-E", "--config", config.as_str()];
+    let worker = Process::worker(&dir, &redis, &plugins, &args);
+    let client = Client::new(&redis);
+    Setup {
+        worker,
+        client,
+        redis,
+        dir,
+    }
+}
+
+impl Setup {
+    /// Runs `code` with Python Celery (an `app` on the test's Redis is defined first); fails
+    /// the test, with the worker's log, unless it runs to its end.
+    fn python(&self, code: &str) {
+        self.dir.write(
+            "producer.py",
+            &format!(
+                "import os\nfrom celery import Celery\n\
+                 app = Celery('trust', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\n\
+                 {code}\nprint('snippet OK')\n"
+            ),
+        );
+        let out = Process::run_command(
+            &self.dir,
+            python_in(&self.dir, &self.redis, &["producer.py"]),
+        );
+        assert!(
+            out.status.success() && out.stdout.contains("snippet OK"),
+            "python producer failed ({}):\n{}\n{}\nworker log:\n{}",
+            out.status,
+            out.stdout,
+            out.stderr,
+            self.worker.log()
+        );
+    }
+}
+
+/// Task events as Flower receives them, recorded from before the test sends anything.
+struct TaskEvents {
+    seen: Arc<Mutex<Vec<Value>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TaskEvents {
+    fn start(redis: &RedisServer) -> Self {
+        let mut conn = redis.conn(0);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready, subscribed) = std::sync::mpsc::channel();
+        let thread = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut pubsub = conn.as_pubsub();
+                pubsub
+                    .subscribe("/0.celeryev/task.multi")
+                    .expect("subscribe to task events");
+                pubsub
+                    .set_read_timeout(Some(Duration::from_millis(100)))
+                    .expect("read timeout");
+                let _ = ready.send(());
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok(message) = pubsub.get_message() else {
+                        continue;
+                    };
+                    let payload: String = message.get_payload().expect("payload");
+                    let envelope: Value = serde_json::from_str(&payload).expect("envelope");
+                    let body = base64::engine::general_purpose::STANDARD
+                        .decode(envelope["body"].as_str().unwrap_or_default())
+                        .expect("body is base64");
+                    let batch: Vec<Value> = serde_json::from_slice(&body).expect("events");
+                    seen.lock().expect("events lock").extend(batch);
+                }
+            })
+        };
+        subscribed.recv().expect("subscribed to task events");
+        Self {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// How many events of `kind` were seen for task `id`.
+    fn count(&self, kind: &str, id: &str) -> usize {
+        self.seen
+            .lock()
+            .expect("events lock")
+            .iter()
+            .filter(|e| e["type"] == kind && e["uuid"] == id)
+            .count()
+    }
+}
+
+impl Drop for TaskEvents {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+// --- what a plugin writes as its progress ---------------------------------------------------
+
+#[test]
+fn a_forged_success_never_reaches_a_python_get() {
+    let mut s = setup("trust-forge", "");
+    let feed = ResultFeed::start(&s.redis);
+    let beside = Beside::start(&s.redis);
+    let id = uuid::Uuid::new_v4().to_string();
+    s.python(&format!(
+        r#"
+r = app.send_task("hostile.forge_state", ("SUCCESS",), task_id={id:?})
+value = r.get(timeout=30)
+assert value != "forged by the plugin", value
+assert "worker's to store" in value["refused"], value
+assert r.state == "SUCCESS"
+"#
+    ));
+    assert_eq!(
+        feed.states(&id),
+        ["SUCCESS"],
+        "only the worker's outcome was published"
+    );
+    beside.all_succeed(&mut s.client, 20);
+}
+
+#[test]
+fn progress_in_a_tight_loop_is_stored_at_a_bounded_rate() {
+    let mut s = setup("trust-progress-flood", "");
+    let feed = ResultFeed::start(&s.redis);
+    let beside = Beside::start(&s.redis);
+    let start = Instant::now();
+    let id = s.client.send("hostile.progress_flood", json!([200_000]));
+    let doc = s.client.result(&id);
+    let elapsed = start.elapsed().as_secs_f64();
+    assert_eq!(doc["status"], "SUCCESS", "{doc}");
+    assert_eq!(
+        doc["result"], 200_000,
+        "every update accepted (coalesced, not refused)"
+    );
+    let writes = feed.states(&id).iter().filter(|s| *s == "PROGRESS").count();
+    // A burst of 10, then 10 a second, over however long the task ran.
+    let bound = 10.0 + 10.0 * elapsed + 1.0;
+    assert!(
+        (writes as f64) <= bound,
+        "{writes} progress writes in {elapsed:.1} s (bound {bound:.0})"
+    );
+    eprintln!("200,000 update_state calls: {writes} progress writes in {elapsed:.2} s");
+    beside.all_succeed(&mut s.client, 10);
+}
+
+// --- revokes --------------------------------------------------------------------------------
+
+#[test]
+fn a_running_task_revoked_without_terminate_ends_with_its_own_result() {
+    let mut s = setup("trust-revoke-running", "");
+    let feed = ResultFeed::start(&s.redis);
+    let events = TaskEvents::start(&s.redis);
+    let beside = Beside::start(&s.redis);
+    let id = uuid::Uuid::new_v4().to_string();
+    s.client.send_as(&id, "hostile.hold", json!([1500]));
+    wait_for("the held task to start", || {
+        (events.count("task-started", &id) == 1).then_some(())
+    });
+    s.python(&format!(
+        r#"
+app.control.revoke({id:?})
+r = app.AsyncResult({id:?})
+value = r.get(timeout=30)
+assert r.state == "SUCCESS", r.state
+assert value["end"] >= value["start"] + 1500, value
+"#
+    ));
+    assert_eq!(feed.states(&id), ["SUCCESS"], "REVOKED was never stored");
+    beside.all_succeed(&mut s.client, 20);
+}
+
+#[test]
+fn a_revoke_never_replaces_a_stored_result() {
+    let mut s = setup("trust-revoke-after", "");
+    let id = uuid::Uuid::new_v4().to_string();
+    s.client.send_as(&id, "demo.fail", json!(["it failed"]));
+    assert_eq!(s.client.result(&id)["status"], "FAILURE");
+    s.python(&format!(
+        r#"
+reply = app.control.revoke({id:?}, reply=True)
+assert reply, "the worker answered the revoke"
+"#
+    ));
+    let doc = s.client.result(&id);
+    assert_eq!(doc["status"], "FAILURE", "{doc}");
+    assert_eq!(doc["result"]["exc_message"], json!(["it failed"]));
+}
+
+// --- a producer's message ---------------------------------------------------------------------
+
+#[test]
+fn a_task_whose_result_key_has_the_wrong_type_is_dead_lettered_alone() {
+    let mut s = setup("trust-wrongtype", "");
+    let beside = Beside::start(&s.redis);
+    let id = uuid::Uuid::new_v4().to_string();
+    redis::cmd("LPUSH")
+        .arg(format!("celery-task-meta-{id}"))
+        .arg("not a result")
+        .query::<()>(&mut s.redis.conn(1))
+        .expect("a list where the result goes");
+    s.client
+        .send_as(&id, "demo.fail", json!(["cannot be stored"]));
+    let entry = wait_for("the task dead-lettered", || {
+        s.client
+            .dead_letters()
+            .into_iter()
+            .find(|e| e["task_id"] == id.as_str())
+    });
+    let reason = entry["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("WRONGTYPE"), "{entry}");
+    beside.all_succeed(&mut s.client, 20);
+    assert_eq!(s.client.in_flight(NODE), 0, "nothing left in flight");
+}
+
+// --- events ---------------------------------------------------------------------------------
+
+#[test]
+fn task_received_is_sent_once_per_delivery_not_per_postponement() {
+    let mut s = setup(
+        "trust-received-once",
+        "[tasks.\"demo.echo\"]\nrate_limit = \"4/s\"\n",
+    );
+    let events = TaskEvents::start(&s.redis);
+    // Eight at once under 4/s: most wait out the rate limit in the delayed set, some twice.
+    let ids: Vec<String> = (0..8)
+        .map(|i| s.client.send("demo.echo", json!([i])))
+        .collect();
+    for id in &ids {
+        assert_eq!(s.client.result(id)["status"], "SUCCESS");
+    }
+    wait_for("every task's task-succeeded event", || {
+        ids.iter()
+            .all(|id| events.count("task-succeeded", id) == 1)
+            .then_some(())
+    });
+    for id in &ids {
+        assert_eq!(
+            events.count("task-received", id),
+            1,
+            "task-received of {id}"
+        );
+    }
+}
+
+// --- clocks -----------------------------------------------------------------------------------
+
+#[test]
+fn workers_with_skewed_clocks_never_take_each_other_for_dead() {
+    let dir = TestDir::new("trust-skew");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.plugins(&["demo"]);
+    // Two minutes apart, with a 2 s lapse: were a worker's own clock compared with the other's
+    // heartbeat, each would find the other long dead and return its running tasks.
+    let start = |name: &str, skew_ms: i64| {
+        let node = format!("{name}@test");
+        let args = ["-n", node.as_str(), "-c", "2", "--heartbeat-lapse", "2"];
+        let mut command = Process::worker_command(&dir, &redis, &plugins, &args);
+        command.env("TASKHOST_TEST_CLOCK_SKEW_MS", skew_ms.to_string());
+        let worker = Process::spawn(&dir, &format!("{name}.log"), command);
+        worker.wait_log("worker ready");
+        worker
+    };
+    let ahead = start("ahead", 120_000);
+    let behind = start("behind", -120_000);
+    let feed = ResultFeed::start(&redis);
+    let mut client = Client::new(&redis);
+    let beside = Beside::start(&redis);
+    // Each sleeps past two lapses: the reapers look while they run.
+    let ids: Vec<String> = (0..4)
+        .map(|_| client.send("demo.sleep", json!([5000])))
+        .collect();
+    for id in &ids {
+        assert_eq!(client.result(id)["status"], "SUCCESS");
+    }
+    beside.all_succeed(&mut client, 20);
+    for id in &ids {
+        assert_eq!(feed.endings(id), 1, "task {id} ran once");
+    }
+    for node in ["ahead@test", "behind@test"] {
+        assert!(
+            client.registry_entry(node).is_some(),
+            "{node} still registered"
+        );
+    }
+    let logs = format!("{}\n{}", ahead.log(), behind.log());
+    assert!(client.dead_letters().is_empty(), "no dead letters:\n{logs}");
+}
