@@ -326,3 +326,32 @@ fn workers_with_skewed_clocks_never_take_each_other_for_dead() {
     let logs = format!("{}\n{}", ahead.log(), behind.log());
     assert!(client.dead_letters().is_empty(), "no dead letters:\n{logs}");
 }
+
+#[test]
+fn arguments_nested_300_deep_are_inspected_and_the_worker_still_answers() {
+    let mut s = setup("trust-deep-args", "");
+    let beside = Beside::start(&s.redis);
+    s.python(&format!(
+        r#"
+import time
+deep = []
+for _ in range(300):
+    deep = [deep]
+r = app.send_task("demo.echo", (deep,), countdown=3600)
+i = app.control.inspect(destination=[{NODE:?}], timeout=5)
+deadline = time.time() + 10
+while True:
+    scheduled = (i.scheduled() or {{}}).get({NODE:?}) or []
+    found = [e for e in scheduled if e["request"]["id"] == r.id]
+    if found:
+        break
+    assert time.time() < deadline, scheduled
+args = found[0]["request"]["args"]
+assert str(args).count("[") >= 300, args
+assert app.control.ping(destination=[{NODE:?}], timeout=5), "ping answered"
+app.control.revoke(r.id)
+assert r.state == "REVOKED", r.state
+"#
+    ));
+    beside.all_succeed(&mut s.client, 20);
+}

@@ -89,6 +89,15 @@ pub fn main() -> ExitCode {
         _ => LogLevel::Warning,
     };
     init_logging(cli.loglevel.unwrap_or(default_level), cli.log_format);
+    if let Some(skew) = std::env::var("TASKHOST_TEST_CLOCK_SKEW_MS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        tracing::warn!(
+            "TASKHOST_TEST_CLOCK_SKEW_MS: this process's clock reads {skew} ms off (a test hook)"
+        );
+        crate::protocol::time::skew_clock(skew);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -188,13 +188,13 @@ impl TaskMessage {
     /// would print their tuple.
     pub fn args_repr(&self) -> String {
         self.header_text("argsrepr")
-            .unwrap_or_else(|| pyrepr::args_repr(&parse(&self.args)))
+            .unwrap_or_else(|| pyrepr::args_repr(&tree_or_text(&self.args)))
     }
 
     /// The keyword arguments as the producer printed them (`kwargsrepr`), else as Python would.
     pub fn kwargs_repr(&self) -> String {
         self.header_text("kwargsrepr")
-            .unwrap_or_else(|| pyrepr::python_repr(&parse(&self.kwargs)))
+            .unwrap_or_else(|| pyrepr::python_repr(&tree_or_text(&self.kwargs)))
     }
 
     fn header_text(&self, key: &str) -> Option<String> {
@@ -393,6 +393,12 @@ impl NewTask {
 /// The tree of a JSON text already known to be valid (`Null` if, against that, it is not).
 pub fn parse(raw: &RawValue) -> Value {
     serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+}
+
+/// The tree of a JSON text for a reply that shows it (inspect, events); a text nested deeper
+/// than a tree is built for (serde_json's 128 levels) is shown as its JSON text instead.
+pub fn tree_or_text(raw: &RawValue) -> Value {
+    serde_json::from_str(raw.get()).unwrap_or_else(|_| Value::String(raw.get().to_owned()))
 }
 
 /// Cuts `text` to at most `max` characters, marking the cut.

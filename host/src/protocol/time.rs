@@ -2,6 +2,7 @@
 //! the formats carry: milliseconds since the Unix epoch (scores in Redis, deadlines) and
 //! seconds (event timestamps).
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -45,21 +46,19 @@ pub fn from_epoch_ms(ms: i64) -> Option<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
 }
 
-/// Milliseconds since the Unix epoch, now, by this machine's clock. (Shifted by
-/// `TASKHOST_TEST_CLOCK_SKEW_MS` when set: a test hook that fakes a machine whose clock is
-/// off, to show that nothing between workers depends on their clocks agreeing.)
+/// Milliseconds since the Unix epoch, now, by this machine's clock (shifted by
+/// [`skew_clock`]'s amount, if a test set one).
 pub fn now_ms() -> i64 {
-    epoch_ms(OffsetDateTime::now_utc()).saturating_add(clock_skew_ms())
+    epoch_ms(OffsetDateTime::now_utc()).saturating_add(CLOCK_SKEW_MS.load(Ordering::Relaxed))
 }
 
-fn clock_skew_ms() -> i64 {
-    static SKEW: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    *SKEW.get_or_init(|| {
-        std::env::var("TASKHOST_TEST_CLOCK_SKEW_MS")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    })
+static CLOCK_SKEW_MS: AtomicI64 = AtomicI64::new(0);
+
+/// Shifts this process's [`now_ms`] by `ms`: a test hook (`TASKHOST_TEST_CLOCK_SKEW_MS`) that
+/// fakes a machine whose clock is off, to show nothing between workers depends on their
+/// clocks agreeing.
+pub fn skew_clock(ms: i64) {
+    CLOCK_SKEW_MS.store(ms, Ordering::Relaxed);
 }
 
 /// Milliseconds since the Unix epoch, `after` from now (a deadline as plugins receive it).

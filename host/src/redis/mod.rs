@@ -59,6 +59,12 @@ pub enum RedisError {
 }
 
 impl RedisError {
+    /// A `WRONGTYPE` reply, as Redis gives it, for tests of what handles permanent errors.
+    #[cfg(test)]
+    pub(crate) fn wrong_type() -> Self {
+        Self::Command(::redis::make_extension_error("WRONGTYPE".into(), None))
+    }
+
     /// Whether trying again cannot help: a key holds another type than the command needs
     /// (`WRONGTYPE`, e.g. a producer's id naming a list), or the server refuses the command
     /// (`NOPERM`). Everything else (connection lost, timeouts, loading, failover) may pass.
@@ -296,8 +302,7 @@ mod tests {
 
     #[test]
     fn a_wrong_type_is_permanent_and_a_lost_connection_is_not() {
-        let wrong = ::redis::make_extension_error("WRONGTYPE".into(), Some("list".into()));
-        assert!(RedisError::Command(wrong).is_permanent());
+        assert!(RedisError::wrong_type().is_permanent());
         let lost = RedisError::Connect {
             url: "redis://x".into(),
             reason: "refused".into(),

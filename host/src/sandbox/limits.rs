@@ -71,8 +71,8 @@ impl Default for LogBudget {
 }
 
 impl LogBudget {
-    /// Takes one line from the budget: the line cut to [`LOG_LINE_BYTES`], or none when the
-    /// budget is spent.
+    /// Takes one line from the budget: the line cut to [`LOG_LINE_BYTES`], its control
+    /// characters escaped, or none when the budget is spent.
     pub fn take<'a>(&mut self, line: &'a str) -> Option<std::borrow::Cow<'a, str>> {
         if self.left == 0 {
             self.dropped += 1;
@@ -80,14 +80,35 @@ impl LogBudget {
         }
         self.left -= 1;
         if line.len() <= LOG_LINE_BYTES {
-            return Some(line.into());
+            return Some(escape_controls(line));
         }
         let mut cut = LOG_LINE_BYTES;
         while !line.is_char_boundary(cut) {
             cut -= 1;
         }
-        Some(format!("{}… ({} bytes)", &line[..cut], line.len()).into())
+        let kept = escape_controls(&line[..cut]);
+        Some(format!("{kept}… ({} bytes)", line.len()).into())
     }
+}
+
+/// `line` with newlines and other control characters written as escapes (`\n`, `\u{1b}`),
+/// so a plugin's text stays one line of the worker's log in every format: it cannot forge a
+/// line of its own or move a terminal's cursor.
+fn escape_controls(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.chars().any(char::is_control) {
+        return line.into();
+    }
+    let mut escaped = String::with_capacity(line.len() + 8);
+    for c in line.chars() {
+        match c {
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            '\t' => escaped.push_str("\\t"),
+            c if c.is_control() => escaped.extend(c.escape_unicode()),
+            c => escaped.push(c),
+        }
+    }
+    escaped.into()
 }
 
 #[cfg(test)]
@@ -105,6 +126,19 @@ mod tests {
         }
         assert!(budget.take("over").is_none());
         assert_eq!(budget.dropped, 1);
+    }
+
+    #[test]
+    fn a_plugins_line_cannot_forge_another_or_move_the_cursor() {
+        let mut budget = LogBudget::default();
+        let forged = "done\n2026-12-02T00:00:00Z  INFO taskhost::worker: task succeeded\r\x1b[2K";
+        let kept = budget.take(forged).expect("kept");
+        assert!(!kept.contains('\n') && !kept.contains('\r') && !kept.contains('\x1b'));
+        assert_eq!(
+            kept,
+            "done\\n2026-12-02T00:00:00Z  INFO taskhost::worker: task succeeded\\r\\u{1b}[2K"
+        );
+        assert_eq!(budget.take("plain line").as_deref(), Some("plain line"));
     }
 
     #[test]

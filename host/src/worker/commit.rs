@@ -184,8 +184,7 @@ mod tests {
                 });
             }
             if batch.iter().any(|j| Some(j.delivery.raw[0]) == self.poison) {
-                let wrong = redis::make_extension_error("WRONGTYPE".into(), None);
-                return Err(RedisError::Command(wrong));
+                return Err(RedisError::wrong_type());
             }
             crate::lock(&self.batches).push((batch.len(), start.elapsed()));
             Ok(())

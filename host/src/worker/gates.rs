@@ -221,7 +221,8 @@ impl Gates {
     }
 
     /// The (soft, hard) limits `message` runs under: the producer's `timelimit`, else those
-    /// set by remote control, else the operator's and the plugin's (see [`time_limits`]).
+    /// set by remote control, else the operator's and the plugin's (see [`time_limits`]);
+    /// never above the operator's, whoever asks (a limit of 0 or none included).
     fn time_limits(
         &self,
         message: &TaskMessage,
@@ -238,7 +239,10 @@ impl Gates {
                 hard = set_hard.and_then(seconds);
             }
         }
-        (soft, hard)
+        (
+            at_most(soft, granted.soft_time_limit),
+            at_most(hard, granted.time_limit),
+        )
     }
 }
 
@@ -261,6 +265,14 @@ fn seconds(s: f64) -> Option<Duration> {
     (s > 0.0)
         .then(|| Duration::try_from_secs_f64(s).ok())
         .flatten()
+}
+
+/// `limit`, no longer than the operator's `cap` (none: the cap).
+fn at_most(limit: Option<Duration>, cap: Option<Duration>) -> Option<Duration> {
+    match (limit, cap) {
+        (Some(limit), Some(cap)) => Some(limit.min(cap)),
+        (limit, cap) => limit.or(cap),
+    }
 }
 
 /// A task's (soft, hard) time limits. The producer's `timelimit` wins (producers are trusted,
@@ -373,6 +385,32 @@ mod tests {
             time_limits((None, None), &granted, &declared),
             (Some(Duration::from_secs(1)), Some(Duration::from_secs(2)))
         );
+    }
+
+    #[test]
+    fn a_producer_or_remote_limit_never_exceeds_the_operators() {
+        let granted = Limits::default();
+        let cap = granted.time_limit;
+        let message = |time_limit: (Option<f64>, Option<f64>)| {
+            let sent = crate::protocol::NewTask {
+                id: "t-1".into(),
+                task: "demo.add".into(),
+                args: serde_json::json!([]),
+                kwargs: serde_json::json!({}),
+                queue: "celery".into(),
+                time_limit,
+                ..Default::default()
+            }
+            .encode("test-host");
+            TaskMessage::decode(&sent).expect("decodes")
+        };
+        let gates = Gates::new(&TaskOverrides::default());
+        let huge = message((Some(1e20), Some(1e20)));
+        let (_, hard) = gates.time_limits(&huge, &granted, &defaults());
+        assert_eq!(hard, cap, "a producer's 1e20 s stops at the operator's cap");
+        gates.set_time_limits("demo.add", Some(0.0), Some(0.0));
+        let (_, hard) = gates.time_limits(&message((None, None)), &granted, &defaults());
+        assert_eq!(hard, cap, "a remote limit of 0 does not remove the cap");
     }
 
     #[test]

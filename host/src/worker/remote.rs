@@ -9,6 +9,7 @@ use crate::monitor::control::{BoxFuture, Context, ControlError, Worker};
 use crate::monitor::endpoint::{Health as HealthReport, Status as StatusSource};
 use crate::monitor::metrics::Snapshot;
 use crate::protocol::event::{HEARTBEAT_FREQ, WorkerEvent};
+use crate::protocol::message::tree_or_text;
 use crate::protocol::time::{format_time, from_epoch_ms};
 use crate::protocol::{Meta, RevokeReason, State, TaskMessage, exception_document};
 use crate::redis::keys::{queue_of, source_keys};
@@ -66,8 +67,8 @@ fn request(shared: &Shared, delivery: &Delivery, time_start: Option<f64>) -> Opt
     Some(json!({
         "id": message.id,
         "name": message.task,
-        "args": message.args,
-        "kwargs": message.kwargs,
+        "args": tree_or_text(&message.args),
+        "kwargs": tree_or_text(&message.kwargs),
         "type": message.task,
         "hostname": shared.config.node,
         "time_start": time_start,
