@@ -15,14 +15,7 @@ use taskhost_tests::{
 
 /// Runs the venv's `python ARGS` to completion, with `BROKER`/`BACKEND` set; its stdout.
 fn run_python(dir: &TestDir, redis: &RedisServer, args: &[&str]) -> String {
-    let mut command = Command::new(python());
-    command
-        .current_dir(dir.path())
-        .args(args)
-        .env("BROKER", redis.url(0))
-        .env("BACKEND", redis.url(1))
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    let out = Process::run_command(dir, command);
+    let out = Process::run_command(dir, taskhost_tests::python_in(dir, redis, args));
     assert!(
         out.status.success(),
         "python {args:?} failed ({}):\n{}\n{}",
