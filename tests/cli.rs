@@ -127,10 +127,15 @@ fn exec_of_an_unknown_task_names_the_tasks_the_plugin_serves() {
 
 // --- plugins --------------------------------------------------------------------------------
 
+/// crucible's grant of the Celery service's task names, as in the repository's taskhost.toml;
+/// written into a test's directory, where the commands run and read it.
+const CRUCIBLE_GRANT: &str = "[plugins.crucible]\ntasks = [\"tasks.*\"]\n";
+
 #[test]
 fn plugins_lists_each_plugin_with_its_tasks() {
     let dir = TestDir::new("plugins-cmd");
     let plugins = dir.plugins(&["demo", "crucible"]);
+    dir.write("taskhost.toml", CRUCIBLE_GRANT);
     let out = run(&dir, &["plugins", &path(&plugins)]);
     assert!(out.status.success(), "{out:?}");
     for expected in [
@@ -152,6 +157,7 @@ fn plugins_lists_each_plugin_with_its_tasks() {
 fn plugins_refuses_what_is_not_a_plugin_and_still_lists_the_rest() {
     let dir = TestDir::new("plugins-refused");
     let plugins = dir.plugins(&["demo", "crucible"]);
+    dir.write("taskhost.toml", CRUCIBLE_GRANT);
     std::fs::write(plugins.join("junk.wasm"), b"\0asm but not really").expect("write junk");
     let bytes = std::fs::read(plugin_wasm("demo")).expect("read demo");
     std::fs::write(plugins.join("truncated.wasm"), &bytes[..bytes.len() / 2])
@@ -455,6 +461,7 @@ fn dead_setup(name: &str) -> Dead {
     let dir = TestDir::new(name);
     let redis = RedisServer::start(&dir);
     let plugins = dir.plugins(&["crucible"]);
+    dir.write("taskhost.toml", CRUCIBLE_GRANT);
     let worker = Process::worker(&dir, &redis, &plugins, &["-n", DEAD_NODE]);
     let mut client = Client::new(&redis);
     let id = client.send("demo.add", json!([2, 3]));

@@ -27,7 +27,7 @@ fn setup(name: &str, executor: &str, storage: &str, allow: &[&str], extra_config
     let config = dir.write(
         "taskhost.toml",
         &format!(
-            "[plugins.crucible]\nallow_http = [{}]\n\
+            "[plugins.crucible]\ntasks = [\"tasks.*\"]\nallow_http = [{}]\n\
              config = {{ executor_service_url = {executor:?}, storage_service_url = {storage:?} }}\n\
              {extra_config}",
             allow.join(", ")

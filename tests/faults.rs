@@ -21,7 +21,7 @@ const SETTLE: Duration = Duration::from_secs(90);
 fn worker(dir: &TestDir, redis: &RedisServer, name: &str, extra: &[&str]) -> Process {
     let plugins = dir.path().join("plugins");
     if !plugins.exists() {
-        dir.plugins(&["demo", "crucible"]);
+        dir.plugins(&["demo"]);
     }
     let node = format!("{name}@test");
     let mut args = vec!["-n", node.as_str()];

@@ -368,12 +368,12 @@ fn the_next_good_change_of_a_refused_file_is_loaded() {
 }
 
 #[test]
-fn a_plugin_claiming_a_task_another_serves_is_refused_with_its_reason() {
+fn a_plugin_claiming_a_task_not_granted_to_it_is_refused_with_its_reason() {
     let s = watching("reload-copycat-reason", &plugin_wasm("demo"), &[]);
     std::fs::copy(plugin_wasm("demo"), s.plugins.join("copycat.wasm")).expect("copy");
     // The refusal's report is the behaviour under test (the wait fails if it never comes).
     s.worker
-        .wait_log("task \"demo.add\" is already served by plugin \"demo\"; refusing this one");
+        .wait_log("plugin \"copycat\" may not serve task \"demo.add\"");
 }
 
 #[test]
@@ -386,7 +386,7 @@ fn a_task_stays_with_the_plugin_already_serving_it() {
     )
     .expect("copy");
     s.worker
-        .wait_log("is already served by plugin \"demo\"; refusing this one");
+        .wait_log("plugin \"copycat\" may not serve task \"demo.add\"");
     assert_eq!(s.add_2_3()["result"], 5, "demo keeps its tasks");
 }
 
@@ -504,7 +504,7 @@ impl Configured {
 fn config(executor: &HttpStub, storage: &HttpStub, allow: &[&HttpStub]) -> String {
     let allow: Vec<String> = allow.iter().map(|a| format!("{:?}", a.url())).collect();
     format!(
-        "[plugins.crucible]\nallow_http = [{}]\nconfig = {{ executor_service_url = {:?}, storage_service_url = {:?} }}\n",
+        "[plugins.crucible]\ntasks = [\"tasks.*\"]\nallow_http = [{}]\nconfig = {{ executor_service_url = {:?}, storage_service_url = {:?} }}\n",
         allow.join(", "),
         executor.url(),
         storage.url()

@@ -58,7 +58,7 @@ fn setup_with(name: &str, extra_config: &str, worker_args: &[&str]) -> Setup {
         "taskhost.toml",
         &format!(
             "[plugins.hostile]\nallow_http = [{:?}]\nconfig = {{ own = \"mine\" }}\n{extra_config}\n\
-             [plugins.crucible]\nconfig = {{ executor_service_url = \"crucible's secret\" }}\n",
+             [plugins.crucible]\ntasks = [\"tasks.*\"]\nconfig = {{ executor_service_url = \"crucible's secret\" }}\n",
             granted.url()
         ),
     );

@@ -24,10 +24,17 @@ struct Setup {
 }
 
 fn setup(name: &str, config: &str) -> Setup {
+    setup_with(name, config, &[("hostile", "hostile.wasm")])
+}
+
+/// [`setup`] with `extra` test plugins (built name, file name) beside demo.
+fn setup_with(name: &str, config: &str, extra: &[(&str, &str)]) -> Setup {
     let dir = TestDir::new(name);
     let redis = RedisServer::start(&dir);
     let plugins = dir.plugins(&["demo"]);
-    std::fs::copy(test_plugin_wasm("hostile"), plugins.join("hostile.wasm")).expect("hostile");
+    for (built, file) in extra {
+        std::fs::copy(test_plugin_wasm(built), plugins.join(file)).expect("a test plugin");
+    }
     let config = dir.write("taskhost.toml", config);
     let config = config.to_string_lossy().into_owned();
     let args = ["-n", NODE, "-c", "4", "-E", "--config", config.as_str()];
@@ -132,6 +139,22 @@ impl Drop for TaskEvents {
             let _ = thread.join();
         }
     }
+}
+
+// --- task names ---------------------------------------------------------------------------
+
+#[test]
+fn a_plugin_claiming_another_plugins_task_is_refused_whatever_its_file_name() {
+    // A build answering demo.add with {"sum": .., "version": "v2"}, named to load before
+    // demo.wasm: were names first come, first served, it would take demo.add at start.
+    let mut s = setup_with("trust-hijack", "", &[("versioned-v2", "aaa.wasm")]);
+    let beside = Beside::start(&s.redis);
+    let id = s.client.send("demo.add", json!([2, 3]));
+    assert_eq!(s.client.result(&id)["result"], 5, "demo serves demo.add");
+    beside.all_succeed(&mut s.client, 20);
+    // The operator is told why.
+    s.worker
+        .wait_log("plugin \"aaa\" may not serve task \"demo.add\"");
 }
 
 // --- what a plugin writes as its progress ---------------------------------------------------

@@ -155,6 +155,9 @@ pub struct PluginSection {
     /// Task names the plugin may send besides its own: exact, `prefix.*`, or `*`.
     #[serde(default)]
     pub allow_send: Vec<String>,
+    /// Task names the plugin may serve: exact, `prefix.*`, or `*`. None: names starting with
+    /// the plugin's own name and a dot.
+    pub tasks: Option<Vec<String>>,
     #[serde(flatten)]
     pub limits: LimitsSection,
 }

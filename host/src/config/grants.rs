@@ -1,6 +1,7 @@
-//! What each plugin is granted, resolved from `taskhost.toml`: outbound HTTP origins, config
-//! values (with `${VAR}` taken from the environment), and resource limits. A plugin with no
-//! section gets the defaults: no network, no config, the `[limits]` values.
+//! What each plugin is granted, resolved from `taskhost.toml`: the task names it may serve,
+//! outbound HTTP origins, config values (with `${VAR}` taken from the environment), and
+//! resource limits. A plugin with no section gets the defaults: the task names under its own
+//! name (`demo.*` for `demo.wasm`), no network, no config, the `[limits]` values.
 
 use super::file::{
     ConfigError, DEFAULT_MEMORY_MB, DEFAULT_RESULT_MB, DEFAULT_TABLE_ELEMENTS,
@@ -42,16 +43,21 @@ impl FileConfig {
                 config.insert(key.clone(), expand_env(value, &place, env)?);
             }
             let limits = Limits::resolve(&place, &section.limits, &defaults)?;
+            if let Some(tasks) = &section.tasks {
+                check_task_patterns(&format!("{place} tasks"), tasks)?;
+            }
             plugins.insert(
                 name.clone(),
                 Arc::new(Grants {
                     allow_http,
                     config,
                     allow_send: section.allow_send.clone(),
+                    tasks: section.tasks.clone(),
                     limits,
                 }),
             );
         }
+        check_one_owner_per_name(&plugins)?;
         Ok(GrantTable {
             default: Arc::new(Grants {
                 limits: defaults,
@@ -59,6 +65,72 @@ impl FileConfig {
             }),
             plugins,
         })
+    }
+}
+
+/// Checks `[plugins.NAME] tasks`: each an exact name, `prefix.*`, or `*`.
+fn check_task_patterns(place: &str, patterns: &[String]) -> Result<(), ConfigError> {
+    for pattern in patterns {
+        let star = pattern.find('*');
+        let valid = !pattern.is_empty()
+            && star.is_none_or(|at| at == pattern.len() - 1)
+            && !pattern.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !valid {
+            return Err(ConfigError::Invalid {
+                place: place.to_owned(),
+                message: format!(
+                    "{pattern:?} is not a task name pattern: an exact name, `prefix.*` or `*`"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses task-name grants of two plugins that could both cover one name: every name has
+/// one owner, whatever the plugin files are called or the order they load in.
+fn check_one_owner_per_name(plugins: &HashMap<String, Arc<Grants>>) -> Result<(), ConfigError> {
+    let mut granted: Vec<(&str, &str)> = plugins
+        .iter()
+        .flat_map(|(name, g)| {
+            g.tasks
+                .iter()
+                .flatten()
+                .map(move |pattern| (name.as_str(), pattern.as_str()))
+        })
+        .collect();
+    granted.sort_unstable();
+    for (i, (a, p)) in granted.iter().enumerate() {
+        for (b, q) in &granted[i + 1..] {
+            if a != b && patterns_overlap(p, q) {
+                return Err(ConfigError::Invalid {
+                    place: format!("[plugins.{a}] tasks"),
+                    message: format!(
+                        "{p:?} and [plugins.{b}]'s {q:?} can both cover one task name: each \
+                         name must have one owner"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether some task name matches both patterns.
+fn patterns_overlap(p: &str, q: &str) -> bool {
+    match (p.strip_suffix('*'), q.strip_suffix('*')) {
+        (Some(a), Some(b)) => a.starts_with(b) || b.starts_with(a),
+        (Some(prefix), None) => q.starts_with(prefix),
+        (None, Some(prefix)) => p.starts_with(prefix),
+        (None, None) => p == q,
+    }
+}
+
+/// Whether task `name` matches `pattern`: exact, `prefix.*`, or `*`.
+fn name_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
     }
 }
 
@@ -174,6 +246,9 @@ pub struct Grants {
     pub config: HashMap<String, String>,
     /// Task names the plugin may send besides its own (`allow_send`).
     pub allow_send: Vec<String>,
+    /// Task names the plugin may serve (`tasks`); none: its own name's (see
+    /// [`GrantTable::may_serve`]).
+    pub tasks: Option<Vec<String>>,
     pub limits: Limits,
 }
 
@@ -186,13 +261,24 @@ impl Grants {
     /// Whether the plugin may send task `name` besides its own: `allow_send` names it, or a
     /// `prefix.*` (or `*`) pattern there covers it.
     pub fn may_send(&self, name: &str) -> bool {
-        self.allow_send
-            .iter()
-            .any(|pattern| match pattern.strip_suffix('*') {
-                Some(prefix) => name.starts_with(prefix),
-                None => pattern == name,
-            })
+        self.allow_send.iter().any(|p| name_matches(p, name))
     }
+}
+
+/// Why a plugin may not serve a task name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameRefusal {
+    #[error("task {task:?} is granted to plugin {owner:?} ([plugins.{owner}] tasks)")]
+    OwnedBy { task: String, owner: String },
+    #[error(
+        "plugin {plugin:?} may not serve task {task:?}: it may serve {granted}; the operator \
+         grants task names in [plugins.{plugin}] tasks = [...]"
+    )]
+    NotGranted {
+        task: String,
+        plugin: String,
+        granted: String,
+    },
 }
 
 /// Every plugin's grants, by plugin name.
@@ -236,6 +322,59 @@ impl GrantTable {
             .unwrap_or(DEFAULT_TABLE_ELEMENTS)
     }
 
+    /// Whether plugin `plugin` may serve task `task`. A name an explicit `tasks` grant covers
+    /// belongs to that plugin alone; any other name to the plugin it starts with (`demo.add`
+    /// to `demo`), unless that plugin's own grant is explicit and leaves it out. So which
+    /// plugin serves a name never depends on file names or load order.
+    pub fn may_serve(&self, plugin: &str, task: &str) -> Result<(), NameRefusal> {
+        let owner = self.plugins.iter().find(|(_, g)| {
+            g.tasks
+                .iter()
+                .flatten()
+                .any(|pattern| name_matches(pattern, task))
+        });
+        if let Some((owner, _)) = owner {
+            if owner == plugin {
+                return Ok(());
+            }
+            return Err(NameRefusal::OwnedBy {
+                task: task.to_owned(),
+                owner: owner.clone(),
+            });
+        }
+        let grants = self.for_plugin(plugin);
+        let granted = match &grants.tasks {
+            Some(patterns) => format!("{patterns:?}"),
+            None if task
+                .strip_prefix(plugin)
+                .is_some_and(|rest| rest.starts_with('.')) =>
+            {
+                return Ok(());
+            }
+            None => format!("only the names starting {plugin:?} and a dot (the default)"),
+        };
+        Err(NameRefusal::NotGranted {
+            task: task.to_owned(),
+            plugin: plugin.to_owned(),
+            granted,
+        })
+    }
+
+    /// Whether `other` grants every plugin the same task names (a change needs a restart).
+    pub fn same_task_names(&self, other: &GrantTable) -> bool {
+        let names = |t: &GrantTable| -> Vec<(String, Option<Vec<String>>)> {
+            let mut v: Vec<_> = t
+                .plugins
+                .iter()
+                .map(|(n, g)| (n.clone(), g.tasks.clone()))
+                .filter(|(_, tasks)| tasks.is_some())
+                .collect();
+            v.sort();
+            v
+        };
+        names(self) == names(other)
+    }
+
     /// Names with a section, for warning about sections no plugin uses.
     pub fn configured(&self) -> impl Iterator<Item = &str> {
         self.plugins.keys().map(String::as_str)
@@ -256,6 +395,61 @@ mod tests {
         assert!(grants.may_send("reports.daily"));
         assert!(!grants.may_send("tasks.evaluate_code"));
         assert!(!Grants::default().may_send("anything"));
+    }
+
+    fn table(toml: &str) -> Result<GrantTable, ConfigError> {
+        FileConfig::parse(toml).and_then(|c| c.grants(&|_| None))
+    }
+
+    #[test]
+    fn a_plugin_serves_its_own_names_by_default() {
+        let grants = table("").expect("empty config");
+        assert_eq!(grants.may_serve("demo", "demo.add"), Ok(()));
+        let refused = grants
+            .may_serve("evil", "demo.add")
+            .expect_err("not evil's");
+        assert!(
+            refused.to_string().contains("[plugins.evil] tasks"),
+            "{refused}"
+        );
+        assert!(grants.may_serve("demo", "demonic.add").is_err());
+    }
+
+    #[test]
+    fn an_explicit_grant_owns_its_names_against_every_other_plugin() {
+        let grants =
+            table("[plugins.crucible]\ntasks = [\"tasks.*\", \"demo.add\"]\n").expect("config");
+        assert_eq!(grants.may_serve("crucible", "tasks.health_check"), Ok(()));
+        assert_eq!(grants.may_serve("crucible", "demo.add"), Ok(()));
+        assert_eq!(
+            grants.may_serve("demo", "demo.add"),
+            Err(NameRefusal::OwnedBy {
+                task: "demo.add".into(),
+                owner: "crucible".into()
+            })
+        );
+        assert_eq!(grants.may_serve("demo", "demo.echo"), Ok(()));
+        assert!(
+            grants.may_serve("crucible", "crucible.x").is_err(),
+            "explicit replaces default"
+        );
+    }
+
+    #[test]
+    fn overlapping_task_grants_are_refused() {
+        for (a, b) in [
+            ("\"*\"", "\"x.y\""),
+            ("\"a.*\"", "\"a.b.*\""),
+            ("\"a.b\"", "\"a.b\""),
+        ] {
+            let toml = format!("[plugins.one]\ntasks = [{a}]\n[plugins.two]\ntasks = [{b}]\n");
+            let e = table(&toml).expect_err("overlap");
+            assert!(e.to_string().contains("one owner"), "{e}");
+        }
+        table("[plugins.one]\ntasks = [\"a.*\"]\n[plugins.two]\ntasks = [\"b.*\"]\n")
+            .expect("disjoint grants");
+        let e = table("[plugins.one]\ntasks = [\"a*b\"]\n").expect_err("bad pattern");
+        assert!(e.to_string().contains("not a task name pattern"), "{e}");
     }
 
     fn env(var: &str) -> Option<String> {

@@ -20,7 +20,7 @@ pub use file::{
     ConfigError, DEFAULT_MEMORY_MB, DEFAULT_RESULT_MB, DEFAULT_STACK_KB, DEFAULT_TABLE_ELEMENTS,
     DEFAULT_TIME_LIMIT_S, FileConfig, TaskSection,
 };
-pub use grants::{GrantTable, Grants, Limits};
+pub use grants::{GrantTable, Grants, Limits, NameRefusal};
 pub use origin::Origin;
 pub use rate::Rate;
 pub use resolve::{TaskOverrides, WorkerConfig, WorkerFlags};

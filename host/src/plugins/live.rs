@@ -55,8 +55,12 @@ pub struct Live {
 }
 
 impl Live {
-    /// Loads every plugin file of `dir`, in name order (so of two files claiming one task the
-    /// first by name wins, deterministically).
+    /// Loads every plugin file of `dir`. Which plugin may serve a task name is the operator's
+    /// grant ([`GrantTable::may_serve`]), not the load order; only plugins whose default
+    /// names overlap (`a.*` and `a.b.*`) can still meet as duplicates, and then the first by
+    /// name keeps the task.
+    ///
+    /// [`GrantTable::may_serve`]: crate::config::GrantTable::may_serve
     ///
     /// # Errors
     /// Only when the directory cannot be read; a bad file is refused and logged.
@@ -194,6 +198,14 @@ impl Live {
             Ok(plugin) => Arc::new(plugin),
             Err(e) => return self.refuse(path, &e, current.as_deref()),
         };
+        // The operator owns the names: a plugin serves only those granted to it.
+        let granted = plugin
+            .tasks
+            .iter()
+            .try_for_each(|task| grants.may_serve(&plugin.name, &task.name));
+        if let Err(refusal) = granted {
+            return self.refuse(path, &refusal.into(), current.as_deref());
+        }
         let next = match self.registry().with(plugin.clone()) {
             Ok(next) => next,
             Err(e) => return self.refuse(path, &e, current.as_deref()),

@@ -41,6 +41,8 @@ pub enum LoadError {
     BadTaskName(String),
     #[error("task {task:?} is already served by plugin {other:?}; refusing this one")]
     Duplicate { task: String, other: String },
+    #[error(transparent)]
+    NotGranted(#[from] crate::config::NameRefusal),
 }
 
 /// A loaded plugin.

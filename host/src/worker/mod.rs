@@ -505,6 +505,11 @@ fn config_reloader(shared: &Arc<Shared>, path: Option<PathBuf>) -> impl Fn() + S
                  {} MiB this worker started with needs a restart",
                 max_memory >> 20
             ),
+            Ok((table, _)) if !table.same_task_names(&grants.load()) => tracing::error!(
+                file = %path.display(),
+                "config change refused, the previous config stays: a change of the task names \
+                 granted to plugins ([plugins.NAME] tasks) needs a restart"
+            ),
             Ok((table, _)) if table.max_table_elements() > max_table => tracing::error!(
                 file = %path.display(),
                 "config change refused, the previous config stays: a table limit above the \
