@@ -5,10 +5,12 @@
 //! versions it runs (`taskhost:running:<node>`), and the result of a task that says which build
 //! ran it.
 
-use serde_json::json;
+use serde_json::{Value, json};
 use std::path::Path;
 use std::process::ExitStatus;
-use taskhost_tests::{Client, Process, RedisServer, TestDir, plugin_version, test_plugin_wasm};
+use taskhost_tests::{
+    Beside, Client, Process, RedisServer, TestDir, plugin_version, test_plugin_wasm,
+};
 
 /// What a finished `taskhost` command printed.
 #[derive(Debug)]
@@ -226,4 +228,255 @@ fn a_file_that_is_no_plugin_is_refused_before_it_reaches_the_fleet() {
         .query(f.client.broker())
         .expect("HLEN deployed");
     assert_eq!(deployed, 0, "nothing deployed");
+}
+
+// --- signed deploys -------------------------------------------------------------------------
+
+/// `taskhost keygen <dir>/<name>.key`; the public key it printed.
+fn keygen(dir: &TestDir, name: &str) -> (String, String) {
+    let path = dir.path().join(format!("{name}.key"));
+    let out = Process::run(dir, &["keygen", &path.to_string_lossy()]);
+    assert!(out.status.success(), "{out:?}");
+    let public = std::fs::read_to_string(format!("{}.pub", path.display())).expect("public key");
+    assert!(out.stdout.contains(public.trim()), "{out:?}");
+    (
+        path.to_string_lossy().into_owned(),
+        public.trim().to_owned(),
+    )
+}
+
+#[test]
+fn only_a_deploy_signed_by_a_trusted_key_installs_on_three_fleet_workers() {
+    let dir = TestDir::new("fleet-signed");
+    let redis = RedisServer::start(&dir);
+    let (trusted, public) = keygen(&dir, "trusted");
+    let (untrusted, _) = keygen(&dir, "untrusted");
+    let config = dir.write(
+        "taskhost.toml",
+        &format!("[fleet]\ntrusted_keys = [{public:?}]\n"),
+    );
+    let config = config.to_string_lossy().into_owned();
+    // Three fleet workers consuming `celery`, each serving demo from its own directory.
+    let workers: Vec<Process> = (1..=3)
+        .map(|n| {
+            let plugins = dir.path().join(format!("plugins-{n}"));
+            std::fs::create_dir_all(&plugins).expect("plugin dir");
+            std::fs::copy(
+                taskhost_tests::plugin_wasm("demo"),
+                plugins.join("demo.wasm"),
+            )
+            .expect("demo");
+            let node = format!("s{n}@fleet");
+            let args = ["--fleet", "-n", node.as_str(), "--config", config.as_str()];
+            Process::worker_logged(&dir, &format!("s{n}.log"), &redis, &plugins, &args)
+        })
+        .collect();
+    let mut client = Client::new(&redis);
+    let beside = Beside::start(&redis);
+    let legacy = test_plugin_wasm("legacy");
+    let legacy = legacy.to_string_lossy().into_owned();
+    let deploy = |extra: &[&str]| {
+        let broker = redis.url(0);
+        let mut args = vec!["deploy", legacy.as_str(), "--broker", broker.as_str()];
+        args.extend_from_slice(extra);
+        let out = Process::run(&dir, &args);
+        assert!(out.status.success(), "{out:?}");
+    };
+    // Unsigned, then signed by a key no worker trusts: each worker refuses, saying why.
+    deploy(&[]);
+    for w in &workers {
+        w.wait_log("fleet deploy refused, the running version stays: the deploy is not signed");
+    }
+    deploy(&["--sign-key", &untrusted]);
+    for w in &workers {
+        w.wait_log("which is not among [fleet] trusted_keys");
+    }
+    for n in 1..=3 {
+        let running: Option<String> = redis::cmd("HGET")
+            .arg(format!("taskhost:running:s{n}@fleet"))
+            .arg("legacy")
+            .query(client.broker())
+            .expect("HGET running plugins");
+        assert_eq!(running, None, "s{n} installed a refused deploy");
+    }
+    // Signed by the trusted key: every worker installs it.
+    deploy(&["--sign-key", &trusted]);
+    let version = plugin_version(Path::new(&legacy));
+    for n in 1..=3 {
+        let key = format!("taskhost:running:s{n}@fleet");
+        taskhost_tests::wait_for(&format!("s{n} to run legacy {version}"), || {
+            let running: Option<String> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("legacy")
+                .query(client.broker())
+                .expect("HGET running plugins");
+            (running.as_deref() == Some(version.as_str())).then_some(())
+        });
+    }
+    let id = client.send("legacy.add", json!([20, 22]));
+    assert_eq!(client.result(&id)["result"], 42);
+    beside.all_succeed(&mut client, 20);
+}
+
+/// One `--fleet` worker (node `one@fleet`, empty directory) trusting a key of its own (unless
+/// not `trusting`), with `extra` in its `[fleet]` section.
+struct SignedFleet {
+    worker: Process,
+    client: Client,
+    redis: RedisServer,
+    /// The trusted secret key's path.
+    key: String,
+    dir: TestDir,
+}
+
+fn signed_fleet(name: &str, extra: &str, trusting: bool) -> SignedFleet {
+    let dir = TestDir::new(name);
+    let redis = RedisServer::start(&dir);
+    let (key, public) = keygen(&dir, "trusted");
+    let trusted = if trusting {
+        format!("trusted_keys = [{public:?}]\n")
+    } else {
+        String::new()
+    };
+    let config = dir.write("taskhost.toml", &format!("[fleet]\n{trusted}{extra}"));
+    let config = config.to_string_lossy().into_owned();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugin dir");
+    let args = ["--fleet", "-n", "one@fleet", "--config", config.as_str()];
+    let worker = Process::worker(&dir, &redis, &plugins, &args);
+    let client = Client::new(&redis);
+    SignedFleet {
+        worker,
+        client,
+        redis,
+        key,
+        dir,
+    }
+}
+
+impl SignedFleet {
+    /// `taskhost COMMAND ARGS --broker .. --sign-key <trusted>`, which must succeed.
+    fn signed(&self, args: &[&str]) {
+        let broker = self.redis.url(0);
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--broker", &broker, "--sign-key", &self.key]);
+        let out = Process::run(&self.dir, &all);
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    fn deploy_demo(&self, file: &Path) {
+        self.signed(&["deploy", &file.to_string_lossy(), "--name", "demo"]);
+    }
+
+    /// Waits until the worker reports running `file` as `name`.
+    fn wait_running(&mut self, name: &str, file: &Path) {
+        let version = plugin_version(file);
+        taskhost_tests::wait_for(&format!("one@fleet to run {name} {version}"), || {
+            let running: Option<String> = redis::cmd("HGET")
+                .arg("taskhost:running:one@fleet")
+                .arg(name)
+                .query(self.client.broker())
+                .expect("HGET running plugins");
+            (running.as_deref() == Some(version.as_str())).then_some(())
+        });
+    }
+
+    /// Points `name`'s deployment at `digest` with `record`, as a Redis writer could, and
+    /// announces it.
+    fn forge(&mut self, name: &str, digest: &str, record: Option<&str>) {
+        let conn = self.client.broker();
+        let () = redis::cmd("HSET")
+            .arg("taskhost:deployed")
+            .arg(name)
+            .arg(digest)
+            .query(conn)
+            .expect("HSET deployed");
+        if let Some(record) = record {
+            let () = redis::cmd("HSET")
+                .arg("taskhost:deploy-records")
+                .arg(name)
+                .arg(record)
+                .query(conn)
+                .expect("HSET record");
+        }
+        let () = redis::cmd("PUBLISH")
+            .arg("/0.taskhost:deploy")
+            .arg(json!({"name": name, "sha256": digest, "action": "deploy"}).to_string())
+            .query(conn)
+            .expect("PUBLISH notice");
+    }
+
+    fn record(&mut self, name: &str) -> String {
+        redis::cmd("HGET")
+            .arg("taskhost:deploy-records")
+            .arg(name)
+            .query(self.client.broker())
+            .expect("a signed record")
+    }
+}
+
+#[test]
+fn an_older_signed_deploy_replayed_over_a_newer_one_is_refused() {
+    let mut f = signed_fleet("fleet-replay", "", true);
+    let (v1, v2) = (
+        test_plugin_wasm("versioned-v1"),
+        test_plugin_wasm("versioned-v2"),
+    );
+    f.deploy_demo(&v1);
+    f.wait_running("demo", &v1);
+    let old_record = f.record("demo");
+    let old: Value = serde_json::from_str(&old_record).expect("record is JSON");
+    f.deploy_demo(&v2);
+    f.wait_running("demo", &v2);
+    let digest = old["sha256"].as_str().expect("digest").to_owned();
+    f.forge("demo", &digest, Some(&old_record));
+    f.worker.wait_log("is older");
+    f.wait_running("demo", &v2);
+}
+
+#[test]
+fn a_signed_rollback_installs_the_earlier_version() {
+    let mut f = signed_fleet("fleet-signed-rollback", "", true);
+    let (v1, v2) = (
+        test_plugin_wasm("versioned-v1"),
+        test_plugin_wasm("versioned-v2"),
+    );
+    f.deploy_demo(&v1);
+    f.wait_running("demo", &v1);
+    f.deploy_demo(&v2);
+    f.wait_running("demo", &v2);
+    f.signed(&["rollback", "demo"]);
+    f.wait_running("demo", &v1);
+}
+
+#[test]
+fn a_name_outside_fleet_names_is_not_installed() {
+    let mut f = signed_fleet("fleet-names", "names = [\"crucible\"]\n", true);
+    let legacy = test_plugin_wasm("legacy");
+    f.signed(&["deploy", &legacy.to_string_lossy()]);
+    f.worker.wait_log("the name is not among [fleet] names");
+    let running: Option<String> = redis::cmd("HGET")
+        .arg("taskhost:running:one@fleet")
+        .arg("legacy")
+        .query(f.client.broker())
+        .expect("HGET running plugins");
+    assert_eq!(running, None);
+}
+
+#[test]
+fn a_blob_over_the_size_cap_is_refused_without_fetching_it() {
+    let mut f = signed_fleet("fleet-blob-cap", "max_blob_mb = 1\n", false);
+    let digest = "f".repeat(64);
+    let () = redis::cmd("SET")
+        .arg(format!("taskhost:plugin-blob:{digest}"))
+        .arg(vec![0u8; 2 << 20])
+        .query(f.client.broker())
+        .expect("SET a 2 MiB blob");
+    // Unsigned, with no trusted keys: only the cap stands between it and the directory.
+    f.forge("big", &digest, None);
+    f.worker.wait_log("over [fleet] max_blob_mb");
+    assert!(
+        !f.dir.path().join("plugins").join("big.wasm").exists(),
+        "nothing was written"
+    );
 }

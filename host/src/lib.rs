@@ -24,7 +24,7 @@
 //! - [`monitor`]: remote control, monitoring events, Prometheus metrics, `/healthz`.
 //! - [`cli`]: the `taskhost` command line: parses and wires, nothing more.
 //! - [`shutdown`]: the stop flag every loop watches. [`node`]: the machine's and the worker's
-//!   names.
+//!   names. [`signing`]: Ed25519 keys and signed deploy records.
 
 pub mod cli;
 pub mod config;
@@ -35,6 +35,7 @@ pub mod protocol;
 pub mod redis;
 pub mod sandbox;
 pub mod shutdown;
+pub mod signing;
 pub mod worker;
 
 /// Locks `mutex`, through poisoning: every lock in the host guards plain map or counter updates

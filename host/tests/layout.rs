@@ -17,11 +17,15 @@ use std::path::{Path, PathBuf};
 const ROOMS: &[(&str, &[&str])] = &[
     ("shutdown", &[]),
     ("node", &[]),
+    ("signing", &[]),
     ("protocol", &[]),
     ("redis", &["protocol", "shutdown", "node"]),
-    ("config", &["redis", "node"]),
+    ("config", &["redis", "node", "signing"]),
     ("sandbox", &["config", "protocol"]),
-    ("plugins", &["sandbox", "config", "redis", "shutdown"]),
+    (
+        "plugins",
+        &["sandbox", "config", "redis", "shutdown", "signing"],
+    ),
     ("monitor", &["protocol", "redis", "config", "shutdown"]),
     (
         "worker",
@@ -33,7 +37,7 @@ const ROOMS: &[(&str, &[&str])] = &[
         "cli",
         &[
             "protocol", "redis", "config", "sandbox", "plugins", "monitor", "worker", "shutdown",
-            "node",
+            "node", "signing",
         ],
     ),
 ];

@@ -5,9 +5,11 @@ use crate::config::{FileConfig, GrantTable, resolve::default_cache_dir};
 use crate::plugins::cache::{Cache, hex};
 use crate::plugins::live::Live;
 use crate::plugins::{self, Plugin};
+use crate::protocol::time::now_ms;
 use crate::redis::fleet;
 use crate::redis::{Client, Connection};
 use crate::sandbox::{Sandbox, SandboxOptions, TaskDefaults, WIT_PACKAGE};
+use crate::signing::{DeployRecord, SecretKey};
 use anyhow::Context as _;
 use clap::Args;
 use sha2::{Digest, Sha256};
@@ -29,6 +31,10 @@ pub struct DeployArgs {
     /// The plugin's name in every worker's directory [default: the file's stem].
     #[arg(long)]
     pub name: Option<String>,
+    /// Sign the deploy with this secret key (from `taskhost keygen`): workers with
+    /// `[fleet] trusted_keys` install only signed deploys.
+    #[arg(long, env = "TASKHOST_SIGN_KEY")]
+    pub sign_key: Option<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
 }
@@ -37,8 +43,17 @@ pub struct DeployArgs {
 pub struct RollbackArgs {
     /// The plugin name to return to its previous deployed version.
     pub name: String,
+    /// Sign the rollback (workers with trusted keys refuse an unsigned one).
+    #[arg(long, env = "TASKHOST_SIGN_KEY")]
+    pub sign_key: Option<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the secret key (its public key goes to the same path + `.pub`).
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -150,40 +165,126 @@ fn short(digest: &str) -> &str {
     digest.get(..12).unwrap_or(digest)
 }
 
+/// The secret key in `path`, if one was given.
+fn sign_key(path: Option<&Path>) -> anyhow::Result<Option<SecretKey>> {
+    let Some(path) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the signing key {}", path.display()))?;
+    let key = SecretKey::parse(&text).with_context(|| format!("{}", path.display()))?;
+    Ok(Some(key))
+}
+
 pub async fn deploy(args: &DeployArgs) -> anyhow::Result<()> {
     let name = match &args.name {
         Some(name) => name.clone(),
         None => plugins::plugin_name(&args.plugin).to_string(),
     };
     plugins::check_name(&name)?;
+    let key = sign_key(args.sign_key.as_deref())?;
     let bytes = std::fs::read(&args.plugin)
         .with_context(|| format!("cannot read {}", args.plugin.display()))?;
     // Checked here, so a plugin no worker could load is never published; the bytes checked
     // are the bytes published.
-    let grants = GrantTable::default();
-    let sandbox = local_sandbox(&FileConfig::default(), &grants)?;
-    let plugin = load_one(&sandbox, &args.plugin, bytes.clone(), &grants).await?;
+    let plugin = check(&args.plugin, bytes.clone()).await?;
     let digest = hex(&Sha256::digest(&bytes));
+    let record = key
+        .as_ref()
+        .map(|key| DeployRecord::sign(key, &name, &digest, &plugin.version, now_ms()).to_json());
     let (client, mut conn) = connect(&args.broker).await?;
-    fleet::publish(&mut conn, &fleet::channel(&client), &name, &digest, &bytes).await?;
+    let channel = fleet::channel(&client);
+    fleet::publish(
+        &mut conn,
+        &channel,
+        &name,
+        &digest,
+        &bytes,
+        record.as_deref(),
+    )
+    .await?;
     let tasks: Vec<&str> = plugin.tasks.iter().map(|t| t.name.as_str()).collect();
     println!(
-        "deployed {name} version {} (sha256 {digest}), tasks: {}",
+        "deployed {name} version {} (sha256 {digest}, {}), tasks: {}",
         plugin.version,
+        signed_by(key.as_ref()),
         tasks.join(", ")
     );
     Ok(())
 }
 
+/// Loads `bytes` as a worker would, without grants: what every worker must be able to load.
+async fn check(path: &Path, bytes: Vec<u8>) -> anyhow::Result<Plugin> {
+    let grants = GrantTable::default();
+    let sandbox = local_sandbox(&FileConfig::default(), &grants)?;
+    load_one(&sandbox, path, bytes, &grants).await
+}
+
+fn signed_by(key: Option<&SecretKey>) -> String {
+    match key {
+        Some(key) => format!("signed by {}", key.public()),
+        None => "unsigned: workers with [fleet] trusted_keys refuse it".into(),
+    }
+}
+
 pub async fn rollback(args: &RollbackArgs) -> anyhow::Result<()> {
     plugins::check_name(&args.name)?;
+    let key = sign_key(args.sign_key.as_deref())?;
     let (client, mut conn) = connect(&args.broker).await?;
-    let (from, to) = fleet::rollback(&mut conn, &fleet::channel(&client), &args.name).await?;
+    let (from, to) = fleet::rollback(&mut conn, &args.name).await?;
+    if let Some(key) = &key {
+        let bytes = fleet::blob(&mut conn, &to)
+            .await?
+            .with_context(|| format!("the blob of {} is no longer stored", short(&to)))?;
+        let plugin = check(Path::new(&format!("{}.wasm", args.name)), bytes).await?;
+        let record = DeployRecord::sign(key, &args.name, &to, &plugin.version, now_ms());
+        fleet::set_record(&mut conn, &args.name, &record.to_json()).await?;
+    }
+    fleet::announce(
+        &mut conn,
+        &fleet::channel(&client),
+        &args.name,
+        &to,
+        "rollback",
+    )
+    .await?;
     println!(
-        "rolled back {} from {} to {}",
+        "rolled back {} from {} to {} ({})",
         args.name,
         short(&from),
-        short(&to)
+        short(&to),
+        signed_by(key.as_ref())
+    );
+    Ok(())
+}
+
+/// Writes a new key pair: the secret key (readable by its owner only) and its public key.
+pub fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let key = SecretKey::generate()?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&args.path)
+        .with_context(|| {
+            format!(
+                "cannot create {} (it must not exist yet)",
+                args.path.display()
+            )
+        })?;
+    file.write_all(key.to_file_text().as_bytes())?;
+    let public = key.public().to_string();
+    let mut public_path = args.path.clone().into_os_string();
+    public_path.push(".pub");
+    std::fs::write(&public_path, format!("{public}\n"))?;
+    println!(
+        "secret key: {} (keep it private: it can deploy code to your workers)\n\
+         public key: {public}\n\n\
+         Trust it in every fleet worker's taskhost.toml:\n\n\
+         [fleet]\ntrusted_keys = [\"{public}\"]\n\n\
+         and deploy with: taskhost deploy PLUGIN.wasm --sign-key {}",
+        args.path.display(),
+        args.path.display()
     );
     Ok(())
 }

@@ -69,6 +69,8 @@ pub enum Command {
     Deploy(fleet::DeployArgs),
     /// Return a deployed plugin to its previous version on every fleet worker.
     Rollback(fleet::RollbackArgs),
+    /// Make a key pair for signing deploys (`deploy --sign-key`, `[fleet] trusted_keys`).
+    Keygen(fleet::KeygenArgs),
     /// Show the deployed plugin versions, and what each running worker serves.
     Deployments(fleet::BrokerArgs),
     /// Inspect and replay the dead-letter list: messages that could not be run.
@@ -159,6 +161,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Plugins(args) => return fleet::list_plugins(&args).await,
         Command::Deploy(args) => fleet::deploy(&args).await?,
         Command::Rollback(args) => fleet::rollback(&args).await?,
+        Command::Keygen(args) => fleet::keygen(&args)?,
         Command::Deployments(args) => fleet::deployments(&args).await?,
         Command::Dead(command) => dead::dead(command).await?,
         Command::Beat(args) => schedule::beat(&args).await?,

@@ -71,7 +71,27 @@ pub struct FileConfig {
     /// Periodic tasks, by entry name: `[schedule."cleanup"]`.
     #[serde(default)]
     pub schedule: BTreeMap<String, super::schedule::ScheduleSection>,
+    /// What a `--fleet` worker installs from `taskhost deploy`.
+    #[serde(default)]
+    pub fleet: FleetSection,
 }
+
+/// `[fleet]`: which deploys a `--fleet` worker installs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// Public keys (`ed25519:...`, from `taskhost keygen`) whose signed deploys are installed;
+    /// with any, an unsigned deploy is refused.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// The plugin names the fleet may install (default: any).
+    pub names: Option<Vec<String>>,
+    /// The largest blob installed, MiB.
+    pub max_blob_mb: Option<u64>,
+}
+
+/// The default largest deployed blob, MiB: room for a Python plugin (about 18 MB).
+pub const DEFAULT_MAX_BLOB_MB: u64 = 64;
 
 /// `[tasks."NAME"]`: how the task `NAME` is retried, over what its plugin declares.
 #[derive(Debug, Default, Clone, Deserialize, PartialEq)]

@@ -10,6 +10,7 @@
 //! - [`schedule`]: periodic tasks, and when their ticks fall.
 
 pub mod file;
+pub mod fleet;
 pub mod grants;
 pub mod origin;
 pub mod rate;
@@ -20,6 +21,7 @@ pub use file::{
     ConfigError, DEFAULT_MEMORY_MB, DEFAULT_RESULT_MB, DEFAULT_STACK_KB, DEFAULT_TABLE_ELEMENTS,
     DEFAULT_TIME_LIMIT_S, FileConfig, TaskSection,
 };
+pub use fleet::FleetTrust;
 pub use grants::{GrantTable, Grants, Limits, NameRefusal};
 pub use origin::Origin;
 pub use rate::Rate;

@@ -99,6 +99,8 @@ pub struct WorkerConfig {
     pub cache_dir: Option<PathBuf>,
     /// Follow fleet deploys published through the broker.
     pub fleet: bool,
+    /// Which deploys a fleet worker installs (`[fleet]`).
+    pub fleet_trust: super::FleetTrust,
     /// The WebAssembly stack of every instance.
     pub stack_bytes: usize,
     /// A worker whose heartbeat is older than this is taken for dead.
@@ -176,6 +178,7 @@ impl WorkerConfig {
             cache_dir: cache_dir(flags, &file, path.as_deref()),
             config_path: path,
             fleet: flags.fleet || section.fleet.unwrap_or(false),
+            fleet_trust: file.fleet_trust()?,
             stack_bytes: file.stack_bytes()?,
             heartbeat_lapse: Duration::from_secs_f64(lapse),
             max_redeliveries: flags

@@ -2,7 +2,7 @@
 //! plugin name with its history (for rollbacks), a notice channel, and each worker's report of
 //! the versions it runs. What a worker does with them is `plugins::follow`'s.
 
-use super::keys::{self, DEPLOYED, RUNNING_PREFIX};
+use super::keys::{self, DEPLOY_RECORDS, DEPLOYED, RUNNING_PREFIX};
 use super::{Client, Connection, RedisError, Subscription, scripts};
 use futures_util::StreamExt;
 use redis::AsyncCommands;
@@ -56,13 +56,16 @@ fn notice(name: &str, digest: &str, action: &str) -> String {
     json!({"name": name, "sha256": digest, "action": action}).to_string()
 }
 
-/// Publishes `bytes` (whose SHA-256 is `digest`) as the current version of plugin `name`.
+/// Publishes `bytes` (whose SHA-256 is `digest`) as the current version of plugin `name`,
+/// with its signed `record` (none: unsigned), and announces it. Blobs that fall out of the
+/// history are deleted unless another name's history still holds them.
 pub async fn publish(
     conn: &mut Connection,
     channel: &str,
     name: &str,
     digest: &str,
     bytes: &[u8],
+    record: Option<&str>,
 ) -> Result<(), FleetError> {
     let history = keys::deploy_history(name);
     let head: Option<String> = conn.lindex(&history, 0).await?;
@@ -74,36 +77,86 @@ pub async fn publish(
         .ignore()
         .hset(DEPLOYED, name, digest)
         .ignore();
+    match record {
+        Some(record) => pipe.hset(DEPLOY_RECORDS, name, record).ignore(),
+        None => pipe.hdel(DEPLOY_RECORDS, name).ignore(),
+    };
     if head.as_deref() != Some(digest) {
+        // What the trim drops is read in the same transaction.
         pipe.lpush(&history, digest)
             .ignore()
+            .lrange(&history, HISTORY, -1)
             .ltrim(&history, 0, HISTORY - 1)
             .ignore();
     }
     pipe.publish(channel, notice(name, digest, "deploy"))
         .ignore();
-    pipe.query_async::<()>(conn).await?;
+    let dropped: Vec<Vec<String>> = pipe.query_async(conn).await?;
+    let dropped: Vec<String> = dropped.into_iter().flatten().collect();
+    delete_unused_blobs(conn, &dropped).await
+}
+
+/// Deletes the blobs of `digests` that no deploy history holds any more.
+async fn delete_unused_blobs(conn: &mut Connection, digests: &[String]) -> Result<(), FleetError> {
+    if digests.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = conn.hkeys(DEPLOYED).await?;
+    for digest in digests {
+        let mut held = false;
+        for name in &names {
+            let at: Option<i64> = redis::cmd("LPOS")
+                .arg(keys::deploy_history(name))
+                .arg(digest)
+                .query_async(conn)
+                .await?;
+            held |= at.is_some();
+        }
+        if !held {
+            let () = conn.del(keys::plugin_blob(digest)).await?;
+        }
+    }
     Ok(())
 }
 
-/// Makes the previous version of `name` current again; returns (from, to) digests.
-pub async fn rollback(
-    conn: &mut Connection,
-    channel: &str,
-    name: &str,
-) -> Result<(String, String), FleetError> {
+/// Makes the previous version of `name` current again, unsigned; returns (from, to) digests.
+/// The caller signs it ([`set_record`]) if it can, then [`announce`]s it.
+pub async fn rollback(conn: &mut Connection, name: &str) -> Result<(String, String), FleetError> {
     let moved: Vec<String> = scripts::rollback()
         .key(keys::deploy_history(name))
         .key(DEPLOYED)
+        .key(DEPLOY_RECORDS)
         .arg(name)
         .invoke_async(conn)
         .await?;
-    let [from, to] = <[String; 2]>::try_from(moved).map_err(|_| FleetError::NothingToRollBack {
-        name: name.to_owned(),
-    })?;
-    conn.publish::<_, _, ()>(channel, notice(name, &to, "rollback"))
-        .await?;
-    Ok((from, to))
+    <[String; 2]>::try_from(moved)
+        .map(|[from, to]| (from, to))
+        .map_err(|_| FleetError::NothingToRollBack {
+            name: name.to_owned(),
+        })
+}
+
+/// Stores the signed record of `name`'s deployed version.
+pub async fn set_record(conn: &mut Connection, name: &str, record: &str) -> Result<(), RedisError> {
+    let () = conn.hset(DEPLOY_RECORDS, name, record).await?;
+    Ok(())
+}
+
+/// The signed record of `name`'s deployed version, if it is signed.
+pub async fn record(conn: &mut Connection, name: &str) -> Result<Option<String>, RedisError> {
+    Ok(conn.hget(DEPLOY_RECORDS, name).await?)
+}
+
+/// Tells fleet workers that `name` is now `digest` (`action`: deploy, rollback).
+pub async fn announce(
+    conn: &mut Connection,
+    channel: &str,
+    name: &str,
+    digest: &str,
+    action: &str,
+) -> Result<(), RedisError> {
+    let () = conn.publish(channel, notice(name, digest, action)).await?;
+    Ok(())
 }
 
 /// What is deployed and what each worker runs.
@@ -151,6 +204,11 @@ pub async fn deployed_digest(
     name: &str,
 ) -> Result<Option<String>, RedisError> {
     Ok(conn.hget(DEPLOYED, name).await?)
+}
+
+/// The size in bytes of the deployed blob with SHA-256 `digest` (0 if it is not stored).
+pub async fn blob_len(conn: &mut Connection, digest: &str) -> Result<usize, RedisError> {
+    Ok(conn.strlen(keys::plugin_blob(digest)).await?)
 }
 
 /// The deployed blob with SHA-256 `digest`, if it is stored.

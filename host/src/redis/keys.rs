@@ -132,6 +132,10 @@ pub fn plugin_blob(digest: &str) -> String {
     format!("taskhost:plugin-blob:{digest}")
 }
 
+/// HASH: plugin name → the signed record of its deployed version (`signing::DeployRecord`
+/// JSON); no field: the deploy is unsigned.
+pub const DEPLOY_RECORDS: &str = "taskhost:deploy-records";
+
 /// LIST: the SHA-256 of a plugin's deployed versions, newest first, for rollbacks.
 pub fn deploy_history(name: &str) -> String {
     format!("taskhost:deploy-history:{name}")

@@ -31,7 +31,7 @@ pub fn store_result() -> Script {
 
 /// Makes a plugin's previous deployed version current.
 pub fn rollback() -> Script {
-    Script::new(include_str!("scripts/rollback-2.lua"))
+    Script::new(include_str!("scripts/rollback-3.lua"))
 }
 
 /// Moves one dead-letter entry's message back onto its queue.

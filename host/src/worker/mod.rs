@@ -321,6 +321,7 @@ impl Background {
                 shared.broker.client().clone(),
                 shared.broker.connection(),
                 config.plugins_dir.clone(),
+                config.fleet_trust.clone(),
                 stop.clone(),
             ));
         }
