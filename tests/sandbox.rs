@@ -231,8 +231,33 @@ const FLOOD_OUTPUT: Attempt = Attempt {
     limits: NO_LIMITS,
 };
 
+/// A failure whose message and traceback are 20 MiB each.
+const HUGE_ERROR: Attempt = Attempt {
+    task: "hostile.huge_error",
+    args: |_| json!([20]),
+    limits: NO_LIMITS,
+};
+/// 100,000 HTTP fields resources held at once.
+const RESOURCE_FLOOD: Attempt = Attempt {
+    task: "hostile.resource_flood",
+    args: |_| json!([100_000]),
+    limits: NO_LIMITS,
+};
+/// 1 KiB header values appended to one fields resource until the host refuses.
+const HEADER_FLOOD: Attempt = Attempt {
+    task: "hostile.header_flood",
+    args: |_| json!([]),
+    limits: NO_LIMITS,
+};
+/// 50 GETs at once to the granted origin.
+const HTTP_SWARM: Attempt = Attempt {
+    task: "hostile.http_swarm",
+    args: |s| json!([format!("{}/ok", s.granted.url()), 50]),
+    limits: NO_LIMITS,
+};
+
 /// Every hostile attempt, in the order the whole-worker tests run them.
-const HOSTILE: [Attempt; 12] = [
+const HOSTILE: [Attempt; 16] = [
     SPIN,
     MEMORY_BOMB,
     ENDLESS_RECURSION,
@@ -245,6 +270,10 @@ const HOSTILE: [Attempt; 12] = [
     GET_UNGRANTED,
     FOLLOW_REDIRECT_TO_UNGRANTED,
     GET_OVERSIZED_ANSWER,
+    HUGE_ERROR,
+    RESOURCE_FLOOD,
+    HEADER_FLOOD,
+    HTTP_SWARM,
 ];
 
 /// What a well-behaved plugin under the same limits does, run after the hostile attempts.
@@ -301,6 +330,49 @@ fails_with! {
     /// The guest sees its body stream fail (how it words that varies).
     an_http_answer_over_the_size_cap_fails_the_task:
         GET_OVERSIZED_ANSWER => "ConnectionError", "/huge";
+    /// Cut to 64 KiB before anything copies it (results, logs, events, dead letters).
+    a_huge_error_message_is_cut_to_its_bound:
+        HUGE_ERROR => "RuntimeError", "(20971520 bytes)";
+    /// 1,000 resources per task, not wasmtime's 1,000,000.
+    a_task_holding_too_many_resources_fails_as_a_plugin_trap:
+        RESOURCE_FLOOD => "PluginTrap", "resource table";
+    /// 16 KiB of header fields per fields resource, not wasmtime's 128 KiB.
+    a_task_flooding_header_fields_fails_as_a_plugin_trap:
+        HEADER_FLOOD => "PluginTrap", "total size of fields exceeds limit";
+}
+
+#[test]
+fn a_huge_traceback_is_cut_to_its_bound() {
+    let mut s = setup("sandbox-huge-traceback");
+    let (_, doc) = s.run(HUGE_ERROR);
+    let traceback = doc["traceback"].as_str().expect("a traceback");
+    assert!(
+        traceback.len() <= 256 * 1024 + 32,
+        "{} bytes",
+        traceback.len()
+    );
+    assert!(traceback.ends_with("(20971520 bytes)"));
+}
+
+#[test]
+fn a_task_has_at_most_eight_http_requests_in_flight() {
+    let mut s = setup("sandbox-http-swarm");
+    let result = s.succeeds(HTTP_SWARM);
+    let answered = result["answered"].as_u64().expect("a count");
+    assert!((1..=8).contains(&answered), "{result}");
+    let errors = result["errors"].as_array().expect("errors");
+    assert_eq!(errors.len() as u64, 50 - answered, "{result}");
+    assert!(
+        errors.iter().all(|e| e
+            .as_str()
+            .is_some_and(|e| e.to_lowercase().contains("connection limit")
+                || e.contains("ConnectionLimitReached"))),
+        "{result}"
+    );
+    assert!(
+        s.granted.requests().len() <= 8 + 1,
+        "at most 8 reached the service"
+    );
 }
 
 #[test]

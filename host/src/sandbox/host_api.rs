@@ -21,7 +21,10 @@ impl host::Host for TaskState {
         } else {
             format!("{message} {fields}")
         };
-        let Some(line) = self.log_budget.take(&line) else {
+        let Some(line) = crate::lock(&self.log_budget)
+            .take(&line)
+            .map(std::borrow::Cow::into_owned)
+        else {
             return;
         };
         let scope = &self.scope;

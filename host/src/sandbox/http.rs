@@ -2,9 +2,11 @@
 //! granted the plugin, each request with timeouts. The check runs on the final URI before any
 //! DNS lookup or connection, so a denied request never leaves the host.
 
+use super::limits::{LogBudget, MAX_CONCURRENT_REQUESTS};
 use crate::config::{Grants, Origin};
 use http_body_util::BodyExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
@@ -18,11 +20,47 @@ const BETWEEN_BYTES_TIMEOUT: Duration = Duration::from_secs(60);
 /// `HTTP-response-body-size`.
 pub const RESPONSE_BODY_LIMIT: u64 = 16 * 1024 * 1024;
 
-/// The per-task HTTP policy: which plugin is asking, and what it was granted.
+/// The per-task HTTP policy: which plugin is asking, what it was granted, how many of its
+/// requests are in flight, and the task's log budget its denials are written within.
 pub struct HttpPolicy {
-    pub plugin: Arc<str>,
-    pub task_id: Arc<str>,
-    pub grants: Arc<Grants>,
+    plugin: Arc<str>,
+    task_id: Arc<str>,
+    grants: Arc<Grants>,
+    log_budget: Arc<Mutex<LogBudget>>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl HttpPolicy {
+    pub fn new(
+        plugin: Arc<str>,
+        task_id: Arc<str>,
+        grants: Arc<Grants>,
+        log_budget: Arc<Mutex<LogBudget>>,
+    ) -> Self {
+        Self {
+            plugin,
+            task_id,
+            grants,
+            log_budget,
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// Logs a denied or refused request, within the task's log budget.
+    fn warn(&self, line: &str) {
+        if let Some(line) = crate::lock(&self.log_budget).take(line) {
+            tracing::warn!(plugin = %self.plugin, task_id = %self.task_id, "{line}");
+        }
+    }
+}
+
+/// One request in flight, counted until its response body (or the failed request) is dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 type ResponseFuture = Box<
@@ -48,20 +86,28 @@ impl WasiHttpHooks for HttpPolicy {
         match allowed {
             Ok((_, true)) => {}
             Ok((origin, false)) => {
-                tracing::warn!(
-                    plugin = %self.plugin, task_id = %self.task_id, %origin,
-                    "denied HTTP request: origin not granted to this plugin (allow_http in taskhost.toml)"
-                );
-                return deny(request);
+                self.warn(&format!(
+                    "denied HTTP request to {origin}: origin not granted to this plugin (allow_http in taskhost.toml)"
+                ));
+                return deny(request, Error::HttpRequestDenied);
             }
             Err(reason) => {
-                tracing::warn!(
-                    plugin = %self.plugin, task_id = %self.task_id, uri = %request.uri(),
-                    "denied HTTP request: {reason}"
-                );
-                return deny(request);
+                self.warn(&format!(
+                    "denied HTTP request to {}: {reason}",
+                    request.uri()
+                ));
+                return deny(request, Error::HttpRequestDenied);
             }
         }
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_CONCURRENT_REQUESTS {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.warn(&format!(
+                "refused HTTP request to {}: {MAX_CONCURRENT_REQUESTS} requests of this task are in flight already",
+                request.uri()
+            ));
+            return deny(request, Error::ConnectionLimitReached);
+        }
+        let in_flight = InFlight(self.in_flight.clone());
         let options = options.unwrap_or_default();
         let options = RequestOptions {
             connect_timeout: options.connect_timeout.or(Some(CONNECT_TIMEOUT)),
@@ -75,40 +121,45 @@ impl WasiHttpHooks for HttpPolicy {
             let (response, io) =
                 wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
             Ok((
-                response.map(|body| Capped::new(body, RESPONSE_BODY_LIMIT, who).boxed_unsync()),
+                response.map(|body| {
+                    Capped::new(body, RESPONSE_BODY_LIMIT, who, in_flight).boxed_unsync()
+                }),
                 Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
             ))
         })
     }
 }
 
-/// Answers a denied request with `HttpRequestDenied`. The request body the guest is writing is
-/// read (and dropped) first: a guest client that writes the body while it waits for the answer
-/// would otherwise see its body write fail ("connection reset") instead of the denial.
-fn deny(request: http::Request<WasiBody>) -> ResponseFuture {
+/// Answers a refused request with `error`. The request body the guest is writing is read
+/// (and dropped) first: a guest client that writes the body while it waits for the answer
+/// would otherwise see its body write fail ("connection reset") instead of the refusal.
+fn deny(request: http::Request<WasiBody>, error: Error) -> ResponseFuture {
     Box::new(async move {
         let mut body = request.into_body();
         while let Some(Ok(_)) = body.frame().await {}
-        Err(Error::HttpRequestDenied)
+        Err(error)
     })
 }
 
-/// A response body that fails once more than `left` bytes came through.
+/// A response body that fails once more than `left` bytes came through; its request counts
+/// as in flight until it is dropped.
 struct Capped<B> {
     inner: B,
     left: u64,
     limit: u64,
     /// Whose response it is, for the log line when it is cut.
     who: String,
+    _in_flight: InFlight,
 }
 
 impl<B> Capped<B> {
-    fn new(inner: B, limit: u64, who: String) -> Self {
+    fn new(inner: B, limit: u64, who: String, in_flight: InFlight) -> Self {
         Self {
             inner,
             left: limit,
             limit,
             who,
+            _in_flight: in_flight,
         }
     }
 }

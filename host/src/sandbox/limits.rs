@@ -1,6 +1,7 @@
 //! Per-task resource accounting: the memory and table limiter (which remembers that it said
-//! no, so a trap after a refused allocation is reported as `MemoryLimitExceeded`), and the
-//! budget of log lines a task may write.
+//! no, so a trap after a refused allocation is reported as `MemoryLimitExceeded`), the budget
+//! of log lines a task may write, and the fixed bounds on what else a plugin makes the host
+//! hold: WASI resources, HTTP header fields, requests in flight, and the text of its errors.
 
 use wasmtime::ResourceLimiter;
 
@@ -49,6 +50,34 @@ impl ResourceLimiter for Limiter {
     }
 }
 
+/// Resources (streams, pollables, HTTP fields, requests, ...) one task may hold at once:
+/// wasmtime's default is 1,000,000.
+pub const MAX_RESOURCES: usize = 1_000;
+/// Bytes one HTTP fields resource (a request's headers, say) may hold, as wasmtime counts
+/// them: wasmtime's default is 128 KiB; proxies take 8 KiB of headers.
+pub const FIELD_BYTES: usize = 16 * 1024;
+/// Outgoing HTTP requests one task may have in flight; more fail at once with
+/// `connection-limit-reached`.
+pub const MAX_CONCURRENT_REQUESTS: usize = 8;
+/// The longest error kind a plugin may report, bytes.
+pub const ERROR_KIND_BYTES: usize = 128;
+/// The longest error message (and retry or reject reason), bytes.
+pub const ERROR_MESSAGE_BYTES: usize = 64 * 1024;
+/// The longest traceback, bytes.
+pub const TRACEBACK_BYTES: usize = 256 * 1024;
+
+/// `text` cut to at most `max` bytes (at a character boundary), saying how long it was.
+pub fn cut(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut at = max;
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..at], text.len()).into()
+}
+
 /// Log lines (from the log import and from stdout/stderr) one task may write.
 pub const LOG_LINES_PER_TASK: usize = 200;
 /// Longest log line kept, bytes; longer ones are cut.
@@ -79,15 +108,10 @@ impl LogBudget {
             return None;
         }
         self.left -= 1;
-        if line.len() <= LOG_LINE_BYTES {
-            return Some(escape_controls(line));
+        match cut(line, LOG_LINE_BYTES) {
+            std::borrow::Cow::Borrowed(line) => Some(escape_controls(line)),
+            std::borrow::Cow::Owned(cut) => Some(escape_controls(&cut).into_owned().into()),
         }
-        let mut cut = LOG_LINE_BYTES;
-        while !line.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let kept = escape_controls(&line[..cut]);
-        Some(format!("{kept}… ({} bytes)", line.len()).into())
     }
 }
 

@@ -99,7 +99,8 @@ pub struct TaskState {
     http_policy: http::HttpPolicy,
     table: ResourceTable,
     limiter: limits::Limiter,
-    log_budget: limits::LogBudget,
+    /// Shared with the HTTP policy, whose denials are log lines of the task too.
+    log_budget: Arc<std::sync::Mutex<limits::LogBudget>>,
     stdout: output::Capture,
     stderr: output::Capture,
     scope: Scope,
@@ -330,17 +331,23 @@ impl Sandbox {
             scope.grants.limits.memory_bytes,
             scope.grants.limits.table_elements,
         );
+        let log_budget = Arc::new(std::sync::Mutex::new(limits::LogBudget::default()));
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(limits::FIELD_BYTES);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(limits::MAX_RESOURCES);
         let state = TaskState {
             wasi,
-            http: WasiHttpCtx::new(),
-            http_policy: http::HttpPolicy {
-                plugin: scope.plugin.clone(),
-                task_id: scope.task_id.clone(),
-                grants: scope.grants.clone(),
-            },
-            table: ResourceTable::new(),
+            http,
+            http_policy: http::HttpPolicy::new(
+                scope.plugin.clone(),
+                scope.task_id.clone(),
+                scope.grants.clone(),
+                log_budget.clone(),
+            ),
+            table,
             limiter,
-            log_budget: limits::LogBudget::default(),
+            log_budget,
             stdout,
             stderr,
             scope,
@@ -475,9 +482,10 @@ fn drain_output(
     let state = store.data_mut();
     let (stdout, dropped_out) = state.stdout.take();
     let (stderr, dropped_err) = state.stderr.take();
+    let mut budget = crate::lock(&state.log_budget);
     for (stream, text) in [("stdout", &stdout), ("stderr", &stderr)] {
         for line in text.lines().filter(|l| !l.is_empty()) {
-            if let Some(line) = state.log_budget.take(line) {
+            if let Some(line) = budget.take(line) {
                 tracing::info!(
                     target: "taskhost::plugin",
                     plugin = %plugin, task = %task, task_id = %task_id, stream = %stream, "{line}"
@@ -485,7 +493,8 @@ fn drain_output(
             }
         }
     }
-    let dropped_lines = state.log_budget.dropped;
+    let dropped_lines = budget.dropped;
+    drop(budget);
     if dropped_out + dropped_err + dropped_lines > 0 {
         tracing::warn!(
             plugin = %plugin,

@@ -3,6 +3,7 @@
 //! error strings.
 
 use super::bindings::taskhost::plugin::types::{Failure as WitFailure, TaskError};
+use super::limits::{ERROR_KIND_BYTES, ERROR_MESSAGE_BYTES, TRACEBACK_BYTES, cut};
 use crate::protocol::Exception;
 use serde_json::value::RawValue;
 
@@ -100,16 +101,17 @@ impl Outcome {
     }
 }
 
-/// The plugin's own failure, as the WIT contract gives it.
+/// The plugin's own failure, as the WIT contract gives it, its texts cut to their bounds
+/// before anything copies them into results, logs, events or dead letters.
 fn from_wit(failure: WitFailure) -> Outcome {
     let exception = |e: TaskError| Exception {
         kind: if e.kind.is_empty() {
             "Exception".into()
         } else {
-            e.kind
+            cut(&e.kind, ERROR_KIND_BYTES).into_owned()
         },
-        message: e.message,
-        traceback: e.traceback,
+        message: cut(&e.message, ERROR_MESSAGE_BYTES).into_owned(),
+        traceback: e.traceback.map(|t| cut(&t, TRACEBACK_BYTES).into_owned()),
     };
     match failure {
         WitFailure::Error(e) => {
@@ -125,7 +127,9 @@ fn from_wit(failure: WitFailure) -> Outcome {
             countdown: r.countdown.filter(|c| c.is_finite() && *c >= 0.0),
             reason: exception(r.reason),
         },
-        WitFailure::Reject(reason) => Outcome::Reject(reason),
+        WitFailure::Reject(reason) => {
+            Outcome::Reject(cut(&reason, ERROR_MESSAGE_BYTES).into_owned())
+        }
     }
 }
 
@@ -188,11 +192,12 @@ pub fn trapped(error: &wasmtime::Error, stderr: &str, stdout: &str) -> Outcome {
         .copied()
         .collect::<Vec<_>>()
         .join("\n");
-    exception.traceback = Some(if output.is_empty() {
+    let traceback = if output.is_empty() {
         format!("{error:?}")
     } else {
         format!("{error:?}\n\nplugin output:\n{output}")
-    });
+    };
+    exception.traceback = Some(cut(&traceback, TRACEBACK_BYTES).into_owned());
     Outcome::Failure(Failure { kind, exception })
 }
 
@@ -212,6 +217,29 @@ mod tests {
             Some("just a line")
         );
         assert_eq!(panic_message(""), None);
+    }
+
+    #[test]
+    fn a_plugins_error_texts_are_cut_to_their_bounds() {
+        let huge = WitFailure::Error(TaskError {
+            kind: "K".repeat(1000),
+            message: "m".repeat(10 << 20),
+            traceback: Some("t".repeat(10 << 20)),
+        });
+        let Outcome::Failure(failure) = Outcome::returned(Err(huge), 16) else {
+            panic!("a failure");
+        };
+        let e = failure.exception;
+        assert!(e.kind.len() < ERROR_KIND_BYTES + 32, "{}", e.kind.len());
+        assert!(e.message.len() < ERROR_MESSAGE_BYTES + 32);
+        assert!(e.message.ends_with(&format!("({} bytes)", 10 << 20)));
+        assert!(e.traceback.is_some_and(|t| t.len() < TRACEBACK_BYTES + 32));
+        let Outcome::Reject(reason) =
+            Outcome::returned(Err(WitFailure::Reject("r".repeat(1 << 20))), 16)
+        else {
+            panic!("a reject");
+        };
+        assert!(reason.len() < ERROR_MESSAGE_BYTES + 32);
     }
 
     #[test]

@@ -153,6 +153,63 @@ tasks! {
         Ok(accepted)
     }
 
+    /// Fails with a message of `mb` MiB and a traceback as long.
+    #[task(name = "hostile.huge_error")]
+    fn huge_error(mb: u64) -> Result<()> {
+        let text = "e".repeat(usize::try_from(mb << 20).unwrap_or(usize::MAX));
+        Err(Failure::error("RuntimeError", text.clone()).with_traceback(text))
+    }
+
+    /// Holds `n` HTTP fields resources at once (never dropped while it runs).
+    #[task(name = "hostile.resource_flood")]
+    fn resource_flood(n: u64) -> Result<u64> {
+        let held: Vec<wasip2::http::types::Fields> =
+            (0..n).map(|_| wasip2::http::types::Fields::new()).collect();
+        Ok(held.len() as u64)
+    }
+
+    /// Appends 1 KiB header values to one fields resource until the host refuses (an error it
+    /// returns, or a trap past the fields' size limit); returns how many it took.
+    #[task(name = "hostile.header_flood")]
+    fn header_flood() -> Result<Value> {
+        let fields = wasip2::http::types::Fields::new();
+        let value = vec![b'v'; 1024];
+        for n in 0..1_000_000u64 {
+            if let Err(e) = fields.append("x-flood", &value) {
+                return Ok(json!({"appended": n, "refused": format!("{e:?}")}));
+            }
+        }
+        Ok(json!({"appended": 1_000_000, "refused": null}))
+    }
+
+    /// Sends `n` GETs to `url` at once; returns how many got an answer and the errors.
+    #[task(name = "hostile.http_swarm")]
+    fn http_swarm(url: String, n: u64) -> Result<Value> {
+        let results = wstd::runtime::block_on(async move {
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    let url = url.clone();
+                    wstd::runtime::spawn(async move {
+                        let request = Request::get(&url).body(Body::empty()).map_err(|e| e.to_string())?;
+                        Client::new()
+                            .send(request)
+                            .await
+                            .map(|r| r.status().as_u16())
+                            .map_err(|e| format!("{e:#}"))
+                    })
+                })
+                .collect();
+            let mut results = Vec::new();
+            for task in tasks {
+                results.push(task.await);
+            }
+            results
+        });
+        let answered = results.iter().filter(|r| r.is_ok()).count();
+        let errors: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
+        Ok(json!({"answered": answered, "errors": errors}))
+    }
+
     /// Sleeps `ms` and reports when it started and ended.
     #[task(name = "hostile.hold")]
     fn hold(ms: u64) -> Result<Value> {
