@@ -328,12 +328,16 @@ assert reply == [{node: {"ok": "rate limit disabled successfully"}}], reply
 }
 
 #[test]
-fn control_pool_grow_adds_slots() {
-    let w = Controlled::w1("mon-pool-grow");
+fn control_pool_grow_adds_slots_up_to_what_the_pool_was_sized_for() {
+    let w = Controlled::start("mon-pool-grow", "5", &[]);
     w.script(
         r#"
+app.control.pool_shrink(3, destination=[node], reply=True)
+assert only(i.stats())["pool"]["max-concurrency"] == 2
 assert app.control.pool_grow(3, destination=[node], reply=True) == [{node: {"ok": "pool will grow"}}]
 assert only(i.stats())["pool"]["max-concurrency"] == 5
+app.control.pool_grow(1000, destination=[node], reply=True)
+assert only(i.stats())["pool"]["max-concurrency"] == 5, "never past the -c it started with"
 "#,
     );
 }

@@ -378,3 +378,105 @@ assert r.state == "REVOKED", r.state
     ));
     beside.all_succeed(&mut s.client, 20);
 }
+
+// --- a property test: whatever comes in ------------------------------------------------------
+
+/// 300 random control commands (known and unknown names, arguments of every type and extreme
+/// numbers) and 300 task messages with random headers (time limits, etas, expiries, retries,
+/// priorities of every type and size), from a seeded Python producer: the worker still
+/// answers ping, settles every message it takes, never hits a bug's panic, and the demo.add
+/// stream beside all succeed.
+#[test]
+fn random_control_commands_and_message_headers_never_take_the_worker_down() {
+    let mut s = setup("trust-fuzz", "");
+    let beside = Beside::start(&s.redis);
+    s.python(&format!(
+        r#"
+import base64, json, random, uuid
+import redis
+random.seed(15)
+node = {NODE:?}
+nasty = [0, -1, 1, 1e308, -1e308, 2**63, 2**64 + 5, -2**70, 1e-300, 0.5, "1e-300/s",
+         "99999999999/s", "1/h", "abc", "", None, [], {{}}, [1, [2, [3]]], "x" * 5000, True]
+times = [None, "9999-12-31T23:59:59", "0001-01-01T00:00:00", "garbage", 5,
+         "2026-12-02T00:00:00+99:00", "1970-01-01T00:00:00+00:00"]
+methods = ["rate_limit", "time_limit", "pool_grow", "pool_shrink", "add_consumer", "revoke",
+           "enable_events", "disable_events", "ping", "stats", "active", "reserved",
+           "scheduled", "revoked", "registered", "conf", "active_queues", "query_task",
+           "autoscale", "heartbeat", "memdump", "no_such_command", "election", "dump_tasks"]
+argnames = ["task_name", "rate_limit", "soft", "hard", "n", "queue", "task_id", "terminate",
+            "signal", "max", "min", "ids", "exchange", "routing_key"]
+for _ in range(300):
+    arguments = {{random.choice(argnames): random.choice(nasty)
+                 for _ in range(random.randint(0, 3))}}
+    app.control.broadcast(random.choice(methods), arguments=arguments,
+                          destination=[node], reply=False)
+broker = redis.Redis.from_url(os.environ["BROKER"])
+for _ in range(300):
+    tid = str(uuid.uuid4())
+    headers = {{"lang": "py", "task": "demo.add", "id": tid, "root_id": tid,
+               "retries": random.choice(nasty),
+               "timelimit": [random.choice(nasty), random.choice(nasty)],
+               "eta": random.choice(times), "expires": random.choice(times),
+               "group_index": random.choice(nasty), "ignore_result": random.choice(nasty),
+               "argsrepr": random.choice(nasty)}}
+    body = json.dumps([[1, 2], {{}}, {{"callbacks": None, "errbacks": None, "chain": None,
+                                     "chord": None}}])
+    message = {{"body": base64.b64encode(body.encode()).decode(),
+               "content-encoding": "utf-8", "content-type": "application/json",
+               "headers": headers,
+               "properties": {{"correlation_id": tid, "delivery_mode": 2,
+                              "delivery_info": {{"exchange": "", "routing_key": "celery"}},
+                              "priority": random.choice(nasty), "body_encoding": "base64",
+                              "delivery_tag": str(uuid.uuid4())}}}}
+    broker.lpush("celery", json.dumps(message))
+assert app.control.ping(destination=[node], timeout=10), "the worker still answers ping"
+"#
+    ));
+    beside.all_succeed(&mut s.client, 50);
+    wait_for("every message taken settled", || {
+        (s.client.in_flight(NODE) == 0 && s.client.llen("celery") == 0).then_some(())
+    });
+    let bugs: Vec<Value> = s
+        .client
+        .dead_letters()
+        .into_iter()
+        .filter(|e| {
+            e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("a bug in taskhost"))
+        })
+        .collect();
+    assert!(bugs.is_empty(), "handling panicked: {bugs:#?}");
+}
+
+// --- the instance pool --------------------------------------------------------------------------
+
+/// A component of `n` instances of an empty core module: nothing a plugin serves, only a
+/// claim on the instance pool.
+fn component_of_core_instances(n: u32) -> Vec<u8> {
+    use wasm_encoder::{Component, InstanceSection, Module, ModuleArg, ModuleSection};
+    let mut component = Component::new();
+    component.section(&ModuleSection(&Module::new()));
+    let mut instances = InstanceSection::new();
+    for _ in 0..n {
+        instances.instantiate(0, Vec::<(&str, ModuleArg)>::new());
+    }
+    component.section(&instances);
+    component.finish()
+}
+
+#[test]
+fn a_component_over_its_share_of_the_instance_pool_is_refused_at_load() {
+    let mut s = setup("trust-pool-share", "");
+    let beside = Beside::start(&s.redis);
+    // Dropped in while the worker runs: the watcher loads it, and refuses it.
+    let big = s.dir.path().join("plugins").join("big.wasm");
+    std::fs::write(&big, component_of_core_instances(9)).expect("write big.wasm");
+    s.worker.wait_log(
+        "it needs more of the instance pool than one component may take ([limits] \
+         component_core_instances, component_memories, component_tables): The component \
+         transitively contains 9 core module instances, which exceeds the configured maximum of 8",
+    );
+    beside.all_succeed(&mut s.client, 20);
+}

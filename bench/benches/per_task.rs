@@ -34,6 +34,7 @@ fn per_task(c: &mut Criterion) {
         max_memory_bytes: Limits::default().memory_bytes,
         max_table_elements: DEFAULT_TABLE_ELEMENTS,
         stack_bytes: usize::try_from(DEFAULT_STACK_KB * 1024).expect("stack size"),
+        component: taskhost::config::ComponentCaps::default(),
     };
     let sandbox = Arc::new(Sandbox::new(&options).expect("sandbox"));
     let grants = GrantTable::default();

@@ -72,6 +72,7 @@ pub fn local_sandbox(file: &FileConfig, grants: &GrantTable) -> anyhow::Result<A
         max_memory_bytes: grants.max_memory_bytes(),
         max_table_elements: grants.max_table_elements(),
         stack_bytes: file.stack_bytes()?,
+        component: file.component_caps()?,
     })?))
 }
 

@@ -160,6 +160,31 @@ pub struct LimitsSection {
     pub max_instances: Option<u32>,
     /// WebAssembly stack, KiB. Worker-wide: only in `[limits]`.
     pub stack_kb: Option<u64>,
+    /// What one component may hold of the instance pool: core module instances, linear
+    /// memories, tables. Worker-wide: only in `[limits]`.
+    pub component_core_instances: Option<u32>,
+    pub component_memories: Option<u32>,
+    pub component_tables: Option<u32>,
+}
+
+/// What one component may take of the shared instance pool; the pool holds this much for each
+/// slot, so no plugin's instance can take another's share. A component that needs more is
+/// refused when it loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComponentCaps {
+    pub core_instances: u32,
+    pub memories: u32,
+    pub tables: u32,
+}
+
+impl Default for ComponentCaps {
+    fn default() -> Self {
+        Self {
+            core_instances: 8,
+            memories: 2,
+            tables: 4,
+        }
+    }
 }
 
 /// `[plugins.NAME]`: what one plugin is granted.
@@ -258,6 +283,32 @@ impl FileConfig {
             }
         }
         Ok(self.tasks.clone().into_iter().collect())
+    }
+
+    /// What one component may take of the instance pool (`[limits] component_*`).
+    pub fn component_caps(&self) -> Result<ComponentCaps, ConfigError> {
+        let base = ComponentCaps::default();
+        let limits = &self.limits;
+        let cap = |key: &str, v: Option<u32>, default: u32| match v {
+            Some(n) if !(1..=1000).contains(&n) => Err(ConfigError::Invalid {
+                place: "[limits]".into(),
+                message: format!("{key} must be between 1 and 1000, got {n}"),
+            }),
+            v => Ok(v.unwrap_or(default)),
+        };
+        Ok(ComponentCaps {
+            core_instances: cap(
+                "component_core_instances",
+                limits.component_core_instances,
+                base.core_instances,
+            )?,
+            memories: cap(
+                "component_memories",
+                limits.component_memories,
+                base.memories,
+            )?,
+            tables: cap("component_tables", limits.component_tables, base.tables)?,
+        })
     }
 
     /// The WebAssembly stack every instance gets, bytes.

@@ -19,10 +19,25 @@ impl FileConfig {
         let mut plugins = HashMap::new();
         for (name, section) in &self.plugins {
             let place = format!("[plugins.{name}]");
-            if section.limits.stack_kb.is_some() {
+            let worker_wide = [
+                ("stack_kb", section.limits.stack_kb.is_some()),
+                (
+                    "component_core_instances",
+                    section.limits.component_core_instances.is_some(),
+                ),
+                (
+                    "component_memories",
+                    section.limits.component_memories.is_some(),
+                ),
+                (
+                    "component_tables",
+                    section.limits.component_tables.is_some(),
+                ),
+            ];
+            if let Some((key, _)) = worker_wide.iter().find(|(_, set)| *set) {
                 return Err(ConfigError::Invalid {
                     place,
-                    message: "stack_kb applies to the whole worker: set it in [limits]".into(),
+                    message: format!("{key} applies to the whole worker: set it in [limits]"),
                 });
             }
             let mut allow_http = Vec::new();

@@ -18,8 +18,8 @@ pub mod resolve;
 pub mod schedule;
 
 pub use file::{
-    ConfigError, DEFAULT_MEMORY_MB, DEFAULT_RESULT_MB, DEFAULT_STACK_KB, DEFAULT_TABLE_ELEMENTS,
-    DEFAULT_TIME_LIMIT_S, FileConfig, TaskSection,
+    ComponentCaps, ConfigError, DEFAULT_MEMORY_MB, DEFAULT_RESULT_MB, DEFAULT_STACK_KB,
+    DEFAULT_TABLE_ELEMENTS, DEFAULT_TIME_LIMIT_S, FileConfig, TaskSection,
 };
 pub use fleet::FleetTrust;
 pub use grants::{GrantTable, Grants, Limits, NameRefusal};

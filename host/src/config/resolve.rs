@@ -103,6 +103,8 @@ pub struct WorkerConfig {
     pub fleet_trust: super::FleetTrust,
     /// The WebAssembly stack of every instance.
     pub stack_bytes: usize,
+    /// What one component may take of the instance pool.
+    pub component_caps: super::ComponentCaps,
     /// A worker whose heartbeat is older than this is taken for dead.
     pub heartbeat_lapse: Duration,
     /// Returns from dead workers after which a message is dead-lettered.
@@ -180,6 +182,7 @@ impl WorkerConfig {
             fleet: flags.fleet || section.fleet.unwrap_or(false),
             fleet_trust: file.fleet_trust()?,
             stack_bytes: file.stack_bytes()?,
+            component_caps: file.component_caps()?,
             heartbeat_lapse: Duration::from_secs_f64(lapse),
             max_redeliveries: flags
                 .max_redeliveries

@@ -84,6 +84,7 @@ pub trait Worker: Send + Sync {
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What [`serve`] works with.
+#[derive(Clone)]
 pub struct Context {
     pub node: String,
     pub worker: Arc<dyn Worker>,
@@ -91,17 +92,17 @@ pub struct Context {
     pub events: Arc<Events>,
 }
 
-/// Serves remote-control commands until `stop`, on `subscribed` first (subscribe before the
-/// worker says it is ready, so no command sent after that is missed), then on new
+/// Serves remote-control commands until `stop`, on `subscribed` first if given (subscribe
+/// before the worker says it is ready, so no command sent after that is missed), then on new
 /// subscriptions if it is lost.
 pub async fn serve(
     client: Client,
-    subscribed: Subscription,
+    subscribed: Option<Subscription>,
     mut conn: Connection,
     context: Context,
     mut stop: Stopping,
 ) {
-    let mut first = Some(subscribed);
+    let mut first = subscribed;
     loop {
         if let Err(e) = context.revocations.refresh(&mut conn).await {
             tracing::warn!("cannot read revoked tasks: {e}");

@@ -17,7 +17,7 @@ const MAX_HEAD: usize = 8 * 1024;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether the worker is consuming, and if not, why.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Health {
     /// Redis answers a PING.
     pub connected: bool,
@@ -25,11 +25,13 @@ pub struct Health {
     pub fetching: bool,
     /// The worker's heartbeat in Redis is fresh.
     pub heartbeat: bool,
+    /// Supervised loops that stopped and are being started again (with their restarts).
+    pub stopped_loops: Vec<String>,
 }
 
 impl Health {
     pub fn healthy(&self) -> bool {
-        self.connected && self.fetching && self.heartbeat
+        self.connected && self.fetching && self.heartbeat && self.stopped_loops.is_empty()
     }
 }
 
@@ -104,6 +106,7 @@ async fn answer(mut stream: TcpStream, status: &dyn Status) {
                 "connected": health.connected,
                 "fetching": health.fetching,
                 "heartbeat": health.heartbeat,
+                "stopped_loops": health.stopped_loops,
             })
             .to_string();
             let code = if health.healthy() { 200 } else { 503 };

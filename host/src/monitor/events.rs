@@ -72,7 +72,14 @@ impl Events {
 
     /// Advances the Lamport clock for an event or reply sent now.
     pub fn tick(&self) -> u64 {
-        self.clock.fetch_add(1, Ordering::Relaxed) + 1
+        // Saturating: a producer's clock of u64::MAX is merged in as it is.
+        let before = self
+            .clock
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                Some(c.saturating_add(1))
+            })
+            .unwrap_or_else(|c| c);
+        before.saturating_add(1)
     }
 
     /// Merges a clock value received from another node.

@@ -146,6 +146,7 @@ impl Registration {
 }
 
 /// A worker's presence in the registry.
+#[derive(Clone)]
 pub struct Presence {
     conn: Connection,
     node: String,

@@ -125,6 +125,17 @@ impl WasiHttpView for TaskState {
     }
 }
 
+/// Why wasmtime would not take a component: its pool share, or anything else.
+fn prepare_error(e: &wasmtime::Error) -> PrepareError {
+    let reason = format!("{e:#}");
+    // wasmtime says so in words only: its pooling allocator's per-component check.
+    if reason.contains("in the pooling allocator") {
+        PrepareError::PoolShare(reason)
+    } else {
+        PrepareError::Compile(reason)
+    }
+}
+
 /// A component linked against the host's imports, ready to instantiate per task.
 pub type PluginPre = bindings::PluginPre<TaskState>;
 
@@ -133,6 +144,11 @@ pub type PluginPre = bindings::PluginPre<TaskState>;
 pub enum PrepareError {
     #[error("not a WebAssembly component: {0}")]
     Compile(String),
+    #[error(
+        "it needs more of the instance pool than one component may take ([limits] \
+         component_core_instances, component_memories, component_tables): {0}"
+    )]
+    PoolShare(String),
     #[error("not a taskhost plugin: it exports no {WIT_PACKAGE}/handler interface (exports: {0})")]
     NoHandler(String),
     #[error(
@@ -157,6 +173,8 @@ pub struct SandboxOptions {
     pub max_table_elements: u32,
     /// The WebAssembly stack of every instance.
     pub stack_bytes: usize,
+    /// What one component may take of the pool (the pool holds this much per instance).
+    pub component: crate::config::ComponentCaps,
 }
 
 /// The engine and linker shared by every plugin and task.
@@ -173,13 +191,19 @@ impl Sandbox {
     /// linker, and starts the epoch ticker (it stops when the engine is dropped).
     pub fn new(options: &SandboxOptions) -> anyhow::Result<Self> {
         let n = options.max_instances.max(1);
+        let caps = options.component;
         let mut pool = PoolingAllocationConfig::default();
-        // A Rust component holds a few core instances (the module and its adapter shims), and
-        // one or two memories and tables.
+        // Each instance may take its share and no more (a Rust component holds a few core
+        // instances, the module and its adapter shims, and one or two memories and tables):
+        // a component needing more is refused when it is compiled, so one plugin can never
+        // leave the others' instances without room.
         pool.total_component_instances(n)
-            .total_core_instances(n * 8)
-            .total_memories(n * 2)
-            .total_tables(n * 4)
+            .max_core_instances_per_component(caps.core_instances)
+            .max_memories_per_component(caps.memories)
+            .max_tables_per_component(caps.tables)
+            .total_core_instances(n.saturating_mul(caps.core_instances))
+            .total_memories(n.saturating_mul(caps.memories))
+            .total_tables(n.saturating_mul(caps.tables))
             .total_stacks(n)
             .max_memory_size(options.max_memory_bytes)
             .table_elements(usize::try_from(options.max_table_elements).unwrap_or(usize::MAX));
@@ -229,7 +253,7 @@ impl Sandbox {
 
     /// Compiles a component (CPU-heavy: call it off the async runtime's workers).
     pub fn compile(&self, wasm: &[u8]) -> Result<Component, PrepareError> {
-        Component::new(&self.engine, wasm).map_err(|e| PrepareError::Compile(format!("{e:#}")))
+        Component::new(&self.engine, wasm).map_err(|e| prepare_error(&e))
     }
 
     /// The compiled code of a component, for the precompile cache.
@@ -250,8 +274,7 @@ impl Sandbox {
         // SAFETY: see above. The only caller is the precompile cache, which checks a SHA-256
         // written beside the entry: that catches a torn or corrupted file, not a forged one,
         // so the cache directory must be writable only by the worker's user.
-        unsafe { Component::deserialize(&self.engine, compiled) }
-            .map_err(|e| PrepareError::Compile(format!("{e:#}")))
+        unsafe { Component::deserialize(&self.engine, compiled) }.map_err(|e| prepare_error(&e))
     }
 
     /// Identifies the engine settings compiled code depends on (wasmtime version, target,

@@ -18,8 +18,22 @@ use crate::sandbox::{Scope, Task};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Handles one delivery; a panic in its handling (a bug in the worker) settles its message
+/// (dead-lettered, saying so, with a FAILURE where it has a task id) instead of leaving it in
+/// flight, and the worker goes on with the others.
+pub(super) async fn handle_guarded(shared: &Shared, delivery: &Delivery) {
+    use futures_util::FutureExt as _;
+    let handled = std::panic::AssertUnwindSafe(handle(shared, delivery))
+        .catch_unwind()
+        .await;
+    if let Err(panic) = handled {
+        let what = super::supervise::panic_text(panic.as_ref());
+        settle::panicked(shared, delivery, &what).await;
+    }
+}
+
 /// Handles one delivery from decode to settlement.
-pub(super) async fn handle(shared: &Shared, delivery: &Delivery) {
+async fn handle(shared: &Shared, delivery: &Delivery) {
     let message = match TaskMessage::decode(&delivery.raw) {
         Ok(message) => message,
         Err(bad) => return settle::refuse(shared, delivery, &Refusal::Undecodable(&bad)).await,

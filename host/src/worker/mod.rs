@@ -28,6 +28,7 @@ mod progress;
 mod remote;
 mod retry;
 mod settle;
+mod supervise;
 
 pub use commit::{Settler, Sink};
 pub use gates::time_limits;
@@ -88,6 +89,8 @@ struct Shared {
     stop_tx: Stop,
     metrics: Arc<Metrics>,
     events: Arc<Events>,
+    /// The supervised loops, for `/healthz`.
+    loops: Arc<supervise::Loops>,
     /// The `[schedule]` entries this worker's scheduler sends (a config reload changes them).
     schedule: watch::Sender<Arc<Vec<crate::config::schedule::Entry>>>,
 }
@@ -155,6 +158,7 @@ async fn start(
         max_memory_bytes: config.grants.max_memory_bytes(),
         max_table_elements: config.grants.max_table_elements(),
         stack_bytes: config.stack_bytes,
+        component: config.component_caps,
     })?);
     let Some((broker, backend)) = connect_both(&config, stop).await? else {
         return Ok(None);
@@ -212,6 +216,7 @@ async fn start(
         stop_tx,
         metrics,
         events,
+        loops: Arc::default(),
         schedule: watch::channel(Arc::new(config.schedule.clone().unwrap_or_default())).0,
         config,
     });
@@ -290,6 +295,55 @@ struct Background {
     _watcher: crate::plugins::watcher::Watcher,
 }
 
+/// The loops that outlive the stop until the running tasks are done (`gone`), supervised:
+/// the worker events (worker-online, heartbeats, worker-offline) and the registry heartbeat.
+fn spawn_lifelines(
+    shared: &Arc<Shared>,
+    presence: Presence,
+    gone: Stopping,
+) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
+    let loops = shared.loops.clone();
+    let worker_events = {
+        let (shared, gone_in_loop) = (shared.clone(), gone.clone());
+        supervise::spawn(loops.clone(), "worker events", gone.clone(), move || {
+            remote::heartbeats(shared.clone(), gone_in_loop.clone())
+        })
+    };
+    let health = shared.health.clone();
+    tokio::spawn(health::watch(health.clone(), gone.clone()));
+    let gone_in_loop = gone.clone();
+    let heartbeat = supervise::spawn(loops, "heartbeat", gone, move || {
+        let health = health.clone();
+        presence
+            .clone()
+            .run(move || health.is_fetching(), gone_in_loop.clone())
+    });
+    (worker_events, heartbeat)
+}
+
+/// Remote control, supervised; subscribed before the worker says it is ready, so no command
+/// sent after that is missed.
+async fn spawn_remote_control(shared: &Arc<Shared>, stop: &Stopping) -> anyhow::Result<()> {
+    let mut control = Some(crate::redis::control::subscribe(shared.broker.client()).await?);
+    let (client, conn) = (shared.broker.client().clone(), shared.broker.connection());
+    let (context, in_loop) = (remote::context(shared), stop.clone());
+    supervise::spawn(
+        shared.loops.clone(),
+        "remote control",
+        stop.clone(),
+        move || {
+            crate::monitor::control::serve(
+                client.clone(),
+                control.take(),
+                conn.clone(),
+                context.clone(),
+                in_loop.clone(),
+            )
+        },
+    );
+    Ok(())
+}
+
 impl Background {
     async fn spawn(
         shared: &Arc<Shared>,
@@ -300,10 +354,7 @@ impl Background {
         // The heartbeat outlives the stop: it must go on while running tasks finish, or other
         // workers would take them for a dead worker's and run them again.
         let (gone, gone_rx) = crate::shutdown::flag();
-        let worker_events = tokio::spawn(remote::heartbeats(shared.clone(), gone_rx.clone()));
-        let health = shared.health.clone();
-        tokio::spawn(health::watch(health.clone(), gone_rx.clone()));
-        let heartbeat = tokio::spawn(presence.run(move || health.is_fetching(), gone_rx));
+        let (worker_events, heartbeat) = spawn_lifelines(shared, presence, gone_rx);
         let watcher = crate::plugins::watcher::watch(
             shared.plugins.clone(),
             config.config_path.clone(),
@@ -325,14 +376,7 @@ impl Background {
                 stop.clone(),
             ));
         }
-        let control = crate::redis::control::subscribe(shared.broker.client()).await?;
-        tokio::spawn(crate::monitor::control::serve(
-            shared.broker.client().clone(),
-            control,
-            shared.broker.connection(),
-            remote::context(shared),
-            stop.clone(),
-        ));
+        spawn_remote_control(shared, stop).await?;
         if let Some(addr) = config.metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -352,11 +396,21 @@ impl Background {
                 stop.clone(),
             ));
         }
-        let mover = tokio::spawn(fetch::move_due_messages(
-            shared.broker.clone(),
-            shared.scheduled.clone(),
-            stop.clone(),
-        ));
+        let mover = {
+            let (broker, scheduled, in_loop) = (
+                shared.broker.clone(),
+                shared.scheduled.clone(),
+                stop.clone(),
+            );
+            supervise::spawn(
+                shared.loops.clone(),
+                "delayed mover",
+                stop.clone(),
+                move || {
+                    fetch::move_due_messages(broker.clone(), scheduled.clone(), in_loop.clone())
+                },
+            )
+        };
         Ok(Self {
             gone,
             heartbeat,
@@ -431,7 +485,7 @@ async fn consume(
         let id = shared.held.start(&delivery);
         let shared = shared.clone();
         tasks.spawn(async move {
-            handle::handle(&shared, &delivery).await;
+            handle::handle_guarded(&shared, &delivery).await;
             shared.held.finish(id);
             drop(permit);
         });

@@ -304,12 +304,21 @@ impl Worker for Remote {
         Ok(removed)
     }
 
+    /// Grows at most back to the concurrency the worker started with, which the sandbox's
+    /// instance pool was sized for; shrinks to one slot at the least.
     fn resize_pool(&self, delta: i64) -> usize {
         let shared = &self.0;
         if delta >= 0 {
-            let n = usize::try_from(delta).unwrap_or(0).min(10_000);
-            shared.slots.add_permits(n);
-            return shared.concurrency.fetch_add(n, Ordering::Relaxed) + n;
+            let wanted = usize::try_from(delta).unwrap_or(usize::MAX);
+            let mut added = 0;
+            let _ = shared
+                .concurrency
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                    added = wanted.min(shared.config.concurrency.saturating_sub(c));
+                    Some(c + added)
+                });
+            shared.slots.add_permits(added);
+            return shared.concurrency.load(Ordering::Relaxed);
         }
         let wanted = usize::try_from(delta.unsigned_abs()).unwrap_or(usize::MAX);
         // Never below one slot.
@@ -428,10 +437,17 @@ impl Status {
             crate::redis::recovery::heartbeat_interval(shared.config.heartbeat_lapse) * 2
                 + Duration::from_secs(1),
         );
+        let stopped_loops = shared
+            .loops
+            .down()
+            .into_iter()
+            .map(|(name, restarts)| format!("{name} (restarted {restarts} times)"))
+            .collect();
         HealthReport {
             connected,
             fetching,
             heartbeat,
+            stopped_loops,
         }
     }
 }

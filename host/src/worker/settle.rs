@@ -456,6 +456,35 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
     dead_letter(shared, delivery, &reason, task_id, task).await;
 }
 
+/// Settles a delivery whose handling panicked: a FAILURE (`WorkerError`) where the message has
+/// a task id and no outcome is stored yet, and the message dead-lettered with the panic's
+/// words, so nothing stays in flight to poison the next worker.
+pub(super) async fn panicked(shared: &Shared, delivery: &Delivery, what: &str) {
+    let decoded = TaskMessage::decode(&delivery.raw).ok();
+    let (task_id, task) = match &decoded {
+        Some(m) => (Some(m.id.as_str()), Some(m.task.as_str())),
+        None => (None, None),
+    };
+    let reason =
+        format!("the worker failed handling it (a bug in taskhost, please report it): {what}");
+    tracing::error!(
+        task_id = task_id.unwrap_or("-"),
+        task = task.unwrap_or("-"),
+        "{reason}"
+    );
+    if let Some(id) = task_id {
+        let exception = Exception::new("WorkerError", reason.clone());
+        let doc = exception_document(&Meta::of(id), State::Failure, &exception);
+        if let Err(e) = shared.backend.store_unless_ready(id, &doc).await {
+            tracing::error!(task_id = id, "cannot store its FAILURE: {e}");
+        }
+    }
+    shared
+        .metrics
+        .task(metrics_label(shared, task), TaskOutcome::Rejected, None);
+    dead_letter(shared, delivery, &reason, task_id, task).await;
+}
+
 /// Stores `doc` as task `id`'s state, retrying while Redis is away. When retrying cannot help
 /// (the result key holds another type), the message goes to the dead-letter list with the
 /// reason instead, so the task stalls nothing; returns false then, and the caller stops.
