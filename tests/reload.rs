@@ -542,6 +542,30 @@ fn a_refused_config_edit_keeps_the_previous_grants() {
     assert_eq!(c.evaluate()["status"], "SUCCESS", "the old grants stay");
 }
 
+#[test]
+fn a_config_edit_changing_tasks_settings_is_refused_not_ignored() {
+    let c = Configured::new("reload-config-tasks");
+    let text = config(&c.executor, &c.storage, &[&c.storage]);
+    let edited = format!("{text}[tasks.\"tasks.evaluate_code\"]\nmax_retries = 0\n");
+    std::fs::write(&c.path, edited).expect("edit config");
+    // A refused edit changes nothing a task could see: the worker's report is the signal.
+    c.s.worker
+        .wait_log("config change refused, the previous config stays: a change of [tasks]");
+}
+
+#[test]
+fn a_config_edit_changing_task_name_grants_is_refused() {
+    let c = Configured::new("reload-config-task-names");
+    let text = config(&c.executor, &c.storage, &[&c.storage]);
+    std::fs::write(
+        &c.path,
+        text.replace("tasks = [\"tasks.*\"]", "tasks = [\"tasks.x\"]"),
+    )
+    .expect("edit config");
+    c.s.worker
+        .wait_log("config change refused, the previous config stays: a change of the task names");
+}
+
 // The precompile cache.
 
 /// Workers started one after the other on one cache directory of their own.

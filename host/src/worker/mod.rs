@@ -547,12 +547,23 @@ fn config_reloader(shared: &Arc<Shared>, path: Option<PathBuf>) -> impl Fn() + S
         .then(|| shared.schedule.clone());
     let max_memory = shared.sandbox.max_memory_bytes();
     let max_table = shared.sandbox.max_table_elements();
+    let task_overrides = shared.config.task_overrides.clone();
     move || {
         let Some(path) = &path else { return };
         let loaded = FileConfig::load(Some(path)).and_then(|(file, _)| {
             let table = file.grants(&|var| std::env::var(var).ok())?;
-            Ok((table, file.schedule()?))
+            Ok((table, file.schedule()?, file.task_overrides()?))
         });
+        let loaded = match loaded {
+            Ok((_, _, tasks)) if tasks != *task_overrides => {
+                return tracing::error!(
+                    file = %path.display(),
+                    "config change refused, the previous config stays: a change of [tasks] \
+                     (retries, rate and time limits of tasks) needs a restart"
+                );
+            }
+            other => other.map(|(table, schedule, _)| (table, schedule)),
+        };
         match loaded {
             Ok((table, _)) if table.max_memory_bytes() > max_memory => tracing::error!(
                 file = %path.display(),
