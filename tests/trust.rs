@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use taskhost_tests::{
-    Beside, Client, Process, RedisServer, ResultFeed, TestDir, python_in, test_plugin_wasm,
-    wait_for,
+    Beside, Client, HttpStub, Process, RedisServer, Reply, ResultFeed, TestDir, python_in,
+    test_plugin_wasm, wait_for,
 };
 
 const NODE: &str = "trust@test";
@@ -479,4 +479,42 @@ fn a_component_over_its_share_of_the_instance_pool_is_refused_at_load() {
          transitively contains 9 core module instances, which exceeds the configured maximum of 8",
     );
     beside.all_succeed(&mut s.client, 20);
+}
+
+// --- outbound HTTP after DNS ------------------------------------------------------------------
+
+/// hostile.http_get of `http://localhost:<stub>/ok`, granted by that name, with `extra` in
+/// the plugin's section; the result document, and how many requests reached the stub.
+fn get_by_a_name_resolving_to_loopback(name: &str, extra: &str) -> (Value, usize) {
+    let stub = HttpStub::start(|_| Reply::json(200, json!({"ok": true})));
+    let origin = format!("http://localhost:{}", stub.port());
+    let mut s = setup(
+        name,
+        &format!("[plugins.hostile]\nallow_http = [{origin:?}]\n{extra}"),
+    );
+    let beside = Beside::start(&s.redis);
+    let id = s
+        .client
+        .send("hostile.http_get", json!([format!("{origin}/ok"), false]));
+    let doc = s.client.result(&id);
+    beside.all_succeed(&mut s.client, 20);
+    (doc, stub.requests().len())
+}
+
+#[test]
+fn a_granted_name_resolving_to_a_private_address_is_refused() {
+    let (doc, reached) = get_by_a_name_resolving_to_loopback("trust-dns-private", "");
+    assert_eq!(doc["status"], "FAILURE", "{doc}");
+    assert_eq!(doc["result"]["exc_type"], "CapabilityDenied", "{doc}");
+    assert_eq!(reached, 0, "nothing reached the private address");
+}
+
+#[test]
+fn allow_private_network_lets_a_granted_name_reach_a_private_address() {
+    let (doc, reached) = get_by_a_name_resolving_to_loopback(
+        "trust-dns-private-allowed",
+        "allow_private_network = true\n",
+    );
+    assert_eq!(doc["status"], "SUCCESS", "{doc}");
+    assert_eq!(reached, 1);
 }

@@ -200,6 +200,10 @@ pub struct PluginSection {
     /// Task names the plugin may send besides its own: exact, `prefix.*`, or `*`.
     #[serde(default)]
     pub allow_send: Vec<String>,
+    /// Whether a granted host name may resolve to a loopback, private or link-local address
+    /// (a grant naming such an address needs no opt-in).
+    #[serde(default)]
+    pub allow_private_network: bool,
     /// Task names the plugin may serve: exact, `prefix.*`, or `*`. None: names starting with
     /// the plugin's own name and a dot.
     pub tasks: Option<Vec<String>>,

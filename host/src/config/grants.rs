@@ -67,6 +67,7 @@ impl FileConfig {
                     allow_http,
                     config,
                     allow_send: section.allow_send.clone(),
+                    allow_private_network: section.allow_private_network,
                     tasks: section.tasks.clone(),
                     limits,
                 }),
@@ -261,6 +262,8 @@ pub struct Grants {
     pub config: HashMap<String, String>,
     /// Task names the plugin may send besides its own (`allow_send`).
     pub allow_send: Vec<String>,
+    /// A granted host name may resolve to a private address (`allow_private_network`).
+    pub allow_private_network: bool,
     /// Task names the plugin may serve (`tasks`); none: its own name's (see
     /// [`GrantTable::may_serve`]).
     pub tasks: Option<Vec<String>>,

@@ -1,6 +1,9 @@
 //! Outbound HTTP for plugins (`wasi:http/outgoing-handler`): only to the origins the operator
-//! granted the plugin, each request with timeouts. The check runs on the final URI before any
-//! DNS lookup or connection, so a denied request never leaves the host.
+//! granted the plugin, each request with timeouts no longer than the operator's. The check
+//! runs on the final URI before any DNS lookup or connection, so a denied request never leaves
+//! the host; a granted host name that resolves to a loopback, private or link-local address
+//! is refused too, unless the grant names such an address or the plugin may reach its private
+//! network (`allow_private_network`), so a name cannot be pointed at the worker's neighbours.
 
 use super::limits::{LogBudget, MAX_CONCURRENT_REQUESTS};
 use crate::config::{Grants, Origin};
@@ -10,11 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
-/// Time to establish a connection when the plugin sets none.
+/// Longest time to establish a connection (a plugin may ask for less).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time to the first byte of the answer when the plugin sets none.
+/// Longest time to the first byte of the answer (a plugin may ask for less).
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Time between bytes of the answer when the plugin sets none.
+/// Longest time between bytes of the answer (a plugin may ask for less).
 const BETWEEN_BYTES_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest response body a plugin may receive; past it the body fails with
 /// `HTTP-response-body-size`.
@@ -48,10 +51,49 @@ impl HttpPolicy {
 
     /// Logs a denied or refused request, within the task's log budget.
     fn warn(&self, line: &str) {
-        if let Some(line) = crate::lock(&self.log_budget).take(line) {
-            tracing::warn!(plugin = %self.plugin, task_id = %self.task_id, "{line}");
-        }
+        warn_within(&self.log_budget, &self.plugin, &self.task_id, line);
     }
+}
+
+fn warn_within(budget: &Mutex<LogBudget>, plugin: &str, task_id: &str, line: &str) {
+    if let Some(line) = crate::lock(budget).take(line) {
+        tracing::warn!(%plugin, %task_id, "{line}");
+    }
+}
+
+/// Whether `ip` is this machine's or its network's: loopback, private, link-local,
+/// unspecified, broadcast, shared (CGNAT) or unique-local.
+fn is_private(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_private(IpAddr::V4(v4)),
+            None => {
+                let first = v6.segments()[0];
+                v6.is_loopback()
+                    || v6.is_unspecified()
+                    || (first & 0xfe00) == 0xfc00
+                    || (first & 0xffc0) == 0xfe80
+            }
+        },
+    }
+}
+
+/// The first private address `host` (a name) resolves to, if any.
+async fn resolves_privately(host: &str, port: u16) -> Result<Option<std::net::IpAddr>, String> {
+    let addresses = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    Ok(addresses.map(|a| a.ip()).find(|ip| is_private(*ip)))
 }
 
 /// One request in flight, counted until its response body (or the failed request) is dropped.
@@ -83,8 +125,8 @@ impl WasiHttpHooks for HttpPolicy {
             let ok = self.grants.allows(&origin);
             (origin, ok)
         });
-        match allowed {
-            Ok((_, true)) => {}
+        let granted = match allowed {
+            Ok((origin, true)) => origin,
             Ok((origin, false)) => {
                 self.warn(&format!(
                     "denied HTTP request to {origin}: origin not granted to this plugin (allow_http in taskhost.toml)"
@@ -98,7 +140,7 @@ impl WasiHttpHooks for HttpPolicy {
                 ));
                 return deny(request, Error::HttpRequestDenied);
             }
-        }
+        };
         if self.in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_CONCURRENT_REQUESTS {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.warn(&format!(
@@ -109,15 +151,40 @@ impl WasiHttpHooks for HttpPolicy {
         }
         let in_flight = InFlight(self.in_flight.clone());
         let options = options.unwrap_or_default();
+        let at_most = |asked: Option<Duration>, ceiling: Duration| {
+            Some(asked.map_or(ceiling, |asked| asked.min(ceiling)))
+        };
         let options = RequestOptions {
-            connect_timeout: options.connect_timeout.or(Some(CONNECT_TIMEOUT)),
-            first_byte_timeout: options.first_byte_timeout.or(Some(FIRST_BYTE_TIMEOUT)),
-            between_bytes_timeout: options
-                .between_bytes_timeout
-                .or(Some(BETWEEN_BYTES_TIMEOUT)),
+            connect_timeout: at_most(options.connect_timeout, CONNECT_TIMEOUT),
+            first_byte_timeout: at_most(options.first_byte_timeout, FIRST_BYTE_TIMEOUT),
+            between_bytes_timeout: at_most(options.between_bytes_timeout, BETWEEN_BYTES_TIMEOUT),
         };
         let who = format!("plugin {} task {}", self.plugin, self.task_id);
+        // A name, not an address the operator wrote, is checked for where it points.
+        let named = granted
+            .host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_err();
+        let check_name = (named && !self.grants.allow_private_network).then(|| {
+            let budget = self.log_budget.clone();
+            (granted, budget, self.plugin.clone(), self.task_id.clone())
+        });
         Box::new(async move {
+            if let Some((origin, budget, plugin, task_id)) = check_name {
+                let refusal = match resolves_privately(&origin.host, origin.port).await {
+                    Ok(None) => None,
+                    Ok(Some(ip)) => Some(format!(
+                        "denied HTTP request to {origin}: the name resolves to {ip}, a private \
+                         address (grant the address itself, or set allow_private_network)"
+                    )),
+                    Err(reason) => Some(format!("denied HTTP request to {origin}: {reason}")),
+                };
+                if let Some(line) = refusal {
+                    warn_within(&budget, &plugin, &task_id, &line);
+                    return Box::into_pin(deny(request, Error::HttpRequestDenied)).await;
+                }
+            }
             let (response, io) =
                 wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
             Ok((
@@ -201,5 +268,32 @@ where
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_private;
+
+    #[test]
+    fn loopback_private_link_local_and_unique_local_addresses_are_private() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_private(ip.parse().expect(ip)), "{ip}");
+        }
+        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "172.32.0.1"] {
+            assert!(!is_private(ip.parse().expect(ip)), "{ip}");
+        }
     }
 }
