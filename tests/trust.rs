@@ -518,3 +518,47 @@ fn allow_private_network_lets_a_granted_name_reach_a_private_address() {
     assert_eq!(doc["status"], "SUCCESS", "{doc}");
     assert_eq!(reached, 1);
 }
+
+// --- the metrics endpoint ---------------------------------------------------------------------
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| entries.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn idle_metrics_connections_cannot_run_the_worker_out_of_descriptors() {
+    let dir = TestDir::new("trust-metrics-cap");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.plugins(&["demo"]);
+    let args = ["-n", NODE, "--metrics-addr", "127.0.0.1:0"];
+    let worker = Process::worker(&dir, &redis, &plugins, &args);
+    let addr = worker.metrics_addr();
+    let mut client = Client::new(&redis);
+    let beside = Beside::start(&redis);
+    let before = open_fds(worker.pid());
+    // 200 clients that connect and never send a request head.
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    // The worker takes up to its cap of them, and no more, however long they stay.
+    let pid = worker.pid();
+    wait_for("the worker to take its 32 connections", || {
+        (open_fds(pid) >= before + 32).then_some(())
+    });
+    for _ in 0..20 {
+        let held = open_fds(pid);
+        assert!(
+            held <= before + 32 + 4,
+            "the worker holds {held} descriptors with 200 idle clients (before: {before})"
+        );
+        taskhost_tests::pace(std::time::Duration::from_millis(20));
+    }
+    drop(idle);
+    let (code, _) = wait_for("/healthz to answer once the idle clients are gone", || {
+        taskhost_tests::http_get(&addr, "/healthz", None)
+    });
+    assert_eq!(code, 200);
+    beside.all_succeed(&mut client, 20);
+}

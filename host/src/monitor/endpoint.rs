@@ -42,9 +42,19 @@ pub trait Status: Send + Sync {
     fn health(&self) -> BoxFuture<'_, Health>;
 }
 
+/// Connections served at once; more wait in the listen queue until one ends (each ends within
+/// [`CLIENT_TIMEOUT`]), so no client can run the worker out of file descriptors.
+pub const MAX_CONNECTIONS: usize = 32;
+
 /// Serves until `stop`.
 pub async fn serve(listener: TcpListener, status: Arc<dyn Status>, mut stop: Stopping) {
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            permit = open.clone().acquire_owned() => permit,
+            () = crate::shutdown::stopped(&mut stop) => return,
+        };
+        let Ok(permit) = permit else { return };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = crate::shutdown::stopped(&mut stop) => return,
@@ -59,6 +69,7 @@ pub async fn serve(listener: TcpListener, status: Arc<dyn Status>, mut stop: Sto
                     {
                         tracing::debug!("a /metrics client timed out");
                     }
+                    drop(permit);
                 });
             }
             Err(e) => {
@@ -73,7 +84,14 @@ pub async fn serve(listener: TcpListener, status: Arc<dyn Status>, mut stop: Sto
 async fn answer(mut stream: TcpStream, status: &dyn Status) {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+    // Only what arrived since the last look is searched (with the 3 bytes before it, where an
+    // end split across reads begins): linear in the head, however it is cut up.
+    let mut searched: usize = 0;
+    while !head[searched.saturating_sub(3)..]
+        .windows(4)
+        .any(|w| w == b"\r\n\r\n")
+    {
+        searched = head.len();
         match stream.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => head.extend_from_slice(&buf[..n]),

@@ -7,8 +7,9 @@
 //! refuses, is logged, recompiled and rewritten — never loaded blindly. Entries are written
 //! to a temporary name and renamed, so a reader never sees half of one.
 //!
-//! The directory holds native code the worker will run: it must be writable only by the user
-//! the worker runs as.
+//! The directory holds native code the worker will run: a directory another user could write
+//! (not owned by the worker's user, or writable by its group or everyone) is refused, and the
+//! worker compiles every load instead.
 
 use crate::sandbox::{PrepareError, Sandbox};
 use sha2::{Digest, Sha256};
@@ -29,9 +30,32 @@ pub enum Source {
 }
 
 impl Cache {
-    /// Uses `dir` (created if missing).
+    /// Uses `dir` (created if missing, readable and writable by this user only).
+    ///
+    /// # Errors
+    /// When it cannot be made, or others could write into it.
     pub fn new(dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let meta = std::fs::metadata(dir)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        #[allow(unsafe_code)]
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me || meta.mode() & 0o022 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is not this user's alone (owner uid {}, mode {:o}): its entries are code \
+                     the worker would run; chmod go-w it, or choose another --cache-dir",
+                    dir.display(),
+                    meta.uid(),
+                    meta.mode() & 0o777
+                ),
+            ));
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
         })
@@ -91,4 +115,19 @@ fn write_entry(entry: &Path, sum: &Path, compiled: &[u8]) -> std::io::Result<()>
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cache_directory_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("taskhost-cache-perm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        super::Cache::new(&dir).expect("a new directory is the worker's alone");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let refused = super::Cache::new(&dir).expect_err("writable by everyone");
+        assert!(refused.to_string().contains("chmod go-w"), "{refused}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
