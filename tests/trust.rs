@@ -562,3 +562,34 @@ fn idle_metrics_connections_cannot_run_the_worker_out_of_descriptors() {
     assert_eq!(code, 200);
     beside.all_succeed(&mut client, 20);
 }
+
+// --- dead letters -----------------------------------------------------------------------------
+
+#[test]
+fn dead_letters_past_dead_letter_max_drop_the_oldest_and_count_them() {
+    let mut s = setup("trust-dead-max", "[worker]\ndead_letter_max = 3\n");
+    let beside = Beside::start(&s.redis);
+    for n in 0..5 {
+        s.client
+            .push_raw("celery", format!("garbage {n}").as_bytes());
+    }
+    wait_for("two entries dropped over the cap", || {
+        let dropped: Option<u64> = redis::cmd("GET")
+            .arg("taskhost:dead-dropped")
+            .query(s.client.broker())
+            .expect("GET the dropped count");
+        (dropped == Some(2)).then_some(())
+    });
+    // Dead-lettered by four slots at once, so in no set order: three of the five are kept.
+    let mut kept: Vec<String> = s
+        .client
+        .dead_letters()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    kept.sort();
+    kept.dedup();
+    assert_eq!(kept.len(), 3, "{kept:?}");
+    assert!(kept.iter().all(|m| m.starts_with("garbage ")), "{kept:?}");
+    beside.all_succeed(&mut s.client, 20);
+}

@@ -56,6 +56,10 @@ pub async fn dead(command: DeadCommand) -> anyhow::Result<()> {
                 "{total} dead-letter entr{}",
                 if total == 1 { "y" } else { "ies" }
             );
+            let dropped = deadletter::dropped(&mut conn).await?;
+            if dropped > 0 {
+                println!("{dropped} older entries were dropped over [worker] dead_letter_max");
+            }
         }
         DeadCommand::Show { index, broker } => {
             let (_, mut conn) = connect(&broker).await?;

@@ -131,6 +131,8 @@ pub struct WorkerSection {
     pub heartbeat_lapse: Option<f64>,
     /// Returns from dead workers after which a message is dead-lettered.
     pub max_redeliveries: Option<u32>,
+    /// Dead-letter entries kept; past it the oldest are dropped (and counted).
+    pub dead_letter_max: Option<u64>,
     /// Precompile cache directory.
     pub cache_dir: Option<PathBuf>,
     /// Follow fleet deploys (`taskhost deploy`) published through the broker.

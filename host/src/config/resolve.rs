@@ -16,6 +16,9 @@ use std::time::Duration;
 pub const DEFAULT_RESULT_EXPIRES: u64 = 86_400;
 
 /// Operator overrides of tasks' declared settings, by task name (`[tasks."NAME"]`).
+/// Dead-letter entries kept by default: plenty to inspect, bounded in Redis's memory.
+pub const DEFAULT_DEAD_LETTER_MAX: u64 = 100_000;
+
 pub type TaskOverrides = Arc<HashMap<String, TaskSection>>;
 
 /// The worker's flags, as `taskhost worker` and `taskhost dev` take them.
@@ -109,6 +112,8 @@ pub struct WorkerConfig {
     pub heartbeat_lapse: Duration,
     /// Returns from dead workers after which a message is dead-lettered.
     pub max_redeliveries: u32,
+    /// Dead-letter entries kept; the oldest beyond are dropped and counted.
+    pub dead_letter_max: u64,
     /// `[tasks."NAME"]` sections.
     pub task_overrides: TaskOverrides,
     /// The periodic tasks this worker sends; none with `--no-beat`, which also ignores the
@@ -188,6 +193,10 @@ impl WorkerConfig {
                 .max_redeliveries
                 .or(section.max_redeliveries)
                 .unwrap_or(3),
+            dead_letter_max: match section.dead_letter_max {
+                Some(0) => bail!("[worker] dead_letter_max must be at least 1"),
+                max => max.unwrap_or(DEFAULT_DEAD_LETTER_MAX),
+            },
             task_overrides: Arc::new(file.task_overrides()?),
             schedule: Some(file.schedule()?).filter(|_| !flags.no_beat),
             shutdown_grace: Duration::from_secs_f64(flags.shutdown_grace),

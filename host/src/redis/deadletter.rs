@@ -7,7 +7,7 @@
 //! priority bucket when the message says) and removes the entry, in one step. (The recovery
 //! script writes entries of the same shape for messages that kept killing their workers.)
 
-use super::keys::{DEAD, queue_key, queue_of};
+use super::keys::{DEAD, DEAD_DROPPED, queue_key, queue_of};
 use super::{Connection, RedisError, scripts};
 use base64::Engine as _;
 use redis::AsyncCommands;
@@ -113,6 +113,24 @@ impl From<redis::RedisError> for DeadLetterError {
     fn from(e: redis::RedisError) -> Self {
         Self::Redis(e.into())
     }
+}
+
+/// Drops the oldest entries past `max` (`[worker] dead_letter_max`), counting them in
+/// `taskhost:dead-dropped`; returns how many were dropped now.
+pub async fn trim(conn: &mut Connection, max: u64) -> Result<u64, RedisError> {
+    let dropped: u64 = scripts::trim_dead()
+        .key(DEAD)
+        .key(DEAD_DROPPED)
+        .arg(max)
+        .invoke_async(conn)
+        .await?;
+    Ok(dropped)
+}
+
+/// How many entries were dropped over the cap, ever.
+pub async fn dropped(conn: &mut Connection) -> Result<u64, RedisError> {
+    let dropped: Option<u64> = conn.get(DEAD_DROPPED).await?;
+    Ok(dropped.unwrap_or(0))
 }
 
 /// The entries, newest first, at most `limit`.

@@ -104,6 +104,9 @@ pub const DELAYED: &str = "taskhost:delayed";
 /// LIST: JSON entries for messages that cannot be run, with the reason (newest first).
 pub const DEAD: &str = "taskhost:dead";
 
+/// STRING: how many dead-letter entries were dropped, oldest first, over `dead_letter_max`.
+pub const DEAD_DROPPED: &str = "taskhost:dead-dropped";
+
 /// HASH: node → the worker's registry entry (heartbeat, the lists it fetches from, process).
 pub const WORKERS: &str = "taskhost:workers";
 

@@ -34,6 +34,11 @@ pub fn rollback() -> Script {
     Script::new(include_str!("scripts/rollback-3.lua"))
 }
 
+/// Drops the oldest dead-letter entries past the cap, counting them.
+pub fn trim_dead() -> Script {
+    Script::new(include_str!("scripts/trim_dead-2.lua"))
+}
+
 /// Moves one dead-letter entry's message back onto its queue.
 pub fn requeue_dead() -> Script {
     Script::new(include_str!("scripts/requeue_dead-2.lua"))

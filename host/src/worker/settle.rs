@@ -539,8 +539,22 @@ async fn dead_letter(
     .await;
     if moved {
         shared.metrics.dead_lettered();
+        trim_dead_letters(shared).await;
     }
     moved_or_not(shared, moved, delivery);
+}
+
+/// Keeps the dead-letter list within `[worker] dead_letter_max`.
+pub(super) async fn trim_dead_letters(shared: &Shared) {
+    let max = shared.config.dead_letter_max;
+    match deadletter::trim(&mut shared.broker.connection(), max).await {
+        Ok(0) => {}
+        Ok(dropped) => tracing::warn!(
+            dropped,
+            "dead-letter list over dead_letter_max ({max}): the oldest entries were dropped"
+        ),
+        Err(e) => tracing::warn!("cannot trim the dead-letter list: {e}"),
+    }
 }
 
 /// Says so when a message this worker settled was no longer in flight: another worker had
