@@ -81,21 +81,11 @@ impl Setup {
     /// the test, with the workers' logs, unless it runs to its end.
     fn python(&self, code: &str) -> String {
         self.dir.write("celery_app.py", CELERY_APP);
-        self.dir.write(
-            "producer.py",
-            &format!("{PRELUDE}\n{code}\nprint('snippet OK')\n"),
-        );
-        let out = Process::run_command(&self.dir, self.python_command("producer.py"));
-        let logs: Vec<String> = self.workers.iter().map(Process::log).collect();
-        assert!(
-            out.status.success() && out.stdout.contains("snippet OK"),
-            "python producer failed ({}):\n{}\n{}\nworker logs:\n{}",
-            out.status,
-            out.stdout,
-            out.stderr,
+        let logs = || {
+            let logs: Vec<String> = self.workers.iter().map(Process::log).collect();
             logs.join("\n---\n")
-        );
-        out.stdout
+        };
+        taskhost_tests::run_snippet(&self.dir, &self.redis, PRELUDE, code, logs)
     }
 
     /// What the snippet printed after `label=`.

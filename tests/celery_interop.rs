@@ -78,22 +78,9 @@ impl Setup {
     /// Runs `code` (after [`PRELUDE`]) with Python Celery; fails the test, with the worker's
     /// log, unless it runs to its end.
     fn python(&self, code: &str) {
-        self.dir.write(
-            "producer.py",
-            &format!("{PRELUDE}\n{code}\nprint('snippet OK')\n"),
-        );
-        let out = Process::run_command(
-            &self.dir,
-            python_command(&self.dir, &self.redis, &["producer.py"]),
-        );
-        assert!(
-            out.status.success() && out.stdout.contains("snippet OK"),
-            "python producer failed ({}):\n{}\n{}\nworker log:\n{}",
-            out.status,
-            out.stdout,
-            out.stderr,
-            self.worker.log()
-        );
+        self.dir.write("celery_app.py", CELERY_APP);
+        let logs = || self.worker.log();
+        taskhost_tests::run_snippet(&self.dir, &self.redis, PRELUDE, code, logs);
     }
 }
 

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use taskhost_tests::{
-    Beside, Client, HttpStub, Process, RedisServer, Reply, ResultFeed, TestDir, python_in,
-    test_plugin_wasm, wait_for,
+    Beside, Client, HttpStub, Process, RedisServer, Reply, ResultFeed, TestDir, test_plugin_wasm,
+    wait_for,
 };
 
 const NODE: &str = "trust@test";
@@ -52,26 +52,10 @@ impl Setup {
     /// Runs `code` with Python Celery (an `app` on the test's Redis is defined first); fails
     /// the test, with the worker's log, unless it runs to its end.
     fn python(&self, code: &str) {
-        self.dir.write(
-            "producer.py",
-            &format!(
-                "import os\nfrom celery import Celery\n\
-                 app = Celery('trust', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\n\
-                 {code}\nprint('snippet OK')\n"
-            ),
-        );
-        let out = Process::run_command(
-            &self.dir,
-            python_in(&self.dir, &self.redis, &["producer.py"]),
-        );
-        assert!(
-            out.status.success() && out.stdout.contains("snippet OK"),
-            "python producer failed ({}):\n{}\n{}\nworker log:\n{}",
-            out.status,
-            out.stdout,
-            out.stderr,
-            self.worker.log()
-        );
+        const PRELUDE: &str = "import os\nfrom celery import Celery\n\
+            app = Celery('trust', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])";
+        let logs = || self.worker.log();
+        taskhost_tests::run_snippet(&self.dir, &self.redis, PRELUDE, code, logs);
     }
 }
 

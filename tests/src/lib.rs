@@ -16,7 +16,7 @@ pub use beside::Beside;
 pub use feed::ResultFeed;
 pub use http::{HttpStub, Reply, Request, get as http_get};
 pub use process::{Process, RedisServer, free_port, signal};
-pub use python::{python, python_in};
+pub use python::{python, python_in, run_snippet};
 
 use base64::Engine as _;
 use serde_json::{Value, json};

@@ -36,6 +36,32 @@ pub fn python_in(dir: &TestDir, redis: &RedisServer, args: &[&str]) -> Command {
     command
 }
 
+/// Runs the Python `code` after `prelude` as `producer.py` in `dir` (see [`python_in`]) and
+/// returns what it printed; fails the test, with its output and `logs` (the workers' logs),
+/// unless it runs to its end.
+pub fn run_snippet(
+    dir: &TestDir,
+    redis: &RedisServer,
+    prelude: &str,
+    code: &str,
+    logs: impl Fn() -> String,
+) -> String {
+    dir.write(
+        "producer.py",
+        &format!("{prelude}\n{code}\nprint('snippet OK')\n"),
+    );
+    let out = crate::Process::run_command(dir, python_in(dir, redis, &["producer.py"]));
+    assert!(
+        out.status.success() && out.stdout.contains("snippet OK"),
+        "python producer failed ({}):\n{}\n{}\nworker logs:\n{}",
+        out.status,
+        out.stdout,
+        out.stderr,
+        logs()
+    );
+    out.stdout
+}
+
 fn create() -> PathBuf {
     // Named for what it holds, so a change of requirements makes a new one.
     let venv = target_dir().join("pyenv-celery-5.7.0-flower-2.2.0");
