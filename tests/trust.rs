@@ -356,7 +356,8 @@ while True:
 args = found[0]["request"]["args"]
 assert str(args).count("[") >= 300, args
 assert app.control.ping(destination=[{NODE:?}], timeout=5), "ping answered"
-app.control.revoke(r.id)
+# With a reply: the worker answers once it has stored the REVOKED.
+assert app.control.revoke(r.id, destination=[{NODE:?}], reply=True, timeout=5), "revoke answered"
 assert r.state == "REVOKED", r.state
 "#
     ));
@@ -575,5 +576,24 @@ fn dead_letters_past_dead_letter_max_drop_the_oldest_and_count_them() {
     kept.dedup();
     assert_eq!(kept.len(), 3, "{kept:?}");
     assert!(kept.iter().all(|m| m.starts_with("garbage ")), "{kept:?}");
+    beside.all_succeed(&mut s.client, 20);
+}
+
+#[test]
+fn a_plugin_without_an_http_grant_cannot_send_a_request() {
+    let stub = HttpStub::start(|_| Reply::json(200, json!({"ok": true})));
+    // hostile has no section here, so no HTTP grant: its outgoing handler traps.
+    let mut s = setup("trust-no-http", "");
+    let beside = Beside::start(&s.redis);
+    let id = s.client.send(
+        "hostile.http_get",
+        json!([format!("{}/ok", stub.url()), false]),
+    );
+    let doc = s.client.result(&id);
+    assert_eq!(doc["status"], "FAILURE", "{doc}");
+    assert_eq!(doc["result"]["exc_type"], "PluginTrap", "{doc}");
+    let message = doc["result"]["exc_message"][0].as_str().unwrap_or_default();
+    assert!(message.contains("no HTTP grant"), "{message}");
+    assert!(stub.requests().is_empty(), "nothing left the host");
     beside.all_succeed(&mut s.client, 20);
 }

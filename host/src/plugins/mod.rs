@@ -60,6 +60,8 @@ pub struct Plugin {
     pub pre: PluginPre,
     /// Whether the compiled code came from the precompile cache.
     pub source: Source,
+    /// Whether it was linked able to send HTTP (it had an HTTP grant when it loaded).
+    pub http: bool,
 }
 
 /// One task a plugin serves, with the defaults it declared.
@@ -241,12 +243,13 @@ pub async fn load(
     let digest = cache::hex(&Sha256::digest(&bytes));
     let name = plugin_name(path);
     let (compiler, cache, key) = (sandbox.clone(), cache.cloned(), digest.clone());
+    let http = !grants.for_plugin(&name).allow_http.is_empty();
     let (pre, wit_version, source) = tokio::task::spawn_blocking(move || {
         let (component, source) = match &cache {
             Some(cache) => cache.load_or_compile(&compiler, &bytes, &key)?,
             None => (compiler.compile(&bytes)?, Source::Compiled),
         };
-        let (pre, wit_version) = compiler.link(&component)?;
+        let (pre, wit_version) = compiler.link(&component, http)?;
         Ok::<_, PrepareError>((pre, wit_version, source))
     })
     .await
@@ -279,5 +282,6 @@ pub async fn load(
         tasks,
         pre,
         source,
+        http,
     })
 }

@@ -49,6 +49,9 @@ pub use bindings::taskhost::plugin::types::TaskDefaults;
 pub const WIT_PACKAGE: &str = "taskhost:plugin";
 pub const SUPPORTED_WIT_VERSIONS: &[&str] = &["0.1.0", "0.1.1"];
 
+/// The `wasi:http` interface that sends requests, as the host links it.
+const WASI_HTTP_HANDLER: &str = "wasi:http/outgoing-handler@0.2.12";
+
 /// How often the epoch advances: a running guest yields to other tasks at least this often.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
 
@@ -180,7 +183,11 @@ pub struct SandboxOptions {
 /// The engine and linker shared by every plugin and task.
 pub struct Sandbox {
     engine: Engine,
+    /// For plugins with an HTTP grant.
     linker: Linker<TaskState>,
+    /// For the others: the same, but `wasi:http`'s outgoing handler traps, so no request is
+    /// ever made on their behalf, whatever the policy would say.
+    linker_no_http: Linker<TaskState>,
     max_memory_bytes: usize,
     max_table_elements: u32,
     compute: Compute,
@@ -222,6 +229,15 @@ impl Sandbox {
             &mut linker,
             |state| state,
         )?;
+        let mut linker_no_http = linker.clone();
+        linker_no_http.allow_shadowing(true);
+        linker_no_http
+            .instance(WASI_HTTP_HANDLER)?
+            .func_new("handle", |_, _, _, _| {
+                Err(wasmtime::Error::msg(
+                    "HTTP request denied: this plugin has no HTTP grant (allow_http)",
+                ))
+            })?;
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("taskhost-epoch".into())
@@ -235,6 +251,7 @@ impl Sandbox {
         Ok(Self {
             engine,
             linker,
+            linker_no_http,
             max_memory_bytes: options.max_memory_bytes,
             max_table_elements: options.max_table_elements,
             compute: Compute::new()?,
@@ -306,10 +323,20 @@ impl Sandbox {
 
     /// Checks a compiled component is a plugin for a WIT version this host supports, and links
     /// it against the host's imports.
-    pub fn link(&self, component: &Component) -> Result<(PluginPre, String), PrepareError> {
+    /// Links `component` against the host's imports; with `http` false (no HTTP grant) its
+    /// outgoing HTTP handler traps.
+    pub fn link(
+        &self,
+        component: &Component,
+        http: bool,
+    ) -> Result<(PluginPre, String), PrepareError> {
         let version = self.wit_version(component)?;
-        let instance_pre = self
-            .linker
+        let linker = if http {
+            &self.linker
+        } else {
+            &self.linker_no_http
+        };
+        let instance_pre = linker
             .instantiate_pre(component)
             .map_err(|e| PrepareError::Link(format!("{e:#}")))?;
         let pre = PluginPre::new(instance_pre).map_err(|e| PrepareError::Link(format!("{e:#}")))?;

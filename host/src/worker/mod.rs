@@ -536,6 +536,13 @@ async fn wind_down(
     (returned, all_returned)
 }
 
+/// Whether `table` grants HTTP to a loaded plugin linked without it.
+fn newly_granted_http(table: &GrantTable, registry: &crate::plugins::Registry) -> bool {
+    registry
+        .plugins()
+        .any(|p| !p.http && !table.for_plugin(&p.name).allow_http.is_empty())
+}
+
 /// Re-reads the config file when it changes: a valid one replaces the grants for the tasks
 /// that start from then on; an invalid one is refused with the reason, and the old one stays.
 fn config_reloader(shared: &Arc<Shared>, path: Option<PathBuf>) -> impl Fn() + Send + 'static {
@@ -548,6 +555,7 @@ fn config_reloader(shared: &Arc<Shared>, path: Option<PathBuf>) -> impl Fn() + S
     let max_memory = shared.sandbox.max_memory_bytes();
     let max_table = shared.sandbox.max_table_elements();
     let task_overrides = shared.config.task_overrides.clone();
+    let plugins = shared.plugins.clone();
     move || {
         let Some(path) = &path else { return };
         let loaded = FileConfig::load(Some(path)).and_then(|(file, _)| {
@@ -570,6 +578,11 @@ fn config_reloader(shared: &Arc<Shared>, path: Option<PathBuf>) -> impl Fn() + S
                 "config change refused, the previous config stays: a memory limit above the \
                  {} MiB this worker started with needs a restart",
                 max_memory >> 20
+            ),
+            Ok((table, _)) if newly_granted_http(&table, &plugins.registry()) => tracing::error!(
+                file = %path.display(),
+                "config change refused, the previous config stays: granting HTTP to a plugin \
+                 loaded without an HTTP grant needs a restart (it was linked unable to send)"
             ),
             Ok((table, _)) if !table.same_task_names(&grants.load()) => tracing::error!(
                 file = %path.display(),
