@@ -15,6 +15,9 @@
 //! - [`held`], [`health`]: what the worker holds, and whether it is consuming.
 //! - [`canvas`]: what follows a task in Celery's canvas, sent as it settles.
 //! - [`beat`]: the leaderless scheduler of the `[schedule]` entries.
+//! - [`progress`]: a running task's progress, stored at a bounded rate.
+//! - [`supervise`]: the long-running loops, restarted if they stop; `/healthz` names them.
+//! - [`reload`]: what a changed `taskhost.toml` may change while the worker runs.
 
 pub mod beat;
 mod canvas;
@@ -25,6 +28,7 @@ mod handle;
 mod health;
 mod held;
 mod progress;
+mod reload;
 mod remote;
 mod retry;
 mod settle;
@@ -35,7 +39,7 @@ pub use gates::time_limits;
 pub use handle::task_record;
 pub use retry::{DEFAULT_MAX_RETRIES, RetryPolicy, retry_countdown};
 
-use crate::config::{FileConfig, GrantTable, WorkerConfig};
+use crate::config::{GrantTable, WorkerConfig};
 use crate::monitor::events::Events;
 use crate::monitor::metrics::Metrics;
 use crate::monitor::revocations::Revocations;
@@ -54,7 +58,6 @@ use gates::Gates;
 use health::Health;
 use held::Held;
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -358,7 +361,7 @@ impl Background {
         let watcher = crate::plugins::watcher::watch(
             shared.plugins.clone(),
             config.config_path.clone(),
-            config_reloader(shared, config.config_path.clone()),
+            reload::config_reloader(shared, config.config_path.clone()),
             stop.clone(),
         )?;
         tokio::spawn(crate::plugins::follow::report_running(
@@ -534,77 +537,4 @@ async fn wind_down(
         }
     }
     (returned, all_returned)
-}
-
-/// Whether `table` grants HTTP to a loaded plugin linked without it.
-fn newly_granted_http(table: &GrantTable, registry: &crate::plugins::Registry) -> bool {
-    registry
-        .plugins()
-        .any(|p| !p.http && !table.for_plugin(&p.name).allow_http.is_empty())
-}
-
-/// Re-reads the config file when it changes: a valid one replaces the grants for the tasks
-/// that start from then on; an invalid one is refused with the reason, and the old one stays.
-fn config_reloader(shared: &Arc<Shared>, path: Option<PathBuf>) -> impl Fn() + Send + 'static {
-    let grants = shared.grants.clone();
-    let schedule = shared
-        .config
-        .schedule
-        .is_some()
-        .then(|| shared.schedule.clone());
-    let max_memory = shared.sandbox.max_memory_bytes();
-    let max_table = shared.sandbox.max_table_elements();
-    let task_overrides = shared.config.task_overrides.clone();
-    let plugins = shared.plugins.clone();
-    move || {
-        let Some(path) = &path else { return };
-        let loaded = FileConfig::load(Some(path)).and_then(|(file, _)| {
-            let table = file.grants(&|var| std::env::var(var).ok())?;
-            Ok((table, file.schedule()?, file.task_overrides()?))
-        });
-        let loaded = match loaded {
-            Ok((_, _, tasks)) if tasks != *task_overrides => {
-                return tracing::error!(
-                    file = %path.display(),
-                    "config change refused, the previous config stays: a change of [tasks] \
-                     (retries, rate and time limits of tasks) needs a restart"
-                );
-            }
-            other => other.map(|(table, schedule, _)| (table, schedule)),
-        };
-        match loaded {
-            Ok((table, _)) if table.max_memory_bytes() > max_memory => tracing::error!(
-                file = %path.display(),
-                "config change refused, the previous config stays: a memory limit above the \
-                 {} MiB this worker started with needs a restart",
-                max_memory >> 20
-            ),
-            Ok((table, _)) if newly_granted_http(&table, &plugins.registry()) => tracing::error!(
-                file = %path.display(),
-                "config change refused, the previous config stays: granting HTTP to a plugin \
-                 loaded without an HTTP grant needs a restart (it was linked unable to send)"
-            ),
-            Ok((table, _)) if !table.same_task_names(&grants.load()) => tracing::error!(
-                file = %path.display(),
-                "config change refused, the previous config stays: a change of the task names \
-                 granted to plugins ([plugins.NAME] tasks) needs a restart"
-            ),
-            Ok((table, _)) if table.max_table_elements() > max_table => tracing::error!(
-                file = %path.display(),
-                "config change refused, the previous config stays: a table limit above the \
-                 {max_table} elements this worker started with needs a restart"
-            ),
-            Ok((table, entries)) => {
-                grants.store(Arc::new(table));
-                if let Some(schedule) = &schedule {
-                    schedule.send_replace(Arc::new(entries));
-                }
-                tracing::info!(file = %path.display(), "config reloaded: new grants apply to tasks starting now; the schedule is the file's");
-            }
-            Err(e) => tracing::error!(
-                file = %path.display(),
-                "config change refused, the previous config stays: {e}"
-            ),
-        }
-    }
 }
