@@ -98,10 +98,8 @@ pub fn taskhost(broker_url: &str, backend_url: &str, workload: &Workload) -> f64
                     let id = taskhost::protocol::TaskMessage::decode(&delivery.raw)
                         .map(|m| m.id)
                         .expect("a bench message decodes");
-                    let task = (id.as_str(), "demo.add");
-                    let state = Some((id.clone(), doc.clone()));
                     settler
-                        .settle(task, state, true, delivery, Vec::new())
+                        .settle(&id, Some(doc.clone()), true, delivery, Vec::new())
                         .await;
                 }
             });

@@ -243,7 +243,8 @@ pub async fn load(
     let digest = cache::hex(&Sha256::digest(&bytes));
     let name = plugin_name(path);
     let (compiler, cache, key) = (sandbox.clone(), cache.cloned(), digest.clone());
-    let http = !grants.for_plugin(&name).allow_http.is_empty();
+    let plugin_grants = grants.for_plugin(&name);
+    let http = !plugin_grants.allow_http.is_empty();
     let (pre, wit_version, source) = tokio::task::spawn_blocking(move || {
         let (component, source) = match &cache {
             Some(cache) => cache.load_or_compile(&compiler, &bytes, &key)?,
@@ -258,7 +259,7 @@ pub async fn load(
         plugin: name.clone(),
         task_name: "describe".into(),
         task_id: "-".into(),
-        grants: grants.for_plugin(&name),
+        grants: plugin_grants,
         progress: None,
         outbox: None,
     };

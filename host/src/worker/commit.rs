@@ -13,6 +13,7 @@
 //! task, and the task that still fails has its message dead-lettered with the reason: one
 //! task's keys never stall the others' outcomes.
 
+use crate::protocol::TaskMessage;
 use crate::redis::deadletter::{self, Origin};
 use crate::redis::settle::{Finished, Outgoing, Stores};
 use crate::redis::{Delivery, RedisError, retrying_transient};
@@ -24,11 +25,9 @@ const MAX_BATCH: usize = 256;
 
 /// One task to settle.
 pub struct Job {
-    /// The task's id and name, for a dead-letter entry.
     task_id: String,
-    task: String,
-    /// The task's id and its final state document, unless the producer ignores results.
-    state: Option<(String, String)>,
+    /// The task's final state document, unless the producer ignores results.
+    document: Option<String>,
     /// Whether the state is a SUCCESS (stored unguarded).
     success: bool,
     delivery: Delivery,
@@ -55,9 +54,9 @@ impl Sink for Stores {
             .iter()
             .map(|job| Finished {
                 state: job
-                    .state
-                    .as_ref()
-                    .map(|(id, doc)| (id.as_str(), doc.as_str())),
+                    .document
+                    .as_deref()
+                    .map(|doc| (job.task_id.as_str(), doc)),
                 success: job.success,
                 delivery: &job.delivery,
                 publish: &job.publish,
@@ -67,10 +66,12 @@ impl Sink for Stores {
     }
 
     async fn dead_letter(&self, job: &Job, reason: &str) -> Result<bool, RedisError> {
+        // Rare: the task's name is read from its message rather than carried by every job.
+        let task = TaskMessage::decode(&job.delivery.raw).ok().map(|m| m.task);
         let origin = Origin {
             reason,
             task_id: Some(&job.task_id),
-            task: Some(&job.task),
+            task: task.as_deref(),
             source: &job.delivery.source,
             worker: &self.node,
         };
@@ -93,22 +94,20 @@ impl Settler {
         Self { jobs }
     }
 
-    /// Stores `state` (task id, document) if any, then publishes `publish` and acknowledges
+    /// Stores task `task_id`'s `document` if any, then publishes `publish` and acknowledges
     /// `delivery`; returns once all are done. Redis being away delays this, never drops it.
-    /// `task` is the task's (id, name).
     pub async fn settle(
         &self,
-        task: (&str, &str),
-        state: Option<(String, String)>,
+        task_id: &str,
+        document: Option<String>,
         success: bool,
         delivery: &Delivery,
         publish: Vec<Outgoing>,
     ) {
         let (done, finished) = oneshot::channel();
         let job = Job {
-            task_id: task.0.to_owned(),
-            task: task.1.to_owned(),
-            state,
+            task_id: task_id.to_owned(),
+            document,
             success,
             delivery: delivery.clone(),
             publish,
@@ -145,7 +144,7 @@ async fn settle_alone(sink: &impl Sink, job: &Job) {
         return;
     };
     let reason = format!("cannot settle the task: {e}");
-    tracing::error!(task_id = %job.task_id, task = %job.task, "{reason}; its message is dead-lettered");
+    tracing::error!(task_id = %job.task_id, "{reason}; its message is dead-lettered");
     if let Err(e) =
         retrying_transient("dead-letter a message", || sink.dead_letter(job, &reason)).await
     {
@@ -210,7 +209,7 @@ mod tests {
                 tokio::spawn(async move {
                     let id = n.to_string();
                     settler
-                        .settle((&id, "t"), None, true, &delivery(n), Vec::new())
+                        .settle(&id, None, true, &delivery(n), Vec::new())
                         .await;
                 })
             })
@@ -242,7 +241,7 @@ mod tests {
         let settler = Settler::start(sink.clone());
         let start = Instant::now();
         settler
-            .settle(("t", "t"), None, true, &delivery(1), Vec::new())
+            .settle("t", None, true, &delivery(1), Vec::new())
             .await;
         // Two failures: 200 ms then 400 ms of backoff, then the write that lands.
         assert_eq!(start.elapsed(), Duration::from_millis(600));
@@ -260,7 +259,7 @@ mod tests {
             let settler = settler.clone();
             tokio::spawn(async move {
                 settler
-                    .settle(("t", "t"), None, true, &delivery(0), Vec::new())
+                    .settle("t", None, true, &delivery(0), Vec::new())
                     .await
             })
         };
@@ -271,7 +270,7 @@ mod tests {
                 let settler = settler.clone();
                 tokio::spawn(async move {
                     settler
-                        .settle(("t", "t"), None, true, &delivery(n), Vec::new())
+                        .settle("t", None, true, &delivery(n), Vec::new())
                         .await
                 })
             })

@@ -8,77 +8,97 @@ use crate::config::{FileConfig, GrantTable};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Whether `table` grants HTTP to a loaded plugin linked without it.
-fn newly_granted_http(table: &GrantTable, registry: &crate::plugins::Registry) -> bool {
-    registry
-        .plugins()
-        .any(|p| !p.http && !table.for_plugin(&p.name).allow_http.is_empty())
+/// What the running worker was started with, that a reload cannot change.
+struct Fixed {
+    max_memory: usize,
+    max_table: u32,
+    task_overrides: crate::config::TaskOverrides,
+    grants: Arc<arc_swap::ArcSwap<GrantTable>>,
+    plugins: Arc<crate::plugins::live::Live>,
 }
 
-/// Re-reads the config file when it changes: a valid one replaces the grants for the tasks
-/// that start from then on; an invalid one is refused with the reason, and the old one stays.
+impl Fixed {
+    /// Why the new `table` and `tasks` need a restart, if they do.
+    fn needs_restart(&self, table: &GrantTable, tasks: &TaskSections) -> Option<String> {
+        if *tasks != *self.task_overrides {
+            return Some("a change of [tasks] (retries, rate and time limits of tasks)".into());
+        }
+        if table.max_memory_bytes() > self.max_memory {
+            let mib = self.max_memory >> 20;
+            return Some(format!(
+                "a memory limit above the {mib} MiB this worker started with"
+            ));
+        }
+        if table.max_table_elements() > self.max_table {
+            let max = self.max_table;
+            return Some(format!(
+                "a table limit above the {max} elements this worker started with"
+            ));
+        }
+        if !table.same_task_names(&self.grants.load()) {
+            return Some(
+                "a change of the task names granted to plugins ([plugins.NAME] tasks)".into(),
+            );
+        }
+        let registry = self.plugins.registry();
+        let newly = registry
+            .plugins()
+            .find(|p| !p.http && !table.for_plugin(&p.name).allow_http.is_empty());
+        newly.map(|p| {
+            format!(
+                "granting HTTP to plugin {} (loaded without an HTTP grant, it was linked unable to send)",
+                p.name
+            )
+        })
+    }
+}
+
+type TaskSections = std::collections::HashMap<String, crate::config::TaskSection>;
+
+/// Re-reads the config file when it changes: a valid one replaces the grants (and the
+/// schedule) for what starts from then on; an invalid one, or one the running worker cannot
+/// take, is refused with the reason, and the old one stays.
 pub(super) fn config_reloader(
     shared: &Arc<Shared>,
     path: Option<PathBuf>,
 ) -> impl Fn() + Send + 'static {
-    let grants = shared.grants.clone();
     let schedule = shared
         .config
         .schedule
         .is_some()
         .then(|| shared.schedule.clone());
-    let max_memory = shared.sandbox.max_memory_bytes();
-    let max_table = shared.sandbox.max_table_elements();
-    let task_overrides = shared.config.task_overrides.clone();
-    let plugins = shared.plugins.clone();
+    let fixed = Fixed {
+        max_memory: shared.sandbox.max_memory_bytes(),
+        max_table: shared.sandbox.max_table_elements(),
+        task_overrides: shared.config.task_overrides.clone(),
+        grants: shared.grants.clone(),
+        plugins: shared.plugins.clone(),
+    };
     move || {
         let Some(path) = &path else { return };
-        let loaded = FileConfig::load(Some(path)).and_then(|(file, _)| {
-            let table = file.grants(&|var| std::env::var(var).ok())?;
-            Ok((table, file.schedule()?, file.task_overrides()?))
-        });
-        let loaded = match loaded {
-            Ok((_, _, tasks)) if tasks != *task_overrides => {
-                return tracing::error!(
-                    file = %path.display(),
-                    "config change refused, the previous config stays: a change of [tasks] \
-                     (retries, rate and time limits of tasks) needs a restart"
-                );
-            }
-            other => other.map(|(table, schedule, _)| (table, schedule)),
-        };
+        let loaded = FileConfig::load(Some(path))
+            .and_then(|(file, _)| {
+                let table = file.grants(&|var| std::env::var(var).ok())?;
+                Ok((table, file.schedule()?, file.task_overrides()?))
+            })
+            .map_err(|e| e.to_string())
+            .and_then(
+                |(table, entries, tasks)| match fixed.needs_restart(&table, &tasks) {
+                    Some(change) => Err(format!("{change} needs a restart")),
+                    None => Ok((table, entries)),
+                },
+            );
         match loaded {
-            Ok((table, _)) if table.max_memory_bytes() > max_memory => tracing::error!(
-                file = %path.display(),
-                "config change refused, the previous config stays: a memory limit above the \
-                 {} MiB this worker started with needs a restart",
-                max_memory >> 20
-            ),
-            Ok((table, _)) if newly_granted_http(&table, &plugins.registry()) => tracing::error!(
-                file = %path.display(),
-                "config change refused, the previous config stays: granting HTTP to a plugin \
-                 loaded without an HTTP grant needs a restart (it was linked unable to send)"
-            ),
-            Ok((table, _)) if !table.same_task_names(&grants.load()) => tracing::error!(
-                file = %path.display(),
-                "config change refused, the previous config stays: a change of the task names \
-                 granted to plugins ([plugins.NAME] tasks) needs a restart"
-            ),
-            Ok((table, _)) if table.max_table_elements() > max_table => tracing::error!(
-                file = %path.display(),
-                "config change refused, the previous config stays: a table limit above the \
-                 {max_table} elements this worker started with needs a restart"
-            ),
             Ok((table, entries)) => {
-                grants.store(Arc::new(table));
+                fixed.grants.store(Arc::new(table));
                 if let Some(schedule) = &schedule {
                     schedule.send_replace(Arc::new(entries));
                 }
                 tracing::info!(file = %path.display(), "config reloaded: new grants apply to tasks starting now; the schedule is the file's");
             }
-            Err(e) => tracing::error!(
+            Err(why) => tracing::error!(
                 file = %path.display(),
-                "config change refused, the previous config stays: {e}"
+                "config change refused, the previous config stays: {why}"
             ),
         }
     }

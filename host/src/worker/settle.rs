@@ -239,19 +239,18 @@ async fn finish<R: serde::Serialize + ?Sized>(
         ..message.meta()
     };
     let mut document = (!message.ignore_result).then(|| {
-        let doc = result_document(
+        result_document(
             &meta,
             state.as_str(),
             result,
             traceback,
             time::OffsetDateTime::now_utc(),
-        );
-        (message.id.clone(), doc)
+        )
     });
     if message.embed.chord.is_some() {
         // A chord part is counted once its state is stored (the body may read it at once).
-        if let Some((id, doc)) = document.take()
-            && !store_or_dead_letter(shared, delivery, message, &id, &doc).await
+        if let Some(doc) = document.take()
+            && !store_or_dead_letter(shared, delivery, message, &doc).await
         {
             return;
         }
@@ -262,7 +261,7 @@ async fn finish<R: serde::Serialize + ?Sized>(
     shared
         .settler
         .settle(
-            (&message.id, &message.task),
+            &message.id,
             document,
             state == State::Success,
             delivery,
@@ -339,7 +338,7 @@ async fn retry(
     );
     if !message.ignore_result {
         let doc = exception_document(&message.meta(), State::Retry, &reason);
-        if !store_or_dead_letter(shared, delivery, message, &message.id, &doc).await {
+        if !store_or_dead_letter(shared, delivery, message, &doc).await {
             return;
         }
     }
@@ -440,9 +439,6 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
         queue = %queue_of(&delivery.source),
         "message dead-lettered to {}: {reason}", crate::redis::keys::DEAD
     );
-    shared
-        .metrics
-        .task(metrics_label(shared, task), TaskOutcome::Rejected, None);
     if let Some(id) = task_id {
         let rejected = matches!(refusal, Refusal::Rejected { .. });
         shared.events.task(
@@ -479,33 +475,24 @@ pub(super) async fn panicked(shared: &Shared, delivery: &Delivery, what: &str) {
             tracing::error!(task_id = id, "cannot store its FAILURE: {e}");
         }
     }
-    shared
-        .metrics
-        .task(metrics_label(shared, task), TaskOutcome::Rejected, None);
     dead_letter(shared, delivery, &reason, task_id, task).await;
 }
 
-/// Stores `doc` as task `id`'s state, retrying while Redis is away. When retrying cannot help
+/// Stores `doc` as `message`'s state, retrying while Redis is away. When retrying cannot help
 /// (the result key holds another type), the message goes to the dead-letter list with the
 /// reason instead, so the task stalls nothing; returns false then, and the caller stops.
 async fn store_or_dead_letter(
     shared: &Shared,
     delivery: &Delivery,
     message: &TaskMessage,
-    id: &str,
     doc: &str,
 ) -> bool {
-    let Err(e) = retrying_transient("store a result", || shared.backend.store(id, doc)).await
-    else {
+    let store = || shared.backend.store(&message.id, doc);
+    let Err(e) = retrying_transient("store a result", store).await else {
         return true;
     };
     let reason = format!("cannot store the task's state: {e}");
     tracing::error!(task_id = %message.id, task = %message.task, "{reason}; its message is dead-lettered");
-    shared.metrics.task(
-        metrics_label(shared, Some(&message.task)),
-        TaskOutcome::Rejected,
-        None,
-    );
     dead_letter(
         shared,
         delivery,
@@ -517,7 +504,8 @@ async fn store_or_dead_letter(
     false
 }
 
-/// Moves `delivery`'s message to the dead-letter list, saying `reason`.
+/// Moves `delivery`'s message to the dead-letter list, saying `reason`, and counts its task
+/// as rejected.
 async fn dead_letter(
     shared: &Shared,
     delivery: &Delivery,
@@ -525,6 +513,9 @@ async fn dead_letter(
     task_id: Option<&str>,
     task: Option<&str>,
 ) {
+    shared
+        .metrics
+        .task(metrics_label(shared, task), TaskOutcome::Rejected, None);
     let origin = Origin {
         reason,
         task_id,
@@ -545,7 +536,7 @@ async fn dead_letter(
 }
 
 /// Keeps the dead-letter list within `[worker] dead_letter_max`.
-pub(super) async fn trim_dead_letters(shared: &Shared) {
+async fn trim_dead_letters(shared: &Shared) {
     let max = shared.config.dead_letter_max;
     match deadletter::trim(&mut shared.broker.connection(), max).await {
         Ok(0) => {}
