@@ -260,6 +260,38 @@ fn a_task_whose_result_key_has_the_wrong_type_is_dead_lettered_alone() {
     assert_eq!(s.client.in_flight(NODE), 0, "nothing left in flight");
 }
 
+#[test]
+fn a_chain_step_whose_result_key_has_the_wrong_type_holds_no_slot() {
+    let mut s = setup("trust-wrongtype-chain", "");
+    let beside = Beside::start(&s.redis);
+    let doomed = uuid::Uuid::new_v4().to_string();
+    redis::cmd("LPUSH")
+        .arg(format!("celery-task-meta-{doomed}"))
+        .arg("not a result")
+        .query::<()>(&mut s.redis.conn(1))
+        .expect("a list where the doomed step's result goes");
+    // The first step fails, so the worker stores the failure of the step after it too (as
+    // Celery's _fail_chain), which Redis refuses for good: the first step still settles.
+    s.python(&format!(
+        r#"
+from celery import chain
+first = app.signature("demo.fail", args=("the first step fails",))
+after = app.signature("demo.add", args=(1,)).set(task_id={doomed:?})
+r = chain(first, after).apply_async()
+assert r.id == {doomed:?}, r.id
+try:
+    r.parent.get(timeout=30)
+    raise SystemExit("the first step was to fail")
+except Exception as e:
+    assert "the first step fails" in str(e), repr(e)
+"#
+    ));
+    wait_for("nothing left in flight", || {
+        (s.client.in_flight(NODE) == 0).then_some(())
+    });
+    beside.all_succeed(&mut s.client, 20);
+}
+
 // --- events ---------------------------------------------------------------------------------
 
 #[test]
@@ -596,4 +628,66 @@ fn a_plugin_without_an_http_grant_cannot_send_a_request() {
     assert!(message.contains("no HTTP grant"), "{message}");
     assert!(stub.requests().is_empty(), "nothing left the host");
     beside.all_succeed(&mut s.client, 20);
+}
+
+#[test]
+fn a_plugin_without_an_http_grant_cannot_make_http_resources() {
+    // hostile has no HTTP grant here: every wasi:http function it imports traps, header
+    // fields' constructor among them, so it holds nothing of the host's HTTP machinery.
+    let mut s = setup("trust-no-http-types", "");
+    let beside = Beside::start(&s.redis);
+    let id = s.client.send("hostile.resource_flood", json!([10]));
+    let doc = s.client.result(&id);
+    assert_eq!(doc["status"], "FAILURE", "{doc}");
+    assert_eq!(doc["result"]["exc_type"], "PluginTrap", "{doc}");
+    let message = doc["result"]["exc_message"][0].as_str().unwrap_or_default();
+    assert!(message.contains("no HTTP grant"), "{message}");
+    beside.all_succeed(&mut s.client, 20);
+}
+
+// --- the instance pool ---------------------------------------------------------------------------
+
+#[test]
+fn a_task_that_finds_the_instance_pool_full_waits_instead_of_failing() {
+    let dir = TestDir::new("trust-pool-full");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.plugins(&["demo"]);
+    std::fs::copy(test_plugin_wasm("hostile"), plugins.join("hostile.wasm")).expect("hostile");
+    // Two slots over a pool of one instance. The worker sizes its pool at -c + 2, which it
+    // never fills; the test hook shrinks it so that a task finds it full.
+    let args = ["-n", NODE, "-c", "2", "--metrics-addr", "127.0.0.1:0"];
+    let mut command = Process::worker_command(&dir, &redis, &plugins, &args);
+    command.env("TASKHOST_TEST_POOL_INSTANCES", "1");
+    let worker = Process::spawn(&dir, "worker.log", command);
+    worker.wait_log("worker ready");
+    let addr = worker.metrics_addr();
+    let mut client = Client::new(&redis);
+    let beside = Beside::start(&redis);
+    let holds: Vec<String> = (0..2)
+        .map(|_| client.send("hostile.hold", json!([1000])))
+        .collect();
+    let spans: Vec<(i64, i64)> = holds
+        .iter()
+        .map(|id| {
+            let doc = client.result(id);
+            assert_eq!(doc["status"], "SUCCESS", "{doc}");
+            let at = |key: &str| doc["result"][key].as_i64().unwrap_or_default();
+            (at("start"), at("end"))
+        })
+        .collect();
+    // Both ran, one after the other in the one instance: the second waited, it did not fail.
+    let (first, second) = (spans[0].min(spans[1]), spans[0].max(spans[1]));
+    assert!(first.1 <= second.0, "one instance at a time: {spans:?}");
+    let (_, metrics) = taskhost_tests::http_get(&addr, "/metrics", None).expect("/metrics");
+    let postponed: f64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("taskhost_sandbox_limit_hits_total{")
+                && l.contains("plugin=\"hostile\"")
+                && l.contains("limit=\"pool\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(postponed >= 1.0, "a hold found the pool full:\n{metrics}");
+    beside.all_succeed(&mut client, 20);
 }

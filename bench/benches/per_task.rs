@@ -109,7 +109,7 @@ fn per_task(c: &mut Criterion) {
                     )
                     .await;
                 match outcome {
-                    taskhost::sandbox::Outcome::Success(result) => encode(&result, &message),
+                    Ok(taskhost::sandbox::Outcome::Success(result)) => encode(&result, &message),
                     other => panic!("demo.add did not succeed: {other:?}"),
                 }
             })

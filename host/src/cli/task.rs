@@ -232,7 +232,7 @@ pub async fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
         progress: None,
         outbox: None,
     };
-    let outcome = sandbox.run(&plugin.pre, scope, &task, hard).await;
+    let outcome = sandbox.run(&plugin.pre, scope, &task, hard).await?;
     Ok(print_outcome(outcome, args.retries))
 }
 

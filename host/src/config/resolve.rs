@@ -81,6 +81,10 @@ pub struct WorkerFlags {
     /// them; each tick is sent once across the fleet).
     #[arg(long)]
     pub no_beat: bool,
+    /// A test hook: the instance pool's size. By default it is concurrency + 2, which the
+    /// worker never fills; a smaller pool shows what a task that finds it full does.
+    #[arg(long, env = "TASKHOST_TEST_POOL_INSTANCES", hide = true)]
+    pub test_pool_instances: Option<u32>,
 }
 
 /// Everything a worker needs, resolved and validated.
@@ -125,6 +129,9 @@ pub struct WorkerConfig {
     pub task_events: bool,
     /// Where to serve /metrics and /healthz.
     pub metrics_addr: Option<SocketAddr>,
+    /// Instances the pool holds: concurrency + 2 (plugin loads use the two spare), unless a
+    /// test shrinks it.
+    pub pool_instances: u32,
 }
 
 impl WorkerConfig {
@@ -202,6 +209,12 @@ impl WorkerConfig {
             shutdown_grace: Duration::from_secs_f64(flags.shutdown_grace),
             task_events: flags.task_events || section.task_events.unwrap_or(false),
             metrics_addr: metrics_addr(flags, &file)?,
+            pool_instances: match flags.test_pool_instances {
+                Some(n) if n > 0 => n,
+                _ => u32::try_from(concurrency)
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(2),
+            },
         })
     }
 }

@@ -124,7 +124,7 @@ impl Metrics {
         }
     }
 
-    /// Counts a task stopped by a sandbox limit (`time`, `memory`, `stack`, `result_size`).
+    /// Counts a task stopped by a sandbox limit (`time`, `memory`, `stack`, `result_size`), or a task that found the instance pool full (`pool`).
     pub fn limit_hit(&self, plugin: &str, limit: &'static str) {
         *lock(&self.counts)
             .limit_hits
@@ -242,7 +242,7 @@ fn render_counters(out: &mut Text, counts: &Counts) {
     out.family(
         "taskhost_sandbox_limit_hits_total",
         "counter",
-        "Tasks stopped by a sandbox limit, by plugin and limit.",
+        "Tasks stopped by a sandbox limit, or postponed for a full instance pool (limit=\"pool\"), by plugin and limit.",
     );
     for ((plugin, limit), n) in &counts.limit_hits {
         out.sample(

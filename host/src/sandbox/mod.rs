@@ -15,6 +15,7 @@ mod compute;
 mod host_api;
 mod http;
 mod limits;
+mod no_http;
 mod outcome;
 mod output;
 
@@ -49,9 +50,6 @@ pub use bindings::taskhost::plugin::types::TaskDefaults;
 pub const WIT_PACKAGE: &str = "taskhost:plugin";
 pub const SUPPORTED_WIT_VERSIONS: &[&str] = &["0.1.0", "0.1.1"];
 
-/// The `wasi:http` interface that sends requests, as the host links it.
-const WASI_HTTP_HANDLER: &str = "wasi:http/outgoing-handler@0.2.12";
-
 /// How often the epoch advances: a running guest yields to other tasks at least this often.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
 
@@ -68,6 +66,12 @@ pub trait Progress: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot store the progress: {0}")]
 pub struct ProgressError(pub String);
+
+/// Every instance of the pool was in use when a task was to start: it did not run, and can
+/// be started again once one is free.
+#[derive(Debug, thiserror::Error)]
+#[error("the instance pool is full: {0}")]
+pub struct PoolFull(String);
 
 /// Takes the tasks a running task sends (`send`).
 pub trait Outbox: Send + Sync {
@@ -183,11 +187,9 @@ pub struct SandboxOptions {
 /// The engine and linker shared by every plugin and task.
 pub struct Sandbox {
     engine: Engine,
-    /// For plugins with an HTTP grant.
+    /// Everything a plugin may import; a plugin with no HTTP grant links against a copy in
+    /// which `wasi:http` traps (`no_http`).
     linker: Linker<TaskState>,
-    /// For the others: the same, but `wasi:http`'s outgoing handler traps, so no request is
-    /// ever made on their behalf, whatever the policy would say.
-    linker_no_http: Linker<TaskState>,
     max_memory_bytes: usize,
     max_table_elements: u32,
     compute: Compute,
@@ -229,15 +231,6 @@ impl Sandbox {
             &mut linker,
             |state| state,
         )?;
-        let mut linker_no_http = linker.clone();
-        linker_no_http.allow_shadowing(true);
-        linker_no_http
-            .instance(WASI_HTTP_HANDLER)?
-            .func_new("handle", |_, _, _, _| {
-                Err(wasmtime::Error::msg(
-                    "HTTP request denied: this plugin has no HTTP grant (allow_http)",
-                ))
-            })?;
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("taskhost-epoch".into())
@@ -251,7 +244,6 @@ impl Sandbox {
         Ok(Self {
             engine,
             linker,
-            linker_no_http,
             max_memory_bytes: options.max_memory_bytes,
             max_table_elements: options.max_table_elements,
             compute: Compute::new()?,
@@ -322,19 +314,21 @@ impl Sandbox {
     }
 
     /// Checks a compiled component is a plugin for a WIT version this host supports, and links
-    /// it against the host's imports.
-    /// Links `component` against the host's imports; with `http` false (no HTTP grant) its
-    /// outgoing HTTP handler traps.
+    /// it against the host's imports; with `http` false (no HTTP grant) every `wasi:http`
+    /// function it imports traps.
     pub fn link(
         &self,
         component: &Component,
         http: bool,
     ) -> Result<(PluginPre, String), PrepareError> {
         let version = self.wit_version(component)?;
+        let trapped;
         let linker = if http {
             &self.linker
         } else {
-            &self.linker_no_http
+            trapped = no_http::linker_for(&self.engine, &self.linker, component)
+                .map_err(|e| PrepareError::Link(format!("{e:#}")))?;
+            &trapped
         };
         let instance_pre = linker
             .instantiate_pre(component)
@@ -448,24 +442,27 @@ impl Sandbox {
     }
 
     /// Runs one task in a fresh instance, on the guest threads. `hard_limit` interrupts it.
+    ///
+    /// # Errors
+    /// [`PoolFull`] when no instance was free: the task did not start.
     pub async fn run(
         &self,
         pre: &PluginPre,
         scope: Scope,
         task: &Task,
         hard_limit: Option<Duration>,
-    ) -> Outcome {
+    ) -> Result<Outcome, PoolFull> {
         let (engine, pre, task) = (self.engine.clone(), pre.clone(), task.clone());
         let outcome = self
             .compute
             .run(async move { Self::run_here(&engine, &pre, scope, &task, hard_limit).await })
             .await;
         outcome.unwrap_or_else(|e| {
-            Outcome::failed(
+            Ok(Outcome::failed(
                 FailureKind::Trap,
                 "PluginTrap",
                 format!("guest thread failed: {e}"),
-            )
+            ))
         })
     }
 
@@ -475,7 +472,7 @@ impl Sandbox {
         scope: Scope,
         task: &Task,
         hard_limit: Option<Duration>,
-    ) -> Outcome {
+    ) -> Result<Outcome, PoolFull> {
         let (plugin, task_name, task_id) = (
             scope.plugin.clone(),
             scope.task_name.clone(),
@@ -495,7 +492,7 @@ impl Sandbox {
         };
         let (stdout, stderr) = drain_output(&mut store, &plugin, &task_name, &task_id);
         let limits = &store.data().scope.grants.limits;
-        match result {
+        Ok(match result {
             Err(limit) => Outcome::failed(
                 FailureKind::TimeLimit,
                 "TimeLimitExceeded",
@@ -516,8 +513,11 @@ impl Sandbox {
                     exception,
                 })
             }
+            Ok(Err(error)) if error.is::<wasmtime::PoolConcurrencyLimitError>() => {
+                return Err(PoolFull(format!("{error:#}")));
+            }
             Ok(Err(error)) => outcome::trapped(&error, &stderr, &stdout),
-        }
+        })
     }
 }
 

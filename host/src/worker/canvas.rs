@@ -15,7 +15,7 @@ use crate::protocol::{Exception, Meta, State, TaskMessage, exception_document, p
 use crate::redis::chord::{Joined, Part};
 use crate::redis::keys::queue_key;
 use crate::redis::settle::Outgoing;
-use crate::redis::{Backend, retrying};
+use crate::redis::{Backend, RedisError, retrying_transient};
 use crate::sandbox::SendError;
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -47,6 +47,27 @@ impl FollowUps {
     pub fn add(&mut self, sent: Sent) {
         self.publish.extend(sent.publish);
         self.children.extend(sent.children);
+    }
+}
+
+/// Runs a step on keys a producer named (a chain step's result, a chord's counters), retrying
+/// while Redis is away. When Redis refuses it for good (one of those keys holds another type,
+/// or an ACL forbids it), the step is skipped and said so, and the task settles on: one broken
+/// workflow never holds a worker's slot. None then.
+async fn workflow_step<T, F: Future<Output = Result<T, RedisError>>>(
+    what: &str,
+    id: &str,
+    op: impl FnMut() -> F,
+) -> Option<T> {
+    match retrying_transient(what, op).await {
+        Ok(value) => Some(value),
+        Err(e) => {
+            tracing::error!(
+                id,
+                "cannot {what}, so it is skipped (Redis refuses it for good): {e}"
+            );
+            None
+        }
     }
 }
 
@@ -119,10 +140,8 @@ async fn fail_chain(
             ..Meta::of(&doomed.task_id)
         };
         let doc = exception_document(&meta, State::Failure, exception);
-        retrying("store a failed chain step", || {
-            shared.backend.store(&doomed.task_id, &doc)
-        })
-        .await;
+        let store = || shared.backend.store(&doomed.task_id, &doc);
+        workflow_step("store a failed chain step", &doomed.task_id, store).await;
         if let (Some(body), Some(group_id)) = (&doomed.chord, &doomed.group_id) {
             let part = Part {
                 group_id,
@@ -160,10 +179,10 @@ pub(super) async fn chord_part(
 
 /// Deletes a completed chord's data once its body is out.
 pub(super) async fn cleanup(shared: &Shared, group_id: &str, token: &str) {
-    let cleaned = retrying("clean up a chord", || {
-        shared.backend.chord_cleanup(group_id, token)
-    })
-    .await;
+    let clean = || shared.backend.chord_cleanup(group_id, token);
+    let Some(cleaned) = workflow_step("clean up a chord", group_id, clean).await else {
+        return;
+    };
     if !cleaned {
         tracing::warn!(
             group_id,
@@ -182,11 +201,9 @@ fn part_returned<'a>(
     follow: &'a mut FollowUps,
 ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
     Box::pin(async move {
-        let joined = retrying("count a chord part", || {
-            shared.backend.chord_part_return(part)
-        })
-        .await;
-        let Joined::Claimed { parts, token } = joined else {
+        let count = || shared.backend.chord_part_return(part);
+        let joined = workflow_step("count a chord part", part.group_id, count).await;
+        let Some(Joined::Claimed { parts, token }) = joined else {
             return;
         };
         follow.completed.push((part.group_id.to_owned(), token));
@@ -208,10 +225,8 @@ fn part_returned<'a>(
             Err((error, nested)) => {
                 tracing::warn!(group_id = part.group_id, "chord failed: {}", error.message);
                 body_failed(shared, body, &error, !nested, root_id, follow).await;
-                retrying("forget a failed chord's size", || {
-                    shared.backend.drop_chord_size(part.group_id)
-                })
-                .await;
+                let forget = || shared.backend.drop_chord_size(part.group_id);
+                workflow_step("forget a failed chord's size", part.group_id, forget).await;
             }
         }
     })
@@ -272,10 +287,8 @@ async fn body_failed(
         ..Meta::of(body_id)
     };
     let doc = exception_document(&meta, State::Failure, error);
-    retrying("store a chord body's failure", || {
-        shared.backend.store(body_id, &doc)
-    })
-    .await;
+    let store = || shared.backend.store(body_id, &doc);
+    workflow_step("store a chord body's failure", body_id, store).await;
     if let Some(Value::Array(chain)) = options.get("chain") {
         fail_chain(shared, chain, error, root_id, follow).await;
     }
@@ -324,10 +337,8 @@ async fn carry_out(backend: &Backend, steps: Vec<Step>, publish: &mut Vec<Outgoi
     for step in steps {
         match step {
             Step::ChordSize { group_id, size } => {
-                retrying("write a chord's size", || {
-                    backend.set_chord_size(&group_id, size)
-                })
-                .await;
+                let write = || backend.set_chord_size(&group_id, size);
+                workflow_step("write a chord's size", &group_id, write).await;
             }
             Step::Publish(task) => publish.push(Outgoing {
                 key: queue_key(&task.queue, task.priority),

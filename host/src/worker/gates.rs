@@ -42,6 +42,8 @@ pub(super) enum Wait {
     RateLimit(Duration),
     FleetRateLimit(Duration),
     MaxInstances,
+    /// No instance of the pool was free when it was to start.
+    PoolFull,
 }
 
 impl Wait {
@@ -52,6 +54,7 @@ impl Wait {
             Self::RateLimit(_) => "reschedule a task over its rate limit",
             Self::FleetRateLimit(_) => "reschedule a task over its fleet rate limit",
             Self::MaxInstances => "reschedule a task over its plugin's max_instances",
+            Self::PoolFull => "reschedule a task that found the instance pool full",
         }
     }
 }
@@ -67,6 +70,20 @@ pub(super) struct Admitted<'a> {
     pub _slot: InstanceSlot<'a>,
     /// (soft, hard).
     pub time_limits: (Option<Duration>, Option<Duration>),
+}
+
+/// When a task that found no instance free tries again.
+fn instance_retry_due() -> i64 {
+    now_ms().saturating_add(i64::try_from(INSTANCE_RETRY.as_millis()).unwrap_or(0))
+}
+
+/// What a task that found every instance of the pool in use does: waits its turn in the
+/// delayed set.
+pub(super) fn pool_full() -> Stop {
+    Stop::Postpone {
+        due_ms: instance_retry_due(),
+        wait: Wait::PoolFull,
+    }
 }
 
 /// Passes `message` through the gates, in order.
@@ -203,8 +220,7 @@ impl Gates {
             // It waits its turn in the delayed set, not in a worker slot, which tasks of other
             // plugins can use meanwhile.
             return Err(Stop::Postpone {
-                due_ms: now_ms()
-                    .saturating_add(i64::try_from(INSTANCE_RETRY.as_millis()).unwrap_or(0)),
+                due_ms: instance_retry_due(),
                 wait: Wait::MaxInstances,
             });
         }

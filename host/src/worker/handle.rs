@@ -88,7 +88,10 @@ async fn run(
     };
     let terminated = shared.revocations.started(&message.id);
     let ran = tokio::select! {
-        outcome = shared.sandbox.run(&plugin.pre, scope, &task, hard) => Ran::Finished(outcome),
+        outcome = shared.sandbox.run(&plugin.pre, scope, &task, hard) => match outcome {
+            Ok(outcome) => Ran::Finished(outcome),
+            Err(full) => Ran::PoolFull(full),
+        },
         Ok(()) = terminated => Ran::Terminated,
     };
     shared.revocations.finished(&message.id);

@@ -153,11 +153,8 @@ async fn start(
     stop_tx: Stop,
     stop: &mut Stopping,
 ) -> anyhow::Result<Option<(Arc<Shared>, Presence)>> {
-    let slots = u32::try_from(config.concurrency)
-        .unwrap_or(u32::MAX)
-        .saturating_add(2);
     let sandbox = Arc::new(Sandbox::new(&SandboxOptions {
-        max_instances: slots,
+        max_instances: config.pool_instances,
         max_memory_bytes: config.grants.max_memory_bytes(),
         max_table_elements: config.grants.max_table_elements(),
         stack_bytes: config.stack_bytes,

@@ -13,14 +13,17 @@ use crate::protocol::{Exception, Meta, RevokeReason, State, TaskMessage, Undecod
 use crate::protocol::{exception_document, result_document};
 use crate::redis::deadletter::{self, Origin};
 use crate::redis::keys::queue_of;
+use crate::redis::settle::Outgoing;
 use crate::redis::{Delivery, retrying, retrying_transient};
-use crate::sandbox::Outcome;
+use crate::sandbox::{Outcome, PoolFull};
 use serde_json::value::RawValue;
 
-/// How a run ended, as the worker sees it: the sandbox's outcome, or stopped by a revoke.
+/// How a run ended, as the worker sees it: the sandbox's outcome, stopped by a revoke, or
+/// not started for want of an instance.
 pub(super) enum Ran {
     Finished(Outcome),
     Terminated,
+    PoolFull(PoolFull),
 }
 
 /// Settles the task `admitted` ran, by its outcome; `runtime` in seconds. What the task sent
@@ -40,6 +43,13 @@ pub(super) async fn ran(
         Ran::Terminated => {
             push_now(shared, sent).await;
             return revoked(shared, delivery, message, RevokeReason::Terminated).await;
+        }
+        // It never started, so it waits its turn in the delayed set like a task over its
+        // plugin's max_instances, instead of failing for the worker's want of room.
+        Ran::PoolFull(full) => {
+            shared.metrics.limit_hit(&admitted.plugin.name, "pool");
+            tracing::warn!(task_id = %message.id, task = %message.task, "{full}; task postponed");
+            return stopped(shared, delivery, message, super::gates::pool_full()).await;
         }
     };
     match outcome {
@@ -121,6 +131,7 @@ pub(super) async fn stopped(
                 Wait::MaxInstances => {
                     tracing::debug!(task_id = %message.id, task = %message.task, "plugin at max_instances; task rescheduled")
                 }
+                Wait::PoolFull => {}
             }
         }
         Stop::Revoke(reason) => revoked(shared, delivery, message, reason).await,
@@ -276,11 +287,19 @@ async fn finish<R: serde::Serialize + ?Sized>(
 /// Publishes what a task sent now, when its message is not acknowledged with a result (a
 /// retry, a reject, a terminate).
 async fn push_now(shared: &Shared, sent: Sent) {
-    if !sent.publish.is_empty() {
-        retrying("publish the tasks a task sent", || {
-            shared.broker.push(&sent.publish)
-        })
-        .await;
+    publish(shared, "publish the tasks a task sent", &sent.publish).await;
+}
+
+/// Publishes `messages` now, retrying while Redis is away. A queue key Redis refuses for good
+/// (it holds another type) is said so and not tried again, so the task settles on and the
+/// messages that went out are not sent twice.
+async fn publish(shared: &Shared, what: &str, messages: &[Outgoing]) {
+    if messages.is_empty() {
+        return;
+    }
+    if let Err(e) = retrying_transient(what, || shared.broker.push(messages)).await {
+        let queues: Vec<&str> = messages.iter().map(|m| m.key.as_str()).collect();
+        tracing::error!(?queues, "cannot {what} (Redis refuses it for good): {e}");
     }
 }
 
@@ -424,12 +443,12 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
         let mut follow = canvas::after_failure(shared, message, &exception).await;
         let result = exception.to_json().to_string();
         canvas::chord_part(shared, message, State::Failure, &result, &mut follow).await;
-        if !follow.publish.is_empty() {
-            retrying("publish what follows a refused task", || {
-                shared.broker.push(&follow.publish)
-            })
-            .await;
-        }
+        publish(
+            shared,
+            "publish what follows a refused task",
+            &follow.publish,
+        )
+        .await;
         for (group_id, token) in follow.completed {
             canvas::cleanup(shared, &group_id, &token).await;
         }
