@@ -489,11 +489,11 @@ fn a_component_over_its_share_of_the_instance_pool_is_refused_at_load() {
     let beside = Beside::start(&s.redis);
     // Dropped in while the worker runs: the watcher loads it, and refuses it.
     let big = s.dir.path().join("plugins").join("big.wasm");
-    std::fs::write(&big, component_of_core_instances(9)).expect("write big.wasm");
+    std::fs::write(&big, component_of_core_instances(17)).expect("write big.wasm");
     s.worker.wait_log(
         "it needs more of the instance pool than one component may take ([limits] \
          component_core_instances, component_memories, component_tables): The component \
-         transitively contains 9 core module instances, which exceeds the configured maximum of 8",
+         transitively contains 17 core module instances, which exceeds the configured maximum of 16",
     );
     beside.all_succeed(&mut s.client, 20);
 }

@@ -185,9 +185,65 @@ pub fn taskhost_bin() -> PathBuf {
     built().taskhost.clone()
 }
 
-/// The compiled plugin `name` (`demo`, `crucible`).
+/// The compiled plugin `name`: a Rust one (`demo`, `crucible`), or a Python one
+/// (`crucible-py`: `plugins/NAME/app.py`).
 pub fn plugin_wasm(name: &str) -> PathBuf {
+    let source = root().join("plugins").join(name);
+    if source.join("app.py").is_file() {
+        return python_plugin_wasm(name, &source);
+    }
     built().plugins.join(format!("{name}.wasm"))
+}
+
+/// A Python plugin, built by `taskhost build` as its author would (componentize-py installed
+/// from PyPI into the build cache on first use); built again only when its sources, the Python
+/// SDK or the WIT changed since.
+fn python_plugin_wasm(name: &str, source: &Path) -> PathBuf {
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILDING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let out = target_dir()
+        .join("python-plugins")
+        .join(format!("{name}.wasm"));
+    let inputs = [
+        source.to_path_buf(),
+        root().join("plugins").join("sdk-python"),
+        root().join("wit"),
+    ];
+    let built_at = std::fs::metadata(&out).and_then(|m| m.modified()).ok();
+    if built_at.is_some_and(|at| inputs.iter().all(|dir| newest_mtime(dir) <= at)) {
+        return out;
+    }
+    let mut build = std::process::Command::new(taskhost_bin());
+    build
+        .arg("build")
+        .arg(source)
+        .arg("-o")
+        .arg(&out)
+        .env("TASKHOST_CACHE_DIR", target_dir().join("build-cache"));
+    let status = build
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run taskhost build for {name}: {e}"));
+    assert!(status.success(), "taskhost build {name} failed: {status}");
+    out
+}
+
+/// The latest modification time of any file under `dir`.
+fn newest_mtime(dir: &Path) -> std::time::SystemTime {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(at) = std::fs::metadata(&path).and_then(|m| m.modified()) {
+                newest = newest.max(at);
+            }
+        }
+    }
+    newest
 }
 
 /// A test plugin: `versioned-v1`, `versioned-v2` (one plugin serving demo.add and demo.echo,

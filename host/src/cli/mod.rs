@@ -9,9 +9,11 @@
 //! - [`schedule`]: `beat` and `schedule list`.
 //! - [`dev`]: the private redis-server of `taskhost dev`.
 
+mod build;
 mod dead;
 mod dev;
 mod fleet;
+mod new;
 mod schedule;
 mod task;
 mod worker;
@@ -63,6 +65,11 @@ pub enum Command {
     Call(task::CallArgs),
     /// Run one task in a plugin file, locally, without Redis: the plugin author's loop.
     Exec(task::ExecArgs),
+    /// Build the plugin in a directory into a component, whatever its language (Rust: a
+    /// Cargo.toml; Python: an app.py).
+    Build(build::BuildArgs),
+    /// Write a ready-to-build plugin project (Rust or Python) from a template.
+    New(new::NewArgs),
     /// List the plugins of a directory: their tasks and WIT version, or why each was refused.
     Plugins(fleet::PluginsArgs),
     /// Publish a plugin to every worker following fleet deploys (`worker --fleet`).
@@ -176,6 +183,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Dev(flags) => worker::dev(&flags).await?,
         Command::Call(args) => return task::call(&args).await,
         Command::Exec(args) => return task::exec(&args).await,
+        Command::New(args) => return new::new(&args),
+        Command::Build(args) => {
+            return tokio::task::spawn_blocking(move || build::build(&args)).await?;
+        }
         Command::Plugins(args) => return fleet::list_plugins(&args).await,
         Command::Deploy(args) => fleet::deploy(&args).await?,
         Command::Rollback(args) => fleet::rollback(&args).await?,

@@ -182,7 +182,7 @@ pub struct ComponentCaps {
 impl Default for ComponentCaps {
     fn default() -> Self {
         Self {
-            core_instances: 8,
+            core_instances: 16,
             memories: 2,
             tables: 4,
         }

@@ -1,0 +1,267 @@
+//! Plugins as their authors start them, in each language: `taskhost new --lang L NAME`, then
+//! `taskhost build`, then the template's tasks through a real worker on real Redis, sent and
+//! read by Python Celery: a result, a failure with its kind and message, a retry, progress,
+//! and (Python) HTTP granted and denied.
+
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use taskhost_tests::{
+    HttpStub, Process, RedisServer, Reply, ResultFeed, TestDir, target_dir, taskhost_bin,
+};
+
+/// Runs `command` to its end; fails the test with `what` unless it succeeds.
+fn run(command: &mut Command, what: &str) {
+    let status = command
+        .status()
+        .unwrap_or_else(|e| panic!("cannot {what}: {e}"));
+    assert!(status.success(), "{what} failed: {status}");
+}
+
+/// The template of `lang`, written by `taskhost new` as the plugin `<lang>hello` and built by
+/// `taskhost build`, once per test run: its component.
+fn built(lang: &'static str) -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    static RUST: OnceLock<PathBuf> = OnceLock::new();
+    let cell = if lang == "python" { &PYTHON } else { &RUST };
+    cell.get_or_init(|| {
+        let name = format!("{lang}hello");
+        let dir = TestDir::new(&format!("languages-new-{lang}"));
+        let project = dir.path().join(&name);
+        run(
+            Command::new(taskhost_bin())
+                .args(["new", &name, "--lang", lang, "--dir"])
+                .arg(&project),
+            &format!("taskhost new --lang {lang}"),
+        );
+        run(
+            Command::new(taskhost_bin())
+                .arg("build")
+                .current_dir(&project)
+                // Kept across runs: the SDK's dependencies compile once.
+                .env("CARGO_TARGET_DIR", target_dir().join("template-builds"))
+                .env("TASKHOST_CACHE_DIR", target_dir().join("build-cache")),
+            &format!("taskhost build of the {lang} template"),
+        );
+        let wasm = project.join(format!("{name}.wasm"));
+        assert!(wasm.is_file(), "taskhost build wrote {}", wasm.display());
+        // Kept out of the test directory, which the next run replaces.
+        let kept = target_dir()
+            .join("template-builds")
+            .join(format!("{name}.wasm"));
+        std::fs::create_dir_all(kept.parent().expect("a parent")).expect("mkdir");
+        std::fs::copy(&wasm, &kept).expect("keep the template's component");
+        kept
+    })
+    .clone()
+}
+
+/// A worker serving the template of `lang`, granted HTTP to `allow`.
+struct Setup {
+    worker: Process,
+    redis: RedisServer,
+    dir: TestDir,
+    name: String,
+}
+
+fn setup(lang: &'static str, test: &str, allow: &[String]) -> Setup {
+    let wasm = built(lang);
+    let name = format!("{lang}hello");
+    let dir = TestDir::new(&format!("languages-{test}"));
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugins dir");
+    std::fs::copy(&wasm, plugins.join(format!("{name}.wasm"))).expect("copy the plugin");
+    let allow: Vec<String> = allow.iter().map(|a| format!("{a:?}")).collect();
+    let config = dir.write(
+        "taskhost.toml",
+        &format!("[plugins.{name}]\nallow_http = [{}]\n", allow.join(", ")),
+    );
+    let config = config.to_string_lossy().into_owned();
+    let cache = target_dir().join("test-runs").join("languages-precompiled");
+    let cache = cache.to_string_lossy().into_owned();
+    let args = ["--config", config.as_str(), "--cache-dir", cache.as_str()];
+    let worker = Process::worker(&dir, &redis, &plugins, &args);
+    worker.wait_log("worker ready");
+    Setup {
+        worker,
+        redis,
+        dir,
+        name,
+    }
+}
+
+impl Setup {
+    /// Runs `code` with Python Celery, `NAME` standing for the plugin's name.
+    fn python(&self, code: &str) {
+        const PRELUDE: &str = "import os\nfrom celery import Celery\n\
+            app = Celery('languages', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])";
+        let code = code.replace("NAME", &self.name);
+        let logs = || self.worker.log();
+        taskhost_tests::run_snippet(&self.dir, &self.redis, PRELUDE, &code, logs);
+    }
+}
+
+fn a_result_reaches_get(lang: &'static str) {
+    setup(lang, &format!("{lang}-result"), &[]).python(
+        r#"
+assert app.send_task("NAME.add", (2, 3)).get(timeout=30) == 5
+"#,
+    );
+}
+
+fn a_failure_reaches_get_with_its_kind_and_message(lang: &'static str) {
+    setup(lang, &format!("{lang}-failure"), &[]).python(
+        r#"
+r = app.send_task("NAME.fail", ("the answer is not 42",))
+try:
+    r.get(timeout=30)
+    raise SystemExit("no failure")
+except ValueError as e:
+    assert str(e) == "the answer is not 42", repr(e)
+assert r.state == "FAILURE"
+"#,
+    );
+}
+
+fn a_retry_runs_again_until_it_succeeds(lang: &'static str) {
+    let s = setup(lang, &format!("{lang}-retry"), &[]);
+    let feed = ResultFeed::start(&s.redis);
+    let id = uuid::Uuid::new_v4().to_string();
+    s.python(&format!(
+        r#"
+assert app.send_task("NAME.flaky", (3,), task_id={id:?}).get(timeout=30) == 2
+"#
+    ));
+    assert_eq!(feed.states(&id), ["RETRY", "RETRY", "SUCCESS"]);
+}
+
+fn progress_is_published_before_the_result(lang: &'static str) {
+    let s = setup(lang, &format!("{lang}-progress"), &[]);
+    let feed = ResultFeed::start(&s.redis);
+    let id = uuid::Uuid::new_v4().to_string();
+    s.python(&format!(
+        r#"
+assert app.send_task("NAME.progress", (3,), task_id={id:?}).get(timeout=30) == 3
+"#
+    ));
+    let states = feed.states(&id);
+    assert!(
+        states.first().is_some_and(|s| s == "PROGRESS"),
+        "{states:?}"
+    );
+    assert_eq!(states.last().map(String::as_str), Some("SUCCESS"));
+}
+
+// Rust.
+
+#[test]
+fn rust_template_result_reaches_a_python_get() {
+    a_result_reaches_get("rust");
+}
+
+#[test]
+fn rust_template_failure_reaches_get_with_its_kind_and_message() {
+    a_failure_reaches_get_with_its_kind_and_message("rust");
+}
+
+#[test]
+fn rust_template_retry_runs_again_until_it_succeeds() {
+    a_retry_runs_again_until_it_succeeds("rust");
+}
+
+#[test]
+fn rust_template_progress_is_published_before_the_result() {
+    progress_is_published_before_the_result("rust");
+}
+
+// Python.
+
+#[test]
+fn python_template_result_reaches_a_python_get() {
+    a_result_reaches_get("python");
+}
+
+#[test]
+fn python_template_failure_reaches_get_with_its_kind_and_message() {
+    a_failure_reaches_get_with_its_kind_and_message("python");
+}
+
+#[test]
+fn python_template_failure_carries_the_python_traceback() {
+    setup("python", "python-traceback", &[]).python(
+        r#"
+r = app.send_task("NAME.fail", ("boom",))
+r.get(timeout=30, propagate=False)
+# A plugin carries bytecode, not source: each frame names its file, line and function.
+assert r.traceback.startswith("Traceback (most recent call last)"), r.traceback
+assert 'app.py", line' in r.traceback and "in fail" in r.traceback, r.traceback
+assert r.traceback.rstrip().endswith("ValueError: boom"), r.traceback
+assert "taskhost/__init__.py" not in r.traceback, r.traceback
+"#,
+    );
+}
+
+#[test]
+fn python_template_bad_arguments_raise_pythons_own_type_error() {
+    setup("python", "python-typeerror", &[]).python(
+        r#"
+try:
+    app.send_task("NAME.add", (1,)).get(timeout=30)
+    raise SystemExit("no failure")
+except TypeError as e:
+    assert "missing 1 required positional argument: 'y'" in str(e), repr(e)
+"#,
+    );
+}
+
+#[test]
+fn python_template_retry_runs_again_until_it_succeeds() {
+    a_retry_runs_again_until_it_succeeds("python");
+}
+
+#[test]
+fn python_template_progress_is_published_before_the_result() {
+    progress_is_published_before_the_result("python");
+}
+
+#[test]
+fn python_template_http_reaches_a_granted_origin() {
+    let stub = HttpStub::start(|_| Reply::json(200, json!({"answer": 42})));
+    let s = setup("python", "python-http", &[stub.url()]);
+    s.python(&format!(
+        r#"
+assert app.send_task("NAME.fetch", ({:?},)).get(timeout=30) == {{"answer": 42}}
+"#,
+        format!("{}/answer", stub.url())
+    ));
+    let requests = stub.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].path, "/answer");
+}
+
+#[test]
+fn python_template_http_to_an_origin_not_granted_is_denied() {
+    let stub = HttpStub::start(|_| Reply::json(200, json!({"answer": 42})));
+    // HTTP granted, but to another origin. (A plugin granted none has no HTTP at all: its
+    // calls trap, see trust.rs.)
+    let s = setup(
+        "python",
+        "python-http-denied",
+        &["http://127.0.0.1:9".to_owned()],
+    );
+    s.python(&format!(
+        r#"
+r = app.send_task("NAME.fetch", ({:?},))
+try:
+    r.get(timeout=30)
+    raise SystemExit("no failure")
+except Exception as e:
+    assert type(e).__name__ == "CapabilityDenied", repr(e)
+    assert "not allowed" in str(e), repr(e)
+"#,
+        format!("{}/answer", stub.url())
+    ));
+    assert!(stub.requests().is_empty(), "nothing left the host");
+}
