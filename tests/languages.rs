@@ -1,7 +1,7 @@
 //! Plugins as their authors start them, in each language: `taskhost new --lang L NAME`, then
 //! `taskhost build`, then the template's tasks through a real worker on real Redis, sent and
 //! read by Python Celery: a result, a failure with its kind and message, a retry, progress,
-//! and (Python) HTTP granted and denied.
+//! and (Python, JavaScript) HTTP granted and denied.
 
 use serde_json::json;
 use std::path::PathBuf;
@@ -24,7 +24,12 @@ fn run(command: &mut Command, what: &str) {
 fn built(lang: &'static str) -> PathBuf {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
     static RUST: OnceLock<PathBuf> = OnceLock::new();
-    let cell = if lang == "python" { &PYTHON } else { &RUST };
+    static JS: OnceLock<PathBuf> = OnceLock::new();
+    let cell = match lang {
+        "python" => &PYTHON,
+        "js" => &JS,
+        _ => &RUST,
+    };
     cell.get_or_init(|| {
         let name = format!("{lang}hello");
         let dir = TestDir::new(&format!("languages-new-{lang}"));
@@ -154,6 +159,44 @@ assert app.send_task("NAME.progress", (3,), task_id={id:?}).get(timeout=30) == 3
     assert_eq!(states.last().map(String::as_str), Some("SUCCESS"));
 }
 
+fn http_reaches_a_granted_origin(lang: &'static str) {
+    let stub = HttpStub::start(|_| Reply::json(200, json!({"answer": 42})));
+    let s = setup(lang, &format!("{lang}-http"), &[stub.url()]);
+    s.python(&format!(
+        r#"
+assert app.send_task("NAME.fetch", ({:?},)).get(timeout=30) == {{"answer": 42}}
+"#,
+        format!("{}/answer", stub.url())
+    ));
+    let requests = stub.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].path, "/answer");
+}
+
+fn http_to_an_origin_not_granted_is_denied(lang: &'static str) {
+    let stub = HttpStub::start(|_| Reply::json(200, json!({"answer": 42})));
+    // HTTP granted, but to another origin. (A plugin granted none has no HTTP at all: its
+    // calls trap, see trust.rs.)
+    let s = setup(
+        lang,
+        &format!("{lang}-http-denied"),
+        &["http://127.0.0.1:9".to_owned()],
+    );
+    s.python(&format!(
+        r#"
+r = app.send_task("NAME.fetch", ({:?},))
+try:
+    r.get(timeout=30)
+    raise SystemExit("no failure")
+except Exception as e:
+    assert type(e).__name__ == "CapabilityDenied", repr(e)
+    assert "not allowed" in str(e), repr(e)
+"#,
+        format!("{}/answer", stub.url())
+    ));
+    assert!(stub.requests().is_empty(), "nothing left the host");
+}
+
 // Rust.
 
 #[test]
@@ -228,40 +271,64 @@ fn python_template_progress_is_published_before_the_result() {
 
 #[test]
 fn python_template_http_reaches_a_granted_origin() {
-    let stub = HttpStub::start(|_| Reply::json(200, json!({"answer": 42})));
-    let s = setup("python", "python-http", &[stub.url()]);
-    s.python(&format!(
-        r#"
-assert app.send_task("NAME.fetch", ({:?},)).get(timeout=30) == {{"answer": 42}}
-"#,
-        format!("{}/answer", stub.url())
-    ));
-    let requests = stub.requests();
-    assert_eq!(requests.len(), 1);
-    assert_eq!(requests[0].path, "/answer");
+    http_reaches_a_granted_origin("python");
 }
 
 #[test]
 fn python_template_http_to_an_origin_not_granted_is_denied() {
-    let stub = HttpStub::start(|_| Reply::json(200, json!({"answer": 42})));
-    // HTTP granted, but to another origin. (A plugin granted none has no HTTP at all: its
-    // calls trap, see trust.rs.)
-    let s = setup(
-        "python",
-        "python-http-denied",
-        &["http://127.0.0.1:9".to_owned()],
-    );
-    s.python(&format!(
+    http_to_an_origin_not_granted_is_denied("python");
+}
+
+// JavaScript.
+
+#[test]
+fn js_template_result_reaches_a_python_get() {
+    a_result_reaches_get("js");
+}
+
+#[test]
+fn js_template_failure_reaches_get_with_its_kind_and_message() {
+    a_failure_reaches_get_with_its_kind_and_message("js");
+}
+
+#[test]
+fn js_template_bad_arguments_raise_a_type_error() {
+    setup("js", "js-typeerror", &[]).python(
         r#"
-r = app.send_task("NAME.fetch", ({:?},))
 try:
-    r.get(timeout=30)
+    app.send_task("NAME.add", (1, 2, 3)).get(timeout=30)
     raise SystemExit("no failure")
-except Exception as e:
-    assert type(e).__name__ == "CapabilityDenied", repr(e)
-    assert "not allowed" in str(e), repr(e)
+except TypeError as e:
+    assert "takes 2 positional arguments but 3 were given" in str(e), repr(e)
 "#,
-        format!("{}/answer", stub.url())
-    ));
-    assert!(stub.requests().is_empty(), "nothing left the host");
+    );
+}
+
+#[test]
+fn js_template_kwargs_bind_by_parameter_name() {
+    setup("js", "js-kwargs", &[]).python(
+        r#"
+assert app.send_task("NAME.add", (2,), {"y": 40}).get(timeout=30) == 42
+"#,
+    );
+}
+
+#[test]
+fn js_template_retry_runs_again_until_it_succeeds() {
+    a_retry_runs_again_until_it_succeeds("js");
+}
+
+#[test]
+fn js_template_progress_is_published_before_the_result() {
+    progress_is_published_before_the_result("js");
+}
+
+#[test]
+fn js_template_http_reaches_a_granted_origin() {
+    http_reaches_a_granted_origin("js");
+}
+
+#[test]
+fn js_template_http_to_an_origin_not_granted_is_denied() {
+    http_to_an_origin_not_granted_is_denied("js");
 }

@@ -209,6 +209,7 @@ fn python_plugin_wasm(name: &str, source: &Path) -> PathBuf {
     let inputs = [
         source.to_path_buf(),
         root().join("plugins").join("sdk-python"),
+        root().join("plugins").join("sdk-wit"),
         root().join("wit"),
     ];
     let built_at = std::fs::metadata(&out).and_then(|m| m.modified()).ok();

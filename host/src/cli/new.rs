@@ -11,6 +11,7 @@ use std::process::ExitCode;
 pub enum Lang {
     Rust,
     Python,
+    Js,
 }
 
 #[derive(Debug, Args)]
@@ -38,6 +39,22 @@ const PYTHON: &[(&str, &str)] = &[
     (
         ".gitignore",
         include_str!("../../../plugins/templates/python/.gitignore"),
+    ),
+];
+
+const JS: &[(&str, &str)] = &[
+    (
+        "app.js",
+        include_str!("../../../plugins/templates/js/app.js"),
+    ),
+    (
+        ".gitignore",
+        include_str!("../../../plugins/templates/js/.gitignore"),
+    ),
+    // For the author's editor; `taskhost build` uses the SDK of the host that builds.
+    (
+        "taskhost.js",
+        include_str!("../../../plugins/sdk-js/taskhost.js"),
     ),
 ];
 
@@ -72,6 +89,7 @@ pub fn new(args: &NewArgs) -> anyhow::Result<ExitCode> {
     }
     let (files, sdk) = match args.lang {
         Lang::Python => (PYTHON, String::new()),
+        Lang::Js => (JS, String::new()),
         Lang::Rust => (RUST, rust_sdk(args.sdk_path.as_deref())?),
     };
     for (path, template) in files {

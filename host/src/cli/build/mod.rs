@@ -1,0 +1,131 @@
+//! `taskhost build`: builds the plugin in a directory into a component, whatever its language,
+//! told by the file that marks it:
+//!
+//! - Rust (a `Cargo.toml`): cargo for `wasm32-wasip2`, release profile ([`rust`]).
+//! - Python (an `app.py`): componentize-py ([`python`]).
+//! - JavaScript (an `app.js`): componentize-js, the StarlingMonkey engine ([`js`]).
+//!
+//! The Python and JavaScript toolchains are pinned and installed on first use under the cache
+//! directory; their SDKs and WIT come from this binary ([`sdk`]), so a plugin is always built
+//! against the contract of the host that builds it. The component is written beside a
+//! temporary name and renamed into place, so a worker watching the output's directory never
+//! loads a half-written file.
+
+mod js;
+mod python;
+mod rust;
+mod sdk;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The plugin's directory.
+    #[arg(default_value = ".")]
+    pub dir: PathBuf,
+    /// Where to write the component [default: DIR/NAME.wasm, NAME the plugin's name: its
+    /// crate's for Rust, its directory's otherwise].
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+}
+
+/// The languages a plugin directory can be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Language {
+    Rust,
+    Python,
+    Js,
+}
+
+/// Builds the plugin in `args.dir`; prints where the component went.
+pub fn build(args: &BuildArgs) -> anyhow::Result<ExitCode> {
+    let dir = args
+        .dir
+        .canonicalize()
+        .with_context(|| format!("no plugin directory {}", args.dir.display()))?;
+    let language = language(&dir)?;
+    let built = match language {
+        Language::Rust => rust::build(&dir)?,
+        Language::Python => python::build(&dir)?,
+        Language::Js => js::build(&dir)?,
+    };
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| dir.join(format!("{}.wasm", built.name)));
+    let placed = place(&built.component, &output);
+    if built.temporary {
+        let _ = std::fs::remove_file(&built.component);
+    }
+    placed?;
+    println!("{}", output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What a language's build made.
+struct Built {
+    component: PathBuf,
+    /// The plugin's name, for the default output file.
+    name: String,
+    /// The component is a temporary file, removed once placed.
+    temporary: bool,
+}
+
+fn language(dir: &Path) -> anyhow::Result<Language> {
+    if dir.join("Cargo.toml").is_file() {
+        Ok(Language::Rust)
+    } else if dir.join("app.py").is_file() {
+        Ok(Language::Python)
+    } else if dir.join("app.js").is_file() {
+        Ok(Language::Js)
+    } else {
+        bail!(
+            "{} holds no Cargo.toml (Rust), app.py (Python) or app.js (JavaScript): not a \
+             plugin directory (`taskhost new` makes one)",
+            dir.display()
+        )
+    }
+}
+
+/// Runs `command`, failing with `what` and its exit status unless it succeeds (its output
+/// goes to the terminal, where the author reads the compiler).
+fn run(command: &mut Command, what: &str) -> anyhow::Result<()> {
+    let status = command.status().with_context(|| format!("cannot {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// The plugin directory's name: a Python or JavaScript plugin's name.
+fn dir_name(dir: &Path) -> anyhow::Result<String> {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .context("the plugin directory has no name")
+}
+
+/// A file in the temporary directory for a build's output.
+fn temporary_output() -> PathBuf {
+    std::env::temp_dir().join(format!("taskhost-build-{}.wasm", std::process::id()))
+}
+
+/// Copies `built` to `output` through a temporary name beside it.
+fn place(built: &Path, output: &Path) -> anyhow::Result<()> {
+    let name = output
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("the output has no file name")?;
+    let parent = output.parent().filter(|p| !p.as_os_str().is_empty());
+    let parent = parent.unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let tmp = parent.join(format!(".{name}.tmp"));
+    std::fs::copy(built, &tmp)
+        .with_context(|| format!("cannot copy {} to {}", built.display(), tmp.display()))?;
+    std::fs::rename(&tmp, output).with_context(|| format!("cannot write {}", output.display()))?;
+    Ok(())
+}
