@@ -332,3 +332,46 @@ fn js_template_http_reaches_a_granted_origin() {
 fn js_template_http_to_an_origin_not_granted_is_denied() {
     http_to_an_origin_not_granted_is_denied("js");
 }
+
+// The README's quick starts, run as a new user would.
+
+fn readme_quickstart_runs_as_written(lang: &str) {
+    let script = taskhost_tests::readme_block(&format!("quickstart-{lang}"));
+    let dir = TestDir::new(&format!("languages-readme-{lang}"));
+    let bin = taskhost_bin();
+    let path = format!(
+        "{}:{}",
+        bin.parent().expect("the binary's directory").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env("CARGO_TARGET_DIR", target_dir().join("template-builds"))
+        .env("TASKHOST_CACHE_DIR", target_dir().join("build-cache"))
+        .output()
+        .expect("run the quick start");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the {lang} quick start failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.lines().last(), Some("5"), "{stdout}");
+}
+
+#[test]
+fn readme_quickstart_for_rust_runs_as_written() {
+    readme_quickstart_runs_as_written("rust");
+}
+
+#[test]
+fn readme_quickstart_for_python_runs_as_written() {
+    readme_quickstart_runs_as_written("python");
+}
+
+#[test]
+fn readme_quickstart_for_js_runs_as_written() {
+    readme_quickstart_runs_as_written("js");
+}
