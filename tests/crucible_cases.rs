@@ -134,6 +134,14 @@ fn evaluate_code_posts_the_code_to_the_executor() {
 }
 
 #[test]
+fn evaluate_code_sends_its_json_with_a_content_length_not_chunked() {
+    let (_, executor, storage) = evaluate_42("crucible-content-length");
+    for request in executor.requests().iter().chain(&storage.requests()) {
+        assert!(!request.chunked, "{} {} came chunked", request.method, request.path);
+    }
+}
+
+#[test]
 fn evaluate_code_stores_the_executors_answer() {
     let (_, _, storage) = evaluate_42("crucible-storage-call");
     let requests = storage.requests();

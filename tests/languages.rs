@@ -1,7 +1,7 @@
 //! Plugins as their authors start them, in each language: `taskhost new --lang L NAME`, then
 //! `taskhost build`, then the template's tasks through a real worker on real Redis, sent and
 //! read by Python Celery: a result, a failure with its kind and message, a retry, progress,
-//! and (Python, JavaScript) HTTP granted and denied.
+//! and HTTP granted and denied.
 
 use serde_json::json;
 use std::path::PathBuf;
@@ -217,6 +217,16 @@ fn rust_template_retry_runs_again_until_it_succeeds() {
 #[test]
 fn rust_template_progress_is_published_before_the_result() {
     progress_is_published_before_the_result("rust");
+}
+
+#[test]
+fn rust_template_http_reaches_a_granted_origin() {
+    http_reaches_a_granted_origin("rust");
+}
+
+#[test]
+fn rust_template_http_to_an_origin_not_granted_is_denied() {
+    http_to_an_origin_not_granted_is_denied("rust");
 }
 
 // Python.

@@ -15,6 +15,8 @@ pub struct Request {
     /// Path and query.
     pub path: String,
     pub body: String,
+    /// The body came chunked (`transfer-encoding: chunked`), not with a `content-length`.
+    pub chunked: bool,
 }
 
 /// The stub's answer.
@@ -156,6 +158,7 @@ fn serve(stream: TcpStream, requests: &Mutex<Vec<Request>>, handler: &Handler) {
         method,
         path,
         body: String::from_utf8_lossy(&body).into_owned(),
+        chunked,
     };
     let reply = handler(&request);
     if let Ok(mut r) = requests.lock() {

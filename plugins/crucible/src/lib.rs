@@ -14,8 +14,8 @@
 
 use serde_json::{Map, Value, json};
 use std::time::Duration;
-use taskhost_sdk::{Failure, Result, tasks};
-use wstd::http::{Body, Client, ErrorCode, Method, Request};
+use taskhost_sdk::http::{HttpError, Request};
+use taskhost_sdk::{Failure, Kind, Result, tasks};
 
 tasks! {
     /// Runs `code` in the executor service and stores the outcome.
@@ -25,13 +25,13 @@ tasks! {
         let executor = service_url("executor_service_url")?;
         let storage = service_url("storage_service_url")?;
         let answer = call(
-            Method::POST,
+            "POST",
             &format!("{executor}/execute"),
             Some(json!({"eval_id": eval_id, "code": code, "language": language})),
             "executor",
         )?;
         call(
-            Method::PUT,
+            "PUT",
             &format!("{storage}/evaluations/{}", path_segment(&eval_id)),
             Some(answer.clone()),
             "storage",
@@ -53,7 +53,7 @@ tasks! {
         let hours = max_age_hours.unwrap_or(24);
         let storage = service_url("storage_service_url")?;
         let answer = call(
-            Method::DELETE,
+            "DELETE",
             &format!("{storage}/evaluations?older_than_hours={hours}"),
             None,
             "storage",
@@ -125,76 +125,43 @@ fn deleted_count(answer: &Value) -> Option<u64> {
 
 /// One HTTP call; the answer's JSON (null for an empty body). Transport errors and 5xx ask for
 /// a retry, 4xx fail with the service's message, a denied origin fails as `CapabilityDenied`.
-fn call(method: Method, url: &str, body: Option<Value>, service: &str) -> Result<Value> {
-    wstd::runtime::block_on(async {
-        let mut client = Client::new();
-        client.set_connect_timeout(TIMEOUT);
-        client.set_first_byte_timeout(TIMEOUT);
-        let request = Request::builder()
-            .method(method.clone())
-            .uri(url)
-            .header("content-type", "application/json");
-        let body = match &body {
-            Some(value) => Body::from(value.to_string()),
-            None => Body::empty(),
-        };
-        let request = request
-            .body(body)
-            .map_err(|e| Failure::error("ValueError", format!("bad {service} URL {url:?}: {e}")))?;
-        let mut response = match client.send(request).await {
-            Ok(response) => response,
-            Err(error) => return Err(transport_failure(service, url, &error)),
-        };
-        let status = response.status();
-        let text = response
-            .body_mut()
-            .str_contents()
-            .await
-            .map(str::to_owned)
-            .map_err(|e| {
-                Failure::retry(
-                    "ConnectionError",
-                    format!("{service} {method} {url}: reading the answer: {e}"),
-                )
-            })?;
-        if status.is_server_error() {
-            return Err(Failure::retry(
-                "ServiceUnavailable",
-                format!(
-                    "{service} {method} {url} answered {status}: {}",
-                    service_message(&text)
-                ),
-            ));
-        }
-        if !status.is_success() {
-            return Err(Failure::error(
-                "HTTPError",
-                format!(
-                    "{service} {method} {url} answered {status}: {}",
-                    service_message(&text)
-                ),
-            ));
-        }
-        if text.trim().is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_str(&text).map_err(|e| {
-            Failure::error(
-                "ValueError",
-                format!("{service} answered with invalid JSON: {e}"),
-            )
-        })
-    })
-}
-
-fn transport_failure(service: &str, url: &str, error: &wstd::http::Error) -> Failure {
-    if let Some(ErrorCode::HttpRequestDenied) = error.downcast_ref::<ErrorCode>() {
-        return Failure::error(
-            "CapabilityDenied",
-            format!("{service} {url}: this plugin is not allowed to reach that origin"),
-        );
+/// A body goes out with `Content-Length`.
+fn call(method: &str, url: &str, body: Option<Value>, service: &str) -> Result<Value> {
+    let mut request = Request::new(method, url).timeout(TIMEOUT);
+    if let Some(body) = &body {
+        request = request.json(body)?;
     }
-    Failure::retry("ConnectionError", format!("{service} {url}: {error:#}"))
+    let response = request.send().map_err(|error| match error {
+        HttpError::Denied(_) | HttpError::Invalid(_) => Failure::from(error),
+        HttpError::Timeout(_) | HttpError::Connection(_) => {
+            Failure::retry(Kind::ConnectionError, format!("{service} {url}: {error}"))
+        }
+    })?;
+    let (status, text) = (response.status, response.text());
+    if status >= 500 {
+        return Err(Failure::retry(
+            "ServiceUnavailable",
+            format!(
+                "{service} {method} {url} answered {status}: {}",
+                service_message(&text)
+            ),
+        ));
+    }
+    if !(200..300).contains(&status) {
+        return Err(Failure::error(
+            "HTTPError",
+            format!(
+                "{service} {method} {url} answered {status}: {}",
+                service_message(&text)
+            ),
+        ));
+    }
+    response.json().map_err(|e| {
+        Failure::error(
+            Kind::ValueError,
+            format!("{service} answered with invalid JSON: {e}"),
+        )
+    })
 }
 
 /// The message in a service's error answer: FastAPI's `detail`, or `error`/`message`, or the text.

@@ -87,3 +87,48 @@ tasks! {
         Ok(retries)
     }
 }
+
+// The tasks as plain functions on the author's machine (`cargo test -p demo`), the host's
+// imports answered by the SDK's test double.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use taskhost_sdk::testing::FakeHost;
+
+    #[test]
+    fn add_overflowing_fails_as_an_overflow_error() {
+        FakeHost::new();
+        assert_eq!(add(2, 3).ok(), Some(5));
+        assert!(add(i64::MAX, 1).is_err());
+    }
+
+    #[test]
+    fn progress_reports_each_step_then_returns_the_count() {
+        let host = FakeHost::new();
+        assert_eq!(progress(3).ok(), Some(3));
+        let reported = host.progress();
+        assert_eq!(reported.len(), 3);
+        assert_eq!(
+            reported[2],
+            ("PROGRESS".to_owned(), json!({"current": 3, "total": 3}))
+        );
+    }
+
+    #[test]
+    fn retry_asks_again_until_its_retry_count_reaches_times() {
+        FakeHost::new().retries(1);
+        assert!(retry(2).is_err(), "retry 1 of 2 asks again");
+        FakeHost::new().retries(2);
+        assert_eq!(retry(2).ok(), Some(2));
+    }
+
+    #[test]
+    fn send_records_the_signature_it_sent() {
+        let host = FakeHost::new();
+        let id = send("demo.add".into(), vec![json!(1), json!(2)]);
+        assert!(id.is_ok());
+        assert_eq!(host.sent()[0]["task"], "demo.add");
+        assert_eq!(host.sent()[0]["args"], json!([1, 2]));
+    }
+}

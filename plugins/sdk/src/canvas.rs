@@ -76,7 +76,7 @@ impl Signature {
     /// Sends it; returns the id of its result (a group's id for a group, the body's for a
     /// chord).
     pub fn send(&self) -> Result<String, String> {
-        crate::bindings::taskhost::plugin::host::send(&self.0.to_string())
+        crate::host::send(&self.0.to_string())
     }
 
     /// The signature as Celery's JSON.

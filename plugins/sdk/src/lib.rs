@@ -36,6 +36,12 @@
 
 mod args;
 pub mod canvas;
+mod error;
+pub mod http;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
+
+pub use error::{Kind, PythonKind};
 
 /// Generated from `wit/plugin.wit`. Plugin authors rarely need it directly.
 #[allow(missing_docs, unsafe_code, clippy::all)]
@@ -49,7 +55,15 @@ pub mod bindings {
 }
 
 use bindings::exports::taskhost::plugin::handler;
-use bindings::taskhost::plugin::host;
+
+/// The host's imports; outside WebAssembly (a plugin's `cargo test`), the test double's.
+mod host {
+    pub use crate::bindings::taskhost::plugin::host::Level;
+    #[cfg(target_arch = "wasm32")]
+    pub use crate::bindings::taskhost::plugin::host::{config, log, send, update_state};
+    #[cfg(not(target_arch = "wasm32"))]
+    pub use crate::testing::host::{config, log, send, update_state};
+}
 use bindings::taskhost::plugin::types;
 use serde::Serialize;
 use std::cell::RefCell;
@@ -108,12 +122,6 @@ impl Failure {
             types::Failure::Reject(_) => {}
         }
         self
-    }
-}
-
-impl<E: std::error::Error> From<E> for Failure {
-    fn from(error: E) -> Self {
-        Failure::error("Exception", error.to_string())
     }
 }
 
@@ -228,6 +236,25 @@ pub fn task() -> TaskContext {
     CURRENT.with(|c| c.borrow().clone())
 }
 
+pub(crate) fn set_current(task: TaskContext) {
+    CURRENT.with(|c| *c.borrow_mut() = task);
+}
+
+/// Time left before the task's soft time limit: none without one, zero once past it. A long
+/// task checks it between steps and wraps up, as a Celery task catches
+/// `SoftTimeLimitExceeded`.
+pub fn soft_time_left() -> Option<std::time::Duration> {
+    let deadline = task().soft_deadline_ms?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let left = u128::from(deadline).saturating_sub(now);
+    Some(std::time::Duration::from_millis(
+        u64::try_from(left).unwrap_or(u64::MAX),
+    ))
+}
+
 /// One of this plugin's config values, as the operator set them in `taskhost.toml`.
 pub fn config(key: &str) -> Option<String> {
     host::config(key)
@@ -296,26 +323,76 @@ pub mod __private {
             Err(failure) => return Err(failure.0),
         };
         let name = task.name.clone();
-        CURRENT.with(|c| {
-            *c.borrow_mut() = TaskContext {
-                id: task.id,
-                name: task.name,
-                retries: task.retries,
-                root_id: task.root_id,
-                parent_id: task.parent_id,
-                soft_deadline_ms: task.soft_deadline_ms,
-                hostname: task.hostname,
-            }
+        set_current(TaskContext {
+            id: task.id,
+            name: task.name,
+            retries: task.retries,
+            root_id: task.root_id,
+            parent_id: task.parent_id,
+            soft_deadline_ms: task.soft_deadline_ms,
+            hostname: task.hostname,
         });
         dispatch(&name, &mut args).map_err(|f| f.0)
     }
 
-    /// Serialises a task function's return value.
-    pub fn output<T: Serialize>(result: Result<T, Failure>) -> Result<String, Failure> {
-        let value = result?;
-        serde_json::to_string(&value)
-            .map_err(|e| Failure::error("EncodeError", format!("result is not JSON: {e}")))
+    /// What a task function may return: a result whose error `?` turns into a [`Failure`],
+    /// or nothing (the result is `null`).
+    pub trait IntoOutcome {
+        fn into_outcome(self) -> Result<String, Failure>;
     }
+
+    impl IntoOutcome for () {
+        fn into_outcome(self) -> Result<String, Failure> {
+            Ok("null".to_owned())
+        }
+    }
+
+    impl<T: Serialize, E: Into<Failure>> IntoOutcome for std::result::Result<T, E> {
+        fn into_outcome(self) -> Result<String, Failure> {
+            let value = self.map_err(Into::into)?;
+            serde_json::to_string(&value)
+                .map_err(|e| Failure::error("EncodeError", format!("result is not JSON: {e}")))
+        }
+    }
+
+    /// Serialises a task function's outcome.
+    pub fn output(outcome: impl IntoOutcome) -> Result<String, Failure> {
+        outcome.into_outcome()
+    }
+
+    /// Calls a function with its arguments as a tuple (what the macro binds).
+    pub trait Apply<Args> {
+        type Output;
+        fn apply(self, args: Args) -> Self::Output;
+    }
+
+    macro_rules! apply {
+        ($($t:ident),*) => {
+            impl<F, R, $($t),*> Apply<($($t,)*)> for F
+            where
+                F: FnOnce($($t),*) -> R,
+            {
+                type Output = R;
+                #[allow(non_snake_case)]
+                fn apply(self, ($($t,)*): ($($t,)*)) -> R {
+                    self($($t),*)
+                }
+            }
+        };
+    }
+    apply!();
+    apply!(A);
+    apply!(A, B);
+    apply!(A, B, C);
+    apply!(A, B, C, D);
+    apply!(A, B, C, D, E);
+    apply!(A, B, C, D, E, G);
+    apply!(A, B, C, D, E, G, H);
+    apply!(A, B, C, D, E, G, H, I);
+    apply!(A, B, C, D, E, G, H, I, J);
+    apply!(A, B, C, D, E, G, H, I, J, K);
+    apply!(A, B, C, D, E, G, H, I, J, K, L);
+    apply!(A, B, C, D, E, G, H, I, J, K, L, M);
 
     pub fn not_served(name: &str) -> Failure {
         Failure::error(
@@ -327,28 +404,33 @@ pub mod __private {
 
 /// Declare a plugin's tasks: each `#[task(name = "...", defaults...)]` function becomes a task.
 ///
-/// Parameters are bound from Celery's `args` (by position) and `kwargs` (by name); each must
-/// implement `serde::Deserialize`. An `Option<T>` parameter may be left out. The function
-/// returns `taskhost_sdk::Result<T>` with `T: serde::Serialize`. Defaults that may follow the
-/// name are the methods of [`TaskDefaults`]: `queue`, `max_retries`, `retry_backoff`,
-/// `retry_backoff_max`, `retry_jitter`, `soft_time_limit`, `time_limit`, `rate_limit`,
-/// `autoretry_for`.
+/// Parameters (`name: Type` or `mut name: Type`) are bound from Celery's `args` (by position)
+/// and `kwargs` (by name); each must implement `serde::Deserialize`. An `Option<T>` parameter
+/// may be left out. The function returns `Result<T, E>` with `T: serde::Serialize` and any
+/// error `?` turns into a [`Failure`] (a standard error, `String`, `&str`, `Failure` itself),
+/// or nothing at all (the result is `null`). Defaults that may follow the name are the methods
+/// of [`TaskDefaults`]: `queue`, `max_retries`, `retry_backoff`, `retry_backoff_max`,
+/// `retry_jitter`, `soft_time_limit`, `time_limit`, `rate_limit`, `autoretry_for`.
 ///
 /// The plugin's version is its crate's `version`. Doc comments may go before or after
-/// `#[task(...)]`, other attributes after it. Use the
-/// macro once per plugin crate: it exports the component's `handler` interface.
+/// `#[task(...)]`, other attributes after it. Use the macro once per plugin crate: it exports
+/// the component's `handler` interface.
 #[macro_export]
 macro_rules! tasks {
     ($(
         $(#[doc = $doc:literal])*
         #[task(name = $name:literal $(, $key:ident = $value:expr)* $(,)?)]
         $(#[$attr:meta])*
-        $vis:vis fn $func:ident ( $($arg:ident : $ty:ty),* $(,)? ) -> $ret:ty $body:block
+        $vis:vis fn $func:ident ( $($(mut)? $arg:ident : $ty:ty),* $(,)? ) $(-> $ret:ty)? $body:block
     )*) => {
         $(
             $(#[doc = $doc])*
             $(#[$attr])*
-            $vis fn $func($($arg: $ty),*) -> $ret $body
+            $vis fn $func($($arg: $ty),*) $(-> $ret)? {
+                // Every parameter may be declared `mut`: each is rebound mutable.
+                $( #[allow(unused_mut)] let mut $arg = $arg; )*
+                $body
+            }
         )*
 
         struct __TaskhostPlugin;
@@ -373,9 +455,12 @@ macro_rules! tasks {
                 $crate::__private::run(task, |name, args| match name {
                     $(
                         $name => {
-                            $( let $arg: $ty = args.next(stringify!($arg))?; )*
+                            // Bound in order, then checked for leftovers, before the call.
+                            let bound = ($(
+                                args.next::<$ty>(stringify!($arg))?,
+                            )*);
                             args.finish()?;
-                            $crate::__private::output($func($($arg),*))
+                            $crate::__private::output($crate::__private::Apply::apply($func, bound))
                         }
                     )*
                     other => ::std::result::Result::Err($crate::__private::not_served(other)),
