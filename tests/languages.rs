@@ -4,63 +4,11 @@
 //! and HTTP granted and denied.
 
 use serde_json::json;
-use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 use taskhost_tests::{
     HttpStub, Process, RedisServer, Reply, ResultFeed, TestDir, target_dir, taskhost_bin,
+    template_wasm,
 };
-
-/// Runs `command` to its end; fails the test with `what` unless it succeeds.
-fn run(command: &mut Command, what: &str) {
-    let status = command
-        .status()
-        .unwrap_or_else(|e| panic!("cannot {what}: {e}"));
-    assert!(status.success(), "{what} failed: {status}");
-}
-
-/// The template of `lang`, written by `taskhost new` as the plugin `<lang>hello` and built by
-/// `taskhost build`, once per test run: its component.
-fn built(lang: &'static str) -> PathBuf {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    static RUST: OnceLock<PathBuf> = OnceLock::new();
-    static JS: OnceLock<PathBuf> = OnceLock::new();
-    let cell = match lang {
-        "python" => &PYTHON,
-        "js" => &JS,
-        _ => &RUST,
-    };
-    cell.get_or_init(|| {
-        let name = format!("{lang}hello");
-        let dir = TestDir::new(&format!("languages-new-{lang}"));
-        let project = dir.path().join(&name);
-        run(
-            Command::new(taskhost_bin())
-                .args(["new", &name, "--lang", lang, "--dir"])
-                .arg(&project),
-            &format!("taskhost new --lang {lang}"),
-        );
-        run(
-            Command::new(taskhost_bin())
-                .arg("build")
-                .current_dir(&project)
-                // Kept across runs: the SDK's dependencies compile once.
-                .env("CARGO_TARGET_DIR", target_dir().join("template-builds"))
-                .env("TASKHOST_CACHE_DIR", target_dir().join("build-cache")),
-            &format!("taskhost build of the {lang} template"),
-        );
-        let wasm = project.join(format!("{name}.wasm"));
-        assert!(wasm.is_file(), "taskhost build wrote {}", wasm.display());
-        // Kept out of the test directory, which the next run replaces.
-        let kept = target_dir()
-            .join("template-builds")
-            .join(format!("{name}.wasm"));
-        std::fs::create_dir_all(kept.parent().expect("a parent")).expect("mkdir");
-        std::fs::copy(&wasm, &kept).expect("keep the template's component");
-        kept
-    })
-    .clone()
-}
 
 /// A worker serving the template of `lang`, granted HTTP to `allow`.
 struct Setup {
@@ -71,7 +19,7 @@ struct Setup {
 }
 
 fn setup(lang: &'static str, test: &str, allow: &[String]) -> Setup {
-    let wasm = built(lang);
+    let wasm = template_wasm(lang);
     let name = format!("{lang}hello");
     let dir = TestDir::new(&format!("languages-{test}"));
     let redis = RedisServer::start(&dir);

@@ -11,12 +11,14 @@ mod feed;
 mod http;
 mod process;
 mod python;
+mod templates;
 
 pub use beside::Beside;
 pub use feed::ResultFeed;
 pub use http::{HttpStub, Reply, Request, get as http_get};
 pub use process::{Process, RedisServer, free_port, signal};
 pub use python::{python, python_in, run_snippet};
+pub use templates::template_wasm;
 
 use base64::Engine as _;
 use serde_json::{Value, json};

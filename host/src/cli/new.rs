@@ -104,10 +104,14 @@ pub fn new(args: &NewArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(&file, text).with_context(|| format!("cannot write {}", file.display()))?;
     }
     println!("{}", dir.display());
+    let language = match args.lang {
+        Lang::Rust => "Rust",
+        Lang::Python => "Python",
+        Lang::Js => "JavaScript",
+    };
     eprintln!(
-        "a {:?} plugin in {}: `cd {} && taskhost build`, then \
+        "a {language} plugin in {}: `cd {} && taskhost build`, then \
          `taskhost exec {}.wasm {}.add --args '[2, 3]'`",
-        args.lang,
         dir.display(),
         dir.display(),
         args.name,
