@@ -6,8 +6,8 @@
 use serde_json::json;
 use std::process::Command;
 use taskhost_tests::{
-    HttpStub, Process, RedisServer, Reply, ResultFeed, TestDir, target_dir, taskhost_bin,
-    template_wasm,
+    Client, HttpStub, Process, RedisServer, Reply, ResultFeed, TestDir, target_dir, taskhost_bin,
+    template_wasm, wait_for_within,
 };
 
 /// A worker serving the template of `lang`, granted HTTP to `allow`.
@@ -332,4 +332,59 @@ fn readme_quickstart_for_python_runs_as_written() {
 #[test]
 fn readme_quickstart_for_js_runs_as_written() {
     readme_quickstart_runs_as_written("js");
+}
+
+// The author's loop: `taskhost dev --watch`.
+
+#[test]
+fn dev_watch_rebuilds_a_changed_plugin_and_the_worker_serves_the_new_code() {
+    // The Rust template's dependencies compiled once, so each build here is the plugin's own.
+    template_wasm("rust");
+    let dir = TestDir::new("languages-dev-watch");
+    let redis = RedisServer::start(&dir);
+    let project = dir.path().join("watched");
+    let made = Command::new(taskhost_bin())
+        .args(["new", "watched", "--lang", "rust", "--dir"])
+        .arg(&project)
+        .status()
+        .expect("taskhost new");
+    assert!(made.success());
+    let plugins = dir.path().join("plugins");
+    let mut command = Command::new(taskhost_bin());
+    command
+        .args([
+            "dev",
+            "--broker",
+            &redis.url(0),
+            "--result-backend",
+            &redis.url(1),
+            "-p",
+        ])
+        .arg(&plugins)
+        .arg("--watch")
+        .arg(&project)
+        .env("CARGO_TARGET_DIR", target_dir().join("template-builds"))
+        .env("TASKHOST_CACHE_DIR", target_dir().join("build-cache"));
+    let _dev = Process::spawn(&dir, "dev.log", command);
+    let mut client = Client::new(&redis);
+    let add = |client: &mut Client| {
+        let id = client.send("watched.add", json!([2, 3]));
+        client.result(&id)["result"].clone()
+    };
+    // Bounded generously: a build is cargo's, on a loaded 2-core machine.
+    let within = std::time::Duration::from_secs(120);
+    wait_for_within("the first build served", within, || {
+        (add(&mut client) == 5).then_some(())
+    });
+    let source = project.join("src").join("lib.rs");
+    let code = std::fs::read_to_string(&source).expect("read the source");
+    let changed = code.replace(
+        "x.checked_add(y)",
+        "x.checked_add(y).and_then(|s| s.checked_add(100))",
+    );
+    assert_ne!(code, changed, "the template's add changed");
+    std::fs::write(&source, changed).expect("edit the source");
+    wait_for_within("the rebuilt plugin served", within, || {
+        (add(&mut client) == 105).then_some(())
+    });
 }

@@ -16,6 +16,7 @@ mod fleet;
 mod new;
 mod schedule;
 mod task;
+mod watch;
 mod worker;
 
 use crate::config::WorkerFlags;
@@ -60,7 +61,7 @@ pub enum Command {
     Worker(WorkerFlags),
     /// Try it out: a worker on a private redis-server (unless a broker is given) that stops
     /// with it, with the plugins of a directory.
-    Dev(WorkerFlags),
+    Dev(worker::DevArgs),
     /// Send a task, as Celery's `send_task` would; with --wait, print its result.
     Call(task::CallArgs),
     /// Run one task in a plugin file, locally, without Redis: the plugin author's loop.
@@ -180,7 +181,7 @@ fn init_logging(level: LogLevel, format: LogFormat) {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Worker(flags) => worker::worker(&flags).await?,
-        Command::Dev(flags) => worker::dev(&flags).await?,
+        Command::Dev(args) => worker::dev(&args).await?,
         Command::Call(args) => return task::call(&args).await,
         Command::Exec(args) => return task::exec(&args).await,
         Command::New(args) => return new::new(&args),

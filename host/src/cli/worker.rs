@@ -13,8 +13,26 @@ pub async fn worker(flags: &WorkerFlags) -> anyhow::Result<()> {
     crate::worker::run(config, signals.nth(1), signals.nth(2)).await
 }
 
-pub async fn dev(flags: &WorkerFlags) -> anyhow::Result<()> {
-    let (file, _) = FileConfig::load(flags.config.as_deref())?;
+/// `taskhost dev`: the worker's flags, and plugin projects to rebuild on change.
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    #[command(flatten)]
+    pub flags: WorkerFlags,
+    /// A plugin project (Rust, Python or JavaScript) to build into the plugin directory now and
+    /// again whenever its sources change; the worker hot-reloads it. May be given more than
+    /// once.
+    #[arg(long, value_name = "DIR")]
+    pub watch: Vec<std::path::PathBuf>,
+}
+
+pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
+    let flags = &args.flags;
+    let (file, path) = FileConfig::load(flags.config.as_deref())?;
+    if !args.watch.is_empty() {
+        // Where the builds go; it may not exist yet.
+        let plugins = crate::config::resolve::configured_plugins_dir(flags, &file, path.as_deref());
+        std::fs::create_dir_all(&plugins)?;
+    }
     let configured = flags.broker.is_some() || file.worker.broker_url.is_some();
     let redis = if configured {
         None
@@ -43,6 +61,7 @@ pub async fn dev(flags: &WorkerFlags) -> anyhow::Result<()> {
         redact(&config.broker_url),
         config.plugins_dir.display()
     );
+    let _watchers = super::watch::start(&args.watch, &config.plugins_dir)?;
     let signals = signals();
     crate::worker::run(config, signals.nth(1), signals.nth(2)).await
 }

@@ -249,16 +249,26 @@ fn urls(
 
 /// The plugin directory: it must exist. Absolute, as the file-system watcher reports paths: a
 /// relative directory would never match them, and files dropped in would not be loaded.
+/// The plugin directory the flags or the config file name (`./plugins.d` by default), whether
+/// or not it exists.
+pub fn configured_plugins_dir(
+    flags: &WorkerFlags,
+    file: &FileConfig,
+    config: Option<&Path>,
+) -> PathBuf {
+    match (&flags.plugins, &file.worker.plugins) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(dir)) => relative_to_config(dir, config),
+        (None, None) => PathBuf::from("plugins.d"),
+    }
+}
+
 fn plugins_dir(
     flags: &WorkerFlags,
     file: &FileConfig,
     config: Option<&Path>,
 ) -> anyhow::Result<PathBuf> {
-    let dir = match (&flags.plugins, &file.worker.plugins) {
-        (Some(dir), _) => dir.clone(),
-        (None, Some(dir)) => relative_to_config(dir, config),
-        (None, None) => PathBuf::from("plugins.d"),
-    };
+    let dir = configured_plugins_dir(flags, file, config);
     if !dir.is_dir() {
         bail!(
             "plugin directory {} does not exist: pass --plugins DIR (a folder of .wasm files)",

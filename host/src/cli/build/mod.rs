@@ -42,27 +42,38 @@ enum Language {
 
 /// Builds the plugin in `args.dir`; prints where the component went.
 pub fn build(args: &BuildArgs) -> anyhow::Result<ExitCode> {
-    let dir = args
-        .dir
+    let output = build_to(&args.dir, |name| {
+        args.output
+            .clone()
+            .unwrap_or_else(|| args.dir.join(format!("{name}.wasm")))
+    })?;
+    println!("{}", output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds the plugin in `dir` into `<plugins>/NAME.wasm` (what `dev --watch` does on each
+/// change); returns the file.
+pub fn build_into(dir: &Path, plugins: &Path) -> anyhow::Result<PathBuf> {
+    build_to(dir, |name| plugins.join(format!("{name}.wasm")))
+}
+
+/// Builds the plugin in `dir` and places it where `output` says for its name.
+fn build_to(dir: &Path, output: impl FnOnce(&str) -> PathBuf) -> anyhow::Result<PathBuf> {
+    let dir = dir
         .canonicalize()
-        .with_context(|| format!("no plugin directory {}", args.dir.display()))?;
-    let language = language(&dir)?;
-    let built = match language {
+        .with_context(|| format!("no plugin directory {}", dir.display()))?;
+    let built = match language(&dir)? {
         Language::Rust => rust::build(&dir)?,
         Language::Python => python::build(&dir)?,
         Language::Js => js::build(&dir)?,
     };
-    let output = args
-        .output
-        .clone()
-        .unwrap_or_else(|| dir.join(format!("{}.wasm", built.name)));
+    let output = output(&built.name);
     let placed = place(&built.component, &output);
     if built.temporary {
         let _ = std::fs::remove_file(&built.component);
     }
     placed?;
-    println!("{}", output.display());
-    Ok(ExitCode::SUCCESS)
+    Ok(output)
 }
 
 /// What a language's build made.

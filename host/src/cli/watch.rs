@@ -1,0 +1,96 @@
+//! `taskhost dev --watch DIR`: builds the plugin in DIR into the worker's plugin directory at
+//! start and again whenever its sources change; the worker's own watcher then hot-reloads it.
+//! A failed build says so and leaves the running version serving.
+
+use super::build;
+use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long sources must be left alone before a build: an editor's save is several events.
+const QUIET: Duration = Duration::from_millis(300);
+
+/// Watches `project`; dropping the watcher ends the rebuilds.
+///
+/// # Errors
+/// When `project` cannot be watched.
+pub fn rebuild_on_change(project: &Path, plugins: &Path) -> anyhow::Result<RecommendedWatcher> {
+    let project = project.canonicalize()?;
+    let root = project.clone();
+    let (tx, rx) = mpsc::channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && event
+                .paths
+                .iter()
+                .any(|p| p.strip_prefix(&root).is_ok_and(is_source))
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&project, RecursiveMode::Recursive)?;
+    let plugins = plugins.to_path_buf();
+    std::thread::Builder::new()
+        .name("taskhost-dev-watch".into())
+        .spawn(move || {
+            build_once(&project, &plugins);
+            // Ends when the watcher (the sender's owner) is dropped.
+            while rx.recv().is_ok() {
+                while rx.recv_timeout(QUIET).is_ok() {}
+                build_once(&project, &plugins);
+            }
+        })?;
+    Ok(watcher)
+}
+
+fn build_once(project: &Path, plugins: &Path) {
+    eprintln!("taskhost dev: building {}", project.display());
+    match build::build_into(project, plugins) {
+        Ok(file) => eprintln!(
+            "taskhost dev: built {}; the worker loads it",
+            file.display()
+        ),
+        Err(e) => eprintln!("taskhost dev: the build failed, the running version stays: {e:#}"),
+    }
+}
+
+/// Whether a change to `path` (relative to the project) can change the plugin: not what builds
+/// write (`target`, `node_modules`, `__pycache__`, components) nor dot-files.
+fn is_source(path: &Path) -> bool {
+    let skipped = |name: &str| {
+        name.starts_with('.')
+            || matches!(name, "target" | "node_modules" | "__pycache__")
+            || name.ends_with(".wasm")
+    };
+    !path
+        .components()
+        .filter_map(|c| c.as_os_str().to_str())
+        .any(skipped)
+}
+
+/// Starts `--watch` for each project.
+///
+/// # Errors
+/// When one cannot be watched.
+pub fn start(projects: &[PathBuf], plugins: &Path) -> anyhow::Result<Vec<RecommendedWatcher>> {
+    projects
+        .iter()
+        .map(|p| rebuild_on_change(p, plugins))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_outputs_and_dot_files_are_not_sources() {
+        assert!(is_source(Path::new("src/lib.rs")));
+        assert!(is_source(Path::new("app.py")));
+        assert!(!is_source(Path::new("target/release/x.wasm")));
+        assert!(!is_source(Path::new("__pycache__/app.pyc")));
+        assert!(!is_source(Path::new(".app.py.swp")));
+        assert!(!is_source(Path::new("greet.wasm")));
+    }
+}
