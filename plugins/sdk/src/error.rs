@@ -90,12 +90,6 @@ impl std::fmt::Display for Kind {
     }
 }
 
-/// An error that knows its Python kind (the SDK's own, such as [`crate::http::HttpError`]).
-pub trait PythonKind {
-    /// The exception type `.get()` raises for it.
-    fn python_kind(&self) -> Kind;
-}
-
 impl<E> From<E> for Failure
 where
     E: Into<Box<dyn Error + Send + Sync>> + 'static,

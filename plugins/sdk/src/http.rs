@@ -16,7 +16,7 @@
 //! Python would raise: `CapabilityDenied` for an origin the operator did not grant,
 //! `TimeoutError`, `ConnectionError`, `ValueError` for a URL that is not one.
 
-use crate::error::{Kind, PythonKind};
+use crate::error::Kind;
 use std::time::Duration;
 use wasip2::http::outgoing_handler;
 use wasip2::http::types::{
@@ -54,8 +54,9 @@ impl std::fmt::Display for HttpError {
 
 impl std::error::Error for HttpError {}
 
-impl PythonKind for HttpError {
-    fn python_kind(&self) -> Kind {
+impl HttpError {
+    /// The exception type `.get()` raises for it (what `?` on it fails the task with).
+    pub fn python_kind(&self) -> Kind {
         match self {
             Self::Denied(_) => Kind::CapabilityDenied,
             Self::Timeout(_) => Kind::TimeoutError,

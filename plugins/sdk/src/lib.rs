@@ -41,7 +41,7 @@ pub mod http;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
-pub use error::{Kind, PythonKind};
+pub use error::Kind;
 
 /// Generated from `wit/plugin.wit`. Plugin authors rarely need it directly.
 #[allow(missing_docs, unsafe_code, clippy::all)]

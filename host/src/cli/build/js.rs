@@ -3,7 +3,7 @@
 //! its whole tree pinned by the lock this binary carries. Never `--aot`: weval downloads a
 //! binary at first use.
 
-use super::{Built, dir_name, run, sdk, temporary_output};
+use super::{Built, dir_name, made_once, run, sdk, temporary_output};
 use anyhow::{Context as _, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -94,33 +94,22 @@ fn componentize_js(tools: &Path, lock: &Path) -> anyhow::Result<PathBuf> {
         .join("componentize-js")
         .join("src")
         .join("componentize.js");
-    if prefix.join(".ready").is_file() {
-        return Ok(entry);
-    }
-    eprintln!(
-        "installing componentize-js {COMPONENTIZE_JS} from npm (once) into {}",
-        prefix.display()
-    );
-    std::fs::create_dir_all(tools).with_context(|| format!("cannot create {}", tools.display()))?;
-    // Made aside and renamed into place: an interrupted install never looks finished.
-    let staging = tools.join(format!(".staging-js-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging)?;
-    for file in ["package.json", "package-lock.json"] {
-        std::fs::copy(lock.join(file), staging.join(file))
-            .with_context(|| format!("cannot copy the toolchain's {file}"))?;
-    }
-    run(
-        Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-            .current_dir(&staging),
-        "npm ci (is Node.js with npm installed?)",
-    )?;
-    std::fs::write(staging.join(".ready"), COMPONENTIZE_JS)?;
-    if std::fs::rename(&staging, &prefix).is_err() {
-        // Another build finished first: use its install.
-        let _ = std::fs::remove_dir_all(&staging);
-    }
+    made_once(&prefix, "componentize-js install", |staging| {
+        eprintln!(
+            "installing componentize-js {COMPONENTIZE_JS} from npm (once) into {}",
+            prefix.display()
+        );
+        for file in ["package.json", "package-lock.json"] {
+            std::fs::copy(lock.join(file), staging.join(file))
+                .with_context(|| format!("cannot copy the toolchain's {file}"))?;
+        }
+        run(
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(staging),
+            "npm ci (is Node.js with npm installed?)",
+        )
+    })?;
     if !entry.is_file() {
         bail!(
             "componentize-js is not at {} after installing it",

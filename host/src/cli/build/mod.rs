@@ -111,6 +111,39 @@ fn run(command: &mut Command, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes the directory `target` once: `make` fills a staging directory beside it, which is
+/// marked ready and renamed into place, so an interrupted or concurrent making never leaves a
+/// half-made `target` that looks finished. `what` names it in errors.
+fn made_once(
+    target: &Path,
+    what: &str,
+    make: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if target.join(".ready").is_file() {
+        return Ok(());
+    }
+    let parent = target.parent().context("no parent directory")?;
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let staging = parent.join(format!(".staging-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
+    let made = make(&staging).and_then(|()| Ok(std::fs::write(staging.join(".ready"), "")?));
+    if let Err(e) = made {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    if std::fs::rename(&staging, target).is_err() {
+        // Another build finished first: use what it made.
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    if !target.join(".ready").is_file() {
+        bail!("no usable {what} at {} after making it", target.display());
+    }
+    Ok(())
+}
+
 /// The plugin directory's name: a Python or JavaScript plugin's name.
 fn dir_name(dir: &Path) -> anyhow::Result<String> {
     dir.file_name()

@@ -1,8 +1,7 @@
 //! Building a Python plugin (`app.py`): componentize-py, pinned, installed from PyPI into a venv
 //! under the cache directory on first use, with the Python SDK this binary carries.
 
-use super::{Built, dir_name, run, sdk, temporary_output};
-use anyhow::{Context as _, bail};
+use super::{Built, dir_name, made_once, run, sdk, temporary_output};
 use std::path::Path;
 use std::process::Command;
 
@@ -43,52 +42,32 @@ pub(super) fn build(dir: &Path) -> anyhow::Result<Built> {
 /// shebang of its scripts but not `bin/python`).
 fn componentize_py(tools: &Path) -> anyhow::Result<Command> {
     let venv = tools.join(format!("componentize-py-{COMPONENTIZE_PY}"));
-    let python = venv.join("bin").join("python");
-    let command = || {
-        let mut command = Command::new(&python);
-        command.args([
-            "-c",
-            "import sys; from componentize_py import script; \
-             sys.argv[0] = 'componentize-py'; sys.exit(script())",
-        ]);
-        command
-    };
-    if venv.join(".ready").is_file() {
-        return Ok(command());
-    }
-    eprintln!(
-        "installing componentize-py {COMPONENTIZE_PY} from PyPI (once) into {}",
-        venv.display()
-    );
-    std::fs::create_dir_all(tools).with_context(|| format!("cannot create {}", tools.display()))?;
-    // Made aside and renamed into place: an interrupted install never looks finished.
-    let staging = tools.join(format!(".staging-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    run(
-        Command::new("python3").args(["-m", "venv"]).arg(&staging),
-        "create a venv (python3 -m venv; on Debian: apt-get install python3-venv)",
-    )?;
-    run(
-        Command::new(staging.join("bin").join("python")).args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            &format!("componentize-py=={COMPONENTIZE_PY}"),
-        ]),
-        "pip install componentize-py",
-    )?;
-    std::fs::write(staging.join(".ready"), COMPONENTIZE_PY)?;
-    if std::fs::rename(&staging, &venv).is_err() {
-        // Another build finished first: use its venv.
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    if !venv.join(".ready").is_file() {
-        bail!(
-            "no usable venv at {} after installing componentize-py",
+    made_once(&venv, "componentize-py venv", |staging| {
+        eprintln!(
+            "installing componentize-py {COMPONENTIZE_PY} from PyPI (once) into {}",
             venv.display()
         );
-    }
-    Ok(command())
+        run(
+            Command::new("python3").args(["-m", "venv"]).arg(staging),
+            "create a venv (python3 -m venv; on Debian: apt-get install python3-venv)",
+        )?;
+        run(
+            Command::new(staging.join("bin").join("python")).args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                &format!("componentize-py=={COMPONENTIZE_PY}"),
+            ]),
+            "pip install componentize-py",
+        )
+    })?;
+    let mut command = Command::new(venv.join("bin").join("python"));
+    command.args([
+        "-c",
+        "import sys; from componentize_py import script; \
+         sys.argv[0] = 'componentize-py'; sys.exit(script())",
+    ]);
+    Ok(command)
 }

@@ -86,22 +86,17 @@ pub(super) fn written(root: &Path) -> anyhow::Result<PathBuf> {
         .map(|b| format!("{b:02x}"))
         .collect();
     let sdk = root.join(digest);
-    if sdk.join(".ready").is_file() {
-        return Ok(sdk);
-    }
-    let staging = root.join(format!(".staging-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    for (path, text) in SDK_FILES {
-        let file = staging.join(path);
-        if let Some(parent) = file.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
+    super::made_once(&sdk, "SDK", |staging| {
+        for (path, text) in SDK_FILES {
+            let file = staging.join(path);
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            std::fs::write(&file, text)
+                .with_context(|| format!("cannot write {}", file.display()))?;
         }
-        std::fs::write(&file, text).with_context(|| format!("cannot write {}", file.display()))?;
-    }
-    std::fs::write(staging.join(".ready"), "")?;
-    if std::fs::rename(&staging, &sdk).is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
+        Ok(())
+    })?;
     Ok(sdk)
 }
