@@ -388,3 +388,86 @@ fn dev_watch_rebuilds_a_changed_plugin_and_the_worker_serves_the_new_code() {
         (add(&mut client) == 105).then_some(())
     });
 }
+
+// The Rust SDK's `tasks!` refusing a malformed function, as its author meets the error.
+
+/// What `cargo check` says of the Rust template with its `add` task replaced by `item`: the
+/// compiler's output, checked to be a failure.
+fn compiler_says(test: &str, item: &str) -> String {
+    let dir = TestDir::new(&format!("languages-macro-{test}"));
+    let project = dir.path().join("malformed");
+    let made = Command::new(taskhost_bin())
+        .args(["new", "malformed", "--lang", "rust", "--dir"])
+        .arg(&project)
+        .status()
+        .expect("taskhost new");
+    assert!(made.success());
+    let source = project.join("src").join("lib.rs");
+    let code = std::fs::read_to_string(&source).expect("read the source");
+    let add = "    #[task(name = \"malformed.add\")]\n    fn add(x: i64, y: i64) -> Result<i64> {";
+    assert!(code.contains(add), "the template's add task");
+    std::fs::write(&source, code.replace(add, item)).expect("write the malformed source");
+    let out = Command::new("cargo")
+        .args(["check", "--quiet", "--color", "never"])
+        .current_dir(&project)
+        .env("CARGO_TARGET_DIR", target_dir().join("template-builds"))
+        .output()
+        .expect("run cargo check");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "the malformed plugin compiled:\n{stderr}"
+    );
+    stderr
+}
+
+/// The line of the template's `lib.rs` the replaced `add` task starts on (its `#[task]`).
+fn add_line() -> usize {
+    let template = include_str!("../plugins/templates/rust/src/lib.rs");
+    1 + template
+        .lines()
+        .position(|l| l.contains("#[task(name = \"{{name}}.add\")]"))
+        .expect("the template's add task")
+}
+
+#[test]
+fn tasks_macro_refuses_an_async_function_at_its_name() {
+    let stderr = compiler_says(
+        "async",
+        "    #[task(name = \"malformed.add\")]\n    async fn add(x: i64, y: i64) -> Result<i64> {",
+    );
+    assert!(
+        stderr.contains("a task function cannot be `async`"),
+        "{stderr}"
+    );
+    let at = format!("src/lib.rs:{}:", add_line() + 1);
+    assert!(stderr.contains(&at), "the error is at {at}:\n{stderr}");
+}
+
+#[test]
+fn tasks_macro_refuses_a_pattern_parameter_at_the_functions_name() {
+    let stderr = compiler_says(
+        "pattern",
+        "    #[task(name = \"malformed.add\")]\n    fn add((x, y): (i64, i64)) -> Result<i64> {",
+    );
+    assert!(
+        stderr.contains("must be `name: Type` or `mut name: Type`"),
+        "{stderr}"
+    );
+    let at = format!("src/lib.rs:{}:", add_line() + 1);
+    assert!(stderr.contains(&at), "the error is at {at}:\n{stderr}");
+}
+
+#[test]
+fn tasks_macro_refuses_a_function_without_a_task_name_at_its_name() {
+    let stderr = compiler_says(
+        "unnamed",
+        "    #[task(max_retries = 3)]\n    fn add(x: i64, y: i64) -> Result<i64> {",
+    );
+    assert!(
+        stderr.contains("write `#[task(name = \"plugin.task\""),
+        "{stderr}"
+    );
+    let at = format!("src/lib.rs:{}:", add_line());
+    assert!(stderr.contains(&at), "the error is at {at}:\n{stderr}");
+}

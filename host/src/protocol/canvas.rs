@@ -25,15 +25,30 @@ pub enum Step {
     Publish(Box<NewTask>),
 }
 
+/// The queues tasks declared for themselves (Celery's task `queue` option), by task name.
+pub trait Routes: Sync {
+    fn declared_queue(&self, task: &str) -> Option<&str>;
+}
+
+/// No task declares a queue.
+impl Routes for () {
+    fn declared_queue(&self, _: &str) -> Option<&str> {
+        None
+    }
+}
+
 /// Where signatures are applied from: the task that applies them, and the worker's defaults.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Origin<'a> {
     /// The task applying them (their `parent_id`), if any.
     pub parent_id: Option<&'a str>,
     /// The workflow's root id, if any (else each published task is its own root).
     pub root_id: Option<&'a str>,
-    /// The queue of a signature that names none (Celery's `task_default_queue`).
+    /// The queue of a signature that names none and whose task declares none (Celery's
+    /// `task_default_queue`).
     pub default_queue: &'a str,
+    /// The queue a task declared, for a signature naming none.
+    pub routes: &'a dyn Routes,
     pub now: OffsetDateTime,
 }
 
@@ -221,9 +236,13 @@ fn send_task(sig: Signature, call: Call, origin: &Origin<'_>, steps: &mut Vec<St
     let task = NewTask {
         args: Value::Array(sig.merged_args(call.partial)),
         kwargs: Value::Object(sig.kwargs.clone()),
-        queue: sig
-            .option_text("queue")
-            .unwrap_or_else(|| origin.default_queue.to_owned()),
+        queue: sig.option_text("queue").unwrap_or_else(|| {
+            origin
+                .routes
+                .declared_queue(&sig.task)
+                .unwrap_or(origin.default_queue)
+                .to_owned()
+        }),
         priority: options
             .get("priority")
             .and_then(Value::as_u64)

@@ -5,6 +5,7 @@ fn origin() -> Origin<'static> {
         parent_id: Some("parent"),
         root_id: Some("root"),
         default_queue: "celery",
+        routes: &(),
         now: OffsetDateTime::UNIX_EPOCH,
     }
 }
@@ -183,4 +184,41 @@ fn every_task_a_signature_would_send_is_named() {
     let mut names = crate::protocol::signature::task_names(&chord);
     names.sort();
     assert_eq!(names, ["a", "body", "on_error", "on_ok"]);
+}
+
+/// `evaluate_code` declares the queue `evaluations`.
+struct Declared;
+
+impl Routes for Declared {
+    fn declared_queue(&self, task: &str) -> Option<&str> {
+        (task == "evaluate_code").then_some("evaluations")
+    }
+}
+
+#[test]
+fn a_signature_naming_no_queue_goes_to_the_queue_its_task_declared() {
+    let origin = Origin {
+        routes: &Declared,
+        ..origin()
+    };
+    let queues = |sig: Value| {
+        let mut steps = Vec::new();
+        apply(&sig, Vec::new(), &origin, &mut steps).expect("applies");
+        published(&steps)
+            .iter()
+            .map(|t| t.queue.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        queues(sig("evaluate_code", json!([]), json!({}))),
+        ["evaluations"]
+    );
+    assert_eq!(
+        queues(sig("evaluate_code", json!([]), json!({"queue": "urgent"}))),
+        ["urgent"]
+    );
+    assert_eq!(
+        queues(sig("demo.add", json!([1, 2]), json!({}))),
+        ["celery"]
+    );
 }

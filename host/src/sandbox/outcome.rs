@@ -14,7 +14,8 @@ pub enum Outcome {
     Success(Box<RawValue>),
     /// The plugin asked to run again.
     Retry {
-        /// Seconds to wait, finite and not negative; none for the task's backoff.
+        /// Seconds to wait, finite and not negative (a negative one is 0, a NaN or infinite one
+        /// fails the task with ValueError); none for the task's backoff.
         countdown: Option<f64>,
         reason: Exception,
     },
@@ -123,9 +124,27 @@ fn from_wit(failure: WitFailure) -> Outcome {
             };
             Outcome::Failure(Failure { kind, exception })
         }
-        WitFailure::Retry(r) => Outcome::Retry {
-            countdown: r.countdown.filter(|c| c.is_finite() && *c >= 0.0),
-            reason: exception(r.reason),
+        WitFailure::Retry(r) => match r.countdown {
+            // Celery's `retry(countdown=nan)` raises ValueError in the task; so does this.
+            Some(c) if !c.is_finite() => Outcome::Failure(Failure {
+                kind: FailureKind::Plugin,
+                exception: Exception {
+                    kind: "ValueError".into(),
+                    message: format!(
+                        "retry countdown must be a finite number of seconds, not {c} (retrying: {})",
+                        cut(&r.reason.message, ERROR_MESSAGE_BYTES)
+                    ),
+                    traceback: r
+                        .reason
+                        .traceback
+                        .map(|t| cut(&t, TRACEBACK_BYTES).into_owned()),
+                },
+            }),
+            // An eta in the past, as in Celery: the retry is due at once.
+            countdown => Outcome::Retry {
+                countdown: countdown.map(|c| c.max(0.0)),
+                reason: exception(r.reason),
+            },
         },
         WitFailure::Reject(reason) => {
             Outcome::Reject(cut(&reason, ERROR_MESSAGE_BYTES).into_owned())
@@ -203,6 +222,7 @@ pub fn trapped(error: &wasmtime::Error, stderr: &str, stdout: &str) -> Outcome {
 
 #[cfg(test)]
 mod tests {
+    use super::super::bindings::taskhost::plugin::types::RetryRequest;
     use super::*;
 
     #[test]
@@ -269,5 +289,43 @@ mod tests {
             kind(Outcome::returned(Err(denied), 16)),
             Some(FailureKind::Capability)
         );
+    }
+
+    fn retry_in(countdown: f64) -> Outcome {
+        let request = WitFailure::Retry(RetryRequest {
+            countdown: Some(countdown),
+            reason: TaskError {
+                kind: "ConnectionError".into(),
+                message: "not yet".into(),
+                traceback: None,
+            },
+        });
+        Outcome::returned(Err(request), 16)
+    }
+
+    #[test]
+    fn a_retry_countdown_in_the_past_is_due_at_once() {
+        assert!(matches!(retry_in(-5.0), Outcome::Retry { countdown: Some(c), .. } if c == 0.0));
+        assert!(matches!(retry_in(2.5), Outcome::Retry { countdown: Some(c), .. } if c == 2.5));
+    }
+
+    #[test]
+    fn a_retry_countdown_that_is_not_a_number_fails_the_task_with_value_error() {
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let Outcome::Failure(failure) = retry_in(bad) else {
+                panic!("a failure for {bad}");
+            };
+            assert_eq!(failure.kind, FailureKind::Plugin);
+            assert_eq!(failure.exception.kind, "ValueError");
+            assert!(
+                failure
+                    .exception
+                    .message
+                    .contains("finite number of seconds")
+                    && failure.exception.message.contains("not yet"),
+                "{}",
+                failure.exception.message
+            );
+        }
     }
 }

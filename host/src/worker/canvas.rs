@@ -8,7 +8,7 @@
 
 use super::Shared;
 use crate::config::Grants;
-use crate::plugins::Plugin;
+use crate::plugins::{Plugin, Registry};
 use crate::protocol::canvas::{self, CanvasError, Origin, Step};
 use crate::protocol::signature::task_names;
 use crate::protocol::{Exception, Meta, State, TaskMessage, exception_document, parse, pyrepr};
@@ -71,11 +71,12 @@ async fn workflow_step<T, F: Future<Output = Result<T, RedisError>>>(
     }
 }
 
-fn origin<'a>(parent_id: &'a str, root_id: &'a str) -> Origin<'a> {
+fn origin<'a>(routes: &'a Registry, parent_id: &'a str, root_id: &'a str) -> Origin<'a> {
     Origin {
         parent_id: Some(parent_id),
         root_id: Some(root_id),
         default_queue: DEFAULT_QUEUE,
+        routes,
         now: OffsetDateTime::now_utc(),
     }
 }
@@ -96,7 +97,8 @@ pub(super) async fn after_success(
         return Ok(follow);
     }
     let mut steps = Vec::new();
-    let origin = origin(&message.id, root_of(message));
+    let routes = shared.plugins.registry();
+    let origin = origin(&routes, &message.id, root_of(message));
     follow.children = canvas::succeeded(embed, &parse(result), &origin, &mut steps)?;
     carry_out(&shared.backend, steps, &mut follow.publish).await;
     Ok(follow)
@@ -119,7 +121,8 @@ pub(super) async fn after_failure(
         &mut follow,
     )
     .await;
-    let origin = origin(&message.id, root_id);
+    let routes = shared.plugins.registry();
+    let origin = origin(&routes, &message.id, root_id);
     send_errbacks(shared, &message.embed.errbacks, &origin, &mut follow).await;
     follow
 }
@@ -207,7 +210,8 @@ fn part_returned<'a>(
             return;
         };
         follow.completed.push((part.group_id.to_owned(), token));
-        let origin = origin(part.task_id, root_id);
+        let routes = shared.plugins.registry();
+        let origin = origin(&routes, part.task_id, root_id);
         let called = match join(&parts) {
             Ok(results) => {
                 let mut steps = Vec::new();
@@ -298,7 +302,9 @@ async fn body_failed(
             Some(one @ Value::Object(_)) => vec![one.clone()],
             _ => Vec::new(),
         };
-        send_errbacks(shared, &errbacks, &origin(body_id, root_id), follow).await;
+        let routes = shared.plugins.registry();
+        let origin = origin(&routes, body_id, root_id);
+        send_errbacks(shared, &errbacks, &origin, follow).await;
     }
     let enclosing = options.get("chord").filter(|c| c.is_object());
     if let (Some(outer), Some(group_id)) = (enclosing, meta.group) {
@@ -357,6 +363,8 @@ pub(super) struct Outbox {
     /// The names the plugin serves, which it may send without a grant.
     own: Vec<String>,
     grants: Arc<Grants>,
+    /// The queues tasks declared, as loaded when the task started.
+    routes: Arc<Registry>,
     sent: Mutex<Sent>,
 }
 
@@ -374,6 +382,7 @@ impl Outbox {
         message: &TaskMessage,
         plugin: &Plugin,
         grants: Arc<Grants>,
+        routes: Arc<Registry>,
     ) -> Self {
         Self {
             backend,
@@ -381,6 +390,7 @@ impl Outbox {
             root_id: root_of(message).to_owned(),
             own: plugin.tasks.iter().map(|t| t.name.clone()).collect(),
             grants,
+            routes,
             sent: Mutex::new(Sent::default()),
         }
     }
@@ -414,7 +424,7 @@ impl crate::sandbox::Outbox for Outbox {
     ) -> Pin<Box<dyn Future<Output = Result<String, SendError>> + Send + '_>> {
         Box::pin(async move {
             self.check(&signature)?;
-            let origin = origin(&self.parent_id, &self.root_id);
+            let origin = origin(&self.routes, &self.parent_id, &self.root_id);
             let mut steps = Vec::new();
             let child = canvas::apply(&signature, Vec::new(), &origin, &mut steps)
                 .map_err(|e| SendError(e.to_string()))?;

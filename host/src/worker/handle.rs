@@ -54,6 +54,7 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         &message,
         &admitted.plugin,
         admitted.grants.clone(),
+        shared.plugins.registry(),
     );
     let outbox = Arc::new(outbox);
     let ran = run(shared, &message, &admitted, outbox.clone()).await;

@@ -22,9 +22,11 @@ tasks! {
     }
 
     /// Fans out from inside a task: `n` tasks `demo.add(i, i)`, and a chord of `n` more summed
-    /// by `demo.tsum`. Returns their ids: `{"group": id, "tasks": [ids], "chord": body id}`.
+    /// by `demo.tsum`, `n` at most 1,000. Returns their ids: `{"group": id, "tasks": [ids],
+    /// "chord": body id}`.
     #[task(name = "demo.fanout")]
-    fn fanout(n: u32) -> Result<Value> {
+    fn fanout(mut n: u32) -> Result<Value> {
+        n = n.min(1_000);
         let failed = |e: String| Failure::error("RuntimeError", format!("cannot send: {e}"));
         let tasks: Vec<String> = (0..n)
             .map(|i| Signature::new("demo.add", (i, i)).send())
@@ -53,9 +55,8 @@ tasks! {
 
     /// Sleeps `ms` milliseconds on the WASI monotonic clock, then returns null.
     #[task(name = "demo.sleep")]
-    fn sleep(ms: u64) -> Result<()> {
+    fn sleep(ms: u64) {
         std::thread::sleep(std::time::Duration::from_millis(ms));
-        Ok(())
     }
 
     /// Fails with `message`; Python's `.get()` raises `RuntimeError(message)`.
@@ -121,6 +122,21 @@ mod tests {
         assert!(retry(2).is_err(), "retry 1 of 2 asks again");
         FakeHost::new().retries(2);
         assert_eq!(retry(2).ok(), Some(2));
+    }
+
+    #[test]
+    fn fanout_sends_at_most_a_thousand_tasks() {
+        let host = FakeHost::new();
+        assert!(fanout(5_000).is_ok());
+        let added = host
+            .sent()
+            .iter()
+            .filter(|s| s["task"] == "demo.add")
+            .count();
+        assert_eq!(
+            added, 1_000,
+            "the lone tasks, the group and the chord are separate sends"
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@ mod args;
 pub mod canvas;
 mod error;
 pub mod http;
+mod macros;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
@@ -99,7 +100,8 @@ impl Failure {
         }))
     }
 
-    /// Ask to be run again in `seconds`, until the task's `max_retries`.
+    /// Ask to be run again in `seconds`, until the task's `max_retries`. A negative `seconds` is
+    /// due at once (as Celery's eta in the past); NaN or infinity fails the task with ValueError.
     pub fn retry_in(seconds: f64, kind: impl Into<String>, message: impl Into<String>) -> Self {
         Self(types::Failure::Retry(types::RetryRequest {
             countdown: Some(seconds),
@@ -160,7 +162,9 @@ impl TaskDefaults {
     pub fn new() -> Self {
         Self::default()
     }
-    /// Queue the task is meant for.
+    /// The queue this host sends the task to when a plugin or a workflow step (a chain's next
+    /// step, a callback, a chord body) sends it without naming one. Python producers route by
+    /// their own `task_routes`.
     pub fn queue(mut self, queue: &str) -> Self {
         self.0.queue = Some(queue.to_owned());
         self
@@ -394,80 +398,15 @@ pub mod __private {
     apply!(A, B, C, D, E, G, H, I, J, K, L);
     apply!(A, B, C, D, E, G, H, I, J, K, L, M);
 
+    /// A parameter's name from its stringified binding, `x` or `mut x`.
+    pub fn parameter(binding: &'static str) -> &'static str {
+        binding.strip_prefix("mut ").unwrap_or(binding).trim()
+    }
+
     pub fn not_served(name: &str) -> Failure {
         Failure::error(
             "NotRegistered",
             format!("this plugin does not serve task {name:?}"),
         )
     }
-}
-
-/// Declare a plugin's tasks: each `#[task(name = "...", defaults...)]` function becomes a task.
-///
-/// Parameters (`name: Type` or `mut name: Type`) are bound from Celery's `args` (by position)
-/// and `kwargs` (by name); each must implement `serde::Deserialize`. An `Option<T>` parameter
-/// may be left out. The function returns `Result<T, E>` with `T: serde::Serialize` and any
-/// error `?` turns into a [`Failure`] (a standard error, `String`, `&str`, `Failure` itself),
-/// or nothing at all (the result is `null`). Defaults that may follow the name are the methods
-/// of [`TaskDefaults`]: `queue`, `max_retries`, `retry_backoff`, `retry_backoff_max`,
-/// `retry_jitter`, `soft_time_limit`, `time_limit`, `rate_limit`, `autoretry_for`.
-///
-/// The plugin's version is its crate's `version`. Doc comments may go before or after
-/// `#[task(...)]`, other attributes after it. Use the macro once per plugin crate: it exports
-/// the component's `handler` interface.
-#[macro_export]
-macro_rules! tasks {
-    ($(
-        $(#[doc = $doc:literal])*
-        #[task(name = $name:literal $(, $key:ident = $value:expr)* $(,)?)]
-        $(#[$attr:meta])*
-        $vis:vis fn $func:ident ( $($(mut)? $arg:ident : $ty:ty),* $(,)? ) $(-> $ret:ty)? $body:block
-    )*) => {
-        $(
-            $(#[doc = $doc])*
-            $(#[$attr])*
-            $vis fn $func($($arg: $ty),*) $(-> $ret)? {
-                // Every parameter may be declared `mut`: each is rebound mutable.
-                $( #[allow(unused_mut)] let mut $arg = $arg; )*
-                $body
-            }
-        )*
-
-        struct __TaskhostPlugin;
-
-        impl $crate::__private::Guest for __TaskhostPlugin {
-            fn version() -> ::std::string::String {
-                ::std::string::String::from(env!("CARGO_PKG_VERSION"))
-            }
-
-            fn tasks() -> ::std::vec::Vec<$crate::__private::TaskInfo> {
-                ::std::vec![$(
-                    $crate::__private::task_info(
-                        $name,
-                        $crate::TaskDefaults::new() $(.$key($value))*,
-                    )
-                ),*]
-            }
-
-            fn run(
-                task: $crate::__private::Task,
-            ) -> ::std::result::Result<::std::string::String, $crate::__private::WitFailure> {
-                $crate::__private::run(task, |name, args| match name {
-                    $(
-                        $name => {
-                            // Bound in order, then checked for leftovers, before the call.
-                            let bound = ($(
-                                args.next::<$ty>(stringify!($arg))?,
-                            )*);
-                            args.finish()?;
-                            $crate::__private::output($crate::__private::Apply::apply($func, bound))
-                        }
-                    )*
-                    other => ::std::result::Result::Err($crate::__private::not_served(other)),
-                })
-            }
-        }
-
-        $crate::bindings::export!(__TaskhostPlugin with_types_in $crate::bindings);
-    };
 }
