@@ -373,6 +373,85 @@ fn control_shutdown_stops_the_worker_and_it_exits_zero() {
     assert!(status.success(), "{status}\n{}", w.worker.log());
 }
 
+// ---- Celery's worker command line ----
+
+#[test]
+fn worker_time_limit_flag_stops_a_task_over_it() {
+    let w = Controlled::start("mon-flag-time-limit", "2", &["--time-limit", "0.5"]);
+    w.script(
+        r#"
+from celery.exceptions import TimeLimitExceeded
+r = app.send_task("demo.sleep", (5000,))
+try:
+    r.get(timeout=10)
+    raise SystemExit("demo.sleep outlived --time-limit")
+except TimeLimitExceeded:
+    pass
+"#,
+    );
+}
+
+#[test]
+fn worker_time_limit_flags_show_in_stats_as_celerys_timeouts() {
+    let w = Controlled::start(
+        "mon-flag-timeouts",
+        "2",
+        &["--time-limit", "7", "--soft-time-limit", "5"],
+    );
+    w.script(
+        r#"
+assert only(i.stats())["pool"]["timeouts"] == [5.0, 7.0], only(i.stats())["pool"]
+"#,
+    );
+}
+
+#[test]
+fn a_celery_worker_command_line_starts_as_it_is() {
+    let w = Controlled::start(
+        "mon-celery-flags",
+        "2",
+        &[
+            "-O",
+            "fair",
+            "--without-gossip",
+            "--without-mingle",
+            "-P",
+            "prefork",
+        ],
+    );
+    w.script(
+        r#"
+assert app.send_task("demo.add", (2, 3)).get(timeout=10) == 5
+"#,
+    );
+}
+
+#[test]
+fn autoscale_grows_with_waiting_tasks_and_shrinks_back_when_idle() {
+    let w = Controlled::start(
+        "mon-autoscale",
+        "2",
+        &["--autoscale", "3,1", "--test-autoscale-keepalive-ms", "500"],
+    );
+    w.script(
+        r#"
+def wait_until(what, check, within=15):
+    deadline = time.time() + within
+    while not check():
+        assert time.time() < deadline, what
+        time.sleep(0.05)
+
+assert only(i.stats())["pool"]["max-concurrency"] == 1, "starts at MIN"
+sleeping = [app.send_task("demo.sleep", (4000,)) for _ in range(3)]
+wait_until("three tasks running at once", lambda: len(only(i.active())) == 3)
+assert only(i.stats())["pool"]["max-concurrency"] == 3
+for r in sleeping:
+    r.get(timeout=20)
+wait_until("back to one slot", lambda: only(i.stats())["pool"]["max-concurrency"] == 1)
+"#,
+    );
+}
+
 // ---- Flower ----
 
 /// Flower on `redis`, with basic auth, once it answers; and its address.

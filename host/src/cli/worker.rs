@@ -9,6 +9,7 @@ use std::path::Path;
 
 pub async fn worker(flags: &WorkerFlags) -> anyhow::Result<()> {
     let config = WorkerConfig::resolve(flags, None)?;
+    note_celery_flags(flags);
     let signals = signals();
     crate::worker::run(config, signals.nth(1), signals.nth(2)).await
 }
@@ -41,6 +42,7 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
     };
     let dev_url = redis.as_ref().map(dev::PrivateRedis::url);
     let config = WorkerConfig::resolve(flags, dev_url.as_deref())?;
+    note_celery_flags(flags);
     let _state = dev::StateFile::write(&config.broker_url)?;
     let exe = std::env::current_exe()
         .ok()
@@ -64,6 +66,13 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
     let _watchers = super::watch::start(&args.watch, &config.plugins_dir)?;
     let signals = signals();
     crate::worker::run(config, signals.nth(1), signals.nth(2)).await
+}
+
+/// Says, once each, which of Celery's worker options given mean nothing here.
+fn note_celery_flags(flags: &WorkerFlags) {
+    for note in flags.celery.notes() {
+        tracing::info!("{note}");
+    }
 }
 
 /// Counts SIGTERM and Ctrl-C (SIGINT) signals.

@@ -9,6 +9,7 @@
 //! - [`rate`]: Celery's rate-limit notation.
 //! - [`schedule`]: periodic tasks, and when their ticks fall.
 
+pub mod compat;
 pub mod file;
 pub mod fleet;
 pub mod grants;
@@ -25,4 +26,4 @@ pub use fleet::FleetTrust;
 pub use grants::{GrantTable, Grants, Limits, NameRefusal};
 pub use origin::Origin;
 pub use rate::Rate;
-pub use resolve::{TaskOverrides, WorkerConfig, WorkerFlags};
+pub use resolve::{Autoscale, LimitFlags, TaskOverrides, WorkerConfig, WorkerFlags};

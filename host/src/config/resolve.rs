@@ -81,6 +81,25 @@ pub struct WorkerFlags {
     /// them; each tick is sent once across the fleet).
     #[arg(long)]
     pub no_beat: bool,
+    /// Hard time limit of every task, in seconds, as Celery's `worker --time-limit`: over the
+    /// `[limits] time_limit` of taskhost.toml; a plugin's own section and the task's
+    /// declaration may tighten it [default: 3600].
+    #[arg(long, value_name = "SECONDS")]
+    pub time_limit: Option<f64>,
+    /// Soft time limit of every task, in seconds, as Celery's `worker --soft-time-limit`: the
+    /// task is told its deadline (over `[limits] soft_time_limit`).
+    #[arg(long, value_name = "SECONDS")]
+    pub soft_time_limit: Option<f64>,
+    /// Run between MIN and MAX tasks at once, growing while messages wait and shrinking after
+    /// 30 s with fewer, as Celery's `--autoscale MAX,MIN` (over -c).
+    #[arg(long, value_name = "MAX,MIN")]
+    pub autoscale: Option<String>,
+    #[command(flatten)]
+    pub celery: super::compat::CeleryFlags,
+    /// A test hook: how long the autoscaler waits with fewer messages than slots before it
+    /// shrinks, in milliseconds [default: 30000, Celery's AUTOSCALE_KEEPALIVE].
+    #[arg(long, env = "TASKHOST_TEST_AUTOSCALE_KEEPALIVE_MS", hide = true)]
+    pub test_autoscale_keepalive_ms: Option<u64>,
     /// A test hook: the instance pool's size. By default it is concurrency + 2, which the
     /// worker never fills; a smaller pool shows what a task that finds it full does.
     #[arg(long, env = "TASKHOST_TEST_POOL_INSTANCES", hide = true)]
@@ -132,6 +151,94 @@ pub struct WorkerConfig {
     /// Instances the pool holds: concurrency + 2 (plugin loads use the two spare), unless a
     /// test shrinks it.
     pub pool_instances: u32,
+    /// `--autoscale`: the slots grow and shrink between its bounds (`concurrency` is its
+    /// maximum).
+    pub autoscale: Option<Autoscale>,
+    /// `--time-limit` and `--soft-time-limit`, laid over `[limits]` at start and at each
+    /// config reload.
+    pub limit_flags: LimitFlags,
+}
+
+/// Celery's `--autoscale MAX,MIN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Autoscale {
+    pub max: usize,
+    pub min: usize,
+    /// How long fewer messages than slots must last before a shrink.
+    pub keepalive: Duration,
+}
+
+impl Autoscale {
+    /// Celery's AUTOSCALE_KEEPALIVE.
+    pub const KEEPALIVE: Duration = Duration::from_secs(30);
+
+    /// `--autoscale`, if given (with the test hook's keepalive).
+    fn of(flags: &WorkerFlags) -> anyhow::Result<Option<Self>> {
+        let Some(text) = flags.autoscale.as_deref() else {
+            return Ok(None);
+        };
+        let parsed = Self::parse(text)?;
+        Ok(Some(Self {
+            keepalive: flags
+                .test_autoscale_keepalive_ms
+                .map_or(parsed.keepalive, Duration::from_millis),
+            ..parsed
+        }))
+    }
+
+    /// Reads `MAX,MIN` (or `MAX` alone, MIN 0 as in Celery, here 1: a worker keeps one slot).
+    fn parse(text: &str) -> anyhow::Result<Self> {
+        let bad = || {
+            anyhow::anyhow!(
+                "--autoscale takes MAX,MIN (e.g. 10,3: at most 10 tasks at once, at least 3),                  got {text:?}"
+            )
+        };
+        let number = |n: &str| n.trim().parse::<usize>().map_err(|_| bad());
+        let (max, min) = match text.split_once(',') {
+            Some((max, min)) => (number(max)?, number(min)?),
+            None => (number(text)?, 1),
+        };
+        if max == 0 || max > 10_000 || min > max {
+            bail!("--autoscale MAX,MIN needs 1 <= MIN <= MAX <= 10000, got {text:?}");
+        }
+        Ok(Self {
+            max,
+            min: min.max(1),
+            keepalive: Self::KEEPALIVE,
+        })
+    }
+}
+
+/// The worker's `--time-limit` and `--soft-time-limit`, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LimitFlags {
+    pub time_limit: Option<f64>,
+    pub soft_time_limit: Option<f64>,
+}
+
+impl LimitFlags {
+    /// The flags given, checked.
+    fn of(flags: &WorkerFlags) -> anyhow::Result<Self> {
+        for (flag, value) in [
+            ("--time-limit", flags.time_limit),
+            ("--soft-time-limit", flags.soft_time_limit),
+        ] {
+            if let Some(v) = value.filter(|v| !v.is_finite() || *v <= 0.0) {
+                bail!("{flag} must be a positive number of seconds, got {v}");
+            }
+        }
+        Ok(Self {
+            time_limit: flags.time_limit,
+            soft_time_limit: flags.soft_time_limit,
+        })
+    }
+
+    /// `file` with these flags over its `[limits]`.
+    pub fn over(&self, mut file: FileConfig) -> FileConfig {
+        file.limits.time_limit = self.time_limit.or(file.limits.time_limit);
+        file.limits.soft_time_limit = self.soft_time_limit.or(file.limits.soft_time_limit);
+        file
+    }
 }
 
 impl WorkerConfig {
@@ -142,20 +249,16 @@ impl WorkerConfig {
     /// The first setting that is missing or invalid, named as the operator wrote it.
     pub fn resolve(flags: &WorkerFlags, dev_broker: Option<&str>) -> anyhow::Result<Self> {
         let (file, path) = FileConfig::load(flags.config.as_deref())?;
+        let limit_flags = LimitFlags::of(flags)?;
+        let file = limit_flags.over(file);
         let section = &file.worker;
         let (broker_url, backend_url) = urls(flags, &file, dev_broker)?;
-        let queues = if flags.queues.is_empty() {
-            section
-                .queues
-                .clone()
-                .unwrap_or_else(|| vec!["celery".into()])
-        } else {
-            flags.queues.clone()
+        let queues = queues(flags, section)?;
+        let autoscale = Autoscale::of(flags)?;
+        let concurrency = match autoscale {
+            Some(a) => a.max,
+            None => flags.concurrency.or(section.concurrency).unwrap_or(4),
         };
-        if let Some(bad) = queues.iter().find(|q| !is_queue_name(q)) {
-            bail!("invalid queue name {bad:?}");
-        }
-        let concurrency = flags.concurrency.or(section.concurrency).unwrap_or(4);
         if concurrency == 0 || concurrency > 10_000 {
             bail!("concurrency must be between 1 and 10000, got {concurrency}");
         }
@@ -215,8 +318,29 @@ impl WorkerConfig {
                     .unwrap_or(u32::MAX)
                     .saturating_add(2),
             },
+            autoscale,
+            limit_flags,
         })
     }
+}
+
+/// The queues to consume: `-Q`, else `[worker] queues`, else `celery`.
+fn queues(
+    flags: &WorkerFlags,
+    section: &super::file::WorkerSection,
+) -> anyhow::Result<Vec<String>> {
+    let queues = if flags.queues.is_empty() {
+        section
+            .queues
+            .clone()
+            .unwrap_or_else(|| vec!["celery".into()])
+    } else {
+        flags.queues.clone()
+    };
+    if let Some(bad) = queues.iter().find(|q| !is_queue_name(q)) {
+        bail!("invalid queue name {bad:?}");
+    }
+    Ok(queues)
 }
 
 /// Whether `name` can be a queue: not blank, one line.

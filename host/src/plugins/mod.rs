@@ -74,12 +74,6 @@ pub struct TaskSpec {
     pub rate: Option<Rate>,
 }
 
-impl crate::protocol::canvas::Routes for Registry {
-    fn declared_queue(&self, task: &str) -> Option<&str> {
-        self.resolve(task)?.1.defaults.queue.as_deref()
-    }
-}
-
 /// A snapshot of the loaded plugins and which serves which task. Changes make a new snapshot.
 #[derive(Default, Clone)]
 pub struct Registry {

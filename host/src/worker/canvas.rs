@@ -71,6 +71,13 @@ async fn workflow_step<T, F: Future<Output = Result<T, RedisError>>>(
     }
 }
 
+/// The queues the loaded plugins' tasks declared.
+impl canvas::Routes for Registry {
+    fn declared_queue(&self, task: &str) -> Option<&str> {
+        self.resolve(task)?.1.defaults.queue.as_deref()
+    }
+}
+
 fn origin<'a>(routes: &'a Registry, parent_id: &'a str, root_id: &'a str) -> Origin<'a> {
     Origin {
         parent_id: Some(parent_id),

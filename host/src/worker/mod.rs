@@ -18,7 +18,9 @@
 //! - [`progress`]: a running task's progress, stored at a bounded rate.
 //! - [`supervise`]: the long-running loops, restarted if they stop; `/healthz` names them.
 //! - [`reload`]: what a changed `taskhost.toml` may change while the worker runs.
+//! - [`autoscale`]: the slots resized, by `--autoscale` or remote control.
 
+mod autoscale;
 pub mod beat;
 mod canvas;
 mod commit;
@@ -195,7 +197,11 @@ async fn start(
     let metrics = Arc::new(Metrics::default());
     let channels = crate::redis::events::EventChannels::new(broker.client(), broker.connection());
     let events = Events::start(channels, &config.node, config.task_events, metrics.clone());
-    let concurrency = config.concurrency.max(1);
+    // Autoscaling starts at its minimum and grows with the demand.
+    let concurrency = config
+        .autoscale
+        .map_or(config.concurrency, |a| a.min)
+        .max(1);
     let shared = Arc::new(Shared {
         started: Instant::now(),
         sandbox,
@@ -396,6 +402,7 @@ impl Background {
                 stop.clone(),
             ));
         }
+        autoscale::spawn(shared, stop);
         let mover = {
             let (broker, scheduled, in_loop) = (
                 shared.broker.clone(),
@@ -437,7 +444,8 @@ fn log_ready(shared: &Shared) {
         node = %config.node,
         broker = %redact(&config.broker_url),
         queues = %config.queues.join(","),
-        concurrency = config.concurrency,
+        concurrency = shared.concurrency.load(Ordering::Relaxed),
+        autoscale = ?config.autoscale.map(|a| (a.max, a.min)),
         plugins = registry.plugins().count(),
         refused = shared.plugins.refused().len(),
         tasks = %registry.task_names().join(","),

@@ -74,10 +74,12 @@ pub(super) fn config_reloader(
         grants: shared.grants.clone(),
         plugins: shared.plugins.clone(),
     };
+    let limit_flags = shared.config.limit_flags;
     move || {
         let Some(path) = &path else { return };
         let loaded = FileConfig::load(Some(path))
             .and_then(|(file, _)| {
+                let file = limit_flags.over(file);
                 let table = file.grants(&|var| std::env::var(var).ok())?;
                 Ok((table, file.schedule()?, file.task_overrides()?))
             })

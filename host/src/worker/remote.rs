@@ -307,41 +307,7 @@ impl Worker for Remote {
     /// Grows at most back to the concurrency the worker started with, which the sandbox's
     /// instance pool was sized for; shrinks to one slot at the least.
     fn resize_pool(&self, delta: i64) -> usize {
-        let shared = &self.0;
-        if delta >= 0 {
-            let wanted = usize::try_from(delta).unwrap_or(usize::MAX);
-            let mut added = 0;
-            let _ = shared
-                .concurrency
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                    added = wanted.min(shared.config.concurrency.saturating_sub(c));
-                    Some(c + added)
-                });
-            shared.slots.add_permits(added);
-            return shared.concurrency.load(Ordering::Relaxed);
-        }
-        let wanted = usize::try_from(delta.unsigned_abs()).unwrap_or(usize::MAX);
-        // Never below one slot.
-        let mut taken = 0;
-        let _ = shared
-            .concurrency
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                taken = wanted.min(c.saturating_sub(1));
-                Some(c - taken)
-            });
-        if taken > 0 {
-            // The slots go as running tasks free them.
-            let slots = shared.slots.clone();
-            tokio::spawn(async move {
-                if let Ok(permits) = slots
-                    .acquire_many_owned(u32::try_from(taken).unwrap_or(u32::MAX))
-                    .await
-                {
-                    permits.forget();
-                }
-            });
-        }
-        shared.concurrency.load(Ordering::Relaxed)
+        super::autoscale::resize(&self.0, delta)
     }
 
     fn shutdown(&self) {
