@@ -36,6 +36,7 @@ fn setup(name: &str, executor: &str, storage: &str, allow: &[&str], extra_config
     let plugins = dir.plugins(&[PLUGIN]);
     let config = config.to_string_lossy().into_owned();
     let cache = shared_precompile_cache();
+    Process::precompile(&dir, &plugins, &config, &cache);
     let worker = Process::worker(
         &dir,
         &redis,

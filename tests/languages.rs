@@ -34,6 +34,7 @@ fn setup(lang: &'static str, test: &str, allow: &[String]) -> Setup {
     let config = config.to_string_lossy().into_owned();
     let cache = target_dir().join("test-runs").join("languages-precompiled");
     let cache = cache.to_string_lossy().into_owned();
+    Process::precompile(&dir, &plugins, &config, &cache);
     let args = ["--config", config.as_str(), "--cache-dir", cache.as_str()];
     let worker = Process::worker(&dir, &redis, &plugins, &args);
     worker.wait_log("worker ready");

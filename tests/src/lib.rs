@@ -17,7 +17,7 @@ pub use beside::Beside;
 pub use feed::ResultFeed;
 pub use http::{HttpStub, Reply, Request, get as http_get};
 pub use process::{Process, RedisServer, free_port, signal};
-pub use python::{python, python_in, run_snippet};
+pub use python::{python, python_in, python_on, run_snippet, run_snippet_in};
 pub use templates::template_wasm;
 
 use base64::Engine as _;

@@ -3,6 +3,7 @@
 use crate::{TestDir, WAIT, taskhost_bin, wait_for};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Makes the child die with the test process, so a killed test run leaves nothing behind.
@@ -51,6 +52,28 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
         let poll_interval = Duration::from_millis(5);
         std::thread::sleep(poll_interval);
     }
+}
+
+/// How long compiling a directory of plugins may take: Cranelift over the largest (a Python
+/// runtime) on a 2-core machine busy with other tests.
+const COMPILE_WAIT: Duration = Duration::from_secs(300);
+
+/// What identifies a directory's plugins for [`Process::precompile`]: their names and bytes,
+/// and the cache they go to.
+fn contents_key(plugins: &Path, cache: &str) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut files: Vec<PathBuf> = std::fs::read_dir(plugins)
+        .expect("read the plugin directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    let mut hasher = std::hash::DefaultHasher::new();
+    cache.hash(&mut hasher);
+    for file in files {
+        file.file_name().hash(&mut hasher);
+        std::fs::read(&file).unwrap_or_default().hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 /// A private `redis-server` on a free loopback port (never 6379).
@@ -254,15 +277,26 @@ impl Process {
         plugins: &Path,
         extra: &[&str],
     ) -> Command {
-        let broker = redis.url(0);
-        let backend = redis.url(1);
+        let urls = [redis.url(0), redis.url(1)];
+        Self::worker_command_on(binary, dir, &urls, plugins, extra)
+    }
+
+    /// The command line of `taskhost worker` on the broker and backend `urls` (a user's, a
+    /// `rediss://` one).
+    pub fn worker_command_on(
+        binary: &Path,
+        dir: &TestDir,
+        [broker, backend]: &[String; 2],
+        plugins: &Path,
+        extra: &[&str],
+    ) -> Command {
         let plugins = plugins.to_string_lossy().into_owned();
         let mut args = vec![
             "worker",
             "--broker",
-            &broker,
+            broker,
             "--result-backend",
-            &backend,
+            backend,
             "--plugins",
             &plugins,
         ];
@@ -275,8 +309,39 @@ impl Process {
         Self::run_command(dir, Self::command(dir, args))
     }
 
+    /// Compiles the plugins in `plugins` into the precompile cache `cache`, as a worker given
+    /// `--config config --cache-dir cache` would, once per set of plugin contents in this test
+    /// binary and one compile at a time. Tests whose workers share a cache call it before
+    /// starting one: Cranelift takes tens of seconds over an 18 MB Python or a 12 MB JavaScript
+    /// component on a loaded 2-core machine, and several workers compiling it side by side
+    /// would each miss [`WAIT`] for "worker ready".
+    pub fn precompile(dir: &TestDir, plugins: &Path, config: &str, cache: &str) {
+        static DONE: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+        let mut done = DONE.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = contents_key(plugins, cache);
+        if done.contains(&key) {
+            return;
+        }
+        let listed = plugins.to_string_lossy();
+        let mut command = Self::command(dir, &["plugins", &listed, "--config", config]);
+        command.env("TASKHOST_CACHE_DIR", cache);
+        let output = Self::run_command_within(dir, command, COMPILE_WAIT);
+        assert!(
+            output.status.success(),
+            "taskhost plugins {listed} refused a plugin:\n{}{}",
+            output.stdout,
+            output.stderr
+        );
+        done.push(key);
+    }
+
     /// Runs a prepared command to completion (bounded by [`WAIT`]).
-    pub fn run_command(dir: &TestDir, mut command: Command) -> Output {
+    pub fn run_command(dir: &TestDir, command: Command) -> Output {
+        Self::run_command_within(dir, command, WAIT)
+    }
+
+    /// [`Process::run_command`], bounded by `within`.
+    fn run_command_within(dir: &TestDir, mut command: Command, within: Duration) -> Output {
         let out = dir.path().join(format!("out-{}", uuid::Uuid::new_v4()));
         let err = out.with_extension("err");
         command
@@ -284,11 +349,11 @@ impl Process {
             .stderr(std::fs::File::create(&err).expect("create stderr file"));
         die_with_parent(&mut command);
         let mut child = command.spawn().expect("run taskhost");
-        let status = wait_exit(&mut child, WAIT);
+        let status = wait_exit(&mut child, within);
         let Some(status) = status else {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{command:?} did not finish within {WAIT:?}");
+            panic!("{command:?} did not finish within {within:?}");
         };
         let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
         Output {

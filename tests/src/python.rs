@@ -23,14 +23,20 @@ pub fn python() -> PathBuf {
 /// `python ARGS` in `dir`, for a producer on `redis` (broker db 0, backend db 1, under the names
 /// the tests' snippets read and under Celery's own), importing modules from `dir`.
 pub fn python_in(dir: &TestDir, redis: &RedisServer, args: &[&str]) -> Command {
+    python_on(dir, &redis.url(0), &redis.url(1), args)
+}
+
+/// [`python_in`] with the broker and backend URLs given (a user's, a `rediss://` one). Both
+/// names matter: Celery prefers `CELERY_BROKER_URL` over the app's own argument.
+pub fn python_on(dir: &TestDir, broker: &str, backend: &str, args: &[&str]) -> Command {
     let mut command = Command::new(python());
     command
         .current_dir(dir.path())
         .args(args)
-        .env("BROKER", redis.url(0))
-        .env("BACKEND", redis.url(1))
-        .env("CELERY_BROKER_URL", redis.url(0))
-        .env("CELERY_RESULT_BACKEND", redis.url(1))
+        .env("BROKER", broker)
+        .env("BACKEND", backend)
+        .env("CELERY_BROKER_URL", broker)
+        .env("CELERY_RESULT_BACKEND", backend)
         .env("PYTHONPATH", dir.path())
         .env("PYTHONDONTWRITEBYTECODE", "1");
     command
@@ -46,11 +52,28 @@ pub fn run_snippet(
     code: &str,
     logs: impl Fn() -> String,
 ) -> String {
+    run_snippet_in(
+        dir,
+        python_in(dir, redis, &["producer.py"]),
+        prelude,
+        code,
+        logs,
+    )
+}
+
+/// [`run_snippet`] with a `python producer.py` command of the caller's (other URLs, say).
+pub fn run_snippet_in(
+    dir: &TestDir,
+    python: Command,
+    prelude: &str,
+    code: &str,
+    logs: impl Fn() -> String,
+) -> String {
     dir.write(
         "producer.py",
         &format!("{prelude}\n{code}\nprint('snippet OK')\n"),
     );
-    let out = crate::Process::run_command(dir, python_in(dir, redis, &["producer.py"]));
+    let out = crate::Process::run_command(dir, python);
     assert!(
         out.status.success() && out.stdout.contains("snippet OK"),
         "python producer failed ({}):\n{}\n{}\nworker logs:\n{}",

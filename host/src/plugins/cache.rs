@@ -62,12 +62,14 @@ impl Cache {
     }
 
     /// The component for `wasm` (whose SHA-256 is `digest`): from the cache if a valid entry
-    /// exists, else compiled and stored. Blocking: run it off the async runtime's workers.
+    /// exists, else made by `compile` and stored. Blocking: run it off the async runtime's
+    /// workers.
     pub fn load_or_compile(
         &self,
         sandbox: &Sandbox,
         wasm: &[u8],
         digest: &str,
+        compile: impl FnOnce(&[u8]) -> Result<Component, PrepareError>,
     ) -> Result<(Component, Source), PrepareError> {
         let entry = self
             .dir
@@ -87,7 +89,7 @@ impl Cache {
                 }
             }
         }
-        let component = sandbox.compile(wasm)?;
+        let component = compile(wasm)?;
         match sandbox.serialize(&component) {
             Ok(compiled) => {
                 if let Err(e) = write_entry(&entry, &sum, &compiled) {

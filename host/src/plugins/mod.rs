@@ -233,6 +233,30 @@ pub fn plugin_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// Loads one plugin from `bytes` read from `path`: compile (or take from the cache) and link
 /// on a blocking thread, then ask for its version and tasks.
+/// Compiles `wasm`, saying so before and after: a large component (a Python or JavaScript
+/// runtime) takes Cranelift many seconds on a small machine, and an operator watching a
+/// starting worker should see why it is not ready yet.
+fn compile_noted(
+    sandbox: &Sandbox,
+    wasm: &[u8],
+    plugin: &str,
+) -> Result<wasmtime::component::Component, PrepareError> {
+    let started = std::time::Instant::now();
+    let size_mb = format!("{:.1}", wasm.len() as f64 / 1e6);
+    tracing::info!(
+        plugin,
+        size_mb,
+        "compiling plugin: no precompiled code for it yet, and a large component takes a while"
+    );
+    let component = sandbox.compile(wasm)?;
+    tracing::info!(
+        plugin,
+        ms = started.elapsed().as_millis(),
+        "plugin compiled"
+    );
+    Ok(component)
+}
+
 pub async fn load(
     sandbox: &Arc<Sandbox>,
     cache: Option<&Cache>,
@@ -242,13 +266,19 @@ pub async fn load(
 ) -> Result<Plugin, LoadError> {
     let digest = cache::hex(&Sha256::digest(&bytes));
     let name = plugin_name(path);
-    let (compiler, cache, key) = (sandbox.clone(), cache.cloned(), digest.clone());
+    let (compiler, cache, key, plugin) = (
+        sandbox.clone(),
+        cache.cloned(),
+        digest.clone(),
+        name.clone(),
+    );
     let plugin_grants = grants.for_plugin(&name);
     let http = !plugin_grants.allow_http.is_empty();
     let (pre, wit_version, source) = tokio::task::spawn_blocking(move || {
+        let compile = |wasm: &[u8]| compile_noted(&compiler, wasm, &plugin);
         let (component, source) = match &cache {
-            Some(cache) => cache.load_or_compile(&compiler, &bytes, &key)?,
-            None => (compiler.compile(&bytes)?, Source::Compiled),
+            Some(cache) => cache.load_or_compile(&compiler, &bytes, &key, compile)?,
+            None => (compile(&bytes)?, Source::Compiled),
         };
         let (pre, wit_version) = compiler.link(&component, http)?;
         Ok::<_, PrepareError>((pre, wit_version, source))

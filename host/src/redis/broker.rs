@@ -101,11 +101,14 @@ impl Broker {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(super::CONNECT_TIMEOUT))
             .set_response_timeout(Some(BLOCK_TIMEOUT + super::RESPONSE_TIMEOUT));
-        Ok(BlockingConnection(
-            self.client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?,
-        ))
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(BlockingConnection(super::connection::Named::new(
+            conn,
+            super::user(&self.client),
+        )))
     }
 
     /// Waits up to [`BLOCK_TIMEOUT`] for a message on `key` and moves it into the in-flight list.
@@ -318,7 +321,7 @@ impl Broker {
 }
 
 /// A connection of its own for blocking fetches.
-pub struct BlockingConnection(MultiplexedConnection);
+pub struct BlockingConnection(super::connection::Named<MultiplexedConnection>);
 
 /// Publishes a message as a producer: declares the queue's binding as kombu does, then pushes.
 pub async fn publish(

@@ -22,6 +22,7 @@
 pub mod backend;
 pub mod broker;
 pub mod chord;
+pub mod connection;
 pub mod control;
 pub mod deadletter;
 pub mod events;
@@ -31,6 +32,7 @@ pub mod recovery;
 pub mod schedule;
 mod scripts;
 pub mod settle;
+pub mod tls;
 
 pub use ::redis::Client;
 pub use backend::{Backend, WaitError, Waiter};
@@ -40,8 +42,9 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::future::Future;
 use std::time::Duration;
 
-/// A shared connection that reconnects by itself, for ordinary commands.
-pub type Connection = ConnectionManager;
+/// A shared connection that reconnects by itself, for ordinary commands; a command refused to
+/// its ACL user is named (see [`connection`]).
+pub type Connection = connection::Named<ConnectionManager>;
 
 /// Answers slower than this are a failed command (a blocking fetch gets its wait on top).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,7 +57,18 @@ pub enum RedisError {
     Url { url: String, reason: String },
     #[error("cannot connect to Redis at {url}: {reason}")]
     Connect { url: String, reason: String },
-    #[error(transparent)]
+    #[error(
+        "Redis at {url} refused the credentials ({reason}): check the user and password in the \
+         URL (redis://user:password@host:port/db, percent-encoded)"
+    )]
+    Auth { url: String, reason: String },
+    #[error(
+        "TLS to Redis at {url} failed ({reason}): check ssl_ca_certs (the CA that signed the \
+         server's certificate), that the certificate names the host in the URL, and \
+         ssl_certfile/ssl_keyfile if the server asks for a client certificate"
+    )]
+    Tls { url: String, reason: String },
+    #[error("{}", command_message(.0))]
     Command(#[from] ::redis::RedisError),
 }
 
@@ -75,9 +89,23 @@ impl RedisError {
                     .iter()
                     .any(|(_, error)| matches!(error.code(), "WRONGTYPE" | "NOPERM"))
             }),
+            Self::Auth { .. } | Self::Tls { .. } => true,
             Self::Url { .. } | Self::Connect { .. } => false,
         }
     }
+
+    /// What Redis refused to the connection's ACL user, naming the command and its keys.
+    pub fn refusal(&self) -> Option<&str> {
+        match self {
+            Self::Command(e) => connection::refusal(e),
+            Self::Url { .. } | Self::Connect { .. } | Self::Auth { .. } | Self::Tls { .. } => None,
+        }
+    }
+}
+
+/// A failed command's message: a refusal as [`connection`] names it, else Redis's own.
+fn command_message(e: &::redis::RedisError) -> String {
+    connection::refusal(e).map_or_else(|| e.to_string(), str::to_owned)
 }
 
 /// Opens a Redis client for `url`, refusing what is not Redis with a clear message.
@@ -89,10 +117,7 @@ pub fn client(url: &str) -> Result<Client, RedisError> {
             reason: "taskhost speaks Celery's Redis transport: use redis://host:port/db".into(),
         });
     }
-    Client::open(url).map_err(|e| RedisError::Url {
-        url: redact(url),
-        reason: e.to_string(),
-    })
+    tls::client(url)
 }
 
 /// A reconnecting connection for `client` (whose URL is `url`, for messages).
@@ -101,24 +126,42 @@ pub async fn manager(client: &Client, url: &str) -> Result<Connection, RedisErro
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
         .set_number_of_retries(2);
-    client
+    let manager = client
         .get_connection_manager_with_config(config)
         .await
-        .map_err(|e| RedisError::Connect {
-            url: redact(url),
-            reason: e.to_string(),
-        })
+        .map_err(|e| connect_error(url, &e))?;
+    Ok(connection::Named::new(manager, user(client)))
+}
+
+/// The ACL user `client` authenticates as (none: Redis's `default`).
+pub fn user(client: &Client) -> Option<&str> {
+    client.get_connection_info().redis_settings().username()
 }
 
 /// Connects to `url` and checks that Redis answers a PING.
 pub async fn connect(url: &str) -> Result<(Client, Connection), RedisError> {
     let client = client(url)?;
     let mut conn = manager(&client, url).await?;
-    ping(&mut conn).await.map_err(|e| RedisError::Connect {
-        url: redact(url),
-        reason: e.to_string(),
-    })?;
+    ::redis::cmd("PING")
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| connect_error(url, &e))?;
     Ok((client, conn))
+}
+
+/// Why connecting to `url` failed: credentials Redis refuses or certificates that do not
+/// match (trying again cannot help), or anything else.
+fn connect_error(url: &str, e: &::redis::RedisError) -> RedisError {
+    let (url, reason) = (redact(url), e.to_string());
+    let refused = e.kind() == ::redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"));
+    if refused {
+        RedisError::Auth { url, reason }
+    } else if tls::is_certificate_failure(e) {
+        RedisError::Tls { url, reason }
+    } else {
+        RedisError::Connect { url, reason }
+    }
 }
 
 /// Whether a server answers at `client`'s address now: one connection attempt, one PING.
@@ -169,10 +212,11 @@ pub fn db(client: &Client) -> i64 {
 /// Warns when Redis may evict keys when full: queued tasks have no expiry, and an `allkeys-*`
 /// policy drops them silently.
 pub async fn warn_if_evicting(conn: &mut Connection) {
+    // A least-privilege user may not read the configuration: then there is nothing to say.
     let policy: Result<Vec<String>, _> = ::redis::cmd("CONFIG")
         .arg("GET")
         .arg("maxmemory-policy")
-        .query_async(conn)
+        .query_async(&mut conn.clone().quiet())
         .await;
     if let Ok(policy) = policy
         && let Some(value) = policy.get(1)
@@ -194,24 +238,12 @@ pub fn backoff(failures: u32) -> Duration {
 /// result is never dropped because Redis was away for a while. (While it fails, the message
 /// stays in the in-flight list: late, never lost; a stop that cannot wait aborts this and
 /// leaves it there for recovery.) `what` names the step in the log.
-pub async fn retrying<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
-    what: &str,
-    mut op: impl FnMut() -> F,
-) -> T {
-    let mut attempt = 0u32;
-    loop {
-        attempt += 1;
-        match op().await {
-            Ok(value) => return succeeded_after(what, attempt, value),
-            Err(e) => failed_attempt(what, attempt, &e).await,
-        }
-    }
-}
-
-/// As [`retrying`], for a step on one task's keys: an error retrying cannot cure
-/// ([`RedisError::is_permanent`]) is returned, so the caller settles that task otherwise
-/// instead of stalling on it.
-pub async fn retrying_transient<T, F: Future<Output = Result<T, RedisError>>>(
+///
+/// An error trying again cannot cure ([`RedisError::is_permanent`]) is returned at once: a
+/// key of one task holding another type, so the caller settles that task otherwise; or a
+/// command refused to the ACL user (the connection reported it to
+/// [`connection::refusals`], and a worker stops on it) — never retried in a loop.
+pub async fn retrying<T, F: Future<Output = Result<T, RedisError>>>(
     what: &str,
     mut op: impl FnMut() -> F,
 ) -> Result<T, RedisError> {
@@ -250,7 +282,14 @@ impl Subscription {
     /// Subscribes to `channel`.
     pub async fn open(client: &Client, channel: &str) -> Result<Self, RedisError> {
         let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(channel).await?;
+        if let Err(e) = pubsub.subscribe(channel).await {
+            let mut subscribe = ::redis::cmd("SUBSCRIBE");
+            subscribe.arg(channel);
+            return Err(
+                connection::renamed(e, user(client).unwrap_or("default"), |_| Some(&subscribe))
+                    .into(),
+            );
+        }
         Ok(Self { pubsub })
     }
 
@@ -288,14 +327,17 @@ mod tests {
             let attempt = tries;
             async move {
                 if attempt < 4 {
-                    Err("not yet")
+                    Err(RedisError::Connect {
+                        url: "redis://x".into(),
+                        reason: "not yet".into(),
+                    })
                 } else {
                     Ok(attempt * 10)
                 }
             }
         })
         .await;
-        assert_eq!(value, 40);
+        assert_eq!(value.ok(), Some(40));
         // Three failures: 200 + 400 + 800 ms of backoff, no more.
         assert_eq!(start.elapsed(), Duration::from_millis(1400));
     }
@@ -310,6 +352,23 @@ mod tests {
         assert!(!lost.is_permanent());
         let loading = ::redis::make_extension_error("LOADING".into(), None);
         assert!(!RedisError::Command(loading).is_permanent());
+    }
+
+    #[test]
+    fn refused_credentials_are_permanent_and_keep_the_password_out() {
+        let refused = ::redis::RedisError::from((
+            ::redis::ErrorKind::AuthenticationFailed,
+            "Password authentication failed",
+        ));
+        let e = connect_error("redis://worker:hunter2@h:1/0", &refused);
+        assert!(matches!(e, RedisError::Auth { .. }) && e.is_permanent());
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let lost =
+            ::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(matches!(
+            connect_error("redis://h:1/0", &lost),
+            RedisError::Connect { .. }
+        ));
     }
 
     #[test]

@@ -36,18 +36,26 @@ pub trait Ticks: Send + Sync {
 
 impl Ticks for Broker {
     async fn last_runs(&self) -> HashMap<String, i64> {
-        retrying("read the schedule's last runs", || {
-            self.schedule_last_runs()
-        })
-        .await
+        let what = "read the schedule's last runs";
+        retrying(what, || self.schedule_last_runs())
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!("cannot {what} (Redis refuses it for good): {e}");
+                HashMap::new()
+            })
     }
 
     async fn send(&self, entry: &Entry, tick: Timestamp, message: Vec<u8>) -> bool {
         let tick_ms = tick.as_millisecond();
-        retrying("send a schedule tick", || {
+        let what = "send a schedule tick";
+        retrying(what, || {
             self.send_tick(&entry.name, tick_ms, &entry.queue, &message)
         })
         .await
+        .unwrap_or_else(|e| {
+            tracing::error!(entry = %entry.name, "cannot {what} (Redis refuses it for good): {e}");
+            false
+        })
     }
 }
 

@@ -15,7 +15,7 @@ use crate::protocol::{Exception, Meta, State, TaskMessage, exception_document, p
 use crate::redis::chord::{Joined, Part};
 use crate::redis::keys::queue_key;
 use crate::redis::settle::Outgoing;
-use crate::redis::{Backend, RedisError, retrying_transient};
+use crate::redis::{Backend, RedisError, retrying};
 use crate::sandbox::SendError;
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -59,7 +59,7 @@ async fn workflow_step<T, F: Future<Output = Result<T, RedisError>>>(
     id: &str,
     op: impl FnMut() -> F,
 ) -> Option<T> {
-    match retrying_transient(what, op).await {
+    match retrying(what, op).await {
         Ok(value) => Some(value),
         Err(e) => {
             tracing::error!(

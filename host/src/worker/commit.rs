@@ -16,7 +16,7 @@
 use crate::protocol::TaskMessage;
 use crate::redis::deadletter::{self, Origin};
 use crate::redis::settle::{Finished, Outgoing, Stores};
-use crate::redis::{Delivery, RedisError, retrying_transient};
+use crate::redis::{Delivery, RedisError, retrying};
 use std::future::Future;
 use tokio::sync::{mpsc, oneshot};
 
@@ -122,7 +122,7 @@ impl Settler {
 async fn write(mut queue: mpsc::UnboundedReceiver<Job>, sink: impl Sink) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        if let Err(e) = retrying_transient("settle finished tasks", || sink.write(&batch)).await {
+        if let Err(e) = retrying("settle finished tasks", || sink.write(&batch)).await {
             tracing::warn!(
                 "settling a batch of finished tasks failed ({e}): settling them one by one"
             );
@@ -140,14 +140,12 @@ async fn write(mut queue: mpsc::UnboundedReceiver<Job>, sink: impl Sink) {
 /// message goes to the dead-letter list with the reason.
 async fn settle_alone(sink: &impl Sink, job: &Job) {
     let alone = std::slice::from_ref(job);
-    let Err(e) = retrying_transient("settle a finished task", || sink.write(alone)).await else {
+    let Err(e) = retrying("settle a finished task", || sink.write(alone)).await else {
         return;
     };
     let reason = format!("cannot settle the task: {e}");
     tracing::error!(task_id = %job.task_id, "{reason}; its message is dead-lettered");
-    if let Err(e) =
-        retrying_transient("dead-letter a message", || sink.dead_letter(job, &reason)).await
-    {
+    if let Err(e) = retrying("dead-letter a message", || sink.dead_letter(job, &reason)).await {
         tracing::error!(task_id = %job.task_id, "cannot dead-letter it either ({e}): it stays in flight");
     }
 }

@@ -151,13 +151,22 @@ async fn fleet_rate_limit(shared: &Shared, task: &str) -> Result<(), Stop> {
         return Ok(());
     };
     let interval = rate.interval();
-    let wait = crate::redis::retrying("take a start under a fleet rate limit", || {
-        shared.broker.take_fleet_start(task, interval)
-    })
-    .await;
+    let what = "take a start under a fleet rate limit";
+    let wait =
+        crate::redis::retrying(what, || shared.broker.take_fleet_start(task, interval)).await;
     match wait {
-        None => Ok(()),
-        Some(wait) => {
+        Ok(None) => Ok(()),
+        // Refused for good (an ACL refusal stops the worker): the task waits one interval
+        // rather than run over the limit.
+        Err(e) => {
+            tracing::error!(task, "cannot {what} (Redis refuses it for good): {e}");
+            Err(Stop::Postpone {
+                due_ms: now_ms()
+                    .saturating_add(i64::try_from(interval.as_millis()).unwrap_or(i64::MAX)),
+                wait: Wait::FleetRateLimit(interval),
+            })
+        }
+        Ok(Some(wait)) => {
             let jitter = interval.min(wait).mul_f64(fastrand::f64());
             let wait = wait.saturating_add(jitter);
             Err(Stop::Postpone {

@@ -120,6 +120,7 @@ pub async fn run(
         shutdown.await;
         let _ = signalled.send(true);
     });
+    tokio::spawn(stop_on_refusal(stop_tx.clone()));
     let Some((shared, presence)) = start(config, stop_tx, &mut stop).await? else {
         return Ok(());
     };
@@ -145,7 +146,23 @@ pub async fn run(
         crate::redis::recovery::leave(&mut shared.broker.connection(), &shared.config.node).await;
     }
     tracing::info!(returned_to_queue = returned, "worker stopped");
-    Ok(())
+    match crate::redis::connection::refusals().borrow().as_deref() {
+        Some(refusal) => anyhow::bail!("stopped because {refusal}"),
+        None => Ok(()),
+    }
+}
+
+/// Stops the worker at the first command Redis refuses to its ACL user: retrying cannot make
+/// it pass, and a worker that cannot fetch, settle or heartbeat must not look alive. Running
+/// tasks finish; messages it could not settle stay in flight for recovery.
+async fn stop_on_refusal(stop: Stop) {
+    let mut refusals = crate::redis::connection::refusals();
+    if let Ok(refusal) = refusals.wait_for(Option::is_some).await
+        && let Some(refusal) = refusal.as_deref()
+    {
+        tracing::error!("stopping: {refusal}");
+        let _ = stop.send(true);
+    }
 }
 
 /// Builds the sandbox, connects (waiting for Redis), claims the node name and loads the plugins;
@@ -274,7 +291,9 @@ async fn connect<T, F: Future<Output = Result<T, RedisError>>>(
                 }
                 return Ok(Some(connected));
             }
-            Err(e @ RedisError::Url { .. }) => return Err(e.into()),
+            Err(e) if e.is_permanent() || matches!(e, RedisError::Url { .. }) => {
+                return Err(e.into());
+            }
             Err(e) => {
                 failures += 1;
                 let pause = backoff(failures);

@@ -14,7 +14,7 @@ use crate::protocol::{exception_document, result_document};
 use crate::redis::deadletter::{self, Origin};
 use crate::redis::keys::queue_of;
 use crate::redis::settle::Outgoing;
-use crate::redis::{Delivery, retrying, retrying_transient};
+use crate::redis::{Delivery, RedisError, retrying};
 use crate::sandbox::{Outcome, PoolFull};
 use serde_json::value::RawValue;
 
@@ -290,14 +290,13 @@ async fn push_now(shared: &Shared, sent: Sent) {
     publish(shared, "publish the tasks a task sent", &sent.publish).await;
 }
 
-/// Publishes `messages` now, retrying while Redis is away. A queue key Redis refuses for good
-/// (it holds another type) is said so and not tried again, so the task settles on and the
-/// messages that went out are not sent twice.
+/// Publishes `messages` now, retrying while Redis is away. A push Redis refuses for good (a
+/// queue key of another type, an ACL) is said so and not tried again: the task settles on.
 async fn publish(shared: &Shared, what: &str, messages: &[Outgoing]) {
     if messages.is_empty() {
         return;
     }
-    if let Err(e) = retrying_transient(what, || shared.broker.push(messages)).await {
+    if let Err(e) = retrying(what, || shared.broker.push(messages)).await {
         let queues: Vec<&str> = messages.iter().map(|m| m.key.as_str()).collect();
         tracing::error!(?queues, "cannot {what} (Redis refuses it for good): {e}");
     }
@@ -319,7 +318,7 @@ async fn postpone(
             .ack_and_schedule(delivery, &delivery.source, &held, Some(due_ms))
     })
     .await;
-    moved_or_not(shared, moved, delivery);
+    moved_or_not(shared, wait.step(), moved, delivery);
     shared.scheduled.notify_one();
 }
 
@@ -367,8 +366,7 @@ async fn retry(
             .ack_and_schedule(delivery, &delivery.source, &next, due_ms)
     })
     .await;
-    moved_or_not(shared, moved, delivery);
-    if due_ms.is_some() {
+    if moved_or_not(shared, "publish a retry", moved, delivery) && due_ms.is_some() {
         shared.scheduled.notify_one();
     }
 }
@@ -432,7 +430,7 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
     let (exception, reason) = refusal.explain();
     if let Some(id) = task_id {
         let doc = exception_document(&Meta::of(id), State::Failure, &exception);
-        let stored = retrying_transient("store a result", || shared.backend.store(id, &doc)).await;
+        let stored = retrying("store a result", || shared.backend.store(id, &doc)).await;
         if let Err(e) = stored {
             tracing::error!(task_id = id, "cannot store the refused task's FAILURE: {e}");
         }
@@ -507,7 +505,7 @@ async fn store_or_dead_letter(
     doc: &str,
 ) -> bool {
     let store = || shared.backend.store(&message.id, doc);
-    let Err(e) = retrying_transient("store a result", store).await else {
+    let Err(e) = retrying("store a result", store).await else {
         return true;
     };
     let reason = format!("cannot store the task's state: {e}");
@@ -547,11 +545,10 @@ async fn dead_letter(
         shared.broker.dead_letter(delivery, &entry)
     })
     .await;
-    if moved {
+    if moved_or_not(shared, "dead-letter a message", moved, delivery) {
         shared.metrics.dead_lettered();
         trim_dead_letters(shared).await;
     }
-    moved_or_not(shared, moved, delivery);
 }
 
 /// Keeps the dead-letter list within `[worker] dead_letter_max`.
@@ -567,16 +564,31 @@ async fn trim_dead_letters(shared: &Shared) {
     }
 }
 
-/// Says so when a message this worker settled was no longer in flight: another worker had
-/// returned it (taking this one for dead), so it may run twice.
-fn moved_or_not(shared: &Shared, moved: bool, delivery: &Delivery) {
-    if !moved {
-        shared.metrics.settle_skipped();
-        tracing::warn!(
-            queue = %queue_of(&delivery.source),
-            "a message this worker settled was no longer in its in-flight list (another worker \
-             returned it): nothing was moved"
-        );
+/// Whether the step `what` moved the message out of the in-flight list; if not, it was gone
+/// (another worker returned it) or Redis refused the step for good, and it stays for recovery.
+fn moved_or_not(
+    shared: &Shared,
+    what: &str,
+    moved: Result<bool, RedisError>,
+    delivery: &Delivery,
+) -> bool {
+    match moved {
+        Ok(true) => true,
+        Ok(false) => {
+            shared.metrics.settle_skipped();
+            tracing::warn!(
+                queue = %queue_of(&delivery.source),
+                "a message this worker settled was no longer in its in-flight list (another \
+                 worker returned it): nothing was moved"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::error!(
+                "cannot {what} (Redis refuses it for good), so the message stays in flight: {e}"
+            );
+            false
+        }
     }
 }
 

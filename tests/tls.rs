@@ -1,0 +1,248 @@
+//! Redis over TLS (`rediss://`), with certificates this test makes under a CA of its own: a
+//! Python Celery producer and a worker both on TLS, a client certificate for a server that
+//! asks for one, and a wrong CA refused at start.
+
+use std::path::PathBuf;
+use std::process::Command;
+use taskhost_tests::{
+    Process, RedisServer, TestDir, free_port, python_on, run_snippet_in, taskhost_bin,
+};
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it signed, and a second
+/// CA that signed nothing here.
+struct Certs {
+    dir: PathBuf,
+}
+
+impl Certs {
+    fn make(dir: &TestDir) -> Self {
+        let certs = Self {
+            dir: dir.path().join("certs"),
+        };
+        std::fs::create_dir_all(&certs.dir).expect("mkdir certs");
+        certs.authority("ca");
+        certs.authority("other-ca");
+        certs.signed(
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        );
+        certs.signed("client", "extendedKeyUsage=clientAuth\n");
+        certs
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+
+    fn authority(&self, name: &str) {
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=taskhost test {name}"),
+            "-keyout",
+            &self.path(&format!("{name}.key")),
+            "-out",
+            &self.path(&format!("{name}.crt")),
+        ]);
+    }
+
+    fn signed(&self, name: &str, extensions: &str) {
+        let ext = self.dir.join(format!("{name}.ext"));
+        std::fs::write(&ext, extensions).expect("write extensions");
+        let csr = self.path(&format!("{name}.csr"));
+        self.openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &self.path(&format!("{name}.key")),
+            "-out",
+            &csr,
+        ]);
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &self.path("ca.crt"),
+            "-CAkey",
+            &self.path("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext.to_string_lossy(),
+            "-out",
+            &self.path(&format!("{name}.crt")),
+        ]);
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A Redis answering TLS on its own port (and plain on the harness's), with `certs`; asking
+/// clients for a certificate when `client_certs`.
+struct Tls {
+    _redis: RedisServer,
+    tls_port: u16,
+    certs: Certs,
+    dir: TestDir,
+}
+
+impl Tls {
+    fn start(test: &str, client_certs: bool) -> Self {
+        let dir = TestDir::new(&format!("tls-{test}"));
+        let certs = Certs::make(&dir);
+        let tls_port = free_port();
+        let redis = RedisServer::start_with(
+            &dir,
+            &[
+                "--tls-port",
+                &tls_port.to_string(),
+                "--tls-cert-file",
+                &certs.path("server.crt"),
+                "--tls-key-file",
+                &certs.path("server.key"),
+                "--tls-ca-cert-file",
+                &certs.path("ca.crt"),
+                "--tls-auth-clients",
+                if client_certs { "yes" } else { "no" },
+            ],
+        );
+        Self {
+            _redis: redis,
+            tls_port,
+            certs,
+            dir,
+        }
+    }
+
+    /// `rediss://127.0.0.1:<tls port>/<db>?<query>`.
+    fn url(&self, db: u8, query: &str) -> String {
+        format!("rediss://127.0.0.1:{}/{db}?{query}", self.tls_port)
+    }
+
+    fn spawn_worker(&self, query: &str) -> Process {
+        let plugins = self.dir.plugins(&["demo"]);
+        let urls = [self.url(0, query), self.url(1, query)];
+        let command = Process::worker_command_on(&taskhost_bin(), &self.dir, &urls, &plugins, &[]);
+        Process::spawn(&self.dir, "worker.log", command)
+    }
+
+    fn worker(&self, query: &str) -> Process {
+        let worker = self.spawn_worker(query);
+        worker.wait_log("worker ready");
+        worker
+    }
+}
+
+fn ca_query(certs: &Certs) -> String {
+    format!(
+        "ssl_cert_reqs=required&ssl_ca_certs={}",
+        certs.path("ca.crt")
+    )
+}
+
+#[test]
+fn a_worker_on_tls_runs_a_task_a_python_producer_sends_on_tls() {
+    let tls = Tls::start("python", false);
+    let worker = tls.worker(&ca_query(&tls.certs));
+    let broker = format!("rediss://127.0.0.1:{}/0", tls.tls_port);
+    let backend = format!("rediss://127.0.0.1:{}/1", tls.tls_port);
+    let mut python = python_on(&tls.dir, &broker, &backend, &["producer.py"]);
+    python.env("CA", tls.certs.path("ca.crt"));
+    // As an operator's Celery config has it: broker_use_ssl and redis_backend_use_ssl.
+    const PRELUDE: &str = "import os, ssl\nfrom celery import Celery\n\
+        app = Celery('tls', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\n\
+        tls = {'ssl_cert_reqs': ssl.CERT_REQUIRED, 'ssl_ca_certs': os.environ['CA']}\n\
+        app.conf.broker_use_ssl = tls\n\
+        app.conf.redis_backend_use_ssl = tls";
+    run_snippet_in(
+        &tls.dir,
+        python,
+        PRELUDE,
+        "assert app.send_task('demo.add', (2, 3)).get(timeout=30) == 5",
+        || worker.log(),
+    );
+}
+
+#[test]
+fn a_client_certificate_is_shown_to_a_server_that_asks_for_one() {
+    let tls = Tls::start("client-cert", true);
+    let query = format!(
+        "{}&ssl_certfile={}&ssl_keyfile={}",
+        ca_query(&tls.certs),
+        tls.certs.path("client.crt"),
+        tls.certs.path("client.key")
+    );
+    let worker = tls.worker(&query);
+    let (broker, backend) = (tls.url(0, &query), tls.url(1, &query));
+    let out = Process::run(
+        &tls.dir,
+        &[
+            "call",
+            "demo.add",
+            "--args",
+            "[2, 3]",
+            "--wait",
+            "--broker",
+            &broker,
+            "--result-backend",
+            &backend,
+        ],
+    );
+    assert!(
+        out.status.success() && out.stdout.trim() == "5",
+        "{}{}\n{}",
+        out.stdout,
+        out.stderr,
+        worker.log()
+    );
+}
+
+#[test]
+fn a_server_certificate_from_another_ca_is_refused_at_start() {
+    let tls = Tls::start("wrong-ca", false);
+    let query = format!("ssl_ca_certs={}", tls.certs.path("other-ca.crt"));
+    let mut worker = tls.spawn_worker(&query);
+    let status = worker.wait_exit();
+    let log = worker.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("TLS to Redis at rediss://127.0.0.1"), "{log}");
+}
+
+#[test]
+fn without_a_client_certificate_a_server_that_asks_for_one_refuses_at_start() {
+    let tls = Tls::start("no-client-cert", true);
+    let mut worker = tls.spawn_worker(&ca_query(&tls.certs));
+    let status = worker.wait_exit();
+    let log = worker.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("TLS to Redis at rediss://127.0.0.1"), "{log}");
+}
