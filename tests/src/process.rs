@@ -82,6 +82,8 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     args: Vec<String>,
+    /// A configuration file given first (a sentinel needs one it can rewrite).
+    config: Option<PathBuf>,
 }
 
 impl RedisServer {
@@ -92,6 +94,26 @@ impl RedisServer {
 
     /// Starts a server with extra `redis-server` arguments (e.g. `--appendonly yes`).
     pub fn start_with(dir: &TestDir, args: &[&str]) -> Self {
+        Self::start_configured(dir, None, args)
+    }
+
+    /// Starts a sentinel watching the master on `master_port` as `name` (quorum 2; a master is
+    /// down after a second without answers).
+    pub fn start_sentinel(dir: &TestDir, name: &str, master_port: u16) -> Self {
+        let config = dir.path().join(format!("sentinel-{}.conf", free_port()));
+        std::fs::write(
+            &config,
+            format!(
+                "sentinel monitor {name} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 5000\n"
+            ),
+        )
+        .expect("write the sentinel's configuration");
+        Self::start_configured(dir, Some(config), &["--sentinel"])
+    }
+
+    fn start_configured(dir: &TestDir, config: Option<PathBuf>, args: &[&str]) -> Self {
         let data = dir.path().join(format!("redis-{}", free_port()));
         std::fs::create_dir_all(&data).expect("create redis dir");
         let mut server = Self {
@@ -99,6 +121,7 @@ impl RedisServer {
             port: free_port(),
             dir: data,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
+            config,
         };
         server.spawn();
         server
@@ -106,6 +129,9 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let mut command = Command::new("redis-server");
+        if let Some(config) = &self.config {
+            command.arg(config);
+        }
         command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])

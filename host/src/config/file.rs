@@ -119,6 +119,10 @@ pub struct TaskSection {
 pub struct WorkerSection {
     pub broker_url: Option<String>,
     pub result_backend: Option<String>,
+    /// kombu's options for a `sentinel://` broker (Celery's `broker_transport_options`).
+    pub broker_transport_options: Option<TransportOptions>,
+    /// The same for a `sentinel://` result backend (`result_backend_transport_options`).
+    pub result_backend_transport_options: Option<TransportOptions>,
     pub concurrency: Option<usize>,
     /// Unstarted messages held per slot (Celery's `worker_prefetch_multiplier`).
     pub prefetch_multiplier: Option<usize>,
@@ -141,6 +145,57 @@ pub struct WorkerSection {
     pub task_events: Option<bool>,
     /// Address of the /metrics and /healthz endpoint, e.g. `127.0.0.1:9808`.
     pub metrics_addr: Option<String>,
+}
+
+/// The transport options a `sentinel://` URL needs, under kombu's names.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportOptions {
+    /// The name the sentinels know the master by.
+    pub master_name: Option<String>,
+    /// Options for connecting to the sentinels themselves.
+    pub sentinel_kwargs: Option<SentinelKwargs>,
+}
+
+/// kombu's `sentinel_kwargs`: the sentinels' own password (the URL's is the master's).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelKwargs {
+    pub password: Option<String>,
+}
+
+impl TransportOptions {
+    /// `url` with these options in its query, where it is a `sentinel://` URL that does not
+    /// give them itself (the form the Redis client reads).
+    pub fn applied_to(&self, url: &str) -> String {
+        if !url.starts_with("sentinel://") {
+            return url.to_owned();
+        }
+        let mut pairs = Vec::new();
+        if let Some(name) = self
+            .master_name
+            .as_deref()
+            .filter(|_| !url.contains("master_name="))
+        {
+            pairs.push(("master_name", name));
+        }
+        let password = self
+            .sentinel_kwargs
+            .as_ref()
+            .and_then(|k| k.password.as_deref());
+        if let Some(password) = password.filter(|_| !url.contains("sentinel_password=")) {
+            pairs.push(("sentinel_password", password));
+        }
+        if pairs.is_empty() {
+            return url.to_owned();
+        }
+        let query: String = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish();
+        let last = url.rsplit(';').next().unwrap_or(url);
+        let joiner = if last.contains('?') { '&' } else { '?' };
+        format!("{url}{joiner}{query}")
+    }
 }
 
 /// `[limits]` and the limit keys of a `[plugins.NAME]` section. Unset keys of a plugin take the
@@ -354,5 +409,20 @@ mod tests {
         assert!(config.grants(&env).is_err());
         let config = FileConfig::parse("[plugins.x]\ntime_limit = -1").expect("parses");
         assert!(config.grants(&env).is_err());
+    }
+
+    #[test]
+    fn kombus_transport_options_reach_a_sentinel_url_and_only_one() {
+        let config = FileConfig::parse(
+            "[worker]\nbroker_transport_options = { master_name = \"mymaster\", \
+             sentinel_kwargs = { password = \"s&cret\" } }",
+        )
+        .expect("parses");
+        let options = config.worker.broker_transport_options.expect("options");
+        assert_eq!(
+            options.applied_to("sentinel://h1:26379;sentinel://h2:26379/0"),
+            "sentinel://h1:26379;sentinel://h2:26379/0?master_name=mymaster&sentinel_password=s%26cret"
+        );
+        assert_eq!(options.applied_to("redis://h:1/0"), "redis://h:1/0");
     }
 }

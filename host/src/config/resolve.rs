@@ -355,18 +355,26 @@ fn urls(
     dev_broker: Option<&str>,
 ) -> anyhow::Result<(String, String)> {
     let section = &file.worker;
+    let options = |o: &Option<super::file::TransportOptions>, url: &str| {
+        o.as_ref()
+            .map_or_else(|| url.to_owned(), |o| o.applied_to(url))
+    };
     let broker_url = flags
         .broker
         .clone()
         .or_else(|| section.broker_url.clone())
         .or_else(|| dev_broker.map(str::to_owned))
         .context("no broker: pass --broker redis://HOST:PORT/DB or set CELERY_BROKER_URL (or try `taskhost dev`)")?;
+    let broker_url = options(&section.broker_transport_options, &broker_url);
     crate::redis::client(&broker_url)?;
     let backend_url = flags
         .result_backend
         .clone()
         .or_else(|| section.result_backend.clone())
-        .unwrap_or_else(|| broker_url.clone());
+        .map_or_else(
+            || broker_url.clone(),
+            |url| options(&section.result_backend_transport_options, &url),
+        );
     crate::redis::client(&backend_url).context("result backend")?;
     Ok((broker_url, backend_url))
 }

@@ -103,11 +103,13 @@ impl Broker {
             .set_response_timeout(Some(BLOCK_TIMEOUT + super::RESPONSE_TIMEOUT));
         let conn = self
             .client
+            .master()
+            .await?
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         Ok(BlockingConnection(super::connection::Named::new(
             conn,
-            super::user(&self.client),
+            self.client.user(),
         )))
     }
 

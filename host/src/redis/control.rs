@@ -7,7 +7,7 @@ use redis::AsyncCommands;
 
 /// Subscribes to the remote-control channel of `client`'s database.
 pub async fn subscribe(client: &Client) -> Result<Subscription, RedisError> {
-    Subscription::open(client, &keys::pidbox_channel(super::db(client))).await
+    Subscription::open(client, &keys::pidbox_channel(client.db())).await
 }
 
 /// Pushes `reply` (see `protocol::pidbox::reply`) to the caller's reply list, which expires if

@@ -15,7 +15,7 @@ impl EventChannels {
     pub fn new(client: &Client, conn: Connection) -> Self {
         Self {
             conn,
-            db: super::db(client),
+            db: client.db(),
         }
     }
 

@@ -35,7 +35,7 @@ impl From<redis::RedisError> for FleetError {
 
 /// The deploy notice channel of `client`'s database.
 pub fn channel(client: &Client) -> String {
-    keys::deploy_channel(super::db(client))
+    keys::deploy_channel(client.db())
 }
 
 /// Subscribes to deploy notices.

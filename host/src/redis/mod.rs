@@ -22,11 +22,13 @@
 pub mod backend;
 pub mod broker;
 pub mod chord;
+mod client;
 pub mod connection;
 pub mod control;
 pub mod deadletter;
 pub mod events;
 pub mod fleet;
+mod follow;
 pub mod keys;
 pub mod recovery;
 pub mod schedule;
@@ -34,17 +36,17 @@ mod scripts;
 pub mod settle;
 pub mod tls;
 
-pub use ::redis::Client;
 pub use backend::{Backend, WaitError, Waiter};
 pub use broker::{Broker, Delivery};
+pub use client::Client;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::future::Future;
 use std::time::Duration;
 
-/// A shared connection that reconnects by itself, for ordinary commands; a command refused to
-/// its ACL user is named (see [`connection`]).
-pub type Connection = connection::Named<ConnectionManager>;
+/// A shared connection that reconnects by itself (following the master through a Sentinel
+/// failover, see [`follow`]), for ordinary commands; a command refused to its ACL user is named
+/// (see [`connection`]).
+pub type Connection = connection::Named<follow::Link>;
 
 /// Answers slower than this are a failed command (a blocking fetch gets its wait on top).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,32 +112,13 @@ fn command_message(e: &::redis::RedisError) -> String {
 
 /// Opens a Redis client for `url`, refusing what is not Redis with a clear message.
 pub fn client(url: &str) -> Result<Client, RedisError> {
-    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
-    if !matches!(scheme, "redis" | "rediss" | "unix" | "redis+unix") {
-        return Err(RedisError::Url {
-            url: redact(url),
-            reason: "taskhost speaks Celery's Redis transport: use redis://host:port/db".into(),
-        });
-    }
-    tls::client(url)
+    Client::open(url)
 }
 
 /// A reconnecting connection for `client` (whose URL is `url`, for messages).
 pub async fn manager(client: &Client, url: &str) -> Result<Connection, RedisError> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        .set_number_of_retries(2);
-    let manager = client
-        .get_connection_manager_with_config(config)
-        .await
-        .map_err(|e| connect_error(url, &e))?;
-    Ok(connection::Named::new(manager, user(client)))
-}
-
-/// The ACL user `client` authenticates as (none: Redis's `default`).
-pub fn user(client: &Client) -> Option<&str> {
-    client.get_connection_info().redis_settings().username()
+    let link = follow::Link::open(client, url).await?;
+    Ok(connection::Named::new(link, client.user()))
 }
 
 /// Connects to `url` and checks that Redis answers a PING.
@@ -151,7 +134,7 @@ pub async fn connect(url: &str) -> Result<(Client, Connection), RedisError> {
 
 /// Why connecting to `url` failed: credentials Redis refuses or certificates that do not
 /// match (trying again cannot help), or anything else.
-fn connect_error(url: &str, e: &::redis::RedisError) -> RedisError {
+pub(super) fn connect_error(url: &str, e: &::redis::RedisError) -> RedisError {
     let (url, reason) = (redact(url), e.to_string());
     let refused = e.kind() == ::redis::ErrorKind::AuthenticationFailed
         || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"));
@@ -166,7 +149,10 @@ fn connect_error(url: &str, e: &::redis::RedisError) -> RedisError {
 
 /// Whether a server answers at `client`'s address now: one connection attempt, one PING.
 pub async fn answers(client: &Client) -> bool {
-    match client.get_multiplexed_async_connection().await {
+    let Ok(master) = client.master().await else {
+        return false;
+    };
+    match master.get_multiplexed_async_connection().await {
         Ok(mut conn) => ::redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
@@ -181,8 +167,13 @@ pub async fn ping(conn: &mut Connection) -> Result<(), RedisError> {
     Ok(())
 }
 
-/// The URL with any password replaced, for messages and logs.
+/// The URL with any password replaced, for messages and logs (each address of a Sentinel
+/// URL's list).
 pub fn redact(url: &str) -> String {
+    url.split(';').map(redact_one).collect::<Vec<_>>().join(";")
+}
+
+fn redact_one(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let userinfo = &url[s + 3..at];
@@ -193,20 +184,6 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
-}
-
-/// The host and port `client` connects to, as Celery's `stats` reports them.
-pub fn address(client: &Client) -> (String, Option<u16>) {
-    let addr = client.get_connection_info().addr().to_string();
-    match addr.rsplit_once(':') {
-        Some((host, port)) => (host.to_owned(), port.parse().ok()),
-        None => (addr, None),
-    }
-}
-
-/// The database number `client` points at (Pub/Sub channel names carry it).
-pub fn db(client: &Client) -> i64 {
-    client.get_connection_info().redis_settings().db()
 }
 
 /// Warns when Redis may evict keys when full: queued tasks have no expiry, and an `allkeys-*`
@@ -281,14 +258,12 @@ pub struct Subscription {
 impl Subscription {
     /// Subscribes to `channel`.
     pub async fn open(client: &Client, channel: &str) -> Result<Self, RedisError> {
-        let mut pubsub = client.get_async_pubsub().await?;
+        let mut pubsub = client.master().await?.get_async_pubsub().await?;
         if let Err(e) = pubsub.subscribe(channel).await {
             let mut subscribe = ::redis::cmd("SUBSCRIBE");
             subscribe.arg(channel);
-            return Err(
-                connection::renamed(e, user(client).unwrap_or("default"), |_| Some(&subscribe))
-                    .into(),
-            );
+            let user = client.user().unwrap_or("default");
+            return Err(connection::renamed(e, user, |_| Some(&subscribe)).into());
         }
         Ok(Self { pubsub })
     }
@@ -313,9 +288,11 @@ mod tests {
     }
 
     #[test]
-    fn refuses_what_is_not_redis() {
-        assert!(client("amqp://guest@localhost//").is_err());
-        assert!(client("redis://127.0.0.1:1/0").is_ok());
+    fn redacts_each_password_of_a_sentinel_list() {
+        assert_eq!(
+            redact("sentinel://u:pw@h1:1;sentinel://u:pw@h2:2"),
+            "sentinel://u:***@h1:1;sentinel://u:***@h2:2"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,7 +18,7 @@ const KEYS: [&str; 4] = [
 ];
 
 /// A query key and its value.
-type Pair = (String, String);
+pub(super) type Pair = (String, String);
 
 /// Opens a client for `url`, a `redis://` or `rediss://` URL, with its TLS options.
 pub fn client(url: &str) -> Result<Client, RedisError> {
@@ -40,8 +40,23 @@ pub fn client(url: &str) -> Result<Client, RedisError> {
             options[0].0
         )));
     }
+    let (insecure, certificates) = options_of(&options).map_err(refuse)?;
+    if insecure {
+        parsed.set_fragment(Some("insecure"));
+    }
+    if rest.is_empty() {
+        parsed.set_query(None);
+    } else {
+        parsed.query_pairs_mut().clear().extend_pairs(rest);
+    }
+    Client::build_with_tls(parsed.as_str(), certificates).map_err(|e| refuse(e.to_string()))
+}
+
+/// The TLS options among a URL's query `pairs`: whether checks are off (`ssl_cert_reqs=none`,
+/// logged), and the CA and client certificate read from their files.
+pub(super) fn options_of(pairs: &[Pair]) -> Result<(bool, TlsCertificates), String> {
     let option = |key: &str| {
-        options
+        pairs
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
@@ -52,33 +67,26 @@ pub fn client(url: &str) -> Result<Client, RedisError> {
             "required" | "optional" => false,
             "none" => true,
             other => {
-                return Err(refuse(format!(
+                return Err(format!(
                     "ssl_cert_reqs={other}: expected required, optional or none (or CERT_REQUIRED, …)"
-                )));
+                ));
             }
         },
     };
     if insecure {
         tracing::warn!(
-            redis = %redact(url),
             "ssl_cert_reqs=none: the Redis server's certificate is not checked, so anyone on the \
              way can read and change tasks and results"
         );
-        parsed.set_fragment(Some("insecure"));
     }
-    if rest.is_empty() {
-        parsed.set_query(None);
-    } else {
-        parsed.query_pairs_mut().clear().extend_pairs(rest);
-    }
-    let read = |key: &str| -> Result<Option<Vec<u8>>, RedisError> {
+    let read = |key: &str| -> Result<Option<Vec<u8>>, String> {
         let Some(path) = option(key) else {
             return Ok(None);
         };
         let path = PathBuf::from(path);
         std::fs::read(&path)
             .map(Some)
-            .map_err(|e| refuse(format!("cannot read {key} {}: {e}", path.display())))
+            .map_err(|e| format!("cannot read {key} {}: {e}", path.display()))
     };
     let client_tls = match (read("ssl_certfile")?, read("ssl_keyfile")?) {
         (Some(client_cert), Some(client_key)) => Some(ClientTlsConfig {
@@ -86,17 +94,13 @@ pub fn client(url: &str) -> Result<Client, RedisError> {
             client_key,
         }),
         (None, None) => None,
-        _ => {
-            return Err(refuse(
-                "ssl_certfile and ssl_keyfile go together: give both or neither".into(),
-            ));
-        }
+        _ => return Err("ssl_certfile and ssl_keyfile go together: give both or neither".into()),
     };
     let certificates = TlsCertificates {
         client_tls,
         root_cert: read("ssl_ca_certs")?,
     };
-    Client::build_with_tls(parsed.as_str(), certificates).map_err(|e| refuse(e.to_string()))
+    Ok((insecure, certificates))
 }
 
 /// Whether `e` (from connecting) is a TLS handshake the certificates failed: the server's is not

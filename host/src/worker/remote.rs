@@ -143,8 +143,8 @@ impl Worker for Remote {
     fn stats(&self) -> Value {
         let shared = &self.0;
         let concurrency = shared.concurrency.load(Ordering::Relaxed);
-        let (host, port) = crate::redis::address(shared.broker.client());
-        let db = crate::redis::db(shared.broker.client());
+        let (host, port) = shared.broker.client().address();
+        let db = shared.broker.client().db();
         let defaults = shared.grants.load().defaults();
         let limits = &defaults.limits;
         let plugins: serde_json::Map<String, Value> = shared
