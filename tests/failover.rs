@@ -2,11 +2,13 @@
 //! loopback port. A Python Celery producer on a `sentinel://` URL sends 2,000 tasks; the
 //! master is killed while the worker runs them and the sentinels promote the replica. Every
 //! task completes with its result readable from Python, and the number run twice is stated
-//! and bounded by what the worker had in flight.
+//! and bounded by what the worker had in flight. The same again with the master and replica
+//! answering only TLS (certificates under a CA the test makes).
 
 use std::time::Duration;
 use taskhost_tests::{
-    Process, RedisServer, TestDir, python_on, run_snippet_in, taskhost_bin, wait_for_within,
+    Certs, Process, RedisServer, TestDir, free_port, python_on, run_snippet_in, taskhost_bin,
+    wait_for_within,
 };
 
 const MASTER: &str = "mymaster";
@@ -15,27 +17,62 @@ const CONCURRENCY: usize = 8;
 /// Celery's default prefetch multiplier, which the worker keeps.
 const PREFETCH: usize = 4;
 
-/// A master, its replica and three sentinels watching them.
+/// A master, its replica and three sentinels watching them; with `certs`, the master and the
+/// replica are reached (and replicate) over TLS.
 struct Cluster {
     master: RedisServer,
-    replica: RedisServer,
+    _replica: RedisServer,
+    /// The port the sentinels will name once the replica is promoted.
+    replica_port: u16,
     sentinels: Vec<RedisServer>,
+    certs: Option<Certs>,
     dir: TestDir,
 }
 
 impl Cluster {
-    fn start(test: &str) -> Self {
+    fn start(test: &str, tls: bool) -> Self {
         let dir = TestDir::new(&format!("failover-{test}"));
-        let master = RedisServer::start(&dir);
-        let master_port = master.port().to_string();
-        let replica = RedisServer::start_with(&dir, &["--replicaof", "127.0.0.1", &master_port]);
+        let certs = tls.then(|| Certs::make(&dir));
+        let (master_tls, replica_tls) = (free_port(), free_port());
+        let tls_args = |port: u16| -> Vec<String> {
+            certs
+                .as_ref()
+                .map_or_else(Vec::new, |c| c.server_args(port))
+        };
+        let master = RedisServer::start_with(&dir, &strs(&tls_args(master_tls)));
+        let master_port = if tls { master_tls } else { master.port() };
+        let mut replica_args = vec![
+            "--replicaof".to_owned(),
+            "127.0.0.1".to_owned(),
+            master_port.to_string(),
+        ];
+        replica_args.extend(tls_args(replica_tls));
+        if tls {
+            replica_args.extend(["--tls-replication".to_owned(), "yes".to_owned()]);
+        }
+        let replica = RedisServer::start_with(&dir, &strs(&replica_args));
+        let replica_port = if tls { replica_tls } else { replica.port() };
         wait_for_within("the replica to sync", Duration::from_secs(30), || {
             info(&replica, "replication")
                 .contains("master_link_status:up")
                 .then_some(())
         });
+        // Sentinels reach the master, the replica and each other over TLS too: each listens
+        // on a TLS port of its own, which it announces to the others.
+        let sentinel_tls = || {
+            certs.as_ref().map_or_else(String::new, |c| {
+                format!(
+                    "tls-replication yes\ntls-port {}\ntls-auth-clients no\ntls-cert-file {}\n\
+                     tls-key-file {}\ntls-ca-cert-file {}\n",
+                    free_port(),
+                    c.path("server.crt"),
+                    c.path("server.key"),
+                    c.path("ca.crt")
+                )
+            })
+        };
         let sentinels: Vec<RedisServer> = (0..3)
-            .map(|_| RedisServer::start_sentinel(&dir, MASTER, master.port()))
+            .map(|_| RedisServer::start_sentinel(&dir, MASTER, master_port, &sentinel_tls()))
             .collect();
         // A failover needs the sentinels to know the replica and each other.
         for sentinel in &sentinels {
@@ -60,19 +97,27 @@ impl Cluster {
         }
         Self {
             master,
-            replica,
+            _replica: replica,
+            replica_port,
             sentinels,
+            certs,
             dir,
         }
     }
 
-    /// kombu's form: `sentinel://127.0.0.1:P1/db;sentinel://127.0.0.1:P2/db;…`.
+    /// kombu's form: `sentinel://127.0.0.1:P1/db;sentinel://127.0.0.1:P2/db;…`, with the CA
+    /// for the master's TLS.
     fn url(&self, db: u8) -> String {
-        self.sentinels
+        let url = self
+            .sentinels
             .iter()
             .map(|s| format!("sentinel://127.0.0.1:{}/{db}", s.port()))
             .collect::<Vec<_>>()
-            .join(";")
+            .join(";");
+        match &self.certs {
+            Some(c) => format!("{url}?ssl_ca_certs={}", c.path("ca.crt")),
+            None => url,
+        }
     }
 
     /// The port the sentinels name as the master's.
@@ -88,13 +133,35 @@ impl Cluster {
 
     /// Runs `code` with Python Celery on the sentinels, as an operator's Celery config has it.
     fn python(&self, code: &str, logs: impl Fn() -> String) -> String {
-        const PRELUDE: &str = "import os\nfrom celery import Celery\n\
+        let mut prelude = "import os, ssl\nfrom celery import Celery\n\
             app = Celery('failover', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\n\
             app.conf.broker_transport_options = {'master_name': 'mymaster'}\n\
-            app.conf.result_backend_transport_options = {'master_name': 'mymaster'}";
-        let python = python_on(&self.dir, &self.url(0), &self.url(1), &["producer.py"]);
-        run_snippet_in(&self.dir, python, PRELUDE, code, logs)
+            app.conf.result_backend_transport_options = {'master_name': 'mymaster'}"
+            .to_owned();
+        let urls = self
+            .sentinels
+            .iter()
+            .map(|s| format!("sentinel://127.0.0.1:{}", s.port()));
+        let url = |db: u8| {
+            urls.clone()
+                .map(|u| format!("{u}/{db}"))
+                .collect::<Vec<_>>()
+                .join(";")
+        };
+        let mut python = python_on(&self.dir, &url(0), &url(1), &["producer.py"]);
+        if let Some(certs) = &self.certs {
+            python.env("CA", certs.path("ca.crt"));
+            prelude.push_str(
+                "\ntls = {'ssl_cert_reqs': ssl.CERT_REQUIRED, 'ssl_ca_certs': os.environ['CA']}\n\
+                 app.conf.broker_use_ssl = tls\napp.conf.redis_backend_use_ssl = tls",
+            );
+        }
+        run_snippet_in(&self.dir, python, &prelude, code, logs)
     }
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 fn info(server: &RedisServer, section: &str) -> String {
@@ -112,7 +179,16 @@ fn results_stored(server: &RedisServer) -> usize {
 
 #[test]
 fn no_task_is_lost_when_the_master_dies_and_a_replica_is_promoted() {
-    let mut cluster = Cluster::start("promote");
+    promoted_under_load("promote", false);
+}
+
+#[test]
+fn no_task_is_lost_when_a_tls_master_dies_and_a_replica_is_promoted() {
+    promoted_under_load("promote-tls", true);
+}
+
+fn promoted_under_load(test: &str, tls: bool) {
+    let mut cluster = Cluster::start(test, tls);
     let config = cluster.dir.write(
         "taskhost.toml",
         "[worker]\nbroker_transport_options = { master_name = \"mymaster\" }\n\
@@ -154,7 +230,7 @@ fn no_task_is_lost_when_the_master_dies_and_a_replica_is_promoted() {
         "every task ran before the master was killed"
     );
     cluster.master.kill();
-    let promoted = cluster.replica.port();
+    let promoted = cluster.replica_port;
     wait_for_within(
         "the sentinels to promote the replica",
         Duration::from_secs(60),
@@ -181,7 +257,8 @@ fn no_task_is_lost_when_the_master_dies_and_a_replica_is_promoted() {
         panic!("the worker ran {runs} of {TASKS} tasks, yet every result is stored")
     });
     println!(
-        "failover: {TASKS} tasks, {done_before} done before the master died, all {TASKS} completed, {twice} run twice"
+        "failover{}: {TASKS} tasks, {done_before} done before the master died, all {TASKS} completed, {twice} run twice",
+        if tls { " over TLS" } else { "" }
     );
     assert!(
         twice <= CONCURRENCY * (1 + PREFETCH),

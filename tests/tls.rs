@@ -2,109 +2,9 @@
 //! Python Celery producer and a worker both on TLS, a client certificate for a server that
 //! asks for one, and a wrong CA refused at start.
 
-use std::path::PathBuf;
-use std::process::Command;
 use taskhost_tests::{
-    Process, RedisServer, TestDir, free_port, python_on, run_snippet_in, taskhost_bin,
+    Certs, Process, RedisServer, TestDir, free_port, python_on, run_snippet_in, taskhost_bin,
 };
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate it signed, and a second
-/// CA that signed nothing here.
-struct Certs {
-    dir: PathBuf,
-}
-
-impl Certs {
-    fn make(dir: &TestDir) -> Self {
-        let certs = Self {
-            dir: dir.path().join("certs"),
-        };
-        std::fs::create_dir_all(&certs.dir).expect("mkdir certs");
-        certs.authority("ca");
-        certs.authority("other-ca");
-        certs.signed(
-            "server",
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        );
-        certs.signed("client", "extendedKeyUsage=clientAuth\n");
-        certs
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).to_string_lossy().into_owned()
-    }
-
-    fn authority(&self, name: &str) {
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=taskhost test {name}"),
-            "-keyout",
-            &self.path(&format!("{name}.key")),
-            "-out",
-            &self.path(&format!("{name}.crt")),
-        ]);
-    }
-
-    fn signed(&self, name: &str, extensions: &str) {
-        let ext = self.dir.join(format!("{name}.ext"));
-        std::fs::write(&ext, extensions).expect("write extensions");
-        let csr = self.path(&format!("{name}.csr"));
-        self.openssl(&[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-subj",
-            &format!("/CN={name}"),
-            "-keyout",
-            &self.path(&format!("{name}.key")),
-            "-out",
-            &csr,
-        ]);
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &self.path("ca.crt"),
-            "-CAkey",
-            &self.path("ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &ext.to_string_lossy(),
-            "-out",
-            &self.path(&format!("{name}.crt")),
-        ]);
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(&self.dir)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
 
 /// A Redis answering TLS on its own port (and plain on the harness's), with `certs`; asking
 /// clients for a certificate when `client_certs`.
@@ -120,21 +20,12 @@ impl Tls {
         let dir = TestDir::new(&format!("tls-{test}"));
         let certs = Certs::make(&dir);
         let tls_port = free_port();
-        let redis = RedisServer::start_with(
-            &dir,
-            &[
-                "--tls-port",
-                &tls_port.to_string(),
-                "--tls-cert-file",
-                &certs.path("server.crt"),
-                "--tls-key-file",
-                &certs.path("server.key"),
-                "--tls-ca-cert-file",
-                &certs.path("ca.crt"),
-                "--tls-auth-clients",
-                if client_certs { "yes" } else { "no" },
-            ],
-        );
+        let mut args = certs.server_args(tls_port);
+        if client_certs {
+            args.extend(["--tls-auth-clients".to_owned(), "yes".to_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let redis = RedisServer::start_with(&dir, &args);
         Self {
             _redis: redis,
             tls_port,

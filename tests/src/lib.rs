@@ -7,6 +7,7 @@
 
 pub mod bench;
 mod beside;
+mod certs;
 mod feed;
 mod http;
 mod process;
@@ -14,6 +15,7 @@ mod python;
 mod templates;
 
 pub use beside::Beside;
+pub use certs::Certs;
 pub use feed::ResultFeed;
 pub use http::{HttpStub, Reply, Request, get as http_get};
 pub use process::{Process, RedisServer, free_port, signal};

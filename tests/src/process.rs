@@ -98,15 +98,15 @@ impl RedisServer {
     }
 
     /// Starts a sentinel watching the master on `master_port` as `name` (quorum 2; a master is
-    /// down after a second without answers).
-    pub fn start_sentinel(dir: &TestDir, name: &str, master_port: u16) -> Self {
+    /// down after a second without answers), with `extra` lines of configuration (TLS).
+    pub fn start_sentinel(dir: &TestDir, name: &str, master_port: u16, extra: &str) -> Self {
         let config = dir.path().join(format!("sentinel-{}.conf", free_port()));
         std::fs::write(
             &config,
             format!(
                 "sentinel monitor {name} 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds {name} 1000\n\
-                 sentinel failover-timeout {name} 5000\n"
+                 sentinel failover-timeout {name} 5000\n{extra}"
             ),
         )
         .expect("write the sentinel's configuration");
