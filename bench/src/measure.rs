@@ -20,6 +20,10 @@ pub struct Drain {
     pub peak: Memory,
     /// CPU time the worker's processes spent, per task, microseconds.
     pub cpu_us_per_task: f64,
+    /// CPU time Redis spent, per task, microseconds (the bench's own polling included).
+    pub redis_cpu_us_per_task: f64,
+    /// Cores kept busy on average by the workers and Redis together.
+    pub cores_busy: f64,
 }
 
 /// Pre-loads the workload's messages, makes them appear on the queue at once (`RENAME`, which
@@ -57,6 +61,7 @@ pub fn drain(stage: &Stage, running: &Running, workload: &Workload) -> Drain {
         })
     };
     let cpu_before = cpu_seconds(&running.pids());
+    let redis_before = redis_cpu_seconds(&mut broker);
     let start = Instant::now();
     redis::cmd("RENAME")
         .arg(STAGING)
@@ -89,13 +94,29 @@ pub fn drain(stage: &Stage, running: &Running, workload: &Workload) -> Drain {
         elapsed = start.elapsed();
     }
     let cpu = cpu_seconds(&running.pids()) - cpu_before;
+    let redis_cpu = redis_cpu_seconds(&mut broker) - redis_before;
     sampling.store(false, Ordering::Relaxed);
     let peak = sampler.join().expect("memory sampler");
     Drain {
         tasks_per_s: n as f64 / elapsed.as_secs_f64(),
         peak,
         cpu_us_per_task: cpu * 1e6 / n as f64,
+        redis_cpu_us_per_task: redis_cpu * 1e6 / n as f64,
+        cores_busy: (cpu + redis_cpu) / elapsed.as_secs_f64(),
     }
+}
+
+/// User + system CPU time the Redis server has spent, seconds (`INFO cpu`).
+fn redis_cpu_seconds(conn: &mut Connection) -> f64 {
+    let info: String = redis::cmd("INFO").arg("cpu").query(conn).expect("INFO cpu");
+    info.lines()
+        .filter_map(|line| {
+            let (key, value) = line.trim().split_once(':')?;
+            matches!(key, "used_cpu_sys" | "used_cpu_user")
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 /// User + system CPU time of `pids`, seconds (from /proc, in clock ticks of 10 ms).

@@ -23,7 +23,7 @@ pub struct Options {
     #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 16])]
     pub concurrency: Vec<usize>,
     /// Numbers of taskhost worker processes for the scaling runs.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4])]
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8])]
     pub processes: Vec<usize>,
     /// Leave Celery out (taskhost and the ceiling only).
     #[arg(long)]

@@ -104,11 +104,19 @@ pub fn run(options: &Options) {
         };
         stage.flush();
         let running = stage.start(&contender);
-        let runs = (0..o.repeat)
-            .map(|_| measure::drain(&stage, &running, add).tasks_per_s)
+        let drains: Vec<measure::Drain> = (0..o.repeat)
+            .map(|_| measure::drain(&stage, &running, add))
             .collect();
         running.stop();
-        scaling.push(Figure::new(contender.label(), runs));
+        let figure = |f: fn(&measure::Drain) -> f64| {
+            Figure::new(contender.label(), drains.iter().map(f).collect())
+        };
+        scaling.push(Scaled {
+            tasks_per_s: figure(|d| d.tasks_per_s),
+            worker_cpu_us: figure(|d| d.cpu_us_per_task).median(),
+            redis_cpu_us: figure(|d| d.redis_cpu_us_per_task).median(),
+            cores_busy: figure(|d| d.cores_busy).median(),
+        });
     }
 
     results.print(&contenders, &workloads, &o.rates, &ceilings);
@@ -124,18 +132,61 @@ pub fn run(options: &Options) {
     }
     section.print();
     let ceiling = ceilings.get(add.label).map(|(_, own)| own.median());
+    print_scaling(scaling, ceiling);
+    println!();
+    println!("load average at the end: {}", load_average());
+}
+
+/// One row of the scaling table: throughput, and where the CPU went.
+struct Scaled {
+    tasks_per_s: Figure,
+    worker_cpu_us: f64,
+    redis_cpu_us: f64,
+    cores_busy: f64,
+}
+
+/// The scaling table, and what bounds the largest run: the cores (workers and Redis keep them
+/// all busy), Redis (its one thread near a core), or neither (waits: round trips).
+fn print_scaling(scaling: Vec<Scaled>, ceiling: Option<f64>) {
     let mut section = Section::new(
         "scaling: demo.add drain over taskhost worker processes",
         "tasks/s",
-        &["% of ceiling"],
+        &[
+            "% of ceiling",
+            "worker CPU µs/task",
+            "Redis CPU µs/task",
+            "cores busy",
+        ],
     );
-    for figure in scaling {
-        let ratio = percent(figure.median(), ceiling);
-        section.row(figure, vec![ratio]);
+    let last = scaling
+        .last()
+        .map(|s| (s.tasks_per_s.median(), s.redis_cpu_us, s.cores_busy));
+    for row in scaling {
+        let ratio = percent(row.tasks_per_s.median(), ceiling);
+        let columns = vec![
+            ratio,
+            number(row.worker_cpu_us),
+            number(row.redis_cpu_us),
+            format!("{:.2}", row.cores_busy),
+        ];
+        section.row(row.tasks_per_s, columns);
     }
     section.print();
-    println!();
-    println!("load average at the end: {}", load_average());
+    if let Some((tasks_per_s, redis_us, busy)) = last {
+        let redis_share = tasks_per_s * redis_us / 1e6;
+        let bound = if redis_share > 0.9 {
+            "Redis's one thread (near a whole core)"
+        } else if busy > 0.9 * cores() as f64 {
+            "the machine's cores (workers and Redis keep them all busy)"
+        } else {
+            "waits, not CPU: round trips to Redis and between the worker's threads"
+        };
+        println!(
+            "  bound at the most processes: {bound}; Redis busy {:.0}% of a core, all cores {busy:.2} of {}",
+            redis_share * 100.0,
+            cores()
+        );
+    }
 }
 
 fn ms(d: std::time::Duration) -> f64 {
