@@ -266,3 +266,23 @@ fn promoted_under_load(test: &str, tls: bool) {
         CONCURRENCY * (1 + PREFETCH)
     );
 }
+
+#[test]
+fn a_worker_waiting_for_replicas_that_do_not_answer_still_settles_its_tasks() {
+    let dir = TestDir::new("failover-no-replica");
+    let redis = RedisServer::start(&dir);
+    let config = dir.write("taskhost.toml", "[worker]\nwait_replicas = 1\n");
+    let plugins = dir.plugins(&["demo"]);
+    let config = config.to_string_lossy().into_owned();
+    let worker = Process::worker(&dir, &redis, &plugins, &["--config", &config]);
+    let urls = [redis.url(0), redis.url(1)];
+    let python = python_on(&dir, &urls[0], &urls[1], &["producer.py"]);
+    run_snippet_in(
+        &dir,
+        python,
+        "import os\nfrom celery import Celery\n\
+         app = Celery('w', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])",
+        "assert [app.send_task('demo.add', (i, i)).get(timeout=30) for i in range(3)] == [0, 2, 4]",
+        || worker.log(),
+    );
+}

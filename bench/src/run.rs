@@ -8,6 +8,7 @@ use crate::report::{Figure, Section, number, percent, times};
 use crate::workers::{Contender, Memory, Stage};
 use crate::workload::{self, Workload};
 use std::collections::BTreeMap;
+use taskhost_tests::RedisServer;
 use taskhost_tests::bench::{cores, load_average};
 
 /// The reference every ratio is taken against.
@@ -119,6 +120,8 @@ pub fn run(options: &Options) {
         });
     }
 
+    let replicas = replica_cost(&stage, add, o.repeat);
+
     results.print(&contenders, &workloads, &o.rates, &ceilings);
     let reference_start = starts
         .iter()
@@ -133,8 +136,54 @@ pub fn run(options: &Options) {
     section.print();
     let ceiling = ceilings.get(add.label).map(|(_, own)| own.median());
     print_scaling(scaling, ceiling);
+    let mut section = Section::new(
+        "a replica attached: demo.add drain, taskhost -c 4",
+        "tasks/s",
+        &["x no WAIT"],
+    );
+    let unwaited = replicas.first().map(Figure::median);
+    for figure in replicas {
+        let ratio = times(figure.median(), unwaited);
+        section.row(figure, vec![ratio]);
+    }
+    section.print();
     println!();
     println!("load average at the end: {}", load_average());
+}
+
+/// Drains `add` with a replica attached to the bench's Redis, without and with `[worker]
+/// wait_replicas = 1` (each batch's states on the replica before its acknowledgement).
+fn replica_cost(stage: &Stage, add: &Workload, repeat: usize) -> Vec<Figure> {
+    eprintln!("bench: a replica, and wait_replicas ...");
+    let master = stage.redis.port().to_string();
+    let replica = RedisServer::start_with(&stage.dir, &["--replicaof", "127.0.0.1", &master]);
+    taskhost_tests::wait_for("the bench's replica to sync", || {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut replica.conn(0))
+            .ok()?;
+        info.contains("master_link_status:up").then_some(())
+    });
+    let figures = [0, 1]
+        .into_iter()
+        .map(|wait| {
+            let config = stage.dir.write(
+                &format!("replicas-{wait}.toml"),
+                &format!(
+                    "[plugins.crucible]\ntasks = [\"tasks.*\"]\n[worker]\nwait_replicas = {wait}\n"
+                ),
+            );
+            stage.flush();
+            let running = stage.start_configured(DEFAULT_CONCURRENCY, &config);
+            let runs = (0..repeat)
+                .map(|_| measure::drain(stage, &running, add).tasks_per_s)
+                .collect();
+            running.stop();
+            Figure::new(format!("wait_replicas = {wait}"), runs)
+        })
+        .collect();
+    drop(replica);
+    figures
 }
 
 /// One row of the scaling table: throughput, and where the CPU went.

@@ -130,7 +130,22 @@ impl Stage {
     /// A `taskhost` worker of the build `binary` with `-c concurrency`, consuming.
     pub fn start_build(&self, binary: &Path, concurrency: usize) -> Running {
         Running {
-            processes: vec![self.taskhost_of(binary, concurrency, 0, None, true)],
+            processes: vec![ready(self.taskhost_of(binary, concurrency, 0, None, &[]))],
+        }
+    }
+
+    /// A `taskhost` worker with `-c concurrency` and the configuration file `config`, consuming.
+    pub fn start_configured(&self, concurrency: usize, config: &Path) -> Running {
+        let config = config.to_string_lossy();
+        let binary = taskhost_tests::taskhost_bin();
+        Running {
+            processes: vec![ready(self.taskhost_of(
+                &binary,
+                concurrency,
+                0,
+                None,
+                &["--config", &config],
+            ))],
         }
     }
 
@@ -141,25 +156,29 @@ impl Stage {
         cache: Option<&Path>,
         wait: bool,
     ) -> Process {
-        self.taskhost_of(
+        let worker = self.taskhost_of(
             &taskhost_tests::taskhost_bin(),
             concurrency,
             index,
             cache,
-            wait,
-        )
+            &[],
+        );
+        if wait { ready(worker) } else { worker }
     }
 
+    /// A `taskhost` worker of the build `binary`, not waited for: a caller waits for "worker
+    /// ready" unless it measures the start.
     fn taskhost_of(
         &self,
         binary: &Path,
         concurrency: usize,
         index: usize,
         cache: Option<&Path>,
-        wait: bool,
+        more: &[&str],
     ) -> Process {
         let (c, node) = (concurrency.to_string(), format!("bench{index}@%h"));
         let mut extra = vec!["-c", &c, "-n", &node];
+        extra.extend_from_slice(more);
         let cache = cache.map(|c| c.to_string_lossy().into_owned());
         if let Some(cache) = &cache {
             extra.extend(["--cache-dir", cache]);
@@ -167,11 +186,7 @@ impl Stage {
         let log = format!("taskhost-{index}-{}.log", uuid::Uuid::new_v4());
         let command =
             Process::worker_command_of(binary, &self.dir, &self.redis, &self.plugins, &extra);
-        let worker = Process::spawn(&self.dir, &log, command);
-        if wait {
-            worker.wait_log("worker ready");
-        }
-        worker
+        Process::spawn(&self.dir, &log, command)
     }
 
     fn celery(&self, pool: &str, concurrency: usize, wait: bool) -> Process {
@@ -237,6 +252,12 @@ impl Running {
 }
 
 /// (pid, parent pid) of every process.
+/// `worker`, once it says it is consuming.
+fn ready(worker: Process) -> Process {
+    worker.wait_log("worker ready");
+    worker
+}
+
 fn parent_table() -> Vec<(u32, u32)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();

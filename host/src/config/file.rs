@@ -137,6 +137,8 @@ pub struct WorkerSection {
     pub max_redeliveries: Option<u32>,
     /// Dead-letter entries kept; past it the oldest are dropped (and counted).
     pub dead_letter_max: Option<u64>,
+    /// Replicas that must hold a batch's states before its messages are acknowledged (`WAIT`).
+    pub wait_replicas: Option<u32>,
     /// Precompile cache directory.
     pub cache_dir: Option<PathBuf>,
     /// Follow fleet deploys (`taskhost deploy`) published through the broker.

@@ -137,6 +137,8 @@ pub struct WorkerConfig {
     pub max_redeliveries: u32,
     /// Dead-letter entries kept; the oldest beyond are dropped and counted.
     pub dead_letter_max: u64,
+    /// Replicas that must hold a batch's states before its messages are acknowledged.
+    pub wait_replicas: u32,
     /// `[tasks."NAME"]` sections.
     pub task_overrides: TaskOverrides,
     /// The periodic tasks this worker sends; none with `--no-beat`, which also ignores the
@@ -307,6 +309,7 @@ impl WorkerConfig {
                 Some(0) => bail!("[worker] dead_letter_max must be at least 1"),
                 max => max.unwrap_or(DEFAULT_DEAD_LETTER_MAX),
             },
+            wait_replicas: section.wait_replicas.unwrap_or(0),
             task_overrides: Arc::new(file.task_overrides()?),
             schedule: Some(file.schedule()?).filter(|_| !flags.no_beat),
             shutdown_grace: Duration::from_secs_f64(flags.shutdown_grace),

@@ -110,6 +110,18 @@ impl Backend {
         Ok(())
     }
 
+    /// Waits until `replicas` replicas hold every write made so far through this backend, or
+    /// `timeout` passes (`WAIT`); how many did.
+    pub async fn replicated(&self, replicas: u32, timeout: Duration) -> Result<u32, RedisError> {
+        let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let held: u32 = redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(millis)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(held)
+    }
+
     /// Starts listening for a task's result; subscribe before sending the task, so the result
     /// cannot be missed.
     pub async fn subscribe(&self, task_id: &str) -> Result<Waiter, RedisError> {

@@ -3,6 +3,7 @@
 //! acknowledged without its state, nor without what comes next.
 
 use super::{Backend, Broker, Delivery, RedisError};
+use std::time::Duration;
 
 /// One finished task of a batch.
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +35,14 @@ pub struct Stores {
     pub same_database: bool,
     /// The worker's node name, for dead-letter entries.
     pub node: String,
+    /// Replicas that must hold a batch's states before its messages are acknowledged
+    /// (`[worker] wait_replicas`; 0: none).
+    pub wait_replicas: u32,
 }
+
+/// How long a batch waits for its replicas before it is acknowledged anyway (and said so): a
+/// replica that is down must not stop the worker.
+pub const REPLICA_WAIT: Duration = Duration::from_secs(1);
 
 impl Stores {
     /// Writes `batch`. A failed write may be retried whole: storing a state twice and removing
@@ -55,13 +63,14 @@ impl Stores {
                 stored += 1;
             }
         }
-        let mut acks = if self.same_database {
+        let mut acks = if self.same_database && self.wait_replicas == 0 {
             states
         } else {
             // Redis refuses an empty pipeline.
             if stored > 0 {
                 self.backend.run(&states).await?;
             }
+            self.replicated(batch.len()).await?;
             redis::pipe()
         };
         for job in batch {
@@ -73,5 +82,27 @@ impl Stores {
             self.broker.add_ack(&mut acks, job.delivery);
         }
         self.broker.run(&acks).await
+    }
+
+    /// With `wait_replicas`, waits until that many replicas hold the states written so far:
+    /// an asynchronous replica promoted after the master dies then has every state whose
+    /// message was acknowledged. Past [`REPLICA_WAIT`] the batch goes on, and the log says so.
+    async fn replicated(&self, tasks: usize) -> Result<(), RedisError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let held = self
+            .backend
+            .replicated(self.wait_replicas, REPLICA_WAIT)
+            .await?;
+        if held < self.wait_replicas {
+            tracing::warn!(
+                held,
+                wanted = self.wait_replicas,
+                tasks,
+                "fewer replicas than [worker] wait_replicas took a batch's states within {REPLICA_WAIT:?}: acknowledging it anyway"
+            );
+        }
+        Ok(())
     }
 }
