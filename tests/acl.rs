@@ -18,21 +18,8 @@ impl Acl {
         let dir = TestDir::new(&format!("acl-{test}"));
         let redis = RedisServer::start(&dir);
         let acl = Self { redis, dir };
-        acl.run_recipe(&readme_block("acl-recipe"));
+        acl.redis.apply(&readme_block("acl-recipe"));
         acl
-    }
-
-    /// Runs each line of `recipe` as a Redis command, as the default (all-powerful) user.
-    fn run_recipe(&self, recipe: &str) {
-        let mut conn = self.redis.conn(0);
-        for line in recipe.lines().filter(|l| !l.trim().is_empty()) {
-            let mut cmd = redis::cmd("ACL");
-            for arg in line.split_whitespace().skip(1) {
-                cmd.arg(arg);
-            }
-            cmd.query::<()>(&mut conn)
-                .unwrap_or_else(|e| panic!("the recipe line {line:?} failed: {e}"));
-        }
     }
 
     /// The URL of database `db` as `user` (whose password is `<user>-secret`).
@@ -184,7 +171,7 @@ fn a_worker_refused_a_command_it_needs_stops_and_says_which() {
         .lines()
         .find(|l| l.starts_with("ACL SETUSER worker "))
         .expect("the recipe has a worker user");
-    acl.run_recipe(&format!(
+    acl.redis.apply(&format!(
         "{worker_line}\nACL SETUSER worker resetkeys ~celery* ~_kombu.binding* ~taskhost:workers ~taskhost:running:* %R~taskhost:deployed %R~taskhost:deploy-records %R~taskhost:plugin-blob:*"
     ));
     let mut worker = acl.spawn_worker("worker");

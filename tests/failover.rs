@@ -17,8 +17,8 @@ const CONCURRENCY: usize = 8;
 /// Celery's default prefetch multiplier, which the worker keeps.
 const PREFETCH: usize = 4;
 
-/// A master, its replica and three sentinels watching them; with `certs`, the master and the
-/// replica are reached (and replicate) over TLS.
+/// A master, its replica and three sentinels watching them; `secure`: the master and the
+/// replica are reached (and replicate) over TLS, and clients log in as the README's ACL users.
 struct Cluster {
     master: RedisServer,
     _replica: RedisServer,
@@ -26,11 +26,14 @@ struct Cluster {
     replica_port: u16,
     sentinels: Vec<RedisServer>,
     certs: Option<Certs>,
+    /// Whether the README's ACL users are set up (and clients use them).
+    users: bool,
     dir: TestDir,
 }
 
 impl Cluster {
-    fn start(test: &str, tls: bool) -> Self {
+    fn start(test: &str, secure: bool) -> Self {
+        let tls = secure;
         let dir = TestDir::new(&format!("failover-{test}"));
         let certs = tls.then(|| Certs::make(&dir));
         let (master_tls, replica_tls) = (free_port(), free_port());
@@ -52,6 +55,12 @@ impl Cluster {
         }
         let replica = RedisServer::start_with(&dir, &strs(&replica_args));
         let replica_port = if tls { replica_tls } else { replica.port() };
+        // ACL users are not replicated: each server gets them.
+        if secure {
+            for server in [&master, &replica] {
+                server.apply(&taskhost_tests::readme_block("acl-recipe"));
+            }
+        }
         wait_for_within("the replica to sync", Duration::from_secs(30), || {
             info(&replica, "replication")
                 .contains("master_link_status:up")
@@ -101,19 +110,29 @@ impl Cluster {
             replica_port,
             sentinels,
             certs,
+            users: secure,
             dir,
         }
     }
 
-    /// kombu's form: `sentinel://127.0.0.1:P1/db;sentinel://127.0.0.1:P2/db;…`, with the CA
-    /// for the master's TLS.
-    fn url(&self, db: u8) -> String {
-        let url = self
-            .sentinels
+    /// kombu's form, as `user` where users are set up: `sentinel://[user:pass@]127.0.0.1:P1/db;
+    /// sentinel://…`.
+    fn sentinels_url(&self, user: &str, db: u8) -> String {
+        let login = if self.users {
+            format!("{user}:{user}-secret@")
+        } else {
+            String::new()
+        };
+        self.sentinels
             .iter()
-            .map(|s| format!("sentinel://127.0.0.1:{}/{db}", s.port()))
+            .map(|s| format!("sentinel://{login}127.0.0.1:{}/{db}", s.port()))
             .collect::<Vec<_>>()
-            .join(";");
+            .join(";")
+    }
+
+    /// The worker's URL of database `db`, with the CA for the master's TLS.
+    fn url(&self, db: u8) -> String {
+        let url = self.sentinels_url("worker", db);
         match &self.certs {
             Some(c) => format!("{url}?ssl_ca_certs={}", c.path("ca.crt")),
             None => url,
@@ -131,29 +150,31 @@ impl Cluster {
         Some(port)
     }
 
-    /// Runs `code` with Python Celery on the sentinels, as an operator's Celery config has it.
+    /// Runs `code` with Python Celery on the sentinels, as an operator's Celery config has it:
+    /// `app` a producer, `ops` an operator (for `inspect`).
     fn python(&self, code: &str, logs: impl Fn() -> String) -> String {
+        // Celery's environment variables would win over each app's own broker: two apps here.
         let mut prelude = "import os, ssl\nfrom celery import Celery\n\
+            os.environ.pop('CELERY_BROKER_URL'); os.environ.pop('CELERY_RESULT_BACKEND')\n\
             app = Celery('failover', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\n\
-            app.conf.broker_transport_options = {'master_name': 'mymaster'}\n\
-            app.conf.result_backend_transport_options = {'master_name': 'mymaster'}"
+            ops = Celery('ops', broker=os.environ['OPS'])\n\
+            for a in (app, ops):\n\
+            \x20   a.conf.broker_transport_options = {'master_name': 'mymaster'}\n\
+            \x20   a.conf.result_backend_transport_options = {'master_name': 'mymaster'}"
             .to_owned();
-        let urls = self
-            .sentinels
-            .iter()
-            .map(|s| format!("sentinel://127.0.0.1:{}", s.port()));
-        let url = |db: u8| {
-            urls.clone()
-                .map(|u| format!("{u}/{db}"))
-                .collect::<Vec<_>>()
-                .join(";")
-        };
-        let mut python = python_on(&self.dir, &url(0), &url(1), &["producer.py"]);
+        let (broker, backend) = (
+            self.sentinels_url("producer", 0),
+            self.sentinels_url("producer", 1),
+        );
+        let mut python = python_on(&self.dir, &broker, &backend, &["producer.py"]);
+        python.env("OPS", self.sentinels_url("operator", 0));
         if let Some(certs) = &self.certs {
             python.env("CA", certs.path("ca.crt"));
             prelude.push_str(
                 "\ntls = {'ssl_cert_reqs': ssl.CERT_REQUIRED, 'ssl_ca_certs': os.environ['CA']}\n\
-                 app.conf.broker_use_ssl = tls\napp.conf.redis_backend_use_ssl = tls",
+                 for a in (app, ops):\n\
+                 \x20   a.conf.broker_use_ssl = tls\n\
+                 \x20   a.conf.redis_backend_use_ssl = tls",
             );
         }
         run_snippet_in(&self.dir, python, &prelude, code, logs)
@@ -182,13 +203,15 @@ fn no_task_is_lost_when_the_master_dies_and_a_replica_is_promoted() {
     promoted_under_load("promote", false);
 }
 
+/// The deployment the README's operator section describes: Sentinel, TLS-only servers, ACL
+/// users (worker, producer, operator).
 #[test]
-fn no_task_is_lost_when_a_tls_master_dies_and_a_replica_is_promoted() {
+fn no_task_is_lost_when_a_tls_acl_master_dies_and_a_replica_is_promoted() {
     promoted_under_load("promote-tls", true);
 }
 
-fn promoted_under_load(test: &str, tls: bool) {
-    let mut cluster = Cluster::start(test, tls);
+fn promoted_under_load(test: &str, secure: bool) {
+    let mut cluster = Cluster::start(test, secure);
     let config = cluster.dir.write(
         "taskhost.toml",
         "[worker]\nbroker_transport_options = { master_name = \"mymaster\" }\n\
@@ -242,7 +265,7 @@ fn promoted_under_load(test: &str, tls: bool) {
             "ids = open('ids.txt').read().split('\\n')\n\
              assert len(ids) == {TASKS}\n\
              for i in ids:\n    app.AsyncResult(i).get(timeout=120)\n\
-             stats = app.control.inspect(timeout=5).stats() or {{}}\n\
+             stats = ops.control.inspect(timeout=5).stats() or {{}}\n\
              runs = sum(s['total'].get('demo.sleep', 0) for s in stats.values())\n\
              print('RUNS', runs)"
         ),
@@ -258,7 +281,11 @@ fn promoted_under_load(test: &str, tls: bool) {
     });
     println!(
         "failover{}: {TASKS} tasks, {done_before} done before the master died, all {TASKS} completed, {twice} run twice",
-        if tls { " over TLS" } else { "" }
+        if secure {
+            " over TLS with ACL users"
+        } else {
+            ""
+        }
     );
     assert!(
         twice <= CONCURRENCY * (1 + PREFETCH),

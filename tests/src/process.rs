@@ -170,6 +170,21 @@ impl RedisServer {
         self.port
     }
 
+    /// Runs each line of `commands` (words split at spaces, e.g. the README's `ACL SETUSER`
+    /// recipe) as the default user.
+    pub fn apply(&self, commands: &str) {
+        let mut conn = self.conn(0);
+        for line in commands.lines().filter(|l| !l.trim().is_empty()) {
+            let mut words = line.split_whitespace();
+            let mut cmd = redis::cmd(words.next().unwrap_or_default());
+            for word in words {
+                cmd.arg(word);
+            }
+            cmd.query::<()>(&mut conn)
+                .unwrap_or_else(|e| panic!("{line:?} failed: {e}"));
+        }
+    }
+
     /// `redis://127.0.0.1:<port>/<db>`.
     pub fn url(&self, db: u8) -> String {
         format!("redis://127.0.0.1:{}/{db}", self.port)

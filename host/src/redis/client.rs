@@ -66,12 +66,12 @@ impl Client {
                 .await
                 .async_get_client()
                 .await
-                .map_err(|e| RedisError::Connect {
-                    url: format!(
+                .map_err(|e| {
+                    let url = format!(
                         "the master {:?} of the sentinels {}",
                         s.master_name, s.addresses
-                    ),
-                    reason: e.to_string(),
+                    );
+                    super::connect_error(&url, &e)
                 }),
         }
     }

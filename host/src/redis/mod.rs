@@ -70,6 +70,11 @@ pub enum RedisError {
          ssl_certfile/ssl_keyfile if the server asks for a client certificate"
     )]
     Tls { url: String, reason: String },
+    #[error(
+        "Redis at {url} refused a command connecting needs ({reason}): on Sentinel the client \
+         checks the master with ROLE, so the ACL user needs +role (README: Redis ACL users)"
+    )]
+    Refused { url: String, reason: String },
     #[error("{}", command_message(.0))]
     Command(#[from] ::redis::RedisError),
 }
@@ -91,7 +96,7 @@ impl RedisError {
                     .iter()
                     .any(|(_, error)| matches!(error.code(), "WRONGTYPE" | "NOPERM"))
             }),
-            Self::Auth { .. } | Self::Tls { .. } => true,
+            Self::Auth { .. } | Self::Tls { .. } | Self::Refused { .. } => true,
             Self::Url { .. } | Self::Connect { .. } => false,
         }
     }
@@ -100,7 +105,11 @@ impl RedisError {
     pub fn refusal(&self) -> Option<&str> {
         match self {
             Self::Command(e) => connection::refusal(e),
-            Self::Url { .. } | Self::Connect { .. } | Self::Auth { .. } | Self::Tls { .. } => None,
+            Self::Url { .. }
+            | Self::Connect { .. }
+            | Self::Auth { .. }
+            | Self::Tls { .. }
+            | Self::Refused { .. } => None,
         }
     }
 }
@@ -140,6 +149,10 @@ pub(super) fn connect_error(url: &str, e: &::redis::RedisError) -> RedisError {
         || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"));
     if refused {
         RedisError::Auth { url, reason }
+    } else if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoPerm)
+        || e.code() == Some("NOPERM")
+    {
+        RedisError::Refused { url, reason }
     } else if tls::is_certificate_failure(e) {
         RedisError::Tls { url, reason }
     } else {
