@@ -83,7 +83,7 @@ pub fn taskhost(broker_url: &str, backend_url: &str, workload: &Workload) -> f64
             backend,
             same_database: broker_url == backend_url,
             node: "ceiling@bench".to_owned(),
-            wait_replicas: 0,
+            wait_replicas: taskhost::redis::settle::ReplicaWait::new(0),
         });
         let doc = result_like(workload);
         let start = Instant::now();

@@ -122,15 +122,16 @@ impl Sentinel {
         let (mut user, mut password, mut db) = (None, None, 0);
         let mut query = Vec::new();
         for part in url.split(';').map(str::trim).filter(|p| !p.is_empty()) {
-            let parsed = url::Url::parse(part).map_err(|e| refuse(format!("{part}: {e}")))?;
+            let shown = redact(part);
+            let parsed = url::Url::parse(part).map_err(|e| refuse(format!("{shown}: {e}")))?;
             if parsed.scheme() != "sentinel" {
                 return Err(refuse(format!(
-                    "{part}: every address is sentinel://host:port"
+                    "{shown}: every address is sentinel://host:port"
                 )));
             }
             let host = parsed
                 .host_str()
-                .ok_or_else(|| refuse(format!("{part}: no host")))?;
+                .ok_or_else(|| refuse(format!("{shown}: no host")))?;
             addresses.push((host.to_owned(), parsed.port().unwrap_or(26379)));
             if !parsed.username().is_empty() && user.is_none() {
                 user = Some(decoded(parsed.username()));

@@ -12,9 +12,11 @@ pub struct EventChannels {
 }
 
 impl EventChannels {
+    /// Events are best effort: an event Redis refuses (an ACL without the event channels) is
+    /// logged by the sender and never stops the worker, so this connection does not report it.
     pub fn new(client: &Client, conn: Connection) -> Self {
         Self {
-            conn,
+            conn: conn.quiet(),
             db: client.db(),
         }
     }

@@ -71,8 +71,9 @@ pub enum RedisError {
     )]
     Tls { url: String, reason: String },
     #[error(
-        "Redis at {url} refused a command connecting needs ({reason}): on Sentinel the client \
-         checks the master with ROLE, so the ACL user needs +role (README: Redis ACL users)"
+        "Redis at {url} refused a command connecting needs ({reason}): grant it to that ACL \
+         user (README: Redis ACL users; on Sentinel a client checks the master with ROLE, so \
+         the user needs +role)"
     )]
     Refused { url: String, reason: String },
     #[error("{}", command_message(.0))]
@@ -152,7 +153,10 @@ pub(super) fn connect_error(url: &str, e: &::redis::RedisError) -> RedisError {
     } else if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoPerm)
         || e.code() == Some("NOPERM")
     {
-        RedisError::Refused { url, reason }
+        // Also when a running worker looks for a new master: it stops, as on any refusal.
+        let refused = RedisError::Refused { url, reason };
+        connection::report(&refused.to_string());
+        refused
     } else if tls::is_certificate_failure(e) {
         RedisError::Tls { url, reason }
     } else {
@@ -180,10 +184,29 @@ pub async fn ping(conn: &mut Connection) -> Result<(), RedisError> {
     Ok(())
 }
 
-/// The URL with any password replaced, for messages and logs (each address of a Sentinel
-/// URL's list).
+/// The URL with every password replaced, for messages and logs: the user's (each address of
+/// a Sentinel URL's list) and any `…password=` in the query (`sentinel_password`).
 pub fn redact(url: &str) -> String {
-    url.split(';').map(redact_one).collect::<Vec<_>>().join(";")
+    let url = hide_query_passwords(url);
+    if url.starts_with("sentinel://") {
+        url.split(';').map(redact_one).collect::<Vec<_>>().join(";")
+    } else {
+        redact_one(&url)
+    }
+}
+
+fn hide_query_passwords(url: &str) -> String {
+    let Some((head, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.contains("password") => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{head}?{}", query.join("&"))
 }
 
 fn redact_one(url: &str) -> String {
@@ -276,7 +299,11 @@ impl Subscription {
             let mut subscribe = ::redis::cmd("SUBSCRIBE");
             subscribe.arg(channel);
             let user = client.user().unwrap_or("default");
-            return Err(connection::renamed(e, user, |_| Some(&subscribe)).into());
+            let e = connection::renamed(e, user, |_| Some(&subscribe));
+            if let Some(refusal) = connection::refusal(&e) {
+                connection::report(refusal);
+            }
+            return Err(e.into());
         }
         Ok(Self { pubsub })
     }
@@ -301,11 +328,12 @@ mod tests {
     }
 
     #[test]
-    fn redacts_each_password_of_a_sentinel_list() {
+    fn redacts_each_password_of_a_sentinel_list_and_the_sentinels_own() {
         assert_eq!(
-            redact("sentinel://u:pw@h1:1;sentinel://u:pw@h2:2"),
-            "sentinel://u:***@h1:1;sentinel://u:***@h2:2"
+            redact("sentinel://u:pw@h1:1;sentinel://u:pw@h2:2/0?master_name=m&sentinel_password=s"),
+            "sentinel://u:***@h1:1;sentinel://u:***@h2:2/0?master_name=m&sentinel_password=***"
         );
+        assert_eq!(redact("redis://u:pa;ss@h:1/0"), "redis://u:***@h:1/0");
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,7 +3,7 @@
 //! acknowledged without its state, nor without what comes next.
 
 use super::{Backend, Broker, Delivery, RedisError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One finished task of a batch.
 #[derive(Debug, Clone, Copy)]
@@ -36,13 +36,41 @@ pub struct Stores {
     /// The worker's node name, for dead-letter entries.
     pub node: String,
     /// Replicas that must hold a batch's states before its messages are acknowledged
-    /// (`[worker] wait_replicas`; 0: none).
-    pub wait_replicas: u32,
+    /// (`[worker] wait_replicas`).
+    pub wait_replicas: ReplicaWait,
 }
 
 /// How long a batch waits for its replicas before it is acknowledged anyway (and said so): a
 /// replica that is down must not stop the worker.
 pub const REPLICA_WAIT: Duration = Duration::from_secs(1);
+
+/// After a batch whose replicas fell short, batches go on without waiting this long: a replica
+/// that is down costs one wait per period, not one per batch.
+const AFTER_SHORTFALL: Duration = Duration::from_secs(10);
+
+/// `[worker] wait_replicas`: how many replicas, and until when waiting is off after a
+/// shortfall.
+#[derive(Debug, Default)]
+pub struct ReplicaWait {
+    replicas: u32,
+    unwaited_until: std::sync::Mutex<Option<Instant>>,
+}
+
+impl ReplicaWait {
+    /// Waiting for `replicas` replicas (0: never waiting).
+    pub fn new(replicas: u32) -> Self {
+        Self {
+            replicas,
+            unwaited_until: std::sync::Mutex::default(),
+        }
+    }
+
+    fn unwaited(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.unwaited_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 impl Stores {
     /// Writes `batch`. A failed write may be retried whole: storing a state twice and removing
@@ -63,7 +91,7 @@ impl Stores {
                 stored += 1;
             }
         }
-        let mut acks = if self.same_database && self.wait_replicas == 0 {
+        let mut acks = if self.same_database && self.wait_replicas.replicas == 0 {
             states
         } else {
             // Redis refuses an empty pipeline.
@@ -73,6 +101,11 @@ impl Stores {
             self.replicated(batch.len()).await?;
             redis::pipe()
         };
+        // What follows a task goes out in one transaction with the acknowledgements: a push
+        // Redis refuses (an ACL) then acknowledges nothing, instead of losing the next step.
+        if batch.iter().any(|job| !job.publish.is_empty()) {
+            acks.atomic();
+        }
         for job in batch {
             // In the same pipeline as the acknowledgement: sent before it, never without it
             // unless the connection drops between the two (then the task runs again).
@@ -86,21 +119,27 @@ impl Stores {
 
     /// With `wait_replicas`, waits until that many replicas hold the states written so far:
     /// an asynchronous replica promoted after the master dies then has every state whose
-    /// message was acknowledged. Past [`REPLICA_WAIT`] the batch goes on, and the log says so.
+    /// message was acknowledged. Past [`REPLICA_WAIT`] the batch goes on, the log says so, and
+    /// the next batches do not wait for [`AFTER_SHORTFALL`].
     async fn replicated(&self, tasks: usize) -> Result<(), RedisError> {
-        if self.wait_replicas == 0 {
+        let wanted = self.wait_replicas.replicas;
+        if wanted == 0
+            || self
+                .wait_replicas
+                .unwaited()
+                .is_some_and(|t| Instant::now() < t)
+        {
             return Ok(());
         }
-        let held = self
-            .backend
-            .replicated(self.wait_replicas, REPLICA_WAIT)
-            .await?;
-        if held < self.wait_replicas {
+        let held = self.backend.replicated(wanted, REPLICA_WAIT).await?;
+        if held < wanted {
+            *self.wait_replicas.unwaited() = Some(Instant::now() + AFTER_SHORTFALL);
             tracing::warn!(
                 held,
-                wanted = self.wait_replicas,
+                wanted,
                 tasks,
-                "fewer replicas than [worker] wait_replicas took a batch's states within {REPLICA_WAIT:?}: acknowledging it anyway"
+                "fewer replicas than [worker] wait_replicas took a batch's states within \
+                 {REPLICA_WAIT:?}: acknowledging it anyway, and not waiting for {AFTER_SHORTFALL:?}"
             );
         }
         Ok(())

@@ -137,12 +137,17 @@ async fn write(mut queue: mpsc::UnboundedReceiver<Job>, sink: impl Sink) {
 }
 
 /// Settles one job of a batch that failed for good; if the job itself fails for good, its
-/// message goes to the dead-letter list with the reason.
+/// message goes to the dead-letter list with the reason — unless Redis refused it to the ACL
+/// user (which stops the worker): then it stays in flight for recovery.
 async fn settle_alone(sink: &impl Sink, job: &Job) {
     let alone = std::slice::from_ref(job);
     let Err(e) = retrying("settle a finished task", || sink.write(alone)).await else {
         return;
     };
+    if e.refusal().is_some() {
+        tracing::error!(task_id = %job.task_id, "cannot settle the task, its message stays in flight: {e}");
+        return;
+    }
     let reason = format!("cannot settle the task: {e}");
     tracing::error!(task_id = %job.task_id, "{reason}; its message is dead-lettered");
     if let Err(e) = retrying("dead-letter a message", || sink.dead_letter(job, &reason)).await {

@@ -10,9 +10,9 @@ use super::canvas::Outbox;
 use super::gates::{self, Admitted};
 use super::progress::ProgressWriter;
 use super::settle::{self, Ran, Refusal};
-use crate::protocol::TaskMessage;
 use crate::protocol::event::TaskEvent;
 use crate::protocol::time::deadline_ms;
+use crate::protocol::{Exception, Meta, State, TaskMessage, exception_document};
 use crate::redis::Delivery;
 use crate::sandbox::{Scope, Task};
 use std::sync::Arc;
@@ -28,7 +28,7 @@ pub(super) async fn handle_guarded(shared: &Shared, delivery: &Delivery) {
         .await;
     if let Err(panic) = handled {
         let what = super::supervise::panic_text(panic.as_ref());
-        settle::panicked(shared, delivery, &what).await;
+        panicked(shared, delivery, &what).await;
     }
 }
 
@@ -112,4 +112,30 @@ pub fn task_record(message: &TaskMessage, soft_deadline_ms: Option<u64>, hostnam
         soft_deadline_ms,
         hostname: hostname.to_owned(),
     }
+}
+
+/// Settles a delivery whose handling panicked: a FAILURE (`WorkerError`) where the message has
+/// a task id and no outcome is stored yet, and the message dead-lettered with the panic's
+/// words, so nothing stays in flight to poison the next worker.
+async fn panicked(shared: &Shared, delivery: &Delivery, what: &str) {
+    let decoded = TaskMessage::decode(&delivery.raw).ok();
+    let (task_id, task) = match &decoded {
+        Some(m) => (Some(m.id.as_str()), Some(m.task.as_str())),
+        None => (None, None),
+    };
+    let reason =
+        format!("the worker failed handling it (a bug in taskhost, please report it): {what}");
+    tracing::error!(
+        task_id = task_id.unwrap_or("-"),
+        task = task.unwrap_or("-"),
+        "{reason}"
+    );
+    if let Some(id) = task_id {
+        let exception = Exception::new("WorkerError", reason.clone());
+        let doc = exception_document(&Meta::of(id), State::Failure, &exception);
+        if let Err(e) = shared.backend.store_unless_ready(id, &doc).await {
+            tracing::error!(task_id = id, "cannot store its FAILURE: {e}");
+        }
+    }
+    settle::dead_letter(shared, delivery, &reason, task_id, task).await;
 }

@@ -210,7 +210,7 @@ async fn start(
         backend: backend.clone(),
         same_database: config.broker_url == config.backend_url,
         node: config.node.clone(),
-        wait_replicas: config.wait_replicas,
+        wait_replicas: crate::redis::settle::ReplicaWait::new(config.wait_replicas),
     });
     let metrics = Arc::new(Metrics::default());
     let channels = crate::redis::events::EventChannels::new(broker.client(), broker.connection());

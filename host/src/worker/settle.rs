@@ -18,8 +18,7 @@ use crate::redis::{Delivery, RedisError, retrying};
 use crate::sandbox::{Outcome, PoolFull};
 use serde_json::value::RawValue;
 
-/// How a run ended, as the worker sees it: the sandbox's outcome, stopped by a revoke, or
-/// not started for want of an instance.
+/// How a run ended: the sandbox's outcome, stopped by a revoke, or no instance to start in.
 pub(super) enum Ran {
     Finished(Outcome),
     Terminated,
@@ -469,35 +468,9 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
     dead_letter(shared, delivery, &reason, task_id, task).await;
 }
 
-/// Settles a delivery whose handling panicked: a FAILURE (`WorkerError`) where the message has
-/// a task id and no outcome is stored yet, and the message dead-lettered with the panic's
-/// words, so nothing stays in flight to poison the next worker.
-pub(super) async fn panicked(shared: &Shared, delivery: &Delivery, what: &str) {
-    let decoded = TaskMessage::decode(&delivery.raw).ok();
-    let (task_id, task) = match &decoded {
-        Some(m) => (Some(m.id.as_str()), Some(m.task.as_str())),
-        None => (None, None),
-    };
-    let reason =
-        format!("the worker failed handling it (a bug in taskhost, please report it): {what}");
-    tracing::error!(
-        task_id = task_id.unwrap_or("-"),
-        task = task.unwrap_or("-"),
-        "{reason}"
-    );
-    if let Some(id) = task_id {
-        let exception = Exception::new("WorkerError", reason.clone());
-        let doc = exception_document(&Meta::of(id), State::Failure, &exception);
-        if let Err(e) = shared.backend.store_unless_ready(id, &doc).await {
-            tracing::error!(task_id = id, "cannot store its FAILURE: {e}");
-        }
-    }
-    dead_letter(shared, delivery, &reason, task_id, task).await;
-}
-
-/// Stores `doc` as `message`'s state, retrying while Redis is away. When retrying cannot help
-/// (the result key holds another type), the message goes to the dead-letter list with the
-/// reason instead, so the task stalls nothing; returns false then, and the caller stops.
+/// Stores `doc` as `message`'s state, retrying while Redis is away; false if it cannot (the
+/// caller stops). A result key of another type dead-letters the message, so the task stalls
+/// nothing; an ACL refusal (which stops the worker) leaves it in flight for recovery.
 async fn store_or_dead_letter(
     shared: &Shared,
     delivery: &Delivery,
@@ -508,6 +481,10 @@ async fn store_or_dead_letter(
     let Err(e) = retrying("store a result", store).await else {
         return true;
     };
+    if e.refusal().is_some() {
+        tracing::error!(task_id = %message.id, "cannot store the state, the message stays in flight: {e}");
+        return false;
+    }
     let reason = format!("cannot store the task's state: {e}");
     tracing::error!(task_id = %message.id, task = %message.task, "{reason}; its message is dead-lettered");
     dead_letter(
@@ -523,7 +500,7 @@ async fn store_or_dead_letter(
 
 /// Moves `delivery`'s message to the dead-letter list, saying `reason`, and counts its task
 /// as rejected.
-async fn dead_letter(
+pub(super) async fn dead_letter(
     shared: &Shared,
     delivery: &Delivery,
     reason: &str,
