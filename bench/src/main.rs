@@ -4,6 +4,7 @@
 
 mod ceiling;
 mod compare;
+mod echo;
 mod measure;
 mod options;
 mod report;
@@ -15,6 +16,9 @@ use clap::Parser as _;
 
 fn main() {
     let options = options::Options::parse();
+    if let [broker, backend] = options.echo_worker.as_slice() {
+        echo::serve(broker, backend);
+    }
     match &options.baseline {
         Some(baseline) => compare::compare(&options.effective(), baseline),
         None => run::run(&options),

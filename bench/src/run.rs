@@ -27,7 +27,8 @@ pub fn run(options: &Options) {
     );
     let stage = Stage::new();
     let workloads = workload::all(o.tasks);
-    let mut contenders = Vec::new();
+    // The floor first: every figure is shown beside it.
+    let mut contenders = vec![Contender::Echo];
     if !o.no_celery {
         contenders.push(REFERENCE);
         contenders.push(Contender::CeleryThreads { concurrency: 8 });
@@ -281,10 +282,13 @@ impl Results {
     ) {
         let reference = REFERENCE.label();
         for w in workloads {
-            let reference_rate = self
-                .throughput
-                .get(&(reference.clone(), w.label))
-                .map(|v| Figure::new("", v.clone()).median());
+            let median_of = |label: String| {
+                self.throughput
+                    .get(&(label, w.label))
+                    .map(|v| Figure::new("", v.clone()).median())
+            };
+            let reference_rate = median_of(reference.clone());
+            let echo_rate = median_of(Contender::Echo.label());
             let (bare, own) = ceilings
                 .get(w.label)
                 .map(|(b, o)| (Some(b.median()), Some(o.median())))
@@ -298,6 +302,7 @@ impl Results {
                 "tasks/s",
                 &[
                     "x celery -c 2",
+                    "x echo",
                     "% bare ceiling",
                     "% own ceiling",
                     "CPU us/task",
@@ -324,6 +329,7 @@ impl Results {
                     figure,
                     vec![
                         times(median, reference_rate),
+                        times(median, echo_rate),
                         percent(median, bare),
                         own_ratio,
                         cpu,
@@ -331,8 +337,8 @@ impl Results {
                 );
             }
             if let Some((bare, own)) = ceilings.get(w.label) {
-                section.row(bare.clone(), vec![String::new(); 4]);
-                section.row(own.clone(), vec![String::new(); 4]);
+                section.row(bare.clone(), vec![String::new(); 5]);
+                section.row(own.clone(), vec![String::new(); 5]);
             }
             section.print();
         }
@@ -340,8 +346,12 @@ impl Results {
             let mut section = Section::new(
                 format!("latency of demo.add at {rate} tasks/s offered: p99"),
                 "ms",
-                &["p50 (median)", "max (median)", "done/s (median)"],
+                &["x echo", "p50 (median)", "max (median)", "done/s (median)"],
             );
+            let echo_p99 = self
+                .latency
+                .get(&(Contender::Echo.label(), *rate as u64))
+                .map(|runs| Figure::new("", runs.iter().map(|l| l.p99_ms).collect()).median());
             for contender in contenders {
                 let Some(runs) = self.latency.get(&(contender.label(), *rate as u64)) else {
                     continue;
@@ -352,6 +362,7 @@ impl Results {
                 section.row(
                     Figure::new(contender.label(), runs.iter().map(|l| l.p99_ms).collect()),
                     vec![
+                        times(pick(|l| l.p99_ms), echo_p99),
                         number(pick(|l| l.p50_ms)),
                         number(pick(|l| l.max_ms)),
                         number(pick(|l| l.completed_per_s)),

@@ -17,6 +17,8 @@ pub enum Contender {
     CeleryPrefork { concurrency: usize },
     /// Celery with its thread pool.
     CeleryThreads { concurrency: usize },
+    /// The floor: a native echo worker (see `echo.rs`).
+    Echo,
 }
 
 impl Contender {
@@ -28,7 +30,10 @@ impl Contender {
     }
 
     pub fn is_celery(&self) -> bool {
-        !matches!(self, Self::Taskhost { .. })
+        matches!(
+            self,
+            Self::CeleryPrefork { .. } | Self::CeleryThreads { .. }
+        )
     }
 
     pub fn label(&self) -> String {
@@ -43,6 +48,7 @@ impl Contender {
             } => format!("taskhost {processes} procs x -c {concurrency}"),
             Self::CeleryPrefork { concurrency } => format!("celery prefork -c {concurrency}"),
             Self::CeleryThreads { concurrency } => format!("celery threads -c {concurrency}"),
+            Self::Echo => "native echo worker (floor)".to_owned(),
         }
     }
 }
@@ -123,6 +129,7 @@ impl Stage {
             Contender::CeleryThreads { concurrency } => {
                 vec![self.celery("threads", *concurrency, wait)]
             }
+            Contender::Echo => vec![self.echo()],
         };
         Running { processes }
     }
@@ -187,6 +194,20 @@ impl Stage {
         let command =
             Process::worker_command_of(binary, &self.dir, &self.redis, &self.plugins, &extra);
         Process::spawn(&self.dir, &log, command)
+    }
+
+    /// The native echo worker: this very binary, in its echo mode.
+    fn echo(&self) -> Process {
+        let me = std::env::current_exe().expect("the bench's own path");
+        let mut command = Command::new(me);
+        command.args(["--echo-worker", &self.redis.url(0), &self.redis.url(1)]);
+        let echo = Process::spawn(
+            &self.dir,
+            &format!("echo-{}.log", uuid::Uuid::new_v4()),
+            command,
+        );
+        echo.wait_log("echo worker ready");
+        echo
     }
 
     fn celery(&self, pool: &str, concurrency: usize, wait: bool) -> Process {
