@@ -8,6 +8,10 @@
 //! between lists is one atomic Redis step (a Lua script, `BLMOVE`, or `MULTI`): at no instant is
 //! a fetched message only in worker memory.
 //!
+//! - [`Client`] (`client.rs`): where a Redis is, one address or the master a set of sentinels
+//!   names; `follow.rs`: the shared connection that follows a Sentinel failover.
+//! - [`connection`]: commands Redis refuses to the ACL user, named with their keys and reported.
+//! - [`tls`]: `rediss://` with Celery's `ssl_*` options.
 //! - [`broker`]: fetching into the in-flight lists, settling, the delayed set, publishing.
 //! - [`backend`]: task results stored and published as Celery's backend does; waiting for one.
 //! - [`chord`]: counting a chord's header as Celery's Redis backend does; writing its size.
