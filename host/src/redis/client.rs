@@ -2,7 +2,7 @@
 //! sentinels names (kombu's `sentinel://h1:26379;sentinel://h2:26379`). Every connection is
 //! made from a [`Client`]; one on Sentinel asks the sentinels for the master each time it
 //! connects, so a connection made after a failover reaches the new master (see
-//! [`super::follow`] for the connections that outlive one).
+//! `follow.rs` for the connections that outlive one).
 //!
 //! Sentinel options, as kombu's `broker_transport_options` name them, come in the URL's query
 //! (the config puts `[worker] broker_transport_options` there): `master_name` (required) and

@@ -48,7 +48,7 @@ use std::future::Future;
 use std::time::Duration;
 
 /// A shared connection that reconnects by itself (following the master through a Sentinel
-/// failover, see [`follow`]), for ordinary commands; a command refused to its ACL user is named
+/// failover, see `follow.rs`), for ordinary commands; a command refused to its ACL user is named
 /// (see [`connection`]).
 pub type Connection = connection::Named<follow::Link>;
 
