@@ -21,7 +21,7 @@ const PREFETCH: usize = 4;
 /// replica are reached (and replicate) over TLS, and clients log in as the README's ACL users.
 struct Cluster {
     master: RedisServer,
-    _replica: RedisServer,
+    replica: RedisServer,
     /// The port the sentinels will name once the replica is promoted.
     replica_port: u16,
     sentinels: Vec<RedisServer>,
@@ -33,9 +33,8 @@ struct Cluster {
 
 impl Cluster {
     fn start(test: &str, secure: bool) -> Self {
-        let tls = secure;
         let dir = TestDir::new(&format!("failover-{test}"));
-        let certs = tls.then(|| Certs::make(&dir));
+        let certs = secure.then(|| Certs::make(&dir));
         let (master_tls, replica_tls) = (free_port(), free_port());
         let tls_args = |port: u16| -> Vec<String> {
             certs
@@ -43,18 +42,18 @@ impl Cluster {
                 .map_or_else(Vec::new, |c| c.server_args(port))
         };
         let master = RedisServer::start_with(&dir, &strs(&tls_args(master_tls)));
-        let master_port = if tls { master_tls } else { master.port() };
+        let master_port = if secure { master_tls } else { master.port() };
         let mut replica_args = vec![
             "--replicaof".to_owned(),
             "127.0.0.1".to_owned(),
             master_port.to_string(),
         ];
         replica_args.extend(tls_args(replica_tls));
-        if tls {
+        if secure {
             replica_args.extend(["--tls-replication".to_owned(), "yes".to_owned()]);
         }
         let replica = RedisServer::start_with(&dir, &strs(&replica_args));
-        let replica_port = if tls { replica_tls } else { replica.port() };
+        let replica_port = if secure { replica_tls } else { replica.port() };
         // ACL users are not replicated: each server gets them.
         if secure {
             for server in [&master, &replica] {
@@ -106,7 +105,7 @@ impl Cluster {
         }
         Self {
             master,
-            _replica: replica,
+            replica,
             replica_port,
             sentinels,
             certs,
@@ -259,12 +258,21 @@ fn promoted_under_load(test: &str, secure: bool) {
         Duration::from_secs(60),
         || (cluster.master_port() == Some(promoted)).then_some(()),
     );
+    // The worker finishes on the new master; then Python reads every result there (one GET
+    // each: a get() per task, subscribing and unsubscribing, would outlast the snippet's
+    // bound on a loaded machine).
+    wait_for_within(
+        "every result on the promoted replica",
+        Duration::from_secs(120),
+        || (results_stored(&cluster.replica) >= TASKS).then_some(()),
+    );
 
     let out = cluster.python(
         &format!(
             "ids = open('ids.txt').read().split('\\n')\n\
              assert len(ids) == {TASKS}\n\
-             for i in ids:\n    app.AsyncResult(i).get(timeout=120)\n\
+             states = [app.AsyncResult(i).state for i in ids]\n\
+             assert states == ['SUCCESS'] * {TASKS}, sorted(set(states))\n\
              stats = ops.control.inspect(timeout=5).stats() or {{}}\n\
              runs = sum(s['total'].get('demo.sleep', 0) for s in stats.values())\n\
              print('RUNS', runs)"
