@@ -55,6 +55,12 @@ impl Acl {
         run_snippet_in(&self.dir, python, PRELUDE, code, logs);
     }
 
+    /// `taskhost deploy demo.wasm` as `user`: whether it deployed, and what it said.
+    fn deploy_demo_as(&self, user: &str) -> (bool, String) {
+        let demo = taskhost_tests::plugin_wasm("demo");
+        self.taskhost(user, &["deploy", &demo.to_string_lossy()])
+    }
+
     /// Runs `taskhost ARGS --broker <user's URL>`.
     fn taskhost(&self, user: &str, args: &[&str]) -> (bool, String) {
         let broker = self.url(user, 0);
@@ -82,10 +88,7 @@ fn a_producer_user_sends_to_a_worker_user_and_reads_the_result() {
 #[test]
 fn a_producer_user_cannot_deploy_and_the_error_names_the_command_and_key() {
     let acl = Acl::start("producer-deploy");
-    let demo = taskhost_tests::plugin_wasm("demo")
-        .to_string_lossy()
-        .into_owned();
-    let (deployed, said) = acl.taskhost("producer", &["deploy", &demo]);
+    let (deployed, said) = acl.deploy_demo_as("producer");
     assert!(!deployed, "a producer deployed a plugin:\n{said}");
     assert!(
         said.contains("Redis refused ")
@@ -98,10 +101,7 @@ fn a_producer_user_cannot_deploy_and_the_error_names_the_command_and_key() {
 #[test]
 fn a_worker_user_cannot_deploy() {
     let acl = Acl::start("worker-deploy");
-    let demo = taskhost_tests::plugin_wasm("demo")
-        .to_string_lossy()
-        .into_owned();
-    let (deployed, said) = acl.taskhost("worker", &["deploy", &demo]);
+    let (deployed, said) = acl.deploy_demo_as("worker");
     assert!(!deployed, "a worker user deployed a plugin:\n{said}");
     assert!(said.contains("ACL user \"worker\""), "{said}");
 }

@@ -23,6 +23,19 @@ fn staged(url: &str, workload: &Workload) -> redis::Connection {
     conn
 }
 
+/// Adds to `pipe` what a Celery result backend does for task `id`'s result `doc`: store it with
+/// a day's expiry, publish it.
+pub fn add_result(pipe: &mut redis::Pipeline, id: &str, doc: &str) {
+    let key = taskhost::redis::keys::result_key(id);
+    pipe.cmd("SET")
+        .arg(&key)
+        .arg(doc)
+        .arg("EX")
+        .arg(86_400)
+        .ignore();
+    pipe.cmd("PUBLISH").arg(&key).arg(doc).ignore();
+}
+
 /// The least any Celery-compatible worker must do per task: pop the message, store the result
 /// with its expiry, publish it; pipelined `BATCH` tasks at a time. Tasks/s.
 pub fn bare(broker_url: &str, backend_url: &str, workload: &Workload) -> f64 {
@@ -42,14 +55,7 @@ pub fn bare(broker_url: &str, backend_url: &str, workload: &Workload) -> f64 {
         let Some(popped) = popped else { break };
         let mut pipe = redis::pipe();
         for _ in &popped {
-            let key = format!("celery-task-meta-{}", uuid::Uuid::new_v4());
-            pipe.cmd("SET")
-                .arg(&key)
-                .arg(&doc)
-                .arg("EX")
-                .arg(86_400)
-                .ignore();
-            pipe.cmd("PUBLISH").arg(&key).arg(&doc).ignore();
+            add_result(&mut pipe, &uuid::Uuid::new_v4().to_string(), &doc);
         }
         pipe.exec(&mut backend).expect("store results");
         done += popped.len();

@@ -6,7 +6,7 @@
 //! are measured as a worker's.
 
 use serde_json::{Value, json};
-use taskhost::protocol::TaskMessage;
+use taskhost::protocol::{TaskMessage, result_document};
 
 /// Serves the `celery` queue until killed.
 pub fn serve(broker: &str, backend: &str) -> ! {
@@ -31,19 +31,9 @@ pub fn serve(broker: &str, backend: &str) -> ! {
         let args: Value = serde_json::from_str(message.args.get()).unwrap_or(Value::Null);
         let mut pipe = redis::pipe();
         let mut store = |status: &str, result: &Value| {
-            let key = format!("celery-task-meta-{}", message.id);
-            let doc = json!({
-                "status": status, "result": result, "traceback": null, "children": [],
-                "date_done": null, "task_id": message.id,
-            })
-            .to_string();
-            pipe.cmd("SET")
-                .arg(&key)
-                .arg(&doc)
-                .arg("EX")
-                .arg(86_400)
-                .ignore();
-            pipe.cmd("PUBLISH").arg(&key).arg(&doc).ignore();
+            let now = time::OffsetDateTime::now_utc();
+            let doc = result_document(&message.meta(), status, result, None, now);
+            crate::ceiling::add_result(&mut pipe, &message.id, &doc);
         };
         match message.task.as_str() {
             "demo.add" => store(

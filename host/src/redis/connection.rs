@@ -57,12 +57,11 @@ impl<C> Named<C> {
 impl<C: ConnectionLike + Send> ConnectionLike for Named<C> {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let user = self.user.clone();
             match self.inner.req_packed_command(cmd).await {
                 Ok(Value::ServerError(e)) if is_refusal(&e) => {
-                    Err(self.refused(named(&e, cmd, &user)))
+                    Err(self.refused(named(&e, cmd, &self.user)))
                 }
-                Err(e) => Err(self.refused(renamed(e, &user, |_| Some(cmd)))),
+                Err(e) => Err(self.refused(renamed(e, &self.user, |_| Some(cmd)))),
                 reply => reply,
             }
         })
@@ -75,7 +74,6 @@ impl<C: ConnectionLike + Send> ConnectionLike for Named<C> {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let user = self.user.clone();
             let command = |index: usize| pipeline.cmd_iter().nth(index);
             match self
                 .inner
@@ -88,11 +86,11 @@ impl<C: ConnectionLike + Send> ConnectionLike for Named<C> {
                         _ => None,
                     });
                     match refused.and_then(|(i, e)| Some((command(i)?, e))) {
-                        Some((cmd, e)) => Err(self.refused(named(e, cmd, &user))),
+                        Some((cmd, e)) => Err(self.refused(named(e, cmd, &self.user))),
                         None => Ok(values),
                     }
                 }
-                Err(e) => Err(self.refused(renamed(e, &user, command))),
+                Err(e) => Err(self.refused(renamed(e, &self.user, command))),
             }
         })
     }

@@ -8,7 +8,7 @@
 //! still fails: its caller retries it as it would after any lost connection, and the retry goes
 //! to the new master. On one address a link is the plain reconnecting connection.
 
-use super::{CONNECT_TIMEOUT, Client, RESPONSE_TIMEOUT, RedisError, redact};
+use super::{CONNECT_TIMEOUT, Client, RESPONSE_TIMEOUT, RedisError};
 use arc_swap::ArcSwap;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
@@ -123,6 +123,6 @@ async fn manager(client: &Client, url: &str) -> Result<(ConnectionManager, Strin
     let manager = master
         .get_connection_manager_with_config(config)
         .await
-        .map_err(|e| super::connect_error(&redact(url), &e))?;
+        .map_err(|e| super::connect_error(url, &e))?;
     Ok((manager, address))
 }

@@ -92,8 +92,9 @@ impl RedisError {
     }
 
     /// Whether trying again cannot help: a key holds another type than the command needs
-    /// (`WRONGTYPE`, e.g. a producer's id naming a list), or the server refuses the command
-    /// (`NOPERM`). Everything else (connection lost, timeouts, loading, failover) may pass.
+    /// (`WRONGTYPE`, e.g. a producer's id naming a list), the server refuses the command
+    /// (`NOPERM`), or the URL, the credentials or the certificates are wrong. Everything else
+    /// (connection lost, timeouts, loading, failover) may pass.
     pub fn is_permanent(&self) -> bool {
         match self {
             Self::Command(e) => e.clone().into_server_errors().is_some_and(|errors| {
@@ -101,8 +102,8 @@ impl RedisError {
                     .iter()
                     .any(|(_, error)| matches!(error.code(), "WRONGTYPE" | "NOPERM"))
             }),
-            Self::Auth { .. } | Self::Tls { .. } | Self::Refused { .. } => true,
-            Self::Url { .. } | Self::Connect { .. } => false,
+            Self::Url { .. } | Self::Auth { .. } | Self::Tls { .. } | Self::Refused { .. } => true,
+            Self::Connect { .. } => false,
         }
     }
 

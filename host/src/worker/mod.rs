@@ -292,7 +292,7 @@ async fn connect<T, F: Future<Output = Result<T, RedisError>>>(
                 }
                 return Ok(Some(connected));
             }
-            Err(e) if e.is_permanent() || matches!(e, RedisError::Url { .. }) => {
+            Err(e) if e.is_permanent() => {
                 return Err(e.into());
             }
             Err(e) => {
