@@ -638,6 +638,86 @@ fn a_plugin_at_its_instance_limit_does_not_hold_up_other_plugins() {
     );
 }
 
+// --- instance reuse --------------------------------------------------------------------------
+
+impl Setup {
+    /// Runs `hostile.remember(value)`, one task at a time, and returns what it found kept.
+    fn remember(&mut self, value: i64) -> Value {
+        let id = self.client.send("hostile.remember", json!([value]));
+        let doc = self.client.result(&id);
+        assert_eq!(doc["status"], "SUCCESS", "{doc}");
+        doc["result"].clone()
+    }
+}
+
+#[test]
+fn by_default_a_task_never_sees_what_an_earlier_one_left_in_memory() {
+    let mut s = setup_with("sandbox-fresh", "", &["-c", "1"]);
+    let found: Vec<Value> = (1..=3).map(|v| s.remember(v)).collect();
+    assert_eq!(found, [Value::Null, Value::Null, Value::Null]);
+}
+
+#[test]
+fn a_reused_instance_serves_at_most_reuse_instances_tasks() {
+    let mut s = setup_with(
+        "sandbox-reuse",
+        "reuse_instances = 3
+",
+        &["-c", "1"],
+    );
+    let found: Vec<Value> = (1..=7).map(|v| s.remember(v)).collect();
+    // Tasks 1-3 in one instance, 4-6 in the next, 7 in a third.
+    assert_eq!(
+        found,
+        [
+            Value::Null,
+            json!(1),
+            json!(2),
+            Value::Null,
+            json!(4),
+            json!(5),
+            Value::Null
+        ]
+    );
+}
+
+#[test]
+fn an_instance_that_trapped_is_not_reused() {
+    let mut s = setup_with(
+        "sandbox-reuse-trap",
+        "reuse_instances = 100
+",
+        &["-c", "1"],
+    );
+    assert_eq!(s.remember(1), Value::Null);
+    assert_eq!(s.remember(2), json!(1), "reused before the trap");
+    let id = s.client.send("hostile.panic", json!([]));
+    assert_eq!(s.client.result(&id)["result"]["exc_type"], "PluginTrap");
+    assert_eq!(
+        s.remember(3),
+        Value::Null,
+        "a fresh instance after the trap"
+    );
+}
+
+#[test]
+fn an_instance_interrupted_by_its_time_limit_is_not_reused() {
+    let mut s = setup_with(
+        "sandbox-reuse-limit",
+        "reuse_instances = 100
+",
+        &["-c", "1"],
+    );
+    assert_eq!(s.remember(1), Value::Null);
+    let (_, doc) = s.run(SPIN);
+    assert_eq!(doc["result"]["exc_type"], "TimeLimitExceeded", "{doc}");
+    assert_eq!(
+        s.remember(2),
+        Value::Null,
+        "a fresh instance after the interruption"
+    );
+}
+
 /// Runs, in Python Celery, `AsyncResult.get()` on the task `raised(...)` sends (`call`), and
 /// asserts `check` about the exception `e` it raised.
 fn python_sees(name: &str, call: &str, check: &str) {

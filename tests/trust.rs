@@ -691,3 +691,43 @@ fn a_task_that_finds_the_instance_pool_full_waits_instead_of_failing() {
     assert!(postponed >= 1.0, "a hold found the pool full:\n{metrics}");
     beside.all_succeed(&mut client, 20);
 }
+
+#[test]
+fn kept_instances_give_their_pool_slots_to_another_plugins_task() {
+    let dir = TestDir::new("trust-pool-reuse");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.plugins(&["demo"]);
+    std::fs::copy(test_plugin_wasm("hostile"), plugins.join("hostile.wasm")).expect("hostile");
+    let config = dir.write(
+        "taskhost.toml",
+        "[plugins.hostile]\nreuse_instances = 100\n",
+    );
+    let config = config.to_string_lossy().into_owned();
+    // A pool of one instance (the test hook), which hostile's kept instance holds when
+    // demo.add comes.
+    let args = ["-n", NODE, "-c", "1", "--config", config.as_str()];
+    let mut command = Process::worker_command(&dir, &redis, &plugins, &args);
+    command.env("TASKHOST_TEST_POOL_INSTANCES", "1");
+    let worker = Process::spawn(&dir, "worker.log", command);
+    worker.wait_log("worker ready");
+    let mut client = Client::new(&redis);
+    let remember = |client: &mut Client, value: i64| {
+        let id = client.send("hostile.remember", json!([value]));
+        let doc = client.result(&id);
+        assert_eq!(doc["status"], "SUCCESS", "{doc}");
+        doc["result"].clone()
+    };
+    assert_eq!(remember(&mut client, 1), Value::Null);
+    assert_eq!(
+        remember(&mut client, 2),
+        json!(1),
+        "hostile's instance is kept"
+    );
+    let add = client.send("demo.add", json!([2, 3]));
+    assert_eq!(client.result(&add)["result"], 5, "demo.add found room");
+    assert_eq!(
+        remember(&mut client, 3),
+        Value::Null,
+        "the kept instance gave its slot to demo.add"
+    );
+}

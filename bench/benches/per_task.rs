@@ -1,5 +1,5 @@
-//! The host's per-task cost, split into its parts, beside a bare wasmtime loop over the same
-//! component (fresh store, instantiate from the pre-linked component, call):
+//! The host's per-task cost, split into its parts (the bare wasmtime loop over the same
+//! component, its floor, is printed by `bench/run` beside every worker figure):
 //!
 //!     cargo bench -p taskhost-bench --bench per_task
 //!
@@ -18,12 +18,9 @@ use taskhost::config::{DEFAULT_STACK_KB, DEFAULT_TABLE_ELEMENTS, GrantTable, Lim
 use taskhost::plugins::Registry;
 use taskhost::protocol::{State, TaskMessage, result_document};
 use taskhost::redis::Backend;
-use taskhost::sandbox::{Sandbox, SandboxOptions, Scope, Task, bindings};
+use taskhost::sandbox::{Sandbox, SandboxOptions, Scope};
 use taskhost::worker::task_record;
 use taskhost_tests::{RedisServer, TestDir, celery_message, plugin_wasm};
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 const SLOTS: u32 = 8;
 
@@ -42,11 +39,7 @@ fn per_task(c: &mut Criterion) {
     let wasm = std::fs::read(&path).expect("read demo.wasm");
     let plugin = runtime
         .block_on(taskhost::plugins::load(
-            &sandbox,
-            None,
-            &path,
-            wasm.clone(),
-            &grants,
+            &sandbox, None, &path, wasm, &grants,
         ))
         .expect("load demo.wasm");
     let registry = Registry::default()
@@ -79,6 +72,19 @@ fn per_task(c: &mut Criterion) {
     });
     group.bench_function("sandbox run (instantiate + call)", |b| {
         b.iter(|| runtime.block_on(sandbox.run(&plugin.pre, scope.clone(), &task, None)))
+    });
+    let reusing = Scope {
+        grants: Arc::new(taskhost::config::Grants {
+            limits: Limits {
+                reuse_instances: u32::MAX,
+                ..Limits::default()
+            },
+            ..taskhost::config::Grants::default()
+        }),
+        ..scope.clone()
+    };
+    group.bench_function("sandbox run (a kept instance: call)", |b| {
+        b.iter(|| runtime.block_on(sandbox.run(&plugin.pre, reusing.clone(), &task, None)))
     });
     let three = RawValue::from_string("3".into()).expect("JSON");
     group.bench_function("encode", |b| b.iter(|| encode(black_box(&three), &message)));
@@ -116,11 +122,6 @@ fn per_task(c: &mut Criterion) {
         })
     });
 
-    let bare = Bare::new(&wasm);
-    group.bench_function("bare wasmtime loop (store + instantiate + call)", |b| {
-        b.iter(|| runtime.block_on(bare.run(&task)))
-    });
-
     let dir = TestDir::new("bench-per-task");
     let redis = RedisServer::start(&dir);
     let backend = runtime
@@ -146,73 +147,6 @@ fn encode(result: &RawValue, message: &TaskMessage) -> String {
         None,
         time::OffsetDateTime::now_utc(),
     )
-}
-
-/// The least wasmtime needs to run a task: an engine configured as the host's (pooling,
-/// epoch interruption), WASI linked, the host interface trapping (demo.add does not call it).
-struct Bare {
-    engine: Engine,
-    pre: bindings::PluginPre<BareState>,
-}
-
-struct BareState {
-    wasi: WasiCtx,
-    table: ResourceTable,
-}
-
-impl WasiView for BareState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
-impl Bare {
-    fn new(wasm: &[u8]) -> Self {
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(SLOTS)
-            .total_core_instances(SLOTS * 8)
-            .total_memories(SLOTS * 2)
-            .total_tables(SLOTS * 4)
-            .total_stacks(SLOTS)
-            .max_memory_size(Limits::default().memory_bytes);
-        let mut config = Config::new();
-        config
-            .epoch_interruption(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).expect("engine");
-        let component = Component::new(&engine, wasm).expect("compile demo.wasm");
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).expect("link WASI");
-        linker
-            .define_unknown_imports_as_traps(&component)
-            .expect("trap the rest");
-        let pre = bindings::PluginPre::new(linker.instantiate_pre(&component).expect("pre"))
-            .expect("plugin pre");
-        Self { engine, pre }
-    }
-
-    async fn run(&self, task: &Task) -> String {
-        let state = BareState {
-            wasi: WasiCtx::builder().build(),
-            table: ResourceTable::new(),
-        };
-        let mut store = Store::new(&self.engine, state);
-        store.set_epoch_deadline(u64::MAX / 2);
-        let plugin = self
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .expect("instantiate");
-        plugin
-            .taskhost_plugin_handler()
-            .call_run(&mut store, task)
-            .await
-            .expect("call")
-            .expect("demo.add succeeds")
-    }
 }
 
 criterion_group!(benches, per_task);

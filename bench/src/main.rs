@@ -2,6 +2,7 @@
 //! producer, the very same protocol-v2 messages; prints a table of figures with their ratios.
 //! `bench/run` is the documented way to run it (it builds the plugins and sets up Python).
 
+mod bare;
 mod ceiling;
 mod compare;
 mod echo;

@@ -25,6 +25,8 @@ pub fn run(options: &Options) {
         cores(),
         load_average()
     );
+    eprintln!("bench: the bare wasmtime loop ...");
+    let floor = crate::bare::floor(o.tasks.max(2_000));
     let stage = Stage::new();
     let workloads = workload::all(o.tasks);
     // The floor first: every figure is shown beside it.
@@ -34,6 +36,11 @@ pub fn run(options: &Options) {
         contenders.push(Contender::CeleryThreads { concurrency: 8 });
     }
     contenders.extend(o.concurrency.iter().map(|c| Contender::taskhost(*c)));
+    contenders.extend(
+        o.concurrency
+            .iter()
+            .map(|c| Contender::TaskhostReusing { concurrency: *c }),
+    );
 
     let mut results = Results::default();
     for contender in &contenders {
@@ -123,7 +130,8 @@ pub fn run(options: &Options) {
 
     let replicas = replica_cost(&stage, add, o.repeat);
 
-    results.print(&contenders, &workloads, &o.rates, &ceilings);
+    print_floor(&floor);
+    results.print(&contenders, &workloads, &o.rates, &ceilings, &floor);
     let reference_start = starts
         .iter()
         .find(|(label, _)| *label == REFERENCE.label())
@@ -150,6 +158,32 @@ pub fn run(options: &Options) {
     section.print();
     println!();
     println!("load average at the end: {}", load_average());
+}
+
+/// The bare loop's figures: what the sandbox itself costs per task.
+fn print_floor(floor: &crate::bare::Floor) {
+    let mut section = Section::new(
+        "the sandbox's floor: a bare wasmtime loop over demo.add, one thread, no Redis",
+        "CPU µs/task",
+        &[],
+    );
+    section.row(
+        Figure::new("fresh store + instantiate + call", vec![floor.fresh_us]),
+        Vec::new(),
+    );
+    section.row(
+        Figure::new("call on a kept instance", vec![floor.kept_us]),
+        Vec::new(),
+    );
+    section.print();
+}
+
+/// `reference / value` as "1/31": how small a fraction of the reference `value` is.
+fn fraction(value: f64, reference: Option<f64>) -> String {
+    match reference {
+        Some(r) if value > 0.0 && r.is_finite() => format!("1/{:.0}", r / value),
+        _ => String::new(),
+    }
 }
 
 /// Drains `add` with a replica attached to the bench's Redis, without and with `[worker]
@@ -279,6 +313,7 @@ impl Results {
         workloads: &[Workload],
         rates: &[f64],
         ceilings: &BTreeMap<&str, (Figure, Figure)>,
+        floor: &crate::bare::Floor,
     ) {
         let reference = REFERENCE.label();
         for w in workloads {
@@ -306,19 +341,23 @@ impl Results {
                     "% bare ceiling",
                     "% own ceiling",
                     "CPU us/task",
+                    "CPU of celery",
+                    "CPU x bare",
                 ],
             );
+            let cpu_of = |label: String| {
+                self.cpu
+                    .get(&(label, w.label))
+                    .map(|v| Figure::new("", v.clone()).median())
+            };
+            let reference_cpu = cpu_of(reference.clone());
             for contender in contenders {
                 let key = (contender.label(), w.label);
                 let Some(values) = self.throughput.get(&key) else {
                     continue;
                 };
                 let figure = Figure::new(contender.label(), values.clone());
-                let cpu = self
-                    .cpu
-                    .get(&key)
-                    .map(|v| number(Figure::new("", v.clone()).median()))
-                    .unwrap_or_default();
+                let cpu = cpu_of(contender.label());
                 let median = figure.median();
                 let own_ratio = if contender.is_celery() {
                     String::new()
@@ -332,13 +371,20 @@ impl Results {
                         times(median, echo_rate),
                         percent(median, bare),
                         own_ratio,
-                        cpu,
+                        cpu.map(number).unwrap_or_default(),
+                        cpu.map(|c| fraction(c, reference_cpu)).unwrap_or_default(),
+                        match cpu {
+                            Some(c) if contender.is_taskhost() && w.task == "demo.add" => {
+                                times(c, Some(floor.fresh_us))
+                            }
+                            _ => String::new(),
+                        },
                     ],
                 );
             }
             if let Some((bare, own)) = ceilings.get(w.label) {
-                section.row(bare.clone(), vec![String::new(); 5]);
-                section.row(own.clone(), vec![String::new(); 5]);
+                section.row(bare.clone(), vec![String::new(); 7]);
+                section.row(own.clone(), vec![String::new(); 7]);
             }
             section.print();
         }

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use taskhost_tests::{Process, RedisServer, TestDir};
 
+/// `reuse_instances` of the reusing contender: like a Celery `worker_max_tasks_per_child`.
+pub const REUSE_INSTANCES: u32 = 10_000;
+
 /// A worker configuration under test.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Contender {
@@ -13,6 +16,9 @@ pub enum Contender {
         concurrency: usize,
         processes: usize,
     },
+    /// One taskhost worker with `-c concurrency` whose demo instances serve up to
+    /// [`REUSE_INSTANCES`] tasks each (`[plugins.demo] reuse_instances`).
+    TaskhostReusing { concurrency: usize },
     /// Celery with its prefork pool.
     CeleryPrefork { concurrency: usize },
     /// Celery with its thread pool.
@@ -27,6 +33,10 @@ impl Contender {
             concurrency,
             processes: 1,
         }
+    }
+
+    pub fn is_taskhost(&self) -> bool {
+        matches!(self, Self::Taskhost { .. } | Self::TaskhostReusing { .. })
     }
 
     pub fn is_celery(&self) -> bool {
@@ -46,6 +56,7 @@ impl Contender {
                 concurrency,
                 processes,
             } => format!("taskhost {processes} procs x -c {concurrency}"),
+            Self::TaskhostReusing { concurrency } => format!("taskhost -c {concurrency} reuse"),
             Self::CeleryPrefork { concurrency } => format!("celery prefork -c {concurrency}"),
             Self::CeleryThreads { concurrency } => format!("celery threads -c {concurrency}"),
             Self::Echo => "native echo worker (floor)".to_owned(),
@@ -123,6 +134,24 @@ impl Stage {
             } => (0..*processes)
                 .map(|i| self.taskhost(*concurrency, i, cache_dir, wait))
                 .collect(),
+            Contender::TaskhostReusing { concurrency } => {
+                let config = self.dir.write(
+                    "reuse.toml",
+                    &format!(
+                        "[plugins.crucible]\ntasks = [\"tasks.*\"]\n\
+                         [plugins.demo]\nreuse_instances = {REUSE_INSTANCES}\n"
+                    ),
+                );
+                let config = config.to_string_lossy();
+                let worker = self.taskhost_of(
+                    &taskhost_tests::taskhost_bin(),
+                    *concurrency,
+                    0,
+                    cache_dir,
+                    &["--config", &config],
+                );
+                vec![if wait { ready(worker) } else { worker }]
+            }
             Contender::CeleryPrefork { concurrency } => {
                 vec![self.celery("prefork", *concurrency, wait)]
             }

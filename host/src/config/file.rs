@@ -217,6 +217,8 @@ pub struct LimitsSection {
     pub result_mb: Option<u64>,
     /// Instances of this plugin that may run at once; more wait their turn.
     pub max_instances: Option<u32>,
+    /// Tasks one instance serves before it is discarded (1: a fresh instance per task).
+    pub reuse_instances: Option<u32>,
     /// WebAssembly stack, KiB. Worker-wide: only in `[limits]`.
     pub stack_kb: Option<u64>,
     /// What one component may hold of the instance pool: core module instances, linear

@@ -196,6 +196,9 @@ pub struct Limits {
     pub result_bytes: usize,
     /// None: as many as the worker runs at once.
     pub max_instances: Option<u32>,
+    /// Tasks one instance serves before it is discarded: 1, a fresh instance for every task
+    /// (like Celery's `worker_max_tasks_per_child`, per instance).
+    pub reuse_instances: u32,
 }
 
 impl Default for Limits {
@@ -207,6 +210,7 @@ impl Default for Limits {
             soft_time_limit: None,
             result_bytes: mib(DEFAULT_RESULT_MB),
             max_instances: None,
+            reuse_instances: 1,
         }
     }
 }
@@ -250,6 +254,16 @@ impl Limits {
                 Some(0) => return Err(invalid("max_instances must be at least 1".into())),
                 Some(n) => Some(n),
                 None => base.max_instances,
+            },
+            reuse_instances: match section.reuse_instances {
+                Some(0) => {
+                    return Err(invalid(
+                        "reuse_instances must be at least 1 (1: a fresh instance for every task)"
+                            .into(),
+                    ));
+                }
+                Some(n) => n,
+                None => base.reuse_instances,
             },
         })
     }

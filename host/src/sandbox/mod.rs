@@ -18,6 +18,7 @@ mod limits;
 mod no_http;
 mod outcome;
 mod output;
+mod reuse;
 
 pub use outcome::{Failure, FailureKind, Outcome};
 
@@ -143,8 +144,13 @@ fn prepare_error(e: &wasmtime::Error) -> PrepareError {
     }
 }
 
-/// A component linked against the host's imports, ready to instantiate per task.
-pub type PluginPre = bindings::PluginPre<TaskState>;
+/// A component linked against the host's imports, ready to instantiate per task. Clones are
+/// the same plugin: instances kept for reuse serve only it, never a reloaded one.
+#[derive(Clone)]
+pub struct PluginPre {
+    pre: bindings::PluginPre<TaskState>,
+    identity: Arc<()>,
+}
 
 /// Why a component cannot be used as a plugin.
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +199,8 @@ pub struct Sandbox {
     max_memory_bytes: usize,
     max_table_elements: u32,
     compute: Compute,
+    /// Instances kept between tasks (`reuse_instances`).
+    warm: Arc<reuse::Warm>,
 }
 
 impl Sandbox {
@@ -247,6 +255,7 @@ impl Sandbox {
             max_memory_bytes: options.max_memory_bytes,
             max_table_elements: options.max_table_elements,
             compute: Compute::new()?,
+            warm: Arc::default(),
         })
     }
 
@@ -333,7 +342,12 @@ impl Sandbox {
         let instance_pre = linker
             .instantiate_pre(component)
             .map_err(|e| PrepareError::Link(format!("{e:#}")))?;
-        let pre = PluginPre::new(instance_pre).map_err(|e| PrepareError::Link(format!("{e:#}")))?;
+        let pre = bindings::PluginPre::new(instance_pre)
+            .map_err(|e| PrepareError::Link(format!("{e:#}")))?;
+        let pre = PluginPre {
+            pre,
+            identity: Arc::new(()),
+        };
         Ok((pre, version))
     }
 
@@ -375,7 +389,7 @@ impl Sandbox {
             scope.grants.limits.memory_bytes,
             scope.grants.limits.table_elements,
         );
-        let log_budget = Arc::new(std::sync::Mutex::new(limits::LogBudget::default()));
+        let (log_budget, http_policy) = TaskState::per_task(&scope);
         let mut http = WasiHttpCtx::new();
         http.set_field_size_limit(limits::FIELD_BYTES);
         let mut table = ResourceTable::new();
@@ -383,12 +397,7 @@ impl Sandbox {
         let state = TaskState {
             wasi,
             http,
-            http_policy: http::HttpPolicy::new(
-                scope.plugin.clone(),
-                scope.task_id.clone(),
-                scope.grants.clone(),
-                log_budget.clone(),
-            ),
+            http_policy,
             table,
             limiter,
             log_budget,
@@ -425,7 +434,7 @@ impl Sandbox {
             .run(async move {
                 let mut store = Self::store(&engine, scope);
                 let call = async {
-                    let plugin = pre.instantiate_async(&mut store).await?;
+                    let plugin = pre.pre.instantiate_async(&mut store).await?;
                     let handler = plugin.taskhost_plugin_handler();
                     let version = handler.call_version(&mut store).await?;
                     let tasks = handler.call_tasks(&mut store).await?;
@@ -441,7 +450,8 @@ impl Sandbox {
         described.unwrap_or_else(|e| Err(PrepareError::Tasks(format!("guest thread failed: {e}"))))
     }
 
-    /// Runs one task in a fresh instance, on the guest threads. `hard_limit` interrupts it.
+    /// Runs one task, on the guest threads: in a fresh instance, or in one its plugin's earlier
+    /// task left (`reuse_instances`). `hard_limit` interrupts it.
     ///
     /// # Errors
     /// [`PoolFull`] when no instance was free: the task did not start.
@@ -452,10 +462,17 @@ impl Sandbox {
         task: &Task,
         hard_limit: Option<Duration>,
     ) -> Result<Outcome, PoolFull> {
-        let (engine, pre, task) = (self.engine.clone(), pre.clone(), task.clone());
+        let (engine, warm, pre, task) = (
+            self.engine.clone(),
+            self.warm.clone(),
+            pre.clone(),
+            task.clone(),
+        );
         let outcome = self
             .compute
-            .run(async move { Self::run_here(&engine, &pre, scope, &task, hard_limit).await })
+            .run(
+                async move { Self::run_here(&engine, &warm, &pre, scope, &task, hard_limit).await },
+            )
             .await;
         outcome.unwrap_or_else(|e| {
             Ok(Outcome::failed(
@@ -468,6 +485,7 @@ impl Sandbox {
 
     async fn run_here(
         engine: &Engine,
+        warm: &reuse::Warm,
         pre: &PluginPre,
         scope: Scope,
         task: &Task,
@@ -478,19 +496,36 @@ impl Sandbox {
             scope.task_name.clone(),
             scope.task_id.clone(),
         );
-        let mut store = Self::store(engine, scope);
+        let reuse = scope.grants.limits.reuse_instances;
+        let kept = if reuse > 1 {
+            warm.take(pre, &scope)
+        } else {
+            None
+        };
+        let (mut store, kept_instance, served) = match kept {
+            Some(mut kept) => {
+                kept.store.data_mut().begin(scope);
+                kept.store.set_epoch_deadline(1);
+                (kept.store, Some(kept.instance), kept.served)
+            }
+            None => (Self::store(engine, scope), None, 0),
+        };
         let call = async {
-            let instance = pre.instantiate_async(&mut store).await?;
-            instance
+            let instance = match kept_instance {
+                Some(instance) => instance,
+                None => reuse::instantiate(warm, pre, &mut store).await?,
+            };
+            let returned = instance
                 .taskhost_plugin_handler()
                 .call_run(&mut store, task)
-                .await
+                .await?;
+            Ok::<_, wasmtime::Error>((instance, returned))
         };
         let result = match hard_limit {
             Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| limit),
             None => Ok(call.await),
         };
-        let (stdout, stderr) = drain_output(&mut store, &plugin, &task_name, &task_id);
+        let (stdout, stderr) = output::drain(&mut store, &plugin, &task_name, &task_id);
         let limits = &store.data().scope.grants.limits;
         Ok(match result {
             Err(limit) => Outcome::failed(
@@ -498,7 +533,13 @@ impl Sandbox {
                 "TimeLimitExceeded",
                 format!("hard time limit ({:.1} s) exceeded", limit.as_secs_f64()),
             ),
-            Ok(Ok(returned)) => Outcome::returned(returned, limits.result_bytes),
+            Ok(Ok((instance, returned))) => {
+                let outcome = Outcome::returned(returned, limits.result_bytes);
+                if served + 1 < reuse {
+                    warm.keep(pre, store, instance, served + 1);
+                }
+                outcome
+            }
             Ok(Err(_)) if store.data().limiter.memory_denied => {
                 let mut exception = crate::protocol::Exception::new(
                     "MemoryLimitExceeded",
@@ -521,41 +562,19 @@ impl Sandbox {
     }
 }
 
-/// Logs what the guest printed (within the task's log budget), and returns it for error
-/// reports.
-fn drain_output(
-    store: &mut Store<TaskState>,
-    plugin: &str,
-    task: &str,
-    task_id: &str,
-) -> (String, String) {
-    let state = store.data_mut();
-    let (stdout, dropped_out) = state.stdout.take();
-    let (stderr, dropped_err) = state.stderr.take();
-    let mut budget = crate::lock(&state.log_budget);
-    for (stream, text) in [("stdout", &stdout), ("stderr", &stderr)] {
-        for line in text.lines().filter(|l| !l.is_empty()) {
-            if let Some(line) = budget.take(line) {
-                tracing::info!(
-                    target: "taskhost::plugin",
-                    plugin = %plugin, task = %task, task_id = %task_id, stream = %stream, "{line}"
-                );
-            }
-        }
-    }
-    let dropped_lines = budget.dropped;
-    drop(budget);
-    if dropped_out + dropped_err + dropped_lines > 0 {
-        tracing::warn!(
-            plugin = %plugin,
-            task = %task,
-            task_id = %task_id,
-            dropped_bytes = dropped_out + dropped_err,
-            dropped_lines,
-            "plugin output over its budget was dropped ({} bytes per stream, {} lines per task)",
-            output::CAPTURE_LIMIT,
-            limits::LOG_LINES_PER_TASK
+impl TaskState {
+    /// What is counted per task, not per instance: the log budget and the HTTP policy (which
+    /// shares it, and counts requests in flight).
+    pub(super) fn per_task(
+        scope: &Scope,
+    ) -> (Arc<std::sync::Mutex<limits::LogBudget>>, http::HttpPolicy) {
+        let log_budget = Arc::new(std::sync::Mutex::new(limits::LogBudget::default()));
+        let policy = http::HttpPolicy::new(
+            scope.plugin.clone(),
+            scope.task_id.clone(),
+            scope.grants.clone(),
+            log_budget.clone(),
         );
+        (log_budget, policy)
     }
-    (stdout, stderr)
 }

@@ -63,3 +63,42 @@ impl tokio::io::AsyncWrite for Capture {
         Poll::Ready(Ok(()))
     }
 }
+
+/// Logs what the guest printed (within the task's log budget), and returns it for error
+/// reports.
+pub(super) fn drain(
+    store: &mut wasmtime::Store<super::TaskState>,
+    plugin: &str,
+    task: &str,
+    task_id: &str,
+) -> (String, String) {
+    let state = store.data_mut();
+    let (stdout, dropped_out) = state.stdout.take();
+    let (stderr, dropped_err) = state.stderr.take();
+    let mut budget = crate::lock(&state.log_budget);
+    for (stream, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            if let Some(line) = budget.take(line) {
+                tracing::info!(
+                    target: "taskhost::plugin",
+                    plugin = %plugin, task = %task, task_id = %task_id, stream = %stream, "{line}"
+                );
+            }
+        }
+    }
+    let dropped_lines = budget.dropped;
+    drop(budget);
+    if dropped_out + dropped_err + dropped_lines > 0 {
+        tracing::warn!(
+            plugin = %plugin,
+            task = %task,
+            task_id = %task_id,
+            dropped_bytes = dropped_out + dropped_err,
+            dropped_lines,
+            "plugin output over its budget was dropped ({} bytes per stream, {} lines per task)",
+            CAPTURE_LIMIT,
+            super::limits::LOG_LINES_PER_TASK
+        );
+    }
+    (stdout, stderr)
+}

@@ -2,7 +2,8 @@
 //! recurse without end, return a huge result, flood its output, panic, and reach for files,
 //! the environment, sockets, hosts it was not granted and another plugin's config. The sandbox
 //! tests run each through a real worker; a capability attempt that *succeeds* returns what it
-//! got, so a breach shows up as a wrong result.
+//! got, so a breach shows up as a wrong result. `remember` shows what an instance kept for
+//! reuse carries from one task to the next.
 
 use serde_json::{Value, json};
 use std::hint::black_box;
@@ -219,6 +220,18 @@ tasks! {
             wstd::task::sleep(wstd::time::Duration::from_millis(ms)).await;
         });
         Ok(json!({"start": start, "end": now_ms()}))
+    }
+
+    /// Keeps `value` in the instance's memory and returns what the previous task of this
+    /// instance kept: null in a fresh instance. What `reuse_instances` lets one task see of an
+    /// earlier one.
+    #[task(name = "hostile.remember")]
+    fn remember(value: Value) -> Result<Value> {
+        static KEPT: std::sync::Mutex<Option<Value>> = std::sync::Mutex::new(None);
+        let mut kept = KEPT
+            .lock()
+            .map_err(|_| Failure::error("RuntimeError", "an earlier task panicked holding it"))?;
+        Ok(kept.replace(value).unwrap_or(Value::Null))
     }
 }
 
