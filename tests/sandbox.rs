@@ -691,7 +691,7 @@ fn an_instance_that_trapped_is_not_reused() {
     );
     assert_eq!(s.remember(1), Value::Null);
     assert_eq!(s.remember(2), json!(1), "reused before the trap");
-    let id = s.client.send("hostile.panic", json!([]));
+    let id = s.client.send("hostile.panic", json!(["boom"]));
     assert_eq!(s.client.result(&id)["result"]["exc_type"], "PluginTrap");
     assert_eq!(
         s.remember(3),

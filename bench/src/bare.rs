@@ -1,5 +1,6 @@
 //! The sandbox's floor: a bare wasmtime loop over the same `demo.wasm`, no Redis, no worker.
-//! An engine configured as the host's (pooling allocator, epoch interruption), WASI and WASI HTTP
+//! An engine configured as the host's (pooling allocator resetting memory in place, epoch
+//! interruption), WASI and WASI HTTP
 //! linked, the host interface trapping (`demo.add` does not call it); per task a fresh store, instantiate
 //! from the pre-linked component, call. And the same call on one kept instance, the floor of
 //! `reuse_instances`. CPU time of the one thread that runs the loop.
@@ -135,7 +136,10 @@ impl Bare {
             .total_memories(SLOTS * 2)
             .total_tables(SLOTS * 4)
             .total_stacks(SLOTS)
-            .max_memory_size(Limits::default().memory_bytes);
+            .max_memory_size(Limits::default().memory_bytes)
+            .linear_memory_keep_resident(taskhost::sandbox::KEEP_RESIDENT)
+            .table_keep_resident(taskhost::sandbox::KEEP_RESIDENT)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         let mut config = Config::new();
         config
             .epoch_interruption(true)
@@ -144,8 +148,7 @@ impl Bare {
         let component = Component::new(&engine, wasm).expect("compile demo.wasm");
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).expect("link WASI");
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
-            .expect("link WASI HTTP");
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).expect("link WASI HTTP");
         trap_host_interface(&engine, &mut linker, &component);
         let pre = bindings::PluginPre::new(linker.instantiate_pre(&component).expect("pre"))
             .expect("plugin pre");
@@ -181,11 +184,7 @@ impl Bare {
 /// (wasmtime's `define_unknown_imports_as_traps` would also redefine the WASI interfaces the
 /// plugin imports under a newer patch version than the linker's, with resource types of its
 /// own that then do not match).
-fn trap_host_interface(
-    engine: &Engine,
-    linker: &mut Linker<BareState>,
-    component: &Component,
-) {
+fn trap_host_interface(engine: &Engine, linker: &mut Linker<BareState>, component: &Component) {
     for (name, item) in component.component_type().imports(engine) {
         let ComponentItem::ComponentInstance(instance) = item.ty else {
             continue;

@@ -4,6 +4,7 @@
 
 mod bare;
 mod ceiling;
+mod chart;
 mod compare;
 mod echo;
 mod measure;

@@ -169,6 +169,8 @@ pub struct Latency {
     pub max_ms: f64,
     /// Completed tasks per second over the run (keeps up when close to the offered rate).
     pub completed_per_s: f64,
+    /// Every task's latency, ms, smallest first.
+    pub samples_ms: Vec<f64>,
 }
 
 pub fn latency(stage: &Stage, rate: f64, seconds: f64) -> Latency {
@@ -188,6 +190,7 @@ pub fn latency(stage: &Stage, rate: f64, seconds: f64) -> Latency {
         p99_ms,
         max_ms,
         completed_per_s: n as f64 / window,
+        samples_ms: latencies.iter().map(|d| d.as_secs_f64() * 1000.0).collect(),
     }
 }
 

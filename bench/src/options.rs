@@ -36,6 +36,9 @@ pub struct Options {
     /// and their ratio (to show a change made nothing slower).
     #[arg(long, value_name = "TASKHOST_BINARY")]
     pub baseline: Option<std::path::PathBuf>,
+    /// Where to write the charts (SVG) [default: bench.svg in the target directory].
+    #[arg(long, value_name = "PATH")]
+    pub svg: Option<std::path::PathBuf>,
     /// Run as the native echo worker on BROKER and BACKEND (the bench starts it itself).
     #[arg(long, num_args = 2, value_names = ["BROKER", "BACKEND"], hide = true)]
     pub echo_worker: Vec<String>,

@@ -43,8 +43,17 @@ pub fn run(options: &Options) {
     );
 
     let mut results = Results::default();
-    for contender in &contenders {
-        eprintln!("bench: {} ...", contender.label());
+    let began = std::time::Instant::now();
+    for (i, contender) in contenders.iter().enumerate() {
+        eprintln!(
+            "bench: [{}/{}] {} ({} drains, {} latency runs; {:.0} s so far) ...",
+            i + 1,
+            contenders.len(),
+            contender.label(),
+            workloads.len() * o.repeat,
+            o.rates.len() * o.repeat,
+            began.elapsed().as_secs_f64()
+        );
         stage.flush();
         let running = stage.start(contender);
         let idle = running.memory();
@@ -158,6 +167,112 @@ pub fn run(options: &Options) {
     section.print();
     println!();
     println!("load average at the end: {}", load_average());
+    let path = o
+        .svg
+        .clone()
+        .unwrap_or_else(|| taskhost_tests::target_dir().join("bench").join("bench.svg"));
+    write_charts(&path, &results, &contenders, &o);
+}
+
+/// Throughput against concurrency and the latency distributions, as one SVG at `path`.
+fn write_charts(path: &std::path::Path, results: &Results, contenders: &[Contender], o: &Options) {
+    use crate::chart::{Panel, Series, nines, svg};
+    let add = "demo.add";
+    let median = |label: String| {
+        results
+            .throughput
+            .get(&(label, add))
+            .map(|v| Figure::new("", v.clone()).median())
+    };
+    // Concurrency on a log scale: 1, 2, 4, 16 evenly apart by doubling.
+    let at = |c: usize| (c as f64).log2();
+    let mut throughput = Panel {
+        title: format!("drain of {} demo.add, median of {}", o.tasks, o.repeat),
+        x_label: "concurrency (-c)".into(),
+        y_label: "tasks/s".into(),
+        x_ticks: o
+            .concurrency
+            .iter()
+            .map(|c| (at(*c), c.to_string()))
+            .collect(),
+        series: Vec::new(),
+    };
+    for (label, reuse) in [
+        ("taskhost, fresh instances", false),
+        ("taskhost, reuse_instances", true),
+    ] {
+        let points = o
+            .concurrency
+            .iter()
+            .filter_map(|c| {
+                let contender = if reuse {
+                    Contender::TaskhostReusing { concurrency: *c }
+                } else {
+                    Contender::taskhost(*c)
+                };
+                Some((at(*c), median(contender.label())?))
+            })
+            .collect();
+        throughput.series.push(Series {
+            label: label.into(),
+            points,
+        });
+    }
+    for contender in contenders.iter().filter(|c| !c.is_taskhost()) {
+        if let Some(rate) = median(contender.label()) {
+            throughput.series.push(Series {
+                label: contender.label(),
+                points: vec![(0.0, rate)],
+            });
+        }
+    }
+    let mut panels = vec![throughput];
+    let percentiles = [0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9];
+    for rate in &o.rates {
+        let mut panel = Panel {
+            title: format!("latency of demo.add at {rate} tasks/s"),
+            x_label: "percentile".into(),
+            y_label: "ms".into(),
+            x_ticks: [50.0, 90.0, 99.0, 99.9]
+                .iter()
+                .map(|p| (nines(*p), format!("p{p}")))
+                .chain([(0.0, "p0".to_owned())])
+                .collect(),
+            series: Vec::new(),
+        };
+        for contender in contenders {
+            let Some(runs) = results.latency.get(&(contender.label(), *rate as u64)) else {
+                continue;
+            };
+            let mut all: Vec<f64> = runs
+                .iter()
+                .flat_map(|l| l.samples_ms.iter().copied())
+                .collect();
+            if all.is_empty() {
+                continue;
+            }
+            all.sort_by(f64::total_cmp);
+            let last = all.len() - 1;
+            let points = percentiles
+                .iter()
+                .map(|p| (nines(*p), all[(last as f64 * p / 100.0).round() as usize]))
+                .collect();
+            panel.series.push(Series {
+                label: contender.label(),
+                points,
+            });
+        }
+        panels.push(panel);
+    }
+    let caption = format!(
+        "taskhost-bench on {} cores: taskhost beside Celery 5.7 and the native echo floor, one private Redis",
+        cores()
+    );
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("create the chart's directory");
+    }
+    std::fs::write(path, svg(&caption, &panels)).expect("write the chart");
+    println!("charts: {}", path.display());
 }
 
 /// The bare loop's figures: what the sandbox itself costs per task.

@@ -1,6 +1,9 @@
 //! The threads guest code runs on, apart from the worker's own I/O.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 
 /// The threads guest code runs on: a runtime of their own, so a guest that computes (even one
 /// that yields at every epoch tick) never delays the worker's own Redis I/O, which runs on the
@@ -44,6 +47,30 @@ impl Compute {
         };
         let mut guard = AbortOnDrop(handle);
         (&mut guard.0).await
+    }
+}
+
+impl Compute {
+    /// Runs `future` on the caller's thread until `computing` is set (the guest has used a
+    /// whole epoch tick), then the rest of it on the guest threads. Most tasks finish in far
+    /// less than a tick: they pay no hop to another thread and back, and a computing guest
+    /// still leaves the worker's I/O within a tick.
+    pub(super) async fn run_adaptive<T: Send + 'static>(
+        &self,
+        future: impl Future<Output = T> + Send + 'static,
+        computing: Arc<AtomicBool>,
+    ) -> Result<T, tokio::task::JoinError> {
+        let mut future = Box::pin(future);
+        let moves = self.0.is_some();
+        let here = std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
+            Poll::Ready(done) => Poll::Ready(Some(done)),
+            Poll::Pending if moves && computing.load(Ordering::Relaxed) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        });
+        match here.await {
+            Some(done) => Ok(done),
+            None => self.run(future).await,
+        }
     }
 }
 

@@ -27,6 +27,7 @@ use compute::Compute;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use wasmtime::component::{Component, Linker, ResourceTable, types::ComponentItem};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
@@ -50,6 +51,9 @@ pub use bindings::taskhost::plugin::types::TaskDefaults;
 /// The WIT package plugins are built against, and the versions of it this host runs.
 pub const WIT_PACKAGE: &str = "taskhost:plugin";
 pub const SUPPORTED_WIT_VERSIONS: &[&str] = &["0.1.0", "0.1.1"];
+
+/// Bytes of each pooled memory and table kept resident and reset in place between instances.
+pub const KEEP_RESIDENT: usize = 512 * 1024;
 
 /// How often the epoch advances: a running guest yields to other tasks at least this often.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -224,6 +228,14 @@ impl Sandbox {
             .total_stacks(n)
             .max_memory_size(options.max_memory_bytes)
             .table_elements(usize::try_from(options.max_table_elements).unwrap_or(usize::MAX));
+        // A finished instance's pages are reset to the plugin's image in place: with Linux's
+        // PAGEMAP_SCAN (6.7 and later) only the pages the task dirtied, up to KEEP_RESIDENT
+        // of each memory and table, are rewritten; the rest is decommitted. The default,
+        // madvise on every page, cost a TLB shootdown across the worker's threads and a
+        // refault of every page by the next task: more than half of a small task's CPU.
+        pool.linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         let mut config = Config::new();
         config
             .epoch_interruption(true)
@@ -375,7 +387,7 @@ impl Sandbox {
         }))
     }
 
-    fn store(engine: &Engine, scope: Scope) -> Store<TaskState> {
+    fn store(engine: &Engine, scope: Scope, computing: Arc<AtomicBool>) -> Store<TaskState> {
         let stdout = output::Capture::default();
         let stderr = output::Capture::default();
         let wasi = WasiCtx::builder()
@@ -407,18 +419,7 @@ impl Sandbox {
         };
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
-        // Yield to the runtime at every epoch tick, so a busy guest cannot starve other tasks.
-        // Through tokio's yield_now, which wakes the task only after the scheduler has polled
-        // the I/O driver: a plain yield puts the guest straight back in the run queue, and a
-        // spinning guest then delays every socket event of its thread by tokio's event
-        // interval (61 polls, one tick each: 61 ms).
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|_| {
-            Ok(wasmtime::UpdateDeadline::YieldCustom(
-                1,
-                Box::pin(tokio::task::yield_now()),
-            ))
-        });
+        yield_at_ticks(&mut store, computing);
         store
     }
 
@@ -432,7 +433,7 @@ impl Sandbox {
         let described = self
             .compute
             .run(async move {
-                let mut store = Self::store(&engine, scope);
+                let mut store = Self::store(&engine, scope, Arc::default());
                 let call = async {
                     let plugin = pre.pre.instantiate_async(&mut store).await?;
                     let handler = plugin.taskhost_plugin_handler();
@@ -450,8 +451,9 @@ impl Sandbox {
         described.unwrap_or_else(|e| Err(PrepareError::Tasks(format!("guest thread failed: {e}"))))
     }
 
-    /// Runs one task, on the guest threads: in a fresh instance, or in one its plugin's earlier
-    /// task left (`reuse_instances`). `hard_limit` interrupts it.
+    /// Runs one task: in a fresh instance, or in one its plugin's earlier task left
+    /// (`reuse_instances`); on the caller's thread until it has computed for an epoch tick,
+    /// then on the guest threads. `hard_limit` interrupts it.
     ///
     /// # Errors
     /// [`PoolFull`] when no instance was free: the task did not start.
@@ -468,10 +470,16 @@ impl Sandbox {
             pre.clone(),
             task.clone(),
         );
+        let computing = Arc::new(AtomicBool::new(false));
+        let flag = computing.clone();
         let outcome = self
             .compute
-            .run(
-                async move { Self::run_here(&engine, &warm, &pre, scope, &task, hard_limit).await },
+            .run_adaptive(
+                async move {
+                    let run = Self::run_here(&engine, &warm, &pre, scope, &task, hard_limit, flag);
+                    run.await
+                },
+                computing,
             )
             .await;
         outcome.unwrap_or_else(|e| {
@@ -490,6 +498,7 @@ impl Sandbox {
         scope: Scope,
         task: &Task,
         hard_limit: Option<Duration>,
+        computing: Arc<AtomicBool>,
     ) -> Result<Outcome, PoolFull> {
         let (plugin, task_name, task_id) = (
             scope.plugin.clone(),
@@ -505,10 +514,10 @@ impl Sandbox {
         let (mut store, kept_instance, served) = match kept {
             Some(mut kept) => {
                 kept.store.data_mut().begin(scope);
-                kept.store.set_epoch_deadline(1);
+                yield_at_ticks(&mut kept.store, computing);
                 (kept.store, Some(kept.instance), kept.served)
             }
-            None => (Self::store(engine, scope), None, 0),
+            None => (Self::store(engine, scope, computing), None, 0),
         };
         let call = async {
             let instance = match kept_instance {
@@ -560,6 +569,22 @@ impl Sandbox {
             Ok(Err(error)) => outcome::trapped(&error, &stderr, &stdout),
         })
     }
+}
+
+/// Yield to the runtime at every epoch tick, so a busy guest cannot starve other tasks, and
+/// set `computing`: a guest that reaches a tick moves to the guest threads. Through tokio's
+/// yield_now, which wakes the task only after the scheduler has polled the I/O driver: a plain
+/// yield puts the guest straight back in the run queue, and a spinning guest then delays every
+/// socket event of its thread by tokio's event interval (61 polls, one tick each: 61 ms).
+fn yield_at_ticks(store: &mut Store<TaskState>, computing: Arc<AtomicBool>) {
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        computing.store(true, Ordering::Relaxed);
+        Ok(wasmtime::UpdateDeadline::YieldCustom(
+            1,
+            Box::pin(tokio::task::yield_now()),
+        ))
+    });
 }
 
 impl TaskState {

@@ -68,12 +68,6 @@ impl Warm {
         drop(kept);
         oldest.is_some()
     }
-
-    /// How many instances are kept.
-    #[cfg(test)]
-    pub(super) fn len(&self) -> usize {
-        crate::lock(&self.0).len()
-    }
 }
 
 /// Removes the elements `gone` selects, keeping the others in order.
