@@ -414,12 +414,14 @@ fn a_removed_plugins_tasks_fail_as_not_registered() {
 #[test]
 fn a_task_of_a_removed_plugin_is_dead_lettered() {
     let (mut s, id, _) = removed("reload-removed-dead");
-    assert!(
+    // The FAILURE is stored first, its dead-letter entry a moment after.
+    wait_for("the task's dead-letter entry", || {
         s.client
             .dead_letters()
             .iter()
             .any(|d| d["task_id"] == id.as_str())
-    );
+            .then_some(())
+    });
 }
 
 #[test]

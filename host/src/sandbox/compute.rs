@@ -1,4 +1,4 @@
-//! The threads guest code runs on, apart from the worker's own I/O.
+//! The threads guest code runs on, apart from the worker's own I/O, and when a task moves there.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -81,4 +81,23 @@ impl Drop for Compute {
             rt.shutdown_background();
         }
     }
+}
+
+/// Yield to the runtime at every epoch tick, so a busy guest cannot starve other tasks, and
+/// set `computing`: a guest that reaches a tick moves to the guest threads. Through tokio's
+/// yield_now, which wakes the task only after the scheduler has polled the I/O driver: a plain
+/// yield puts the guest straight back in the run queue, and a spinning guest then delays every
+/// socket event of its thread by tokio's event interval (61 polls, one tick each: 61 ms).
+pub(super) fn yield_at_ticks(
+    store: &mut wasmtime::Store<super::TaskState>,
+    computing: Arc<AtomicBool>,
+) {
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        computing.store(true, Ordering::Relaxed);
+        Ok(wasmtime::UpdateDeadline::YieldCustom(
+            1,
+            Box::pin(tokio::task::yield_now()),
+        ))
+    });
 }

@@ -27,7 +27,7 @@ use compute::Compute;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use wasmtime::component::{Component, Linker, ResourceTable, types::ComponentItem};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
@@ -419,7 +419,7 @@ impl Sandbox {
         };
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
-        yield_at_ticks(&mut store, computing);
+        compute::yield_at_ticks(&mut store, computing);
         store
     }
 
@@ -514,7 +514,7 @@ impl Sandbox {
         let (mut store, kept_instance, served) = match kept {
             Some(mut kept) => {
                 kept.store.data_mut().begin(scope);
-                yield_at_ticks(&mut kept.store, computing);
+                compute::yield_at_ticks(&mut kept.store, computing);
                 (kept.store, Some(kept.instance), kept.served)
             }
             None => (Self::store(engine, scope, computing), None, 0),
@@ -569,22 +569,6 @@ impl Sandbox {
             Ok(Err(error)) => outcome::trapped(&error, &stderr, &stdout),
         })
     }
-}
-
-/// Yield to the runtime at every epoch tick, so a busy guest cannot starve other tasks, and
-/// set `computing`: a guest that reaches a tick moves to the guest threads. Through tokio's
-/// yield_now, which wakes the task only after the scheduler has polled the I/O driver: a plain
-/// yield puts the guest straight back in the run queue, and a spinning guest then delays every
-/// socket event of its thread by tokio's event interval (61 polls, one tick each: 61 ms).
-fn yield_at_ticks(store: &mut Store<TaskState>, computing: Arc<AtomicBool>) {
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |_| {
-        computing.store(true, Ordering::Relaxed);
-        Ok(wasmtime::UpdateDeadline::YieldCustom(
-            1,
-            Box::pin(tokio::task::yield_now()),
-        ))
-    });
 }
 
 impl TaskState {

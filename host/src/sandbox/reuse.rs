@@ -27,17 +27,16 @@ pub(super) struct Warm(Mutex<Vec<Kept>>);
 
 impl Warm {
     /// A kept instance of `pre`'s plugin under the grants `scope` runs with, if one is idle.
-    /// Drops the instances of plugins that are gone (reloaded or removed) on the way.
+    /// Drops on the way the instances of plugins that are gone (reloaded or removed), and
+    /// this plugin's under grants it no longer has.
     pub(super) fn take(&self, pre: &PluginPre, scope: &Scope) -> Option<Kept> {
         let mut kept = crate::lock(&self.0);
-        let gone: Vec<Kept> = extract(&mut kept, |k| k.plugin.strong_count() == 0);
-        let found = kept
-            .iter()
-            .rposition(|k| {
-                std::ptr::eq(k.plugin.as_ptr(), Arc::as_ptr(&pre.identity))
-                    && Arc::ptr_eq(&k.store.data().scope.grants, &scope.grants)
-            })
-            .map(|i| kept.remove(i));
+        let ours = |k: &Kept| std::ptr::eq(k.plugin.as_ptr(), Arc::as_ptr(&pre.identity));
+        let gone: Vec<Kept> = extract(&mut kept, |k| {
+            k.plugin.strong_count() == 0
+                || (ours(k) && !Arc::ptr_eq(&k.store.data().scope.grants, &scope.grants))
+        });
+        let found = kept.iter().rposition(ours).map(|i| kept.remove(i));
         drop(kept);
         // Stores are dropped outside the lock: freeing an instance returns its memory.
         drop(gone);
