@@ -93,7 +93,11 @@ fn draw(out: &mut String, panel: &Panel, left: f64, top: f64) {
             x0 + plot_w,
             x0 - 6.0,
             y + 4.0,
-            crate::report::number(value)
+            if i == 0 {
+                "0".to_owned()
+            } else {
+                crate::report::number(value)
+            }
         );
     }
     for (x, label) in &panel.x_ticks {
