@@ -19,6 +19,8 @@ pub struct Panel {
     pub y_label: String,
     /// Tick positions and their labels on the x axis.
     pub x_ticks: Vec<(f64, String)>,
+    /// A logarithmic y axis (decades), for values spanning several orders of magnitude.
+    pub log_y: bool,
     pub series: Vec<Series>,
 }
 
@@ -28,8 +30,9 @@ const MARGIN_LEFT: f64 = 70.0;
 const MARGIN_RIGHT: f64 = 20.0;
 const MARGIN_TOP: f64 = 40.0;
 const MARGIN_BOTTOM: f64 = 110.0;
-const COLOURS: [&str; 8] = [
+const COLOURS: [&str; 10] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf",
 ];
 
 /// The panels side by side, two to a row, under `caption`.
@@ -62,15 +65,26 @@ fn draw(out: &mut String, panel: &Panel, left: f64, top: f64) {
         let multi = s.points.len() > 1;
         s.points.iter().filter(move |_| multi).map(|p| p.0)
     })));
-    let y_max = nice_ceiling(
+    let values = || {
         panel
             .series
             .iter()
             .flat_map(|s| s.points.iter().map(|p| p.1))
-            .fold(0.0, f64::max),
+    };
+    let positive = || values().filter(|v| *v > 0.0);
+    let (low, high) = (
+        positive().fold(f64::INFINITY, f64::min).log10().floor(),
+        positive().fold(0.0, f64::max).log10().ceil(),
     );
+    let scale = if panel.log_y && low.is_finite() && high.is_finite() {
+        Scale::Log { low, high }
+    } else {
+        Scale::Linear {
+            max: nice_ceiling(values().fold(0.0, f64::max)),
+        }
+    };
     let px = |x: f64| x0 + (x - x_min) / (x_max - x_min).max(f64::EPSILON) * plot_w;
-    let py = |y: f64| y0 + plot_h - y / y_max * plot_h;
+    let py = |y: f64| y0 + plot_h - scale.fraction(y) * plot_h;
     let _ = writeln!(
         out,
         "<text x=\"{}\" y=\"{}\" font-size=\"13\" font-weight=\"bold\">{}</text>",
@@ -83,21 +97,15 @@ fn draw(out: &mut String, panel: &Panel, left: f64, top: f64) {
         out,
         "<rect x=\"{x0}\" y=\"{y0}\" width=\"{plot_w}\" height=\"{plot_h}\" fill=\"none\" stroke=\"#444\"/>"
     );
-    for i in 0..=4 {
-        let value = y_max * f64::from(i) / 4.0;
+    for (value, label) in scale.ticks() {
         let y = py(value);
         let _ = writeln!(
             out,
             "<line x1=\"{x0}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{label}</text>",
             x0 + plot_w,
             x0 - 6.0,
             y + 4.0,
-            if i == 0 {
-                "0".to_owned()
-            } else {
-                crate::report::number(value)
-            }
         );
     }
     for (x, label) in &panel.x_ticks {
@@ -130,7 +138,7 @@ fn draw(out: &mut String, panel: &Panel, left: f64, top: f64) {
             ],
             points => points
                 .iter()
-                .map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(y.min(y_max))))
+                .map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y)))
                 .collect(),
         };
         let dash = if series.points.len() == 1 {
@@ -149,7 +157,7 @@ fn draw(out: &mut String, panel: &Panel, left: f64, top: f64) {
                     out,
                     "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"/>",
                     px(*x),
-                    py(y.min(y_max))
+                    py(*y)
                 );
             }
         }
@@ -168,6 +176,57 @@ fn draw(out: &mut String, panel: &Panel, left: f64, top: f64) {
             ly,
             escape(&series.label)
         );
+    }
+}
+
+/// How y values map onto the plot's height.
+enum Scale {
+    Linear {
+        max: f64,
+    },
+    /// Decades 10^low to 10^high.
+    Log {
+        low: f64,
+        high: f64,
+    },
+}
+
+impl Scale {
+    /// Where `y` falls, 0 at the bottom and 1 at the top (clamped).
+    fn fraction(&self, y: f64) -> f64 {
+        let f = match self {
+            Self::Linear { max } => y / max,
+            Self::Log { low, high } => {
+                (y.max(f64::MIN_POSITIVE).log10() - low) / (high - low).max(1.0)
+            }
+        };
+        f.clamp(0.0, 1.0)
+    }
+
+    /// The grid lines: five on a linear scale, one per decade on a log one.
+    fn ticks(&self) -> Vec<(f64, String)> {
+        match self {
+            Self::Linear { max } => (0..=4)
+                .map(|i| {
+                    let value = max * f64::from(i) / 4.0;
+                    let label = if i == 0 {
+                        "0".to_owned()
+                    } else {
+                        crate::report::number(value)
+                    };
+                    (value, label)
+                })
+                .collect(),
+            Self::Log { low, high } => {
+                let (low, high) = (*low as i32, (*high as i32).max(*low as i32 + 1));
+                (low..=high)
+                    .map(|d| {
+                        let value = 10f64.powi(d);
+                        (value, crate::report::number(value))
+                    })
+                    .collect()
+            }
+        }
     }
 }
 
@@ -218,6 +277,7 @@ mod tests {
             x_label: "x".into(),
             y_label: "y".into(),
             x_ticks: vec![(1.0, "1".into()), (16.0, "16".into())],
+            log_y: false,
             series: vec![
                 Series {
                     label: "line".into(),
@@ -233,6 +293,18 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("t &lt;1&gt;") && svg.contains("level &amp; floor"));
         assert_eq!(svg.matches("<polyline").count(), 2);
+    }
+
+    #[test]
+    fn a_log_scale_spans_whole_decades() {
+        let scale = Scale::Log {
+            low: -1.0,
+            high: 4.0,
+        };
+        assert_eq!(scale.ticks().len(), 6);
+        assert!((scale.fraction(0.1) - 0.0).abs() < 1e-9);
+        assert!((scale.fraction(10_000.0) - 1.0).abs() < 1e-9);
+        assert!((scale.fraction(10.0) - 0.4).abs() < 1e-9);
     }
 
     #[test]

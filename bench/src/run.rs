@@ -190,6 +190,7 @@ fn write_charts(path: &std::path::Path, results: &Results, contenders: &[Contend
         title: format!("drain of {} demo.add, median of {}", o.tasks, o.repeat),
         x_label: "concurrency (-c)".into(),
         y_label: "tasks/s".into(),
+        log_y: false,
         x_ticks: o
             .concurrency
             .iter()
@@ -232,7 +233,8 @@ fn write_charts(path: &std::path::Path, results: &Results, contenders: &[Contend
         let mut panel = Panel {
             title: format!("latency of demo.add at {rate} tasks/s"),
             x_label: "percentile".into(),
-            y_label: "ms".into(),
+            y_label: "ms (log scale)".into(),
+            log_y: true,
             x_ticks: [50.0, 90.0, 99.0, 99.9]
                 .iter()
                 .map(|p| (nines(*p), format!("p{p}")))
@@ -240,7 +242,21 @@ fn write_charts(path: &std::path::Path, results: &Results, contenders: &[Contend
                 .collect(),
             series: Vec::new(),
         };
-        for contender in contenders {
+        // The floors, Celery, and taskhost at the default and the largest concurrency.
+        let largest = o
+            .concurrency
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(DEFAULT_CONCURRENCY);
+        let charted = |c: &&Contender| match c {
+            Contender::Taskhost { concurrency, .. }
+            | Contender::TaskhostReusing { concurrency } => {
+                [DEFAULT_CONCURRENCY, largest].contains(concurrency)
+            }
+            _ => true,
+        };
+        for contender in contenders.iter().filter(charted) {
             let Some(runs) = results.latency.get(&(contender.label(), *rate as u64)) else {
                 continue;
             };
