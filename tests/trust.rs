@@ -692,42 +692,77 @@ fn a_task_that_finds_the_instance_pool_full_waits_instead_of_failing() {
     beside.all_succeed(&mut client, 20);
 }
 
-#[test]
-fn kept_instances_give_their_pool_slots_to_another_plugins_task() {
-    let dir = TestDir::new("trust-pool-reuse");
-    let redis = RedisServer::start(&dir);
-    let plugins = dir.plugins(&["demo"]);
-    std::fs::copy(test_plugin_wasm("hostile"), plugins.join("hostile.wasm")).expect("hostile");
-    let config = dir.write(
-        "taskhost.toml",
-        "[plugins.hostile]\nreuse_instances = 100\n",
-    );
-    let config = config.to_string_lossy().into_owned();
-    // A pool of one instance (the test hook), which hostile's kept instance holds when
-    // demo.add comes.
-    let args = ["-n", NODE, "-c", "1", "--config", config.as_str()];
-    let mut command = Process::worker_command(&dir, &redis, &plugins, &args);
-    command.env("TASKHOST_TEST_POOL_INSTANCES", "1");
-    let worker = Process::spawn(&dir, "worker.log", command);
-    worker.wait_log("worker ready");
-    let mut client = Client::new(&redis);
-    let remember = |client: &mut Client, value: i64| {
-        let id = client.send("hostile.remember", json!([value]));
-        let doc = client.result(&id);
+/// A worker over a pool of one instance (the test hook) whose one slot hostile's kept instance
+/// holds (`reuse_instances`), and a client; dropped in field order.
+struct KeptSlot {
+    _worker: Process,
+    client: Client,
+    plugins: std::path::PathBuf,
+    _redis: RedisServer,
+    _dir: TestDir,
+}
+
+impl KeptSlot {
+    fn start(name: &str) -> Self {
+        let dir = TestDir::new(name);
+        let redis = RedisServer::start(&dir);
+        let plugins = dir.plugins(&["demo"]);
+        std::fs::copy(test_plugin_wasm("hostile"), plugins.join("hostile.wasm")).expect("hostile");
+        let config = dir.write(
+            "taskhost.toml",
+            "[plugins.hostile]\nreuse_instances = 100\n",
+        );
+        let config = config.to_string_lossy().into_owned();
+        let args = ["-n", NODE, "-c", "1", "--config", config.as_str()];
+        let mut command = Process::worker_command(&dir, &redis, &plugins, &args);
+        command.env("TASKHOST_TEST_POOL_INSTANCES", "1");
+        let worker = Process::spawn(&dir, "worker.log", command);
+        worker.wait_log("worker ready");
+        let mut kept = Self {
+            client: Client::new(&redis),
+            _worker: worker,
+            plugins,
+            _redis: redis,
+            _dir: dir,
+        };
+        assert_eq!(kept.remember(1), Value::Null);
+        assert_eq!(kept.remember(2), json!(1), "hostile's instance is kept");
+        kept
+    }
+
+    /// `hostile.remember(value)`: what the instance it ran in kept before.
+    fn remember(&mut self, value: i64) -> Value {
+        let id = self.client.send("hostile.remember", json!([value]));
+        let doc = self.client.result(&id);
         assert_eq!(doc["status"], "SUCCESS", "{doc}");
         doc["result"].clone()
-    };
-    assert_eq!(remember(&mut client, 1), Value::Null);
+    }
+}
+
+#[test]
+fn kept_instances_give_their_pool_slots_to_another_plugins_task() {
+    let mut s = KeptSlot::start("trust-pool-reuse");
+    let add = s.client.send("demo.add", json!([2, 3]));
+    assert_eq!(s.client.result(&add)["result"], 5, "demo.add found room");
     assert_eq!(
-        remember(&mut client, 2),
-        json!(1),
-        "hostile's instance is kept"
-    );
-    let add = client.send("demo.add", json!([2, 3]));
-    assert_eq!(client.result(&add)["result"], 5, "demo.add found room");
-    assert_eq!(
-        remember(&mut client, 3),
+        s.remember(3),
         Value::Null,
         "the kept instance gave its slot to demo.add"
     );
+}
+
+#[test]
+fn kept_instances_give_their_pool_slots_to_a_plugin_load() {
+    let mut s = KeptSlot::start("trust-pool-reuse-load");
+    // Loading a plugin instantiates it once (its version and tasks): in the slot the kept
+    // instance holds.
+    let staged = s.plugins.join("legacy.part");
+    std::fs::copy(test_plugin_wasm("legacy"), &staged).expect("stage legacy");
+    std::fs::rename(&staged, s.plugins.join("legacy.wasm")).expect("drop legacy in");
+    let doc = wait_for("legacy.add to be served", || {
+        let id = s.client.send("legacy.add", json!([2, 3]));
+        let doc = s.client.result(&id);
+        (doc["status"] == "SUCCESS").then_some(doc)
+    });
+    assert_eq!(doc["result"], 5, "{doc}");
 }

@@ -429,13 +429,14 @@ impl Sandbox {
         pre: &PluginPre,
         scope: Scope,
     ) -> Result<(String, Vec<TaskInfo>), PrepareError> {
-        let (engine, pre) = (self.engine.clone(), pre.clone());
+        let (engine, warm, pre) = (self.engine.clone(), self.warm.clone(), pre.clone());
         let described = self
             .compute
             .run(async move {
                 let mut store = Self::store(&engine, scope, Arc::default());
                 let call = async {
-                    let plugin = pre.pre.instantiate_async(&mut store).await?;
+                    // Kept instances give way to a plugin load as to a task.
+                    let plugin = reuse::instantiate(&warm, &pre, &mut store).await?;
                     let handler = plugin.taskhost_plugin_handler();
                     let version = handler.call_version(&mut store).await?;
                     let tasks = handler.call_tasks(&mut store).await?;

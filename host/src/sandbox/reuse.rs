@@ -3,8 +3,9 @@
 //! same grants, which then pays for neither instantiation nor the refault of the instance's
 //! memory. An instance serves at most N tasks; one that trapped, hit a limit or was
 //! interrupted is never kept. Kept instances hold slots of the shared pool, so an
-//! instantiation that finds the pool full evicts the longest-idle one, whatever its plugin,
-//! and the promise that an admitted task finds its share free still holds.
+//! instantiation (a task's or a plugin load's) that finds the pool full evicts the
+//! longest-idle one, whatever its plugin, and the promise that an admitted task finds its
+//! share free still holds.
 
 use super::{PluginPre, Scope, TaskState, bindings};
 use std::sync::{Arc, Mutex, Weak};
