@@ -512,4 +512,22 @@ mod tests {
         assert!(other.allow_http.is_empty() && other.config.is_empty());
         assert_eq!(other.limits.memory_bytes, 64 << 20);
     }
+
+    #[test]
+    fn reuse_instances_defaults_to_a_fresh_instance_and_zero_is_refused() {
+        let config = FileConfig::parse(
+            "[limits]\nreuse_instances = 50\n[plugins.demo]\nreuse_instances = 1000\n[plugins.crucible]\n",
+        )
+        .expect("parses");
+        let grants = config.grants(&env).expect("resolves");
+        assert_eq!(grants.for_plugin("demo").limits.reuse_instances, 1000);
+        assert_eq!(grants.for_plugin("crucible").limits.reuse_instances, 50);
+        assert_eq!(Limits::default().reuse_instances, 1);
+        let zero = FileConfig::parse("[plugins.demo]\nreuse_instances = 0\n").expect("parses");
+        let error = zero.grants(&env).expect_err("0 is refused").to_string();
+        assert!(
+            error.contains("reuse_instances must be at least 1"),
+            "{error}"
+        );
+    }
 }
