@@ -643,10 +643,7 @@ fn a_plugin_at_its_instance_limit_does_not_hold_up_other_plugins() {
 impl Setup {
     /// Runs `hostile.remember(value)`, one task at a time, and returns what it found kept.
     fn remember(&mut self, value: i64) -> Value {
-        let id = self.client.send("hostile.remember", json!([value]));
-        let doc = self.client.result(&id);
-        assert_eq!(doc["status"], "SUCCESS", "{doc}");
-        doc["result"].clone()
+        self.client.success("hostile.remember", json!([value]))
     }
 }
 

@@ -732,10 +732,7 @@ impl KeptSlot {
 
     /// `hostile.remember(value)`: what the instance it ran in kept before.
     fn remember(&mut self, value: i64) -> Value {
-        let id = self.client.send("hostile.remember", json!([value]));
-        let doc = self.client.result(&id);
-        assert_eq!(doc["status"], "SUCCESS", "{doc}");
-        doc["result"].clone()
+        self.client.success("hostile.remember", json!([value]))
     }
 }
 

@@ -336,7 +336,8 @@ fn replica_cost(stage: &Stage, add: &Workload, repeat: usize) -> Vec<Figure> {
             let config = stage.dir.write(
                 &format!("replicas-{wait}.toml"),
                 &format!(
-                    "[plugins.crucible]\ntasks = [\"tasks.*\"]\n[worker]\nwait_replicas = {wait}\n"
+                    "{}[worker]\nwait_replicas = {wait}\n",
+                    crate::workers::BASE_CONFIG
                 ),
             );
             stage.flush();

@@ -5,6 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use taskhost_tests::{Process, RedisServer, TestDir};
 
+/// The configuration every taskhost contender starts from: crucible serves the Celery
+/// service's names (`tasks.*`), granted as in the repository's taskhost.toml.
+pub const BASE_CONFIG: &str = "[plugins.crucible]\ntasks = [\"tasks.*\"]\n";
+
 /// `reuse_instances` of the reusing contender: like a Celery `worker_max_tasks_per_child`.
 pub const REUSE_INSTANCES: u32 = 10_000;
 
@@ -80,10 +84,7 @@ impl Stage {
         let plugins = dir.plugins(&["demo", "crucible"]);
         // crucible serves the Celery service's names (`tasks.*`), granted as in the repository's
         // taskhost.toml; every taskhost command here runs in this directory and reads it.
-        dir.write(
-            "taskhost.toml",
-            "[plugins.crucible]\ntasks = [\"tasks.*\"]\n",
-        );
+        dir.write("taskhost.toml", BASE_CONFIG);
         // Fills the precompile cache every taskhost contender uses, so none of them is
         // measured compiling (the start-time figures use caches of their own).
         let listed = Process::run(&dir, &["plugins", &plugins.to_string_lossy()]);
@@ -137,10 +138,7 @@ impl Stage {
             Contender::TaskhostReusing { concurrency } => {
                 let config = self.dir.write(
                     "reuse.toml",
-                    &format!(
-                        "[plugins.crucible]\ntasks = [\"tasks.*\"]\n\
-                         [plugins.demo]\nreuse_instances = {REUSE_INSTANCES}\n"
-                    ),
+                    &format!("{BASE_CONFIG}[plugins.demo]\nreuse_instances = {REUSE_INSTANCES}\n"),
                 );
                 let config = config.to_string_lossy();
                 let worker = self.taskhost_of(

@@ -507,6 +507,14 @@ impl Client {
         })
     }
 
+    /// Sends `task(args)`, waits for its result, checks it succeeded and returns the result.
+    pub fn success(&mut self, task: &str, args: Value) -> Value {
+        let id = self.send(task, args);
+        let doc = self.result(&id);
+        assert_eq!(doc["status"], "SUCCESS", "{task}: {doc}");
+        doc["result"].clone()
+    }
+
     /// The dead-letter entries, newest first.
     pub fn dead_letters(&mut self) -> Vec<Value> {
         let entries: Vec<String> = redis::cmd("LRANGE")
