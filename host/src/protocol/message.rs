@@ -8,8 +8,11 @@ use super::result::Meta;
 use super::time::{format_time, parse_time};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+use std::borrow::Cow;
 use time::OffsetDateTime;
 
 /// Why a message could not be decoded into a task.
@@ -19,6 +22,8 @@ pub enum DecodeError {
     NotJson(String),
     #[error("envelope is not a JSON object")]
     NotAnObject,
+    #[error("envelope is malformed: {0}")]
+    Malformed(String),
     #[error("envelope has no {0:?} field of the right type")]
     Missing(&'static str),
     #[error("unsupported content-type {0:?}: taskhost accepts application/json")]
@@ -46,8 +51,8 @@ pub struct Undecodable {
     pub task_name: Option<String>,
 }
 
-/// A task message, decoded. Keeps the parsed envelope so it can be re-published (retry, delay)
-/// with Celery's own fields intact.
+/// A task message, decoded. Re-publishing it (retry, delay) starts again from the raw message,
+/// so that Celery's own fields stay intact without the host keeping a tree of them.
 #[derive(Debug, Clone)]
 pub struct TaskMessage {
     pub id: String,
@@ -75,102 +80,139 @@ pub struct TaskMessage {
     /// A worker already sent `task-received` for this delivery: it is back from a
     /// postponement (see [`TaskMessage::postponed_message`]).
     pub announced: bool,
-    envelope: Map<String, Value>,
+    /// The producer's `argsrepr` and `kwargsrepr` headers, when it sent them.
+    reprs: (Option<String>, Option<String>),
 }
 
 /// The property a postponed message carries once its `task-received` was sent (kombu and
 /// Celery ignore properties they do not know).
 const ANNOUNCED: &str = "taskhost_received";
 
+/// The envelope's fields a worker reads, each as its JSON text: read in one pass over the
+/// message without building a tree, then each taken as the type it should have. A field of
+/// another type counts as absent, as it would to kombu's `dict.get`.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    headers: Option<&'a RawValue>,
+    #[serde(borrow)]
+    properties: Option<&'a RawValue>,
+    #[serde(borrow)]
+    body: Option<&'a RawValue>,
+    #[serde(borrow, rename = "content-type")]
+    content_type: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+struct Headers<'a> {
+    #[serde(borrow)]
+    task: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    eta: Option<&'a RawValue>,
+    #[serde(borrow)]
+    expires: Option<&'a RawValue>,
+    #[serde(borrow)]
+    retries: Option<&'a RawValue>,
+    #[serde(borrow)]
+    timelimit: Option<&'a RawValue>,
+    #[serde(borrow)]
+    root_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    parent_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    group: Option<&'a RawValue>,
+    #[serde(borrow)]
+    group_index: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ignore_result: Option<&'a RawValue>,
+    #[serde(borrow)]
+    argsrepr: Option<&'a RawValue>,
+    #[serde(borrow)]
+    kwargsrepr: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+struct Properties<'a> {
+    #[serde(borrow)]
+    priority: Option<&'a RawValue>,
+    #[serde(borrow)]
+    body_encoding: Option<&'a RawValue>,
+    #[serde(borrow, rename = "taskhost_received")]
+    announced: Option<&'a RawValue>,
+}
+
+/// A JSON string, borrowed from the message unless it has escapes.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// `raw` as a `T`, or `None` when it is absent, null or of another type.
+fn field<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<T> {
+    // As an `Option`, a null (most optional headers) is read without building an error.
+    raw.and_then(|raw| serde_json::from_str::<Option<T>>(raw.get()).ok().flatten())
+}
+
 impl TaskMessage {
     /// Decodes one raw message as popped from a queue list.
     pub fn decode(raw: &[u8]) -> Result<Self, Undecodable> {
-        let envelope: Value = serde_json::from_slice(raw).map_err(|e| Undecodable {
-            error: DecodeError::NotJson(e.to_string()),
+        let undecodable = |error| Undecodable {
+            error,
             task_id: None,
             task_name: None,
+        };
+        let envelope: Envelope = serde_json::from_slice(raw).map_err(|e| {
+            undecodable(match serde_json::from_slice::<IgnoredAny>(raw) {
+                Err(_) => DecodeError::NotJson(e.to_string()),
+                Ok(_) if raw.trim_ascii_start().starts_with(b"{") => {
+                    DecodeError::Malformed(e.to_string())
+                }
+                Ok(_) => DecodeError::NotAnObject,
+            })
         })?;
-        let Value::Object(envelope) = envelope else {
-            return Err(Undecodable {
-                error: DecodeError::NotAnObject,
-                task_id: None,
-                task_name: None,
-            });
+        let headers: Option<Headers> = field(envelope.headers);
+        let (task_id, task_name) = match &headers {
+            Some(h) => (field(h.id), field(h.task)),
+            None => (None, None),
         };
-        let headers = envelope.get("headers").and_then(Value::as_object);
-        let text = |key: &str| {
-            headers
-                .and_then(|h| h.get(key))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        };
-        let task_id = text("id");
-        let task_name = text("task");
-        Self::decode_fields(envelope).map_err(|error| Undecodable {
+        Self::decode_fields(&envelope, headers).map_err(|error| Undecodable {
             error,
             task_id,
             task_name,
         })
     }
 
-    fn decode_fields(envelope: Map<String, Value>) -> Result<Self, DecodeError> {
-        let headers = envelope
-            .get("headers")
-            .and_then(Value::as_object)
-            .ok_or(DecodeError::Missing("headers"))?;
-        let task = headers
-            .get("task")
-            .and_then(Value::as_str)
-            .ok_or(DecodeError::ProtocolV1)?
-            .to_owned();
-        let id = headers
-            .get("id")
-            .and_then(Value::as_str)
+    fn decode_fields(envelope: &Envelope, headers: Option<Headers>) -> Result<Self, DecodeError> {
+        let headers = headers.ok_or(DecodeError::Missing("headers"))?;
+        let task = field(headers.task).ok_or(DecodeError::ProtocolV1)?;
+        let id = field::<String>(headers.id)
             .filter(|id| !id.is_empty())
-            .ok_or(DecodeError::Missing("headers.id"))?
-            .to_owned();
-        let properties = envelope.get("properties").and_then(Value::as_object);
-        let (args, kwargs, embed) = body(&envelope, properties)?;
-        let opt_text = |key: &str| headers.get(key).and_then(Value::as_str).map(str::to_owned);
-        let time_limit = match headers.get("timelimit").and_then(Value::as_array) {
-            Some(pair) => (
-                pair.get(1).and_then(Value::as_f64),
-                pair.first().and_then(Value::as_f64),
-            ),
+            .ok_or(DecodeError::Missing("headers.id"))?;
+        let properties: Properties = field(envelope.properties).unwrap_or_default();
+        let (args, kwargs, embed) = body(envelope, &properties)?;
+        let time_limit = match field::<Vec<&RawValue>>(headers.timelimit) {
+            Some(pair) => (field(pair.get(1).copied()), field(pair.first().copied())),
             None => (None, None),
         };
-        let priority = properties
-            .and_then(|p| p.get("priority"))
-            .and_then(Value::as_u64)
-            .map_or(0, |p| p.min(9) as u8);
-        let announced = properties
-            .and_then(|p| p.get(ANNOUNCED))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
         Ok(Self {
-            eta: parse_time_header(headers, "eta")?,
-            expires: parse_time_header(headers, "expires")?,
-            retries: headers
-                .get("retries")
-                .and_then(Value::as_u64)
+            eta: time_header(headers.eta, "eta")?,
+            expires: time_header(headers.expires, "expires")?,
+            retries: field::<u64>(headers.retries)
                 .map_or(0, |r| u32::try_from(r).unwrap_or(u32::MAX)),
-            root_id: opt_text("root_id"),
-            parent_id: opt_text("parent_id"),
-            group: opt_text("group"),
-            group_index: headers.get("group_index").and_then(Value::as_u64),
-            ignore_result: headers
-                .get("ignore_result")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            root_id: field(headers.root_id),
+            parent_id: field(headers.parent_id),
+            group: field(headers.group),
+            group_index: field(headers.group_index),
+            ignore_result: field(headers.ignore_result).unwrap_or(false),
             id,
             task,
             args,
             kwargs,
             time_limit,
-            priority,
+            priority: field::<u64>(properties.priority).map_or(0, |p| p.min(9) as u8),
             embed,
-            announced,
-            envelope,
+            announced: field(properties.announced).unwrap_or(false),
+            reprs: (field(headers.argsrepr), field(headers.kwargsrepr)),
         })
     }
 
@@ -187,32 +229,28 @@ impl TaskMessage {
     /// The positional arguments as the producer printed them (`argsrepr`), else as Python
     /// would print their tuple.
     pub fn args_repr(&self) -> String {
-        self.header_text("argsrepr")
+        self.reprs
+            .0
+            .clone()
             .unwrap_or_else(|| pyrepr::args_repr(&tree_or_text(&self.args)))
     }
 
     /// The keyword arguments as the producer printed them (`kwargsrepr`), else as Python would.
     pub fn kwargs_repr(&self) -> String {
-        self.header_text("kwargsrepr")
+        self.reprs
+            .1
+            .clone()
             .unwrap_or_else(|| pyrepr::python_repr(&tree_or_text(&self.kwargs)))
     }
 
-    fn header_text(&self, key: &str) -> Option<String> {
-        self.envelope
-            .get("headers")
-            .and_then(|h| h.get(key))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    }
-
     /// The message to hold in the delayed set while the task waits (its eta, a rate limit):
-    /// the same delivery, marked as announced so its `task-received` is not sent again.
-    /// `raw` is the message as fetched, returned as it is when already marked.
+    /// the same delivery (`raw`, the message as fetched), marked as announced so its
+    /// `task-received` is not sent again; `raw` itself when already marked.
     pub fn postponed_message(&self, raw: &[u8]) -> Vec<u8> {
         if self.announced {
             return raw.to_vec();
         }
-        let mut envelope = self.envelope.clone();
+        let mut envelope = tree(raw);
         if let Some(Value::Object(properties)) = envelope.get_mut("properties") {
             properties.insert(ANNOUNCED.into(), Value::Bool(true));
         } else {
@@ -221,10 +259,11 @@ impl TaskMessage {
         Value::Object(envelope).to_string().into_bytes()
     }
 
-    /// The message to publish for the next try, as Celery's `Task.retry` does: same id,
-    /// `retries` + 1, `eta` when there is a countdown, `parent_id` = this task, new delivery tag.
-    pub fn retry_message(&self, eta: Option<OffsetDateTime>) -> Vec<u8> {
-        let mut envelope = self.envelope.clone();
+    /// The message to publish for the next try of `raw` (this message as fetched), as Celery's
+    /// `Task.retry` does: same id, `retries` + 1, `eta` when there is a countdown, `parent_id` =
+    /// this task, new delivery tag.
+    pub fn retry_message(&self, raw: &[u8], eta: Option<OffsetDateTime>) -> Vec<u8> {
+        let mut envelope = tree(raw);
         if let Some(Value::Object(headers)) = envelope.get_mut("headers") {
             headers.insert("retries".into(), json!(self.retries.saturating_add(1)));
             headers.insert(
@@ -245,31 +284,30 @@ impl TaskMessage {
     }
 }
 
+/// The tree of a message that decoded, to re-publish it changed (an object, since it decoded).
+fn tree(raw: &[u8]) -> Map<String, Value> {
+    serde_json::from_slice(raw).unwrap_or_default()
+}
+
 /// The positional and keyword arguments of the body (`[args, kwargs, embed]`), checked and
 /// split, not parsed into a tree; and the embed, read.
 fn body(
-    envelope: &Map<String, Value>,
-    properties: Option<&Map<String, Value>>,
+    envelope: &Envelope,
+    properties: &Properties,
 ) -> Result<(Box<RawValue>, Box<RawValue>, Embed), DecodeError> {
-    let content_type = envelope
-        .get("content-type")
-        .and_then(Value::as_str)
-        .unwrap_or("application/json");
+    let content_type: Option<Text> = field(envelope.content_type);
+    let content_type = content_type.as_ref().map_or("application/json", |t| &t.0);
     if content_type != "application/json" {
         return Err(DecodeError::ContentType(content_type.to_owned()));
     }
-    let body_text = envelope
-        .get("body")
-        .and_then(Value::as_str)
-        .ok_or(DecodeError::Missing("body"))?;
-    let body_bytes = match properties
-        .and_then(|p| p.get("body_encoding"))
-        .and_then(Value::as_str)
-    {
+    let body_text: Text = field(envelope.body).ok_or(DecodeError::Missing("body"))?;
+    let encoding: Option<Text> = field(properties.body_encoding);
+    let body_bytes: Cow<[u8]> = match encoding.as_ref().map(|e| &*e.0) {
         Some("base64") => BASE64
-            .decode(body_text)
-            .map_err(|e| DecodeError::Base64(e.to_string()))?,
-        None | Some("utf-8") => body_text.as_bytes().to_vec(),
+            .decode(&*body_text.0)
+            .map_err(|e| DecodeError::Base64(e.to_string()))?
+            .into(),
+        None | Some("utf-8") => Cow::Borrowed(body_text.0.as_bytes()),
         Some(other) => return Err(DecodeError::BodyEncoding(other.to_owned())),
     };
     // Checked and split, not parsed into a tree: [args, kwargs, embed].
@@ -303,19 +341,21 @@ fn body(
     }
 }
 
-fn parse_time_header(
-    headers: &Map<String, Value>,
-    field: &'static str,
+fn time_header(
+    raw: Option<&RawValue>,
+    name: &'static str,
 ) -> Result<Option<OffsetDateTime>, DecodeError> {
-    match headers.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => parse_time(s).map(Some).ok_or_else(|| DecodeError::Time {
-            field,
-            value: s.clone(),
+    let Some(raw) = raw.filter(|raw| raw.get() != "null") else {
+        return Ok(None);
+    };
+    match field::<Text>(Some(raw)) {
+        Some(text) => parse_time(&text.0).map(Some).ok_or(DecodeError::Time {
+            field: name,
+            value: text.0.into_owned(),
         }),
-        Some(other) => Err(DecodeError::Time {
-            field,
-            value: other.to_string(),
+        None => Err(DecodeError::Time {
+            field: name,
+            value: raw.get().to_owned(),
         }),
     }
 }

@@ -55,7 +55,7 @@ fn round_trips_what_the_producer_encodes() {
     assert_eq!(parse(&m.kwargs), new.kwargs);
     assert_eq!(m.priority, 3);
     assert_eq!(m.eta, new.eta);
-    let retried = TaskMessage::decode(&m.retry_message(None)).expect("decodes");
+    let retried = TaskMessage::decode(&m.retry_message(&encoded, None)).expect("decodes");
     assert_eq!(
         (retried.retries, retried.parent_id.as_deref()),
         (1, Some("abc"))
@@ -107,6 +107,31 @@ fn reads_celerys_timelimit_as_hard_then_soft() {
     envelope["headers"]["timelimit"] = json!([10, 2.5]);
     let m = TaskMessage::decode(envelope.to_string().as_bytes()).expect("decodes");
     assert_eq!(m.time_limit, (Some(2.5), Some(10.0)));
+}
+
+#[test]
+fn a_header_of_another_type_counts_as_absent() {
+    let mut envelope: Value = serde_json::from_str(CAPTURED_DELAY).expect("json");
+    envelope["headers"]["retries"] = json!("two");
+    envelope["headers"]["root_id"] = json!(5);
+    envelope["headers"]["timelimit"] = json!("soon");
+    envelope["headers"]["argsrepr"] = json!(null);
+    envelope["properties"]["priority"] = json!(-1);
+    let m = TaskMessage::decode(envelope.to_string().as_bytes()).expect("decodes");
+    assert_eq!((m.retries, m.root_id.as_deref(), m.priority), (0, None, 0));
+    assert_eq!(m.time_limit, (None, None));
+    assert_eq!(m.args_repr(), "(2, 3)", "printed from the arguments");
+}
+
+#[test]
+fn an_envelope_with_a_field_twice_is_refused_as_malformed() {
+    let raw = br#"{"headers": {"task": "t", "id": "i"}, "body": "[[], {}]", "body": "[[1], {}]"}"#;
+    let err = TaskMessage::decode(raw).expect_err("ambiguous");
+    assert!(
+        matches!(err.error, DecodeError::Malformed(_)),
+        "{:?}",
+        err.error
+    );
 }
 
 /// A deterministic generator of arbitrary JSON values, for the property tests below.
@@ -256,6 +281,6 @@ fn a_postponed_message_is_marked_announced_and_a_retry_is_not() {
     );
     assert_eq!(back.id, message.id);
     assert_eq!(back.postponed_message(&held), held, "marked once");
-    let retry = TaskMessage::decode(&back.retry_message(None)).expect("retry decodes");
+    let retry = TaskMessage::decode(&back.retry_message(&held, None)).expect("retry decodes");
     assert!(!retry.announced, "a retry is a new delivery");
 }

@@ -76,9 +76,11 @@ pub(super) enum Retry {
     GiveUp(Exception),
 }
 
-/// Decides a retry of `message` for `reason`, after `countdown` seconds or its backoff.
+/// Decides a retry of `message` (`raw` as fetched) for `reason`, after `countdown` seconds or
+/// its backoff.
 pub(super) fn decide(
     message: &TaskMessage,
+    raw: &[u8],
     policy: &RetryPolicy,
     countdown: Option<f64>,
     reason: Exception,
@@ -101,7 +103,7 @@ pub(super) fn decide(
     });
     let eta = (countdown > 0.0).then(|| after(countdown));
     Retry::Again {
-        next: message.retry_message(eta),
+        next: message.retry_message(raw, eta),
         due_ms: eta.map(epoch_ms),
         countdown,
         reason,
@@ -134,7 +136,8 @@ mod tests {
         }
     }
 
-    fn message(retries: u32) -> TaskMessage {
+    /// A first-try message with `retries` behind it, decoded, and as sent.
+    fn message(retries: u32) -> (TaskMessage, Vec<u8>) {
         let sent = crate::protocol::NewTask {
             id: "t-1".into(),
             task: "demo.retry".into(),
@@ -148,7 +151,8 @@ mod tests {
             ..Default::default()
         }
         .encode("test-host");
-        TaskMessage::decode(&sent).expect("decodes")
+        let message = TaskMessage::decode(&sent).expect("decodes");
+        (message, sent)
     }
 
     fn policy(max_retries: u32) -> RetryPolicy {
@@ -163,13 +167,15 @@ mod tests {
 
     #[test]
     fn a_retry_publishes_the_next_try_after_its_backoff() {
+        let (message, raw) = message(1);
         let Retry::Again {
             next,
             due_ms,
             countdown,
             ..
         } = decide(
-            &message(1),
+            &message,
+            &raw,
             &policy(3),
             None,
             Exception::new("OSError", "down"),
@@ -186,7 +192,14 @@ mod tests {
 
     #[test]
     fn a_zero_countdown_runs_again_at_once() {
-        let decided = decide(&message(0), &policy(3), Some(0.0), Exception::new("E", "x"));
+        let (message, raw) = message(0);
+        let decided = decide(
+            &message,
+            &raw,
+            &policy(3),
+            Some(0.0),
+            Exception::new("E", "x"),
+        );
         assert!(
             matches!(decided, Retry::Again { due_ms: None, .. }),
             "{decided:?}"
@@ -195,8 +208,10 @@ mod tests {
 
     #[test]
     fn the_last_retry_gives_up_with_the_reason() {
+        let (message, raw) = message(3);
         let decided = decide(
-            &message(3),
+            &message,
+            &raw,
             &policy(3),
             None,
             Exception::new("OSError", "down"),

@@ -332,19 +332,19 @@ async fn retry(
     reason: Exception,
     runtime: f64,
 ) {
-    let (next, due_ms, countdown, reason) = match retry::decide(message, policy, countdown, reason)
-    {
-        Retry::GiveUp(exception) => {
-            let sent = Sent::default();
-            return failed(shared, delivery, message, &exception, Some(runtime), sent).await;
-        }
-        Retry::Again {
-            next,
-            due_ms,
-            countdown,
-            reason,
-        } => (next, due_ms, countdown, reason),
-    };
+    let (next, due_ms, countdown, reason) =
+        match retry::decide(message, &delivery.raw, policy, countdown, reason) {
+            Retry::GiveUp(exception) => {
+                let sent = Sent::default();
+                return failed(shared, delivery, message, &exception, Some(runtime), sent).await;
+            }
+            Retry::Again {
+                next,
+                due_ms,
+                countdown,
+                reason,
+            } => (next, due_ms, countdown, reason),
+        };
     shared
         .metrics
         .task(&message.task, TaskOutcome::Retried, Some(runtime));
