@@ -106,6 +106,42 @@ pub fn drain(stage: &Stage, running: &Running, workload: &Workload) -> Drain {
     }
 }
 
+/// What an idle worker costs: CPU, and how often its threads wake.
+#[derive(Debug, Clone, Copy)]
+pub struct Idle {
+    pub cpu_ms_per_s: f64,
+    pub wakeups_per_s: f64,
+}
+
+/// The idle cost of `running`, measured over `seconds` with no task sent.
+pub fn idle(running: &Running, seconds: f64) -> Idle {
+    let pids = running.pids();
+    let (cpu, switches) = (cpu_seconds(&pids), context_switches(&pids));
+    let began = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let elapsed = began.elapsed().as_secs_f64();
+    Idle {
+        cpu_ms_per_s: (cpu_seconds(&pids) - cpu) * 1e3 / elapsed,
+        wakeups_per_s: context_switches(&pids).saturating_sub(switches) as f64 / elapsed,
+    }
+}
+
+/// Context switches (voluntary and not) of every thread of `pids`: each is a thread waking.
+fn context_switches(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_dir(format!("/proc/{pid}/task")).ok())
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|line| line.contains("ctxt_switches:"))
+                .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 /// User + system CPU time the Redis server has spent, seconds (`INFO cpu`).
 fn redis_cpu_seconds(conn: &mut Connection) -> f64 {
     let info: String = redis::cmd("INFO").arg("cpu").query(conn).expect("INFO cpu");

@@ -16,6 +16,9 @@ const REFERENCE: Contender = Contender::CeleryPrefork { concurrency: 2 };
 /// taskhost's default concurrency, used for the scaling runs.
 const DEFAULT_CONCURRENCY: usize = 4;
 
+/// Seconds each contender is watched idle (at most; a smoke run watches for less).
+const IDLE_SECONDS: f64 = 3.0;
+
 pub fn run(options: &Options) {
     let o = options.effective();
     println!(
@@ -71,7 +74,10 @@ pub fn run(options: &Options) {
                 results.latency(contender, *rate, &latency);
             }
         }
+        // Idle once it has worked, as a worker waiting between bursts is.
+        let idle_cost = measure::idle(&running, o.latency_seconds.min(IDLE_SECONDS));
         results.memory.insert(contender.label(), (idle, peak));
+        results.idle.insert(contender.label(), idle_cost);
         running.stop();
     }
 
@@ -420,6 +426,8 @@ struct Results {
     latency: BTreeMap<(String, u64), Vec<measure::Latency>>,
     /// contender → (idle, peak under load).
     memory: BTreeMap<String, (Memory, Memory)>,
+    /// contender → its cost while idle.
+    idle: BTreeMap<String, measure::Idle>,
 }
 
 impl Results {
@@ -550,9 +558,16 @@ impl Results {
             section.print();
         }
         let mut section = Section::new(
-            "memory of the whole worker (all processes): RSS under load",
+            "memory of the whole worker (all processes): RSS under load; and idle, its CPU \
+             (ms per s) and threads woken (per s)",
             "MiB",
-            &["x celery -c 2", "idle RSS", "PSS under load"],
+            &[
+                "x celery -c 2",
+                "idle RSS",
+                "PSS under load",
+                "idle CPU",
+                "idle wake-ups",
+            ],
         );
         let reference_peak = self
             .memory
@@ -564,9 +579,16 @@ impl Results {
             };
             let figure = Figure::new(contender.label(), vec![mib(peak.rss_kib)]);
             let ratio = times(mib(peak.rss_kib), reference_peak);
+            let cost = self.idle.get(&contender.label());
             section.row(
                 figure,
-                vec![ratio, number(mib(idle.rss_kib)), number(mib(peak.pss_kib))],
+                vec![
+                    ratio,
+                    number(mib(idle.rss_kib)),
+                    number(mib(peak.pss_kib)),
+                    cost.map_or_else(|| "-".into(), |c| number(c.cpu_ms_per_s)),
+                    cost.map_or_else(|| "-".into(), |c| number(c.wakeups_per_s)),
+                ],
             );
         }
         section.print();

@@ -19,6 +19,7 @@ mod no_http;
 mod outcome;
 mod output;
 mod reuse;
+mod ticker;
 
 pub use outcome::{Failure, FailureKind, Outcome};
 
@@ -54,9 +55,6 @@ pub const SUPPORTED_WIT_VERSIONS: &[&str] = &["0.1.0", "0.1.1"];
 
 /// Bytes of each pooled memory and table kept resident and reset in place between instances.
 pub const KEEP_RESIDENT: usize = 512 * 1024;
-
-/// How often the epoch advances: a running guest yields to other tasks at least this often.
-const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Publishes a running task's progress (`update-state`).
 pub trait Progress: Send + Sync {
@@ -205,11 +203,12 @@ pub struct Sandbox {
     compute: Compute,
     /// Instances kept between tasks (`reuse_instances`).
     warm: Arc<reuse::Warm>,
+    ticker: Arc<ticker::Ticker>,
 }
 
 impl Sandbox {
     /// Builds the engine (pooling allocator sized by `options`, epoch interruption) and the
-    /// linker, and starts the epoch ticker (it stops when the engine is dropped).
+    /// linker, and starts the epoch ticker.
     pub fn new(options: &SandboxOptions) -> anyhow::Result<Self> {
         let n = options.max_instances.max(1);
         let caps = options.component;
@@ -251,16 +250,7 @@ impl Sandbox {
             &mut linker,
             |state| state,
         )?;
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("taskhost-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            })?;
+        let ticker = ticker::Ticker::start(&engine)?;
         Ok(Self {
             engine,
             linker,
@@ -268,6 +258,7 @@ impl Sandbox {
             max_table_elements: options.max_table_elements,
             compute: Compute::new()?,
             warm: Arc::default(),
+            ticker,
         })
     }
 
@@ -430,9 +421,11 @@ impl Sandbox {
         scope: Scope,
     ) -> Result<(String, Vec<TaskInfo>), PrepareError> {
         let (engine, warm, pre) = (self.engine.clone(), self.warm.clone(), pre.clone());
+        let running = self.ticker.running();
         let described = self
             .compute
             .run(async move {
+                let _running = running;
                 let mut store = Self::store(&engine, scope, Arc::default());
                 let call = async {
                     // Kept instances give way to a plugin load as to a task.
@@ -473,10 +466,12 @@ impl Sandbox {
         );
         let computing = Arc::new(AtomicBool::new(false));
         let flag = computing.clone();
+        let running = self.ticker.running();
         let outcome = self
             .compute
             .run_adaptive(
                 async move {
+                    let _running = running;
                     let run = Self::run_here(&engine, &warm, &pre, scope, &task, hard_limit, flag);
                     run.await
                 },
