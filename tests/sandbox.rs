@@ -34,6 +34,11 @@ fn setup(name: &str) -> Setup {
 
 /// A worker with `extra_config` in hostile's section of `taskhost.toml` and `worker_args`.
 fn setup_with(name: &str, extra_config: &str, worker_args: &[&str]) -> Setup {
+    setup_on(name, extra_config, worker_args, &[])
+}
+
+/// [`setup_with`], the worker run with the environment variables `env` besides.
+fn setup_on(name: &str, extra_config: &str, worker_args: &[&str], env: &[(&str, &str)]) -> Setup {
     let dir = TestDir::new(name);
     let redis = RedisServer::start(&dir);
     let forbidden = HttpStub::start(|_| Reply::json(200, json!({"leaked": true})));
@@ -66,7 +71,10 @@ fn setup_with(name: &str, extra_config: &str, worker_args: &[&str]) -> Setup {
     let cache = shared_precompile_cache();
     let mut args = vec!["--config", config.as_str(), "--cache-dir", cache.as_str()];
     args.extend_from_slice(worker_args);
-    let worker = Process::worker(&dir, &redis, &plugins, &args);
+    let mut command = Process::worker_command(&dir, &redis, &plugins, &args);
+    command.envs(env.iter().copied());
+    let worker = Process::spawn(&dir, "worker.log", command);
+    worker.wait_log("worker ready");
     let client = Client::new(&redis);
     Setup {
         worker,
@@ -569,7 +577,18 @@ fn normal_tasks_beside_hostile_ones_all_come_back_correct() {
 
 #[test]
 fn a_spinning_plugin_does_not_stall_the_other_slot() {
-    let mut s = setup("sandbox-fairness");
+    short_tasks_beside_a_spinner(setup("sandbox-fairness"));
+}
+
+#[test]
+fn a_spinning_plugin_does_not_stall_a_worker_with_one_io_thread() {
+    let env = [("TASKHOST_IO_THREADS", "1")];
+    short_tasks_beside_a_spinner(setup_on("sandbox-fairness-one-io", "", &[], &env));
+}
+
+/// 100 `demo.add` on `-c 2` while `hostile.spin` computes in the other slot until its hard
+/// time limit: all of them come back before the spinner ends.
+fn short_tasks_beside_a_spinner(mut s: Setup) {
     let client = &mut s.client;
     let spinner = client.send_with_time_limit("hostile.spin", json!([]), (None, Some(5.0)));
     let mut latencies = Vec::new();

@@ -49,7 +49,7 @@ fn measure(runtime_threads: Option<&str>) {
         ],
     );
     if let Some(threads) = runtime_threads {
-        command.env("TOKIO_WORKER_THREADS", threads);
+        command.env("TASKHOST_IO_THREADS", threads);
         command.env("TASKHOST_GUEST_THREADS", threads);
     }
     let worker = Process::spawn(&dir, "worker.log", command);
