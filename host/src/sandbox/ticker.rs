@@ -16,7 +16,7 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// The ticker of one engine, and how many guests run on it now.
 pub(super) struct Ticker {
-    running: AtomicUsize,
+    running: Arc<AtomicUsize>,
     thread: Thread,
 }
 
@@ -24,13 +24,13 @@ impl Ticker {
     /// Starts the ticker of `engine`; its thread ends within [`IDLE_CHECK`] of the engine's.
     pub(super) fn start(engine: &Engine) -> std::io::Result<Arc<Self>> {
         let weak = engine.weak();
-        let (sender, receiver) = std::sync::mpsc::channel::<Arc<Self>>();
+        let running = Arc::new(AtomicUsize::new(0));
+        let counted = running.clone();
         let thread = std::thread::Builder::new()
             .name("taskhost-epoch".into())
             .spawn(move || {
-                let Ok(ticker) = receiver.recv() else { return };
                 loop {
-                    let idle = ticker.running.load(Ordering::Acquire) == 0;
+                    let idle = counted.load(Ordering::Acquire) == 0;
                     if idle {
                         // A guest starting unparks it (an unpark before this park makes it
                         // return at once, so no start is missed).
@@ -46,13 +46,10 @@ impl Ticker {
                     }
                 }
             })?;
-        let ticker = Arc::new(Self {
-            running: AtomicUsize::new(0),
+        Ok(Arc::new(Self {
+            running,
             thread: thread.thread().clone(),
-        });
-        // The thread only fails to receive if it died, and then nothing ticks either way.
-        let _ = sender.send(ticker.clone());
-        Ok(ticker)
+        }))
     }
 
     /// Marks a guest running until the returned guard is dropped: the epoch advances meanwhile.
