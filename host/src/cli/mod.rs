@@ -158,20 +158,7 @@ pub fn main() -> ExitCode {
 /// took a tenth less CPU per task with half the thread wake-ups, but drained a fifth slower:
 /// worth it where several workers share a machine.
 fn io_threads() -> usize {
-    let default = std::thread::available_parallelism().map_or(1, |n| n.get());
-    match std::env::var("TASKHOST_IO_THREADS") {
-        Err(_) => default,
-        Ok(value) => match value.trim().parse::<usize>() {
-            Ok(n) if n > 0 => n,
-            _ => {
-                tracing::warn!(
-                    "TASKHOST_IO_THREADS={value:?} is not a number of threads (1 or more): \
-                     using {default}"
-                );
-                default
-            }
-        },
-    }
+    crate::config::threads::from_env("TASKHOST_IO_THREADS", 1)
 }
 
 fn init_logging(level: LogLevel, format: LogFormat) {

@@ -8,6 +8,7 @@
 //! - [`resolve`]: a worker's settings from flags, environment and file.
 //! - [`rate`]: Celery's rate-limit notation.
 //! - [`schedule`]: periodic tasks, and when their ticks fall.
+//! - [`threads`]: the process's thread counts from the environment.
 
 pub mod compat;
 pub mod file;
@@ -17,6 +18,7 @@ pub mod origin;
 pub mod rate;
 pub mod resolve;
 pub mod schedule;
+pub mod threads;
 
 pub use file::{
     ComponentCaps, ConfigError, DEFAULT_MEMORY_MB, DEFAULT_RESULT_MB, DEFAULT_STACK_KB,

@@ -15,10 +15,7 @@ impl Compute {
     /// runtime (one thread hop less per task, but a computing guest then shares the I/O
     /// threads).
     pub(super) fn new() -> std::io::Result<Self> {
-        let threads = std::env::var("TASKHOST_GUEST_THREADS")
-            .ok()
-            .and_then(|t| t.parse::<usize>().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let threads = crate::config::threads::from_env("TASKHOST_GUEST_THREADS", 0);
         if threads == 0 {
             return Ok(Self(None));
         }
