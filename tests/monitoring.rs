@@ -765,10 +765,18 @@ impl Measured {
         ids
     }
 
-    /// `/metrics`, as Prometheus' parser reads it, and the text.
+    /// `/metrics` once the worker has finished every task it took, as Prometheus' parser reads
+    /// it, and the text. A task's result is stored a moment before the rest of its bookkeeping
+    /// (a dead-letter entry, the counters) is done: a scrape right after the result can miss it.
     fn scrape(&self) -> (Vec<Value>, String) {
-        let (status, text) = http_get(&self.addr, "/metrics", None).expect("/metrics answers");
-        assert_eq!(status, 200, "{text}");
+        let text = wait_for("the worker to finish every task it took", || {
+            let (status, text) = http_get(&self.addr, "/metrics", None).expect("/metrics answers");
+            assert_eq!(status, 200, "{text}");
+            let idle = ["taskhost_tasks_running 0", "taskhost_tasks_reserved 0"]
+                .iter()
+                .all(|gauge| text.lines().any(|line| line == *gauge));
+            idle.then_some(text)
+        });
         (parse_metrics(&self.dir, &text), text)
     }
 
