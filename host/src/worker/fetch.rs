@@ -1,8 +1,10 @@
 //! Taking messages: a non-blocking Lua fetch takes messages in kombu's priority order into the
 //! in-flight lists; when the queues are empty, one waker per queue list blocks on `BLMOVE`
 //! (which also moves atomically), so an idle worker answers a new task at once without
-//! polling. After a fetch whose answer was lost, the in-flight lists are reconciled before the
-//! next fetch. And the delayed set's due messages are moved back onto their queues.
+//! polling. A waker takes at most one message each time the fetcher arms the wakers, and what
+//! it takes counts as reserved at once (autoscale demand, `inspect reserved`, the gauges).
+//! After a fetch whose answer was lost, the in-flight lists are reconciled before the next
+//! fetch. And the delayed set's due messages are moved back onto their queues.
 //!
 //! The fetcher reaches Redis through [`Queues`], so its timing rules are tested with tokio's
 //! paused clock and a stand-in.
@@ -19,7 +21,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -107,7 +109,14 @@ struct FetchState {
     /// killed connection, say), so messages may sit in the in-flight lists with nobody
     /// handling them until the lists are reconciled.
     lost_reply: AtomicBool,
+    /// A waker put a message among the reserved ones.
+    delivered: Notify,
 }
+
+/// Whether the wakers may block on their lists: `Some(round)` while the fetcher waits on them
+/// (a new round each time), `None` otherwise. A waker that brought a message in a round waits
+/// for the next one, so a worker whose slots are all busy does not go on taking messages.
+type Arming = Option<u64>;
 
 /// What a waker works with.
 struct WakerContext<Q> {
@@ -115,7 +124,7 @@ struct WakerContext<Q> {
     state: Arc<FetchState>,
     health: Arc<Health>,
     consumed: watch::Receiver<Vec<String>>,
-    to_fetcher: mpsc::Sender<Delivery>,
+    held: Arc<Held>,
 }
 
 /// Takes messages: first from what the wakers already moved, then the Lua fetch, then (when
@@ -128,9 +137,8 @@ pub(super) struct Fetcher<Q: Queues> {
     health: Arc<Health>,
     keys: Vec<String>,
     consumed: watch::Receiver<Vec<String>>,
-    from_wakers: mpsc::Receiver<Delivery>,
-    to_fetcher: mpsc::Sender<Delivery>,
-    armed: watch::Sender<bool>,
+    armed: watch::Sender<Arming>,
+    round: u64,
     wakers: JoinSet<()>,
     waking: HashSet<String>,
     state: Arc<FetchState>,
@@ -145,16 +153,14 @@ impl<Q: Queues> Fetcher<Q> {
         consumed: watch::Receiver<Vec<String>>,
         stop: Stopping,
     ) -> Self {
-        let (to_fetcher, from_wakers) = mpsc::channel(16);
         let mut fetcher = Self {
             queues,
             held,
             health,
             keys: Vec::new(),
             consumed,
-            from_wakers,
-            to_fetcher,
-            armed: watch::channel(false).0,
+            armed: watch::channel(None).0,
+            round: 0,
             wakers: JoinSet::new(),
             waking: HashSet::new(),
             state: Arc::new(FetchState::default()),
@@ -174,7 +180,7 @@ impl<Q: Queues> Fetcher<Q> {
                     state: self.state.clone(),
                     health: self.health.clone(),
                     consumed: self.consumed.clone(),
-                    to_fetcher: self.to_fetcher.clone(),
+                    held: self.held.clone(),
                 };
                 self.wakers.spawn(waker(
                     context,
@@ -183,14 +189,6 @@ impl<Q: Queues> Fetcher<Q> {
                     self.stop.clone(),
                 ));
             }
-        }
-    }
-
-    /// Moves what the wakers handed over into the reserved messages.
-    fn take_from_wakers(&mut self) {
-        let mut reserved = crate::lock(&self.held.reserved);
-        while let Ok(d) = self.from_wakers.try_recv() {
-            reserved.push_back(d);
         }
     }
 
@@ -211,7 +209,6 @@ impl<Q: Queues> Fetcher<Q> {
             if self.consumed.has_changed().unwrap_or(false) {
                 self.follow_queues();
             }
-            self.take_from_wakers();
             if let Some(d) = crate::lock(&self.held.reserved).pop_front() {
                 return Some(d);
             }
@@ -221,8 +218,8 @@ impl<Q: Queues> Fetcher<Q> {
                     self.health.fetched();
                     if !fetched.is_empty() {
                         crate::lock(&self.held.reserved).extend(fetched);
-                    } else if let Some(woken) = self.wait_for_wakers().await {
-                        return Some(woken);
+                    } else {
+                        self.wait_for_wakers().await;
                     }
                 }
                 Err(e) => {
@@ -238,21 +235,21 @@ impl<Q: Queues> Fetcher<Q> {
         }
     }
 
-    /// Every queue was empty: arms the wakers and waits for one to bring a message, for the
-    /// consumed queues to change, or for a stop.
-    async fn wait_for_wakers(&mut self) -> Option<Delivery> {
-        self.armed.send_replace(true);
-        let (woken, changed) = tokio::select! {
-            woken = self.from_wakers.recv() => (woken, false),
-            _ = self.consumed.changed() => (None, true),
-            () = stopped(&mut self.stop) => (None, false),
+    /// Every queue was empty: arms the wakers and waits for one to bring a message (among the
+    /// reserved ones), for the consumed queues to change, or for a stop.
+    async fn wait_for_wakers(&mut self) {
+        self.round += 1;
+        self.armed.send_replace(Some(self.round));
+        let changed = tokio::select! {
+            () = self.state.delivered.notified() => false,
+            _ = self.consumed.changed() => true,
+            () = stopped(&mut self.stop) => false,
         };
-        self.armed.send_replace(false);
+        self.armed.send_replace(None);
         if changed {
             // The queues changed: follow them, then fetch from the new set.
             self.follow_queues();
         }
-        woken
     }
 
     /// Waits `pause`; false if a stop came first.
@@ -267,12 +264,11 @@ impl<Q: Queues> Fetcher<Q> {
     /// returns every message of this worker's in-flight lists that it is not handling to its
     /// queue. True once done.
     async fn reconcile(&mut self) -> bool {
-        self.armed.send_replace(false);
+        self.armed.send_replace(None);
         let quiet_by = Instant::now() + QUIET_WAIT;
         while self.state.outstanding.load(Ordering::SeqCst) > 0 && Instant::now() < quiet_by {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.take_from_wakers();
         let known = self.held.raw_messages();
         let held = match self.queues.in_flight().await {
             Ok(held) => held,
@@ -304,28 +300,32 @@ impl<Q: Queues> Fetcher<Q> {
 
     /// Stops the wakers and returns what was fetched but not started.
     pub(super) async fn stop(mut self) -> Vec<Delivery> {
-        self.armed.send_replace(false);
+        self.armed.send_replace(None);
         while self.wakers.join_next().await.is_some() {}
-        self.take_from_wakers();
         crate::lock(&self.held.reserved).drain(..).collect()
     }
 }
 
-/// Blocks on one queue list while armed, handing what it moves to the fetcher.
+/// Blocks on one queue list while armed, handing what it moves to the fetcher: at most one
+/// message per round of arming.
 async fn waker<Q: Queues>(
     mut context: WakerContext<Q>,
     key: String,
-    mut armed: watch::Receiver<bool>,
+    mut armed: watch::Receiver<Arming>,
     mut stop: Stopping,
 ) {
     let queue = queue_of(&key).to_owned();
     let mut conn = None;
     let mut failures = 0u32;
+    let mut served = 0;
     loop {
-        tokio::select! {
-            r = armed.wait_for(|a| *a) => if r.is_err() { return },
+        let round = tokio::select! {
+            r = armed.wait_for(|a| a.is_some_and(|round| round > served)) => match r {
+                Ok(a) => (*a).unwrap_or(served),
+                Err(_) => return,
+            },
             () = stopped(&mut stop) => return,
-        }
+        };
         if is_stopping(&stop) {
             return;
         }
@@ -350,8 +350,12 @@ async fn waker<Q: Queues>(
             },
         };
         match wake_once(&context, c, &key).await {
-            Ok(true) => failures = 0,
-            Ok(false) => return,
+            Ok(brought) => {
+                failures = 0;
+                if brought {
+                    served = round;
+                }
+            }
             Err(e) => {
                 failures += 1;
                 conn = None;
@@ -362,8 +366,8 @@ async fn waker<Q: Queues>(
     }
 }
 
-/// One blocking fetch on `key`, its message handed to the fetcher. False if the fetcher is
-/// gone (the message, if any, is put back).
+/// One blocking fetch on `key`, its message put among the reserved ones and the fetcher told.
+/// True if it brought one.
 async fn wake_once<Q: Queues>(
     context: &WakerContext<Q>,
     conn: &mut Q::Blocking,
@@ -381,17 +385,13 @@ async fn wake_once<Q: Queues>(
         Ok(Some(delivery)) => delivery,
         other => {
             state.outstanding.fetch_sub(1, Ordering::SeqCst);
-            return other.map(|_| true);
+            return other.map(|_| false);
         }
     };
-    // Handed over before it stops counting as outstanding, so a reconciliation finds it in
-    // the channel.
-    let sent = context.to_fetcher.send(delivery).await;
+    // Reserved before it stops counting as outstanding, so a reconciliation knows it.
+    crate::lock(&context.held.reserved).push_back(delivery);
     state.outstanding.fetch_sub(1, Ordering::SeqCst);
-    if let Err(mpsc::error::SendError(d)) = sent {
-        let _ = context.queues.requeue(&d).await;
-        return Ok(false);
-    }
+    state.delivered.notify_one();
     Ok(true)
 }
 

@@ -246,3 +246,56 @@ async fn reconcile_returns_orphans_but_not_what_the_worker_holds() {
         "the running message stays in flight"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn messages_the_wakers_take_count_as_reserved_until_started() {
+    let fake = Fake::with(&[], 0);
+    let (mut fetcher, held, _consumed, _stop) = fetcher(&fake);
+    let producer = {
+        let fake = fake.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(2500)).await;
+            for m in ["m1", "m2", "m3"] {
+                fake.push(m);
+            }
+        })
+    };
+    let got = fetcher.next(1).await.expect("a message");
+    assert_eq!(got.raw, b"m1");
+    // Every queue list has a waker, and each took one message when its blocking fetch ended:
+    // what the worker cannot start yet is reserved (seen by the autoscaler and `inspect
+    // reserved`), not hidden between a waker and the fetcher.
+    assert_eq!(crate::lock(&fake.0).queued.len(), 0);
+    assert_eq!(
+        held.reserved()
+            .iter()
+            .map(|d| d.raw.clone())
+            .collect::<Vec<_>>(),
+        [b"m2".to_vec(), b"m3".to_vec()]
+    );
+    producer.await.expect("producer");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waker_takes_one_message_per_round_of_arming() {
+    let fake = Fake::with(&["m1", "m2"], 0);
+    let held = Arc::new(Held::default());
+    let (_consumed, consumed) = watch::channel(vec!["celery".to_owned()]);
+    let (arm, armed) = watch::channel(Some(1));
+    let (_stop, stopping) = crate::shutdown::flag();
+    let context = WakerContext {
+        queues: fake.clone(),
+        state: Arc::new(FetchState::default()),
+        health: Arc::new(Health::default()),
+        consumed,
+        held: held.clone(),
+    };
+    let waker = tokio::spawn(waker(context, "celery".into(), armed, stopping));
+    tokio::time::sleep(BLOCK_TIMEOUT * 10).await;
+    assert_eq!(held.reserved_count(), 1, "one message in the first round");
+    assert_eq!(crate::lock(&fake.0).queued.len(), 1);
+    arm.send_replace(Some(2));
+    tokio::time::sleep(BLOCK_TIMEOUT * 2).await;
+    assert_eq!(held.reserved_count(), 2, "the next in the next round");
+    waker.abort();
+}
