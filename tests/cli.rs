@@ -239,6 +239,24 @@ fn dev_stopped_with_ctrl_c_exits_cleanly_and_removes_its_state_file() {
 }
 
 #[test]
+fn dev_stopped_by_a_terminals_ctrl_c_stops_without_a_warning() {
+    let dir = TestDir::new("dev-terminal");
+    let plugins = dir.plugins(&["demo"]);
+    let mut command = Process::command(&dir, &["dev", "--plugins", &path(&plugins)]);
+    // As a shell runs a foreground job: a process group of its own, which Ctrl-C signals whole.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut dev = Process::spawn(&dir, "dev.log", command);
+    dev.wait_log("worker ready");
+    let status = dev.stop_group_with(libc::SIGINT);
+    assert!(status.success(), "{status}");
+    // What the user sees at the terminal is the behaviour under test: had the private Redis
+    // been stopped by the same Ctrl-C, the worker would warn that it could not leave the
+    // registry or return its messages.
+    let log = dev.log();
+    assert!(!log.contains(" WARN ") && !log.contains(" ERROR "), "{log}");
+}
+
+#[test]
 fn dev_stopped_takes_its_redis_server_with_it() {
     let (dir, mut dev) = start_dev("dev-stop-redis");
     let url = dev_broker(&dir);

@@ -22,12 +22,24 @@ fn die_with_parent(command: &mut Command) {
 }
 
 /// Sends `signal` to `pid`.
-#[allow(unsafe_code)]
 pub fn signal(pid: u32, signal: i32) {
-    let Ok(pid) = i32::try_from(pid) else { return };
+    if let Ok(pid) = i32::try_from(pid) {
+        kill(pid, signal);
+    }
+}
+
+/// Sends `signal` to the process group `leader` leads.
+pub fn signal_group(leader: u32, signal: i32) {
+    if let Ok(pid) = i32::try_from(leader) {
+        kill(-pid, signal);
+    }
+}
+
+#[allow(unsafe_code)]
+fn kill(target: i32, signal: i32) {
     // SAFETY: kill(2) has no memory effects on this process.
     unsafe {
-        libc::kill(pid, signal);
+        libc::kill(target, signal);
     }
 }
 
@@ -480,8 +492,18 @@ impl Process {
 
     /// Sends `sig` and waits for the exit (bounded by [`WAIT`]).
     pub fn stop_with(&mut self, sig: i32) -> ExitStatus {
+        self.stop_by(|pid| signal(pid, sig))
+    }
+
+    /// Sends `sig` to the process group this process leads, as a terminal's Ctrl-C does to its
+    /// foreground job, and waits for the exit (bounded by [`WAIT`]).
+    pub fn stop_group_with(&mut self, sig: i32) -> ExitStatus {
+        self.stop_by(|pid| signal_group(pid, sig))
+    }
+
+    fn stop_by(&mut self, send: impl FnOnce(u32)) -> ExitStatus {
         let mut child = self.child.take().expect("taskhost is running");
-        signal(child.id(), sig);
+        send(child.id());
         match wait_exit(&mut child, WAIT) {
             Some(status) => status,
             None => {

@@ -52,6 +52,10 @@ impl PrivateRedis {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         die_with_parent(&mut command);
+        // A process group of its own: a terminal's Ctrl-C goes to the whole foreground group,
+        // and the worker needs its Redis while it stops (returning what it holds, leaving the
+        // registry); it stops the server itself afterwards.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command.spawn().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 anyhow::anyhow!(
