@@ -3,6 +3,7 @@
 use super::*;
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use tokio::task::JoinHandle;
 
 /// Queue lists and in-flight lists in memory, recording when each call came.
 #[derive(Clone, Default)]
@@ -39,6 +40,17 @@ impl Fake {
 
     fn push(&self, message: &str) {
         crate::lock(&self.0).queued.push_back(delivery(message));
+    }
+
+    /// A producer that sends `messages` once `after` has passed.
+    fn push_after(&self, after: Duration, messages: &'static [&'static str]) -> JoinHandle<()> {
+        let fake = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            for m in messages {
+                fake.push(m);
+            }
+        })
     }
 
     fn calls(&self) -> Vec<(&'static str, Duration)> {
@@ -175,13 +187,7 @@ async fn failed_fetches_back_off_doubling() {
 async fn an_idle_fetcher_waits_on_its_wakers_without_polling() {
     let fake = Fake::with(&[], 0);
     let (mut fetcher, _held, _consumed, _stop) = fetcher(&fake);
-    let producer = {
-        let fake = fake.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(ms(2500)).await;
-            fake.push("late");
-        })
-    };
+    let producer = fake.push_after(ms(2500), &["late"]);
     let start = Instant::now();
     let got = fetcher.next(4).await.expect("a message");
     assert_eq!(got.raw, b"late");
@@ -251,15 +257,7 @@ async fn reconcile_returns_orphans_but_not_what_the_worker_holds() {
 async fn messages_the_wakers_take_count_as_reserved_until_started() {
     let fake = Fake::with(&[], 0);
     let (mut fetcher, held, _consumed, _stop) = fetcher(&fake);
-    let producer = {
-        let fake = fake.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(ms(2500)).await;
-            for m in ["m1", "m2", "m3"] {
-                fake.push(m);
-            }
-        })
-    };
+    let producer = fake.push_after(ms(2500), &["m1", "m2", "m3"]);
     let got = fetcher.next(1).await.expect("a message");
     assert_eq!(got.raw, b"m1");
     // Every queue list has a waker, and each took one message when its blocking fetch ended:
