@@ -18,6 +18,7 @@ mod limits;
 mod no_http;
 mod outcome;
 mod output;
+mod prewarm;
 mod reuse;
 mod ticker;
 
@@ -53,8 +54,11 @@ pub use bindings::taskhost::plugin::types::TaskDefaults;
 pub const WIT_PACKAGE: &str = "taskhost:plugin";
 pub const SUPPORTED_WIT_VERSIONS: &[&str] = &["0.1.0", "0.1.1"];
 
-/// Bytes of each pooled memory and table kept resident and reset in place between instances.
-pub const KEEP_RESIDENT: usize = 512 * 1024;
+/// Bytes of each pooled memory and table kept resident and reset in place between instances:
+/// enough for what an interpreter's task dirties (the Python template's `add` writes about
+/// 180 pages scattered over its heap), which would otherwise fault back in, one page at a
+/// time, in the next instance.
+pub const KEEP_RESIDENT: usize = 4 * 1024 * 1024;
 
 /// Publishes a running task's progress (`update-state`).
 pub trait Progress: Send + Sync {
@@ -100,6 +104,20 @@ pub struct Scope {
     pub progress: Option<Arc<dyn Progress>>,
     /// Where the tasks it sends go; none where there is no broker (`taskhost exec`).
     pub outbox: Option<Arc<dyn Outbox>>,
+}
+
+impl Scope {
+    /// Who runs while a plugin is built: no task, and the default grants (nothing granted).
+    fn building() -> Self {
+        Scope {
+            plugin: "build".into(),
+            task_name: String::new(),
+            task_id: "".into(),
+            grants: crate::config::GrantTable::default().defaults(),
+            progress: None,
+            outbox: None,
+        }
+    }
 }
 
 /// The state of one store: everything one task run can reach.
@@ -232,6 +250,8 @@ impl Sandbox {
         // of each memory and table, are rewritten; the rest is decommitted. The default,
         // madvise on every page, cost a TLB shootdown across the worker's threads and a
         // refault of every page by the next task: more than half of a small task's CPU.
+        // (wasmtime as released stops scanning at 32 runs of dirty pages and decommits the
+        // rest; the vendored copy scans on: vendor/README.md.)
         pool.linear_memory_keep_resident(KEEP_RESIDENT)
             .table_keep_resident(KEEP_RESIDENT)
             .pagemap_scan(wasmtime::Enabled::Auto);

@@ -26,6 +26,7 @@ Layout: this file is the author-facing API and the ``Handler`` the host calls;
 
 import json
 import logging
+import sys
 import time
 import traceback as _traceback
 
@@ -246,8 +247,18 @@ def _error(exc):
     return types.TaskError(kind=type(exc).__name__, message=str(exc), traceback=tb)
 
 
+def _renew_random():
+    # A fresh instance starts from the snapshot taken when the plugin was built, and with it
+    # the state `random` was seeded with then: every task would draw the same numbers. Seeded
+    # again from the host's entropy, as a Celery worker's forked child is.
+    module = sys.modules.get("random")
+    if module is not None:
+        module.seed()
+
+
 def _run(registered, record):
     global _current
+    _renew_random()
     args = json.loads(record.args)
     kwargs = json.loads(record.kwargs)
     _current = Request(record, args, kwargs)

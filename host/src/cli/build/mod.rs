@@ -64,8 +64,8 @@ fn build_to(dir: &Path, output: impl FnOnce(&str) -> PathBuf) -> anyhow::Result<
         .with_context(|| format!("no plugin directory {}", dir.display()))?;
     let built = match language(&dir)? {
         Language::Rust => rust::build(&dir)?,
-        Language::Python => python::build(&dir)?,
-        Language::Js => js::build(&dir)?,
+        Language::Python => prewarmed(python::build(&dir)?)?,
+        Language::Js => prewarmed(js::build(&dir)?)?,
     };
     let output = output(&built.name);
     let placed = place(&built.component, &output);
@@ -74,6 +74,29 @@ fn build_to(dir: &Path, output: impl FnOnce(&str) -> PathBuf) -> anyhow::Result<
     }
     placed?;
     Ok(output)
+}
+
+/// An interpreted plugin's component pre-warmed in place (`sandbox::prewarm`): the state its
+/// interpreter reaches answering `version()` and `tasks()` becomes its initial state, so no
+/// fresh instance pays for getting there.
+fn prewarmed(built: Built) -> anyhow::Result<Built> {
+    let warm = || -> anyhow::Result<()> {
+        let component = std::fs::read(&built.component)
+            .with_context(|| format!("cannot read {}", built.component.display()))?;
+        let file = crate::config::FileConfig::default();
+        let sandbox = super::fleet::local_sandbox(&file, &file.grants(&|_| None)?)?;
+        let warmed = match tokio::runtime::Handle::try_current() {
+            Ok(handle) => handle.block_on(sandbox.prewarm(&component)),
+            Err(_) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(sandbox.prewarm(&component)),
+        }?;
+        std::fs::write(&built.component, warmed)
+            .with_context(|| format!("cannot write {}", built.component.display()))
+    };
+    warm().context("cannot pre-warm the plugin (instantiate it and call version() and tasks())")?;
+    Ok(built)
 }
 
 /// What a language's build made.

@@ -233,6 +233,54 @@ tasks! {
             .map_err(|_| Failure::error("RuntimeError", "an earlier task panicked holding it"))?;
         Ok(kept.replace(value).unwrap_or(Value::Null))
     }
+
+    /// Looks for what an earlier task left in this instance's memory, then leaves `secret`
+    /// there: in a static, and in a heap block freed before returning (its bytes stay where
+    /// they were until something overwrites them). Returns the earlier secrets it found by
+    /// scanning all of linear memory for the marker.
+    #[task(name = "hostile.find_and_leave")]
+    fn find_and_leave(secret: String) -> Result<Value> {
+        static LEFT: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+        // Made at run time, so the marker is nowhere in the plugin's image.
+        let marker: Vec<u8> = format!("probe{}:", 7 * 6).into_bytes();
+        let own = [marker.as_slice(), secret.as_bytes(), b";"].concat();
+        let heap = scan_memory(&marker, &own);
+        let mut left = LEFT
+            .lock()
+            .map_err(|_| Failure::error("RuntimeError", "an earlier task panicked holding it"))?;
+        let global = left.replace(secret);
+        drop(black_box(own.repeat(64)));
+        Ok(json!({"global": global, "heap": heap}))
+    }
+}
+
+/// Every `marker...;` string in linear memory other than `own` (which this task made).
+#[allow(unsafe_code)]
+fn scan_memory(marker: &[u8], own: &[u8]) -> Vec<String> {
+    let size = core::arch::wasm32::memory_size(0) * 65536;
+    // SAFETY: every address below the memory's size is readable in WebAssembly; the scan
+    // only reads, byte by byte, volatile so it is not optimised on the assumption that
+    // nothing else is there.
+    let byte = |at: usize| unsafe { core::ptr::read_volatile(at as *const u8) };
+    let mut found = Vec::new();
+    let mut at = 1;
+    while at + marker.len() < size {
+        if (0..marker.len()).all(|i| byte(at + i) == marker[i]) {
+            // A secret is letters, digits and dashes up to the `;`; anything else after a
+            // marker is not one (the marker's own bytes, say, followed by other data).
+            let secret = |i: usize| byte(i).is_ascii_alphanumeric() || byte(i) == b'-';
+            let start = at + marker.len();
+            let end = (start..size.min(start + 256)).find(|&i| !secret(i));
+            if let Some(end) = end.filter(|&end| end > start && byte(end) == b';') {
+                let bytes: Vec<u8> = (at..=end).map(byte).collect();
+                if bytes != own && !found.contains(&String::from_utf8_lossy(&bytes).into_owned()) {
+                    found.push(String::from_utf8_lossy(&bytes).into_owned());
+                }
+            }
+        }
+        at += 1;
+    }
+    found
 }
 
 /// (status, body, location) of a GET.
