@@ -165,3 +165,26 @@ fn a_javascript_task_finds_what_an_earlier_task_left_in_a_reused_instance() {
     assert_eq!(second["global"], "secret-1");
     assert_eq!(second["map"], json!(["secret-1"]));
 }
+
+/// Leaves a stream handle open in one task and uses its number in the next: the second
+/// task's result document.
+fn leave_then_use_a_handle(s: &mut Setup) -> Value {
+    let handle = s.client.success("hostile.leave_handle", json!([]));
+    let id = s.client.send("hostile.use_handle", json!([handle]));
+    s.client.result(&id)
+}
+
+#[test]
+fn a_handle_an_earlier_task_left_open_is_gone_for_the_next() {
+    let mut s = rust("isolation-handle", 1);
+    let used = leave_then_use_a_handle(&mut s);
+    assert_eq!(used["status"], "FAILURE", "{used}");
+    assert_eq!(used["result"]["exc_type"], "PluginTrap", "{used}");
+}
+
+#[test]
+fn a_handle_an_earlier_task_left_open_is_there_in_a_reused_instance() {
+    let mut s = rust("isolation-handle-reused", 3);
+    let used = leave_then_use_a_handle(&mut s);
+    assert_eq!(used["status"], "SUCCESS", "{used}");
+}

@@ -882,6 +882,20 @@ fn metrics_runtime_histogram_counts_every_run() {
 }
 
 #[test]
+fn metrics_count_instances_made_and_recycled() {
+    let mut m = Measured::start("mon-metrics-instances");
+    m.run(&adds());
+    let (samples, text) = m.scrape();
+    let instances = |how| sample(&samples, "taskhost_instances_total", &[("how", how)]);
+    let concurrency = sample(&samples, "taskhost_concurrency", &[]).expect("concurrency");
+    // Every task that returned left its instance recycled for the next one: the worker made
+    // one for the plugin's load and at most one per slot, not one per task.
+    assert_eq!(instances("recycled"), Some(5.0), "{text}");
+    let made = instances("instantiated").expect("instances made");
+    assert!(made >= 2.0 && made <= 1.0 + concurrency, "{text}");
+}
+
+#[test]
 fn metrics_gauges_report_queues_dead_letters_plugins_and_health() {
     let mut m = Measured::start("mon-metrics-gauges");
     // One task no plugin serves: dead-lettered.

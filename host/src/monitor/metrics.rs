@@ -99,6 +99,9 @@ pub struct Snapshot {
     pub plugins: Vec<(String, String, String)>,
     pub reloads: u64,
     pub reload_failures: u64,
+    /// Instances the sandbox made, and instances it recycled for another task.
+    pub instances_made: u64,
+    pub instances_recycled: u64,
     pub healthy: bool,
     pub uptime_seconds: f64,
 }
@@ -346,6 +349,22 @@ fn render_worker(out: &mut Text, snapshot: &Snapshot) {
         "taskhost_plugin_reloads_total",
         &[("result", "failure")],
         snapshot.reload_failures as f64,
+    );
+    out.family(
+        "taskhost_instances_total",
+        "counter",
+        "Plugin instances made (how=instantiated), and instances put back in their state after \
+         instantiation to serve another task as a fresh one would (how=recycled).",
+    );
+    out.sample(
+        "taskhost_instances_total",
+        &[("how", "instantiated")],
+        snapshot.instances_made as f64,
+    );
+    out.sample(
+        "taskhost_instances_total",
+        &[("how", "recycled")],
+        snapshot.instances_recycled as f64,
     );
     out.single(
         "taskhost_healthy",

@@ -280,7 +280,8 @@ pub async fn load(
             Some(cache) => cache.load_or_compile(&compiler, &bytes, &key, compile)?,
             None => (compile(&bytes)?, Source::Compiled),
         };
-        let (pre, wit_version) = compiler.link(&component, http)?;
+        let recyclable = crate::sandbox::recyclable(&bytes);
+        let (pre, wit_version) = compiler.link(&component, http, recyclable)?;
         Ok::<_, PrepareError>((pre, wit_version, source))
     })
     .await

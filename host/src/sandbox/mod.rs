@@ -1,8 +1,11 @@
 //! The sandbox: one wasmtime engine, the linker of everything a plugin may import, and running
-//! one task in a fresh instance under its plugin's limits.
+//! one task in an instance of its plugin under the plugin's limits: a fresh one (made for it,
+//! or an earlier task's put back in its state after instantiation: `recycle`), or with
+//! `reuse_instances` one an earlier task left as it was (`reuse`).
 //!
 //! Owns: engine configuration (pooling allocator, epoch interruption for CPU fairness), the
-//! per-task store state ([`TaskState`]), the host side of the WIT imports (`host_api`, `http`,
+//! per-task store state ([`TaskState`], `state`), pre-warming interpreted plugins at build time
+//! (`prewarm`), the host side of the WIT imports (`host_api`, `http`,
 //! `output`), and turning whatever happens in a run (result, failure, trap, time limit) into
 //! one typed [`Outcome`]. Never sees Redis (`host/tests/layout.rs` keeps it so), and of Celery
 //! only the exception shape of a failure.
@@ -19,10 +22,14 @@ mod no_http;
 mod outcome;
 mod output;
 mod prewarm;
+mod recycle;
 mod reuse;
+mod state;
 mod ticker;
 
 pub use outcome::{Failure, FailureKind, Outcome};
+pub use recycle::recyclable;
+pub use state::TaskState;
 
 use crate::config::Grants;
 use compute::Compute;
@@ -31,10 +38,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
-use wasmtime::component::{Component, Linker, ResourceTable, types::ComponentItem};
+use wasmtime::component::{Component, Linker, types::ComponentItem};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// Generated from `wit/plugin.wit`.
 #[allow(missing_docs, clippy::all)]
@@ -107,6 +112,18 @@ pub struct Scope {
 }
 
 impl Scope {
+    /// The scope of an instance between tasks: its plugin and grants, no task.
+    fn idle(&self) -> Self {
+        Scope {
+            plugin: self.plugin.clone(),
+            task_name: String::new(),
+            task_id: "-".into(),
+            grants: self.grants.clone(),
+            progress: None,
+            outbox: None,
+        }
+    }
+
     /// Who runs while a plugin is built: no task, and the default grants (nothing granted).
     fn building() -> Self {
         Scope {
@@ -116,39 +133,6 @@ impl Scope {
             grants: crate::config::GrantTable::default().defaults(),
             progress: None,
             outbox: None,
-        }
-    }
-}
-
-/// The state of one store: everything one task run can reach.
-pub struct TaskState {
-    wasi: WasiCtx,
-    http: WasiHttpCtx,
-    http_policy: http::HttpPolicy,
-    table: ResourceTable,
-    limiter: limits::Limiter,
-    /// Shared with the HTTP policy, whose denials are log lines of the task too.
-    log_budget: Arc<std::sync::Mutex<limits::LogBudget>>,
-    stdout: output::Capture,
-    stderr: output::Capture,
-    scope: Scope,
-}
-
-impl WasiView for TaskState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
-impl WasiHttpView for TaskState {
-    fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView {
-            ctx: &mut self.http,
-            table: &mut self.table,
-            hooks: &mut self.http_policy,
         }
     }
 }
@@ -169,6 +153,9 @@ fn prepare_error(e: &wasmtime::Error) -> PrepareError {
 #[derive(Clone)]
 pub struct PluginPre {
     pre: bindings::PluginPre<TaskState>,
+    indices: bindings::PluginIndices,
+    /// Its instances may be recycled between tasks ([`recycle`]).
+    recyclable: bool,
     identity: Arc<()>,
 }
 
@@ -282,6 +269,12 @@ impl Sandbox {
         })
     }
 
+    /// Instances made, and instances recycled (put back in their state after instantiation
+    /// to serve another task), since the sandbox was made.
+    pub fn instance_counts(&self) -> (u64, u64) {
+        self.warm.counts()
+    }
+
     /// The largest linear memory an instance can have (fixed when the sandbox is made).
     pub fn max_memory_bytes(&self) -> usize {
         self.max_memory_bytes
@@ -347,11 +340,12 @@ impl Sandbox {
 
     /// Checks a compiled component is a plugin for a WIT version this host supports, and links
     /// it against the host's imports; with `http` false (no HTTP grant) every `wasi:http`
-    /// function it imports traps.
+    /// function it imports traps. `recyclable`: what [`recyclable`] said of its bytes.
     pub fn link(
         &self,
         component: &Component,
         http: bool,
+        recyclable: bool,
     ) -> Result<(PluginPre, String), PrepareError> {
         let version = self.wit_version(component)?;
         let trapped;
@@ -365,10 +359,13 @@ impl Sandbox {
         let instance_pre = linker
             .instantiate_pre(component)
             .map_err(|e| PrepareError::Link(format!("{e:#}")))?;
-        let pre = bindings::PluginPre::new(instance_pre)
-            .map_err(|e| PrepareError::Link(format!("{e:#}")))?;
+        let link_error = |e: wasmtime::Error| PrepareError::Link(format!("{e:#}"));
+        let indices = bindings::PluginIndices::new(&instance_pre).map_err(link_error)?;
+        let pre = bindings::PluginPre::new(instance_pre).map_err(link_error)?;
         let pre = PluginPre {
             pre,
+            indices,
+            recyclable,
             identity: Arc::new(()),
         };
         Ok((pre, version))
@@ -399,36 +396,7 @@ impl Sandbox {
     }
 
     fn store(engine: &Engine, scope: Scope, computing: Arc<AtomicBool>) -> Store<TaskState> {
-        let stdout = output::Capture::default();
-        let stderr = output::Capture::default();
-        let wasi = WasiCtx::builder()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .allow_ip_name_lookup(false)
-            .allow_tcp(false)
-            .allow_udp(false)
-            .build();
-        let limiter = limits::Limiter::new(
-            scope.grants.limits.memory_bytes,
-            scope.grants.limits.table_elements,
-        );
-        let (log_budget, http_policy) = TaskState::per_task(&scope);
-        let mut http = WasiHttpCtx::new();
-        http.set_field_size_limit(limits::FIELD_BYTES);
-        let mut table = ResourceTable::new();
-        table.set_max_capacity(limits::MAX_RESOURCES);
-        let state = TaskState {
-            wasi,
-            http,
-            http_policy,
-            table,
-            limiter,
-            log_budget,
-            stdout,
-            stderr,
-            scope,
-        };
-        let mut store = Store::new(engine, state);
+        let mut store = Store::new(engine, TaskState::new(scope));
         store.limiter(|state| &mut state.limiter);
         compute::yield_at_ticks(&mut store, computing);
         store
@@ -449,8 +417,8 @@ impl Sandbox {
                 let mut store = Self::store(&engine, scope, Arc::default());
                 let call = async {
                     // Kept instances give way to a plugin load as to a task.
-                    let plugin = reuse::instantiate(&warm, &pre, &mut store).await?;
-                    let handler = plugin.taskhost_plugin_handler();
+                    let fresh = reuse::instantiate(&warm, &pre, &mut store).await?;
+                    let handler = fresh.plugin.taskhost_plugin_handler();
                     let version = handler.call_version(&mut store).await?;
                     let tasks = handler.call_tasks(&mut store).await?;
                     Ok::<_, wasmtime::Error>((version, tasks))
@@ -521,13 +489,7 @@ impl Sandbox {
             scope.task_name.clone(),
             scope.task_id.clone(),
         );
-        let reuse = scope.grants.limits.reuse_instances;
-        let kept = if reuse > 1 {
-            warm.take(pre, &scope)
-        } else {
-            None
-        };
-        let (mut store, kept_instance, served) = match kept {
+        let (mut store, kept_instance, served) = match warm.take(pre, &scope) {
             Some(mut kept) => {
                 kept.store.data_mut().begin(scope);
                 compute::yield_at_ticks(&mut kept.store, computing);
@@ -541,6 +503,7 @@ impl Sandbox {
                 None => reuse::instantiate(warm, pre, &mut store).await?,
             };
             let returned = instance
+                .plugin
                 .taskhost_plugin_handler()
                 .call_run(&mut store, task)
                 .await?;
@@ -560,9 +523,7 @@ impl Sandbox {
             ),
             Ok(Ok((instance, returned))) => {
                 let outcome = Outcome::returned(returned, limits.result_bytes);
-                if served + 1 < reuse {
-                    warm.keep(pre, store, instance, served + 1);
-                }
+                warm.settle(pre, store, instance, served + 1);
                 outcome
             }
             Ok(Err(_)) if store.data().limiter.memory_denied => {
@@ -584,22 +545,5 @@ impl Sandbox {
             }
             Ok(Err(error)) => outcome::trapped(&error, &stderr, &stdout),
         })
-    }
-}
-
-impl TaskState {
-    /// What is counted per task, not per instance: the log budget and the HTTP policy (which
-    /// shares it, and counts requests in flight).
-    pub(super) fn per_task(
-        scope: &Scope,
-    ) -> (Arc<std::sync::Mutex<limits::LogBudget>>, http::HttpPolicy) {
-        let log_budget = Arc::new(std::sync::Mutex::new(limits::LogBudget::default()));
-        let policy = http::HttpPolicy::new(
-            scope.plugin.clone(),
-            scope.task_id.clone(),
-            scope.grants.clone(),
-            log_budget.clone(),
-        );
-        (log_budget, policy)
     }
 }

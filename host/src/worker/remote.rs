@@ -437,6 +437,7 @@ impl StatusSource for Status {
                     }
                 };
             let (reloads, reload_failures) = shared.plugins.reload_counts();
+            let (instances_made, instances_recycled) = shared.sandbox.instance_counts();
             let snapshot = Snapshot {
                 queue_lengths,
                 delayed,
@@ -458,6 +459,8 @@ impl StatusSource for Status {
                     .collect(),
                 reloads,
                 reload_failures,
+                instances_made,
+                instances_recycled,
                 healthy: health.healthy(),
                 uptime_seconds: shared.started.elapsed().as_secs_f64(),
             };

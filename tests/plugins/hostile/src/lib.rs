@@ -234,6 +234,30 @@ tasks! {
         Ok(kept.replace(value).unwrap_or(Value::Null))
     }
 
+    /// Opens a stream (its own stdout) and leaves it open, forgotten: returns the handle
+    /// number a later task could try to use.
+    #[task(name = "hostile.leave_handle")]
+    fn leave_handle() -> Result<u32> {
+        let stream = wasip2::cli::stdout::get_stdout();
+        let handle = stream.handle();
+        std::mem::forget(stream);
+        Ok(handle)
+    }
+
+    /// Uses the handle number an earlier task left, before opening anything itself: succeeds
+    /// (and says how much the stream would take) only if that handle is still there.
+    #[task(name = "hostile.use_handle")]
+    #[allow(unsafe_code)]
+    fn use_handle(handle: u32) -> Result<u64> {
+        // SAFETY: this is the attack: a handle number this task never received.
+        let stream = unsafe { wasip2::io::streams::OutputStream::from_handle(handle) };
+        let room = stream
+            .check_write()
+            .map_err(|e| Failure::error("StreamError", format!("{e:?}")))?;
+        std::mem::forget(stream);
+        Ok(room)
+    }
+
     /// Looks for what an earlier task left in this instance's memory, then leaves `secret`
     /// there: in a static, and in a heap block freed before returning (its bytes stay where
     /// they were until something overwrites them). Returns the earlier secrets it found by

@@ -110,6 +110,7 @@ mod has_data;
 mod instance;
 mod linker;
 mod matching;
+mod recycle;
 mod resource_table;
 mod resources;
 mod storage;
@@ -131,6 +132,7 @@ pub use self::func::{
 pub use self::has_data::*;
 pub use self::instance::{Instance, InstancePre};
 pub use self::linker::{Linker, LinkerInstance};
+pub use self::recycle::Pristine;
 pub use self::resource_table::{ResourceTable, ResourceTableError};
 pub use self::resources::{Resource, ResourceAny, ResourceDynamic};
 pub use self::types::{ResourceType, Type};

@@ -926,6 +926,11 @@ impl ComponentInstance {
         self.instances[idx]
     }
 
+    /// Every core instance of this component (taskhost patch: recycling).
+    pub fn instance_ids(&self) -> impl Iterator<Item = InstanceId> + '_ {
+        self.instances.values().copied()
+    }
+
     fn instances_mut(self: Pin<&mut Self>) -> &mut TryPrimaryMap<RuntimeInstanceIndex, InstanceId> {
         // SAFETY: we've chosen the `Pin` guarantee of `Self` to not apply to
         // the map returned.

@@ -541,6 +541,12 @@ impl MemoryImageSlot {
     /// Returns the number of bytes still resident in memory after this function
     /// has returned.
     #[allow(dead_code, reason = "only used in some cfgs")]
+    /// The image this slot maps, if any (taskhost patch: a memory reset in place
+    /// is instantiated again with the same image).
+    pub(crate) fn image(&self) -> Option<&Arc<MemoryImage>> {
+        self.image.as_ref()
+    }
+
     pub(crate) fn clear_and_remain_ready(
         &mut self,
         pagemap: Option<&PageMap>,

@@ -43,6 +43,8 @@ use wasmtime_wmemcheck::Wmemcheck;
 
 mod allocator;
 pub use allocator::*;
+mod recycle;
+pub use recycle::CoreSnapshot;
 
 /// A type that roughly corresponds to a WebAssembly instance, but is also used
 /// for host-defined objects.

@@ -439,6 +439,16 @@ impl Memory {
         }
     }
 
+    /// The [`MemoryImageSlot`] of a pooled memory, if it has one (taskhost
+    /// patch: resetting a memory in place).
+    #[cfg(feature = "pooling-allocator")]
+    pub fn image_slot_mut(&mut self) -> Option<&mut MemoryImageSlot> {
+        match self {
+            Memory::Local(mem) => mem.memory_image.as_mut(),
+            Memory::Shared(_) => None,
+        }
+    }
+
     /// Consume the memory, returning its [`MemoryImageSlot`] if any is present.
     /// The image should only be present for a subset of memories created with
     /// [`Memory::new_static()`].

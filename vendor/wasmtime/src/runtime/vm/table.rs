@@ -208,6 +208,16 @@ pub struct DynamicContTable {
     maximum: Option<usize>,
 }
 
+/// The elements of a funcref table at one moment (taskhost patch).
+pub struct FuncTableSnapshot(Vec<MaybeTaggedFuncRef>);
+
+// SAFETY: the elements are pointers to `VMFuncRef`s owned by instances of the
+// store the table belongs to; the snapshot is only written back into that
+// table, never dereferenced.
+unsafe impl Send for FuncTableSnapshot {}
+// SAFETY: see above.
+unsafe impl Sync for FuncTableSnapshot {}
+
 /// Represents an instance's table.
 pub enum Table {
     /// A "static" table where storage space is managed externally, currently
@@ -920,6 +930,26 @@ impl Table {
             },
             _ => unreachable!(),
         }
+    }
+
+    /// A copy of this funcref table's elements as stored (lazily initialised
+    /// ones included), or `None` for a table of another type (taskhost patch:
+    /// recycling a component instance).
+    pub(crate) fn funcref_snapshot(&self) -> Option<FuncTableSnapshot> {
+        if self.element_type() != TableElementType::Func {
+            return None;
+        }
+        Some(FuncTableSnapshot(self.funcrefs().0.to_vec()))
+    }
+
+    /// Puts back the elements `snapshot` copied; false (and nothing changed) if
+    /// the table's size is no longer the snapshot's.
+    pub(crate) fn restore_funcrefs(&mut self, snapshot: &FuncTableSnapshot) -> bool {
+        if self.element_type() != TableElementType::Func || self.size() != snapshot.0.len() {
+            return false;
+        }
+        self.funcrefs_mut().0.copy_from_slice(&snapshot.0);
+        true
     }
 
     /// Manually resets all table elements to a null bit pattern.

@@ -206,6 +206,22 @@ pub unsafe trait InstanceAllocator: Send + Sync {
         memory: Memory,
     );
 
+    /// Resets a memory this allocator made back to its initial contents, in
+    /// place, keeping its slot (taskhost patch: recycling a component instance).
+    ///
+    /// # Unsafety
+    ///
+    /// The memory must have been allocated by this allocator and must not be
+    /// in use by any running code.
+    unsafe fn reset_memory_in_place(
+        &self,
+        _memory: &mut Memory,
+        _ty: &wasmtime_environ::Memory,
+        _tunables: &wasmtime_environ::Tunables,
+    ) -> Result<()> {
+        bail!("this instance allocator cannot reset a memory in place")
+    }
+
     /// Allocate a table for an instance.
     ///
     /// Returns `Err(OutOfMemory)` if boxing the future fails. The inner

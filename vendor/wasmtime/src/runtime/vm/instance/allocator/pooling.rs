@@ -721,6 +721,38 @@ unsafe impl InstanceAllocator for PoolingInstanceAllocator {
         }
     }
 
+    unsafe fn reset_memory_in_place(
+        &self,
+        memory: &mut Memory,
+        ty: &wasmtime_environ::Memory,
+        tunables: &Tunables,
+    ) -> Result<()> {
+        // What `deallocate_memory` then `allocate_memory` would do to this
+        // slot's memory for an instance of the same module, without giving the
+        // slot back: the pages the guest dirtied are reset to the image (kept
+        // resident up to `keep_resident`), the rest decommitted now rather than
+        // through the queue, and the slot made ready for the same size again.
+        let size = memory.byte_size();
+        let Some(slot) = memory.image_slot_mut() else {
+            bail!("the memory has no image slot to reset");
+        };
+        let image = slot.image().cloned();
+        let mut queue = DecommitQueue::default();
+        slot.clear_and_remain_ready(
+            self.pagemap.as_ref(),
+            self.memories.keep_resident,
+            |ptr, len| {
+                // SAFETY: the memory is not in use (this function's contract) and
+                // the queue is flushed below, before it is used again.
+                unsafe { queue.push_raw(ptr, len) }
+            },
+        )?;
+        queue.decommit_now()?;
+        let memory_tunables =
+            wasmtime_environ::MemoryTunables::new(tunables, MemoryKind::LinearMemory);
+        slot.instantiate(size, image.as_ref(), ty, &memory_tunables)
+    }
+
     fn allocate_table<'a, 'b: 'a, 'c: 'a>(
         &'a self,
         request: &'a mut InstanceAllocationRequest<'b, 'c>,

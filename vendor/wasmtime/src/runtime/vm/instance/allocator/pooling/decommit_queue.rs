@@ -162,6 +162,12 @@ impl DecommitQueue {
         Ok(())
     }
 
+    /// Decommits the raw regions pushed so far, now (taskhost patch: a memory
+    /// reset in place keeps its slot, so there is nothing to return to a pool).
+    pub fn decommit_now(mut self) -> io::Result<()> {
+        self.decommit_all_raw()
+    }
+
     /// Flush this queue, decommitting all enqueued regions in batch.
     ///
     /// Returns `true` if we did any decommits and returned their entities to
