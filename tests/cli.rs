@@ -420,6 +420,27 @@ fn every_command_has_help() {
     }
 }
 
+#[test]
+fn the_help_of_new_and_build_names_every_plugin_language() {
+    let dir = TestDir::new("help-languages");
+    let top = run(&dir, &["--help"]);
+    for command in ["new", "build"] {
+        let line = top
+            .stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(command))
+            .unwrap_or_else(|| panic!("no {command} in --help: {top:?}"));
+        for language in ["Rust", "Python", "JavaScript"] {
+            assert!(line.contains(language), "{command}: {line}");
+        }
+    }
+    let new = run(&dir, &["new", "--help"]);
+    assert!(
+        new.stdout.contains("[possible values: rust, python, js]"),
+        "{new:?}"
+    );
+}
+
 // --- a worker without Redis -----------------------------------------------------------------
 
 /// A worker pointed at a Redis nothing listens on, once it has said it is retrying.

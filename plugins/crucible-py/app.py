@@ -3,8 +3,8 @@ crucible (plugins/crucible) serves them, passing the same tests.
 
 - ``tasks.evaluate_code(eval_id, code, language)``: POST the code to the executor service, PUT
   the executor's answer to the storage service, return ``{"eval_id", "status", ...answer}``. An
-  unreachable service or a 5xx asks for a retry with exponential backoff; a 4xx fails with the
-  service's message.
+  unreachable service or a 5xx is retried with exponential backoff (Celery's ``autoretry_for``
+  with ``retry_backoff``); a 4xx fails with the service's message.
 - ``tasks.cleanup_old_evaluations(max_age_hours=24)``: ask storage to delete old evaluations,
   return how many it deleted.
 - ``tasks.health_check()``: ``{"status": "healthy", "hostname", "timestamp"}``.
@@ -25,24 +25,28 @@ class ConfigurationError(Exception):
     pass
 
 
-class ServiceUnavailable(Exception):
-    pass
-
-
 class HTTPError(Exception):
     pass
 
 
-@task(name="tasks.evaluate_code", bind=True, queue="evaluations", max_retries=3,
-      retry_backoff=1.0, retry_backoff_max=60.0, retry_jitter=True)
-def evaluate_code(self, eval_id, code, language):
+class ServiceUnavailable(Exception):
+    pass
+
+
+# What is worth another try: the service could not be reached, or answered 5xx.
+TRANSIENT = (ConnectionError, TimeoutError, ServiceUnavailable)
+
+
+@task(name="tasks.evaluate_code", queue="evaluations", max_retries=3, retry_backoff=1.0,
+      retry_backoff_max=60.0, retry_jitter=True, autoretry_for=TRANSIENT)
+def evaluate_code(eval_id, code, language):
     """Runs ``code`` in the executor service and stores the outcome."""
     eval_id = _id_text(eval_id)
     executor = _service_url("executor_service_url")
     storage = _service_url("storage_service_url")
-    answer = _call(self, "POST", f"{executor}/execute",
+    answer = _call("POST", f"{executor}/execute",
                    {"eval_id": eval_id, "code": code, "language": language}, "executor")
-    _call(self, "PUT", f"{storage}/evaluations/{quote(eval_id, safe='')}", answer, "storage")
+    _call("PUT", f"{storage}/evaluations/{quote(eval_id, safe='')}", answer, "storage")
     out = {"eval_id": eval_id, "status": "completed"}
     if isinstance(answer, dict):
         out.update(answer)
@@ -51,13 +55,13 @@ def evaluate_code(self, eval_id, code, language):
     return out
 
 
-@task(name="tasks.cleanup_old_evaluations", bind=True, queue="maintenance", max_retries=3,
-      retry_backoff=1.0)
-def cleanup_old_evaluations(self, max_age_hours=24):
+@task(name="tasks.cleanup_old_evaluations", queue="maintenance", max_retries=3,
+      retry_backoff=1.0, autoretry_for=TRANSIENT)
+def cleanup_old_evaluations(max_age_hours=24):
     """Deletes evaluations older than ``max_age_hours``; returns how many."""
     storage = _service_url("storage_service_url")
     url = f"{storage}/evaluations?older_than_hours={int(max_age_hours)}"
-    answer = _call(self, "DELETE", url, None, "storage")
+    answer = _call("DELETE", url, None, "storage")
     if isinstance(answer, int) and not isinstance(answer, bool):
         return answer
     if isinstance(answer, dict):
@@ -93,18 +97,18 @@ def _id_text(eval_id):
     raise TypeError(f"eval_id must be a non-empty string or a number, got {eval_id!r}")
 
 
-def _call(self, method, url, body, service):
-    """One HTTP call; the answer's JSON (None for an empty body). Transport errors and 5xx ask
-    for a retry, 4xx fail with the service's message; a denied origin fails as
+def _call(method, url, body, service):
+    """One HTTP call; the answer's JSON (None for an empty body). Transport errors and 5xx are
+    TRANSIENT (retried), 4xx fail with the service's message; a denied origin fails as
     CapabilityDenied (raised by the client)."""
     try:
         answer = http.request(method, url, json=body, timeout=30)
     except (ConnectionError, TimeoutError) as e:
-        raise self.retry(exc=ConnectionError(f"{service}: {e}"))
+        raise ConnectionError(f"{service}: {e}") from None
     status = answer.status_code
     if status >= 500:
-        raise self.retry(exc=ServiceUnavailable(
-            f"{service} {method} {url} answered {status}: {_service_message(answer.text)}"))
+        raise ServiceUnavailable(
+            f"{service} {method} {url} answered {status}: {_service_message(answer.text)}")
     if status >= 300:
         raise HTTPError(
             f"{service} {method} {url} answered {status}: {_service_message(answer.text)}")

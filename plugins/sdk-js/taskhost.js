@@ -3,28 +3,75 @@
 // A plugin is a module (app.js) that registers tasks and re-exports `handler`, built into a
 // WebAssembly component by `taskhost build` (componentize-js, the StarlingMonkey engine):
 //
-//     import { task } from './taskhost.js';
+//     import { task, ValueError } from './taskhost.js';
 //     export { handler } from './taskhost.js';
 //
-//     task('tasks.add', { params: ['x', 'y'] }, function (x, y) {
+//     task('tasks.add', function (x, y) {
 //       return x + y;
 //     });
 //
-// As in Celery, a task gets the producer's args by position, and its kwargs by the names in
-// `params` (a mismatch is a TypeError); what it returns (or resolves to) is its JSON result;
-// what it throws is its failure, with the error's `name` as the exception type Python raises
-// on `.get()`, its message, and its stack. In a `function` (not an arrow), `this` is the
-// running task: `this.request`, `this.retry(...)`, `this.updateState(...)`.
+//     task('tasks.fetch', async function (url) {
+//       const answer = await fetch(url);
+//       if (!answer.ok) throw new ValueError(`${url} answered ${answer.status}`);
+//       return answer.json();
+//     });
+//
+// As in Celery, a task gets the producer's args by position and its kwargs by the names of
+// its parameters (a mismatch is a TypeError); what it returns (or resolves to) is its JSON
+// result; what it throws is its failure: the error's class name is the exception type Python
+// raises on `.get()` (the SDK exports Python's: ValueError, KeyError, ...; `defineError` makes
+// more), with its message and its stack. In a `function` (not an arrow), `this` is the running
+// task: `this.request`, `this.retry(...)`, `this.updateState(...)`.
+//
+// `fetch` is the standard one, over the origins the operator granted: a denied origin rejects
+// with `CapabilityDenied`, a failed connection with `ConnectionError` (both TypeErrors, as
+// fetch's network errors are). `signature`, `chain`, `group` and `chord` send more tasks, as
+// Celery's canvas does.
 //
 // `taskhost build` puts this file beside app.js as the host that builds the plugin carries it,
 // so a plugin always speaks the contract of the host it was built for.
 
 import * as host from 'taskhost:plugin/host@0.1.1';
 import { handle } from 'wasi:http/outgoing-handler@0.2.12';
-import { Fields, OutgoingBody, OutgoingRequest, RequestOptions } from 'wasi:http/types@0.2.12';
+import { Fields, OutgoingBody, OutgoingRequest } from 'wasi:http/types@0.2.12';
 
 const registry = new Map();
 let pluginVersion = '0.0.0';
+
+/** Celery's `Task.default_retry_delay`: what `this.retry()` waits given no countdown, s. */
+export const DEFAULT_RETRY_DELAY = 180;
+
+// Errors, named as Python's so that `.get()` raises the same type.
+
+/**
+ * An error class whose name is `name`: what `.get()` raises for it in Python (a builtin of
+ * that name, or an exception class Celery makes of it). `base` is the class it extends.
+ */
+export function defineError(name, base = Error) {
+  const made = {
+    [name]: class extends base {
+      constructor(message) {
+        super(message);
+        this.name = name;
+      }
+    },
+  }[name];
+  return made;
+}
+
+export const ValueError = defineError('ValueError');
+export const KeyError = defineError('KeyError');
+export const IndexError = defineError('IndexError');
+export const LookupError = defineError('LookupError');
+export const RuntimeError = defineError('RuntimeError');
+export const NotImplementedError = defineError('NotImplementedError');
+export const PermissionError = defineError('PermissionError');
+export const TimeoutError = defineError('TimeoutError');
+export const ZeroDivisionError = defineError('ZeroDivisionError');
+/** A failed connection, as Python's ConnectionError; a TypeError, as fetch's network errors. */
+export const ConnectionError = defineError('ConnectionError', TypeError);
+/** Something the operator did not grant: an HTTP origin, say. A TypeError, as fetch's. */
+export const CapabilityDenied = defineError('CapabilityDenied', TypeError);
 
 /** Thrown by `this.retry()`: the task runs again after `countdown` seconds (none: its backoff). */
 export class Retry extends Error {
@@ -36,27 +83,19 @@ export class Retry extends Error {
   }
 }
 
-/** Throw to refuse the message: it is dead-lettered with `reason`, never retried. */
+/**
+ * Throw to refuse the message: it is dead-lettered with `reason`, never retried. Celery's
+ * `requeue` is not supported (a requeued message comes straight back): `this.retry()` runs
+ * the task again instead.
+ */
 export class Reject extends Error {
-  constructor(reason = 'rejected') {
+  constructor(reason = 'rejected', { requeue = false } = {}) {
+    if (requeue) {
+      throw new TypeError('taskhost: Reject with requeue is not supported (the message is ' +
+        'dead-lettered); this.retry() runs the task again');
+    }
     super(String(reason));
     this.name = 'Reject';
-  }
-}
-
-/** Something the operator did not grant: an HTTP origin, say. */
-export class CapabilityDenied extends Error {
-  constructor(message) {
-    super(message);
-    this.name = 'CapabilityDenied';
-  }
-}
-
-/** A failed connection, as Python's ConnectionError. */
-export class ConnectionError extends Error {
-  constructor(message) {
-    super(message);
-    this.name = 'ConnectionError';
   }
 }
 
@@ -83,29 +122,102 @@ export const log = {
   error: line('error'),
 };
 
-/** Sends a task, as Celery's send_task; it goes out when this task settles. Returns its id. */
-export function sendTask(name, args = [], kwargs = {}, options = {}) {
-  try {
-    return host.send(JSON.stringify({ task: name, args, kwargs, options }));
-  } catch (e) {
-    throw new Error(`cannot send ${name}: ${e.payload ?? e.message}`);
-  }
-}
+// Registering tasks.
 
 /**
- * Registers `fn` as the task `name`. Options, as Celery's: `params` (the names kwargs bind
- * to), `maxRetries`, `retryBackoff`, `retryBackoffMax`, `retryJitter`, `autoretryFor` (error
- * names), `softTimeLimit`, `timeLimit`, `rateLimit`, `queue`.
+ * Registers `fn` as the task `name`. Options, as Celery's: `maxRetries`, `retryBackoff`,
+ * `retryBackoffMax`, `retryJitter`, `autoretryFor` (error classes, or names), `dontAutoretryFor`,
+ * `defaultRetryDelay` (seconds, 180), `softTimeLimit`, `timeLimit`, `rateLimit`, `queue`; and
+ * `params`, the names kwargs bind to, for a function whose parameters cannot be read (they
+ * are read from the function itself otherwise).
  */
 export function task(name, options, fn) {
   if (typeof options === 'function') {
     [options, fn] = [{}, options];
   }
+  if (typeof fn !== 'function') {
+    throw new TypeError(`task ${name}: expected a function`);
+  }
   if (registry.has(name)) {
     throw new Error(`task ${name} is registered twice`);
   }
-  registry.set(name, { fn, options });
-  return fn;
+  const params = options.params ?? parameterNames(fn);
+  const autoretry = (options.autoretryFor ?? []).map(errorMatcher('autoretryFor'));
+  const dont = (options.dontAutoretryFor ?? []).map(errorMatcher('dontAutoretryFor'));
+  const delay = options.defaultRetryDelay ?? DEFAULT_RETRY_DELAY;
+  if (!(delay >= 0)) {
+    throw new TypeError(`task ${name}: defaultRetryDelay must be seconds >= 0, got ${delay}`);
+  }
+  registry.set(name, { fn, options, params, autoretry, dont, delay });
+  return Object.assign(fn, {
+    s: (...args) => signature(name, args),
+    si: (...args) => signature(name, args).set({ immutable: true }),
+    delay: (...args) => signature(name, args).delay(),
+    applyAsync: (args = [], kwargs = {}, opts = {}) =>
+      signature(name, args, kwargs).applyAsync([], {}, opts),
+  });
+}
+
+/** A predicate for an error class or an error name. */
+function errorMatcher(option) {
+  return (entry) => {
+    if (typeof entry === 'function') return (e) => e instanceof entry;
+    if (typeof entry === 'string') return (e) => e?.name === entry;
+    throw new TypeError(`${option} takes error classes or names, got ${entry}`);
+  };
+}
+
+/**
+ * The names of `fn`'s parameters, in order, as its source declares them; none that are
+ * destructured or rest parameters (those bind by position only). Null if the source cannot
+ * be read as a parameter list.
+ */
+export function parameterNames(fn) {
+  const source = Function.prototype.toString.call(fn);
+  const open = source.indexOf('(');
+  const arrow = source.indexOf('=>');
+  // `x => ...`: one parameter, no parentheses.
+  if (arrow >= 0 && (open < 0 || open > arrow)) {
+    const single = source.slice(0, arrow).replace(/^async\s+/, '').trim();
+    return /^[A-Za-z_$][\w$]*$/.test(single) ? [single] : null;
+  }
+  if (open < 0) return null;
+  const names = [];
+  let depth = 0;
+  let current = '';
+  let quote = null;
+  for (let i = open + 1; i < source.length; i++) {
+    const c = source[i];
+    if (quote) {
+      if (c === '\\') i++;
+      else if (c === quote) quote = null;
+      current += c;
+      continue;
+    }
+    if (c === '"' || c === "'" || c === '`') quote = c;
+    else if ('([{'.includes(c)) depth++;
+    else if (')]}'.includes(c)) {
+      if (depth === 0) {
+        names.push(current);
+        return names.map(paramName).filter((n) => n !== undefined);
+      }
+      depth--;
+    } else if (c === ',' && depth === 0) {
+      names.push(current);
+      current = '';
+      continue;
+    }
+    current += c;
+  }
+  return null;
+}
+
+/** The name a parameter declaration binds (`y = 2` -> `y`); undefined for `...rest` or a
+ * destructuring pattern, and for the empty declaration of `()`. */
+function paramName(declaration) {
+  const text = declaration.replace(/\/\*[\s\S]*?\*\//g, '').replace(/\/\/.*$/gm, '').trim();
+  const name = text.split('=')[0].trim();
+  return /^[A-Za-z_$][\w$]*$/.test(name) ? name : undefined;
 }
 
 /** The arguments in parameter order, or a TypeError saying what does not fit. */
@@ -113,7 +225,8 @@ function bind(name, params, args, kwargs) {
   const keys = Object.keys(kwargs);
   if (!params) {
     if (keys.length) {
-      throw new TypeError(`${name}() takes no keyword arguments (declare params to name them)`);
+      throw new TypeError(`${name}() cannot take keyword arguments: its parameters cannot be ` +
+        'read (declare them with the params option)');
     }
     return args;
   }
@@ -144,7 +257,7 @@ function error(e) {
   return { kind: 'Error', message: String(e), traceback: undefined };
 }
 
-function context(record, args, kwargs) {
+function context(record, registered, args, kwargs) {
   const request = {
     id: record.id,
     task: record.name,
@@ -160,13 +273,35 @@ function context(record, args, kwargs) {
   return {
     name: record.name,
     request,
-    retry({ exc, countdown } = {}) {
-      if (countdown !== undefined && !(countdown >= 0)) {
+    /**
+     * Asks for another try (throws; `throw this.retry(...)` reads as Celery code does): after
+     * `countdown` seconds, or at `eta` (a Date), or after the task's `defaultRetryDelay`
+     * (180 s unless the task sets it), as Celery does. Other options are refused.
+     */
+    retry({ exc, countdown, eta, ...rest } = {}) {
+      const refused = Object.keys(rest);
+      if (refused.length) {
+        throw new TypeError(`taskhost: retry() does not take ${refused.sort().join(', ')}`);
+      }
+      if (countdown !== undefined && eta !== undefined) {
+        throw new TypeError('taskhost: give retry() a countdown or an eta, not both');
+      }
+      if (eta !== undefined) {
+        if (!(eta instanceof Date)) throw new TypeError(`eta must be a Date, got ${eta}`);
+        countdown = Math.max(0, (eta.getTime() - Date.now()) / 1000);
+      }
+      countdown ??= registered.delay;
+      if (!(countdown >= 0)) {
         throw new RangeError(`countdown must be a number of seconds >= 0, got ${countdown}`);
       }
       throw new Retry(exc, countdown);
     },
-    updateState(state = 'PROGRESS', meta = null) {
+    /** Publishes progress, as Celery's update_state; only the running task's own. */
+    updateState(state = 'PROGRESS', meta = null, { taskId } = {}) {
+      if (taskId !== undefined && taskId !== request.id) {
+        throw new TypeError(`taskhost: updateState() publishes the running task's own state ` +
+          `(${request.id}), not another task's (${taskId})`);
+      }
       try {
         host.updateState(state, JSON.stringify(meta));
       } catch (e) {
@@ -181,13 +316,20 @@ function context(record, args, kwargs) {
   };
 }
 
-function failure(e) {
+function retryFailure(exc, countdown) {
+  return { tag: 'retry', val: { countdown, reason: error(exc ?? new Retry(exc, countdown)) } };
+}
+
+function failure(registered, e) {
   if (e instanceof Retry) {
-    const reason = error(e.exc ?? e);
-    return { tag: 'retry', val: { countdown: e.countdown, reason } };
+    return retryFailure(e.exc, e.countdown);
   }
   if (e instanceof Reject) {
     return { tag: 'reject', val: e.message };
+  }
+  if (registered.autoretry.some((m) => m(e)) && !registered.dont.some((m) => m(e))) {
+    // As Celery's autoretry: the task's backoff with retryBackoff, else its delay.
+    return retryFailure(e, registered.options.retryBackoff ? undefined : registered.delay);
   }
   return { tag: 'error', val: error(e) };
 }
@@ -202,7 +344,8 @@ function defaults(o) {
     softTimeLimit: o.softTimeLimit,
     timeLimit: o.timeLimit,
     rateLimit: o.rateLimit,
-    autoretryFor: o.autoretryFor,
+    // Matched here (classes and their subclasses), not by the host's exact names.
+    autoretryFor: undefined,
   };
 }
 
@@ -223,40 +366,190 @@ export const handler = {
     try {
       const args = JSON.parse(record.args);
       const kwargs = JSON.parse(record.kwargs);
-      const bound = bind(short, registered.options.params, args, kwargs);
-      const result = await registered.fn.apply(context(record, args, kwargs), bound);
+      const bound = bind(short, registered.params, args, kwargs);
+      const self = context(record, registered, args, kwargs);
+      const result = await registered.fn.apply(self, bound);
       return JSON.stringify(result === undefined ? null : result);
     } catch (e) {
-      throw failure(e);
+      throw failure(registered, e);
     }
   },
 };
 
-// HTTP, straight over wasi:http, so a denied origin is told apart from a failed connection.
+// Sending tasks: Celery's canvas.
+
+/** What was sent: its id. Waiting for it inside a task is refused, as Celery refuses it. */
+class SentResult {
+  constructor(id) {
+    this.id = id;
+  }
+
+  get() {
+    throw new RuntimeError('Never call result.get() within a task! (link a callback or use a ' +
+      'chord instead)');
+  }
+
+  toString() {
+    return this.id;
+  }
+}
+
+/** A task with its arguments and options (Celery's signature, in Celery's own shape). */
+export class Signature {
+  constructor(fields) {
+    this.fields = {
+      task: fields.task,
+      args: [...(fields.args ?? [])],
+      kwargs: { ...(fields.kwargs ?? {}) },
+      options: { ...(fields.options ?? {}) },
+      subtask_type: fields.subtask_type ?? null,
+      immutable: Boolean(fields.immutable),
+    };
+  }
+
+  /** Sets options (`queue`, `countdown`, `priority`, ...; `immutable`); returns it. */
+  set({ immutable, ...options } = {}) {
+    if (immutable !== undefined) this.fields.immutable = Boolean(immutable);
+    Object.assign(this.fields.options, options);
+    return this;
+  }
+
+  /** Calls `callback` with this task's result when it succeeds; returns `callback`. */
+  link(callback) {
+    (this.fields.options.link ??= []).push(callback.toJSON());
+    return callback;
+  }
+
+  /** Calls `errback` with this task's id when it fails; returns `errback`. */
+  linkError(errback) {
+    (this.fields.options.link_error ??= []).push(errback.toJSON());
+    return errback;
+  }
+
+  /** A copy with `args` first and `kwargs` merged in (not an immutable one's), and `options`. */
+  clone(args = [], kwargs = {}, options = {}) {
+    const copy = new this.constructor(JSON.parse(JSON.stringify(this.fields)));
+    copy.prepend(args, kwargs);
+    Object.assign(copy.fields.options, options);
+    return copy;
+  }
+
+  prepend(args, kwargs) {
+    if (this.fields.immutable) return;
+    this.fields.args = [...args, ...this.fields.args];
+    Object.assign(this.fields.kwargs, kwargs);
+  }
+
+  /** Sends it; it goes out when the running task settles. Returns `{ id }`. */
+  applyAsync(args = [], kwargs = {}, options = {}) {
+    const sent = this.clone(args, kwargs, options);
+    try {
+      return new SentResult(host.send(JSON.stringify(sent.toJSON())));
+    } catch (e) {
+      throw new Error(`cannot send ${this.fields.task}: ${e.payload ?? e.message}`);
+    }
+  }
+
+  /** `applyAsync(args)`. */
+  delay(...args) {
+    return this.applyAsync(args);
+  }
+
+  /** A chain of this and `next`. */
+  pipe(next) {
+    return chain(this, next);
+  }
+
+  toJSON() {
+    return this.fields;
+  }
+}
+
+/** A signature of the task `name`, or of a signature object a producer sent. */
+export function signature(name, args = [], kwargs = {}, options = {}) {
+  if (typeof name === 'object' && name !== null) {
+    const fields = name instanceof Signature ? name.toJSON() : name;
+    const kind = { chain: Chain, group: Group, chord: Chord }[fields.subtask_type] ?? Signature;
+    return new kind(fields);
+  }
+  if (typeof name !== 'string' || !name) throw new TypeError(`a signature names a task`);
+  return new Signature({ task: name, args, kwargs, options });
+}
+
+function sigs(tasks) {
+  const list = tasks.length === 1 && Array.isArray(tasks[0]) ? tasks[0] : tasks;
+  return list.map((t) => signature(t).toJSON());
+}
+
+class Chain extends Signature {
+  prepend(args, kwargs) {
+    const steps = this.fields.kwargs.tasks;
+    if (steps.length) {
+      const first = signature(steps[0]);
+      first.prepend(args, kwargs);
+      steps[0] = first.toJSON();
+    }
+  }
+
+  pipe(next) {
+    return chain(...this.fields.kwargs.tasks, next);
+  }
+}
+
+class Group extends Signature {
+  prepend(args, kwargs) {
+    this.fields.kwargs.tasks = this.fields.kwargs.tasks.map((t) => {
+      const part = signature(t);
+      part.prepend(args, kwargs);
+      return part.toJSON();
+    });
+  }
+}
+
+class Chord extends Signature {
+  prepend(args, kwargs) {
+    this.fields.kwargs.header = this.fields.kwargs.header.map((t) => {
+      const part = signature(t);
+      part.prepend(args, kwargs);
+      return part.toJSON();
+    });
+  }
+}
+
+/** Runs each task after the one before, passing its result on. */
+export function chain(...tasks) {
+  return new Chain({ task: 'celery.chain', kwargs: { tasks: sigs(tasks) }, subtask_type: 'chain' });
+}
+
+/** Runs the tasks in parallel; their results are read together in order. */
+export function group(...tasks) {
+  return new Group({ task: 'celery.group', kwargs: { tasks: sigs(tasks) }, subtask_type: 'group' });
+}
+
+/** Runs `header` in parallel, then `body` once with the list of their results. */
+export function chord(header, body) {
+  if (!body) throw new TypeError('a chord needs a body: chord(header, body)');
+  return new Chord({
+    task: 'celery.chord',
+    kwargs: { header: sigs([header]), body: signature(body).toJSON(), kwargs: {} },
+    subtask_type: 'chord',
+  });
+}
+
+/** Sends a task, as Celery's send_task; it goes out when this task settles. Returns its id. */
+export function sendTask(name, args = [], kwargs = {}, options = {}) {
+  return signature(name, args, kwargs).applyAsync([], {}, options).id;
+}
+
+// HTTP: the standard fetch, over wasi:http, so a denied origin is told apart from a failed
+// connection.
 
 const encoder = new TextEncoder();
-const decoder = new TextDecoder();
 // The most one write may hand the host (wasi:io's blocking-write-and-flush limit).
 const CHUNK = 4096;
 
-/** A whole answer: `status`, `headers` (lower-case names), `body` (bytes), `text()`, `json()`. */
-export class Response {
-  constructor(url, status, headers, body) {
-    this.url = url;
-    this.status = status;
-    this.ok = status < 400;
-    this.headers = headers;
-    this.body = body;
-  }
-
-  text() {
-    return decoder.decode(this.body);
-  }
-
-  json() {
-    const text = this.text();
-    return text.trim() ? JSON.parse(text) : null;
-  }
+function dispose(resource) {
+  resource[Symbol.dispose]?.();
 }
 
 function denial(code, url) {
@@ -265,10 +558,6 @@ function denial(code, url) {
     return new CapabilityDenied(`${url}: this plugin is not allowed to reach that origin`);
   }
   return new ConnectionError(`${url}: ${tag}`);
-}
-
-function dispose(resource) {
-  resource[Symbol.dispose]?.();
 }
 
 function readAll(response) {
@@ -293,47 +582,29 @@ function readAll(response) {
   return body;
 }
 
-/**
- * Sends one request and reads the whole answer, synchronously. `json` is sent as JSON,
- * `body` as a string or bytes, with Content-Length; `timeout` in seconds bounds the
- * connection and each wait for the answer.
- */
-export function request(method, url, { json, body, headers = {}, timeout = 30 } = {}) {
+/** One exchange over wasi:http: (status, [name, value] headers, body bytes). */
+function exchange(method, url, headers, payload) {
   const parsed = new URL(url);
   if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
     throw new TypeError(`not an http(s) URL: ${url}`);
   }
-  let payload;
-  const fields = Object.entries(headers).map(([k, v]) => [k.toLowerCase(), encoder.encode(String(v))]);
-  if (json !== undefined) {
-    payload = encoder.encode(JSON.stringify(json));
-    if (!fields.some(([k]) => k === 'content-type')) {
-      fields.push(['content-type', encoder.encode('application/json')]);
-    }
-  } else if (body !== undefined) {
-    payload = typeof body === 'string' ? encoder.encode(body) : body;
+  const fields = headers.map(([k, v]) => [k.toLowerCase(), encoder.encode(String(v))]);
+  if (payload && !fields.some(([k]) => k === 'content-length')) {
+    fields.push(['content-length', encoder.encode(String(payload.length))]);
   }
-  if (payload) fields.push(['content-length', encoder.encode(String(payload.length))]);
   const req = new OutgoingRequest(Fields.fromList(fields));
-  req.setMethod({ tag: method.toLowerCase() });
+  const known = ['get', 'head', 'post', 'put', 'delete', 'connect', 'options', 'trace', 'patch'];
+  const lower = method.toLowerCase();
+  req.setMethod(known.includes(lower) ? { tag: lower } : { tag: 'other', val: method });
   req.setScheme({ tag: parsed.protocol === 'https:' ? 'HTTPS' : 'HTTP' });
   req.setAuthority(parsed.host);
   req.setPathWithQuery(parsed.pathname + parsed.search);
-  const options = new RequestOptions();
-  const nanos = BigInt(Math.round(timeout * 1e9));
-  for (const set of ['setConnectTimeout', 'setFirstByteTimeout', 'setBetweenBytesTimeout']) {
-    try {
-      options[set](nanos);
-    } catch {
-      // the host keeps its own ceiling
-    }
-  }
   // The body is taken before the request goes, and written after: the host reads it as it
   // is written.
   const outgoing = payload ? req.body() : undefined;
   let future;
   try {
-    future = handle(req, options);
+    future = handle(req, undefined);
   } catch (e) {
     throw denial(e.payload, url);
   }
@@ -354,21 +625,31 @@ export function request(method, url, { json, body, headers = {}, timeout = 30 } 
   if (outcome.val.tag !== 'ok') throw denial(outcome.val.val, url);
   const response = outcome.val.val;
   const answerFields = response.headers();
-  const answerHeaders = Object.fromEntries(
-    answerFields.entries().map(([k, v]) => [k.toLowerCase(), decoder.decode(v)]));
+  const answerHeaders = answerFields.entries().map(([k, v]) => [k, new TextDecoder().decode(v)]);
   dispose(answerFields);
   const status = response.status();
-  const answer = readAll(response);
+  const body = readAll(response);
   dispose(response);
-  return new Response(url, status, answerHeaders, answer);
+  return { status, headers: answerHeaders, body };
 }
 
-/** The HTTP client: `http.get(url)`, `http.post(url, { json })`, ... */
-export const http = {
-  request,
-  get: (url, o) => request('GET', url, o),
-  post: (url, o) => request('POST', url, o),
-  put: (url, o) => request('PUT', url, o),
-  patch: (url, o) => request('PATCH', url, o),
-  delete: (url, o) => request('DELETE', url, o),
-};
+/**
+ * The Fetch API's `fetch`, to the origins the operator granted: resolves to a standard
+ * `Response`; rejects with `CapabilityDenied` for an origin not granted and `ConnectionError`
+ * for a failed connection (both TypeErrors, as fetch's network errors are). The host bounds
+ * the connection and each wait for the answer.
+ */
+export async function fetch(input, init = {}) {
+  const request = new Request(input, init);
+  const bodyless = request.method === 'GET' || request.method === 'HEAD';
+  const payload = bodyless ? undefined : new Uint8Array(await request.arrayBuffer());
+  const answer = exchange(request.method, request.url, [...request.headers], payload);
+  const nullBody = [101, 204, 205, 304].includes(answer.status) || request.method === 'HEAD';
+  return new Response(nullBody ? null : answer.body, {
+    status: answer.status,
+    headers: answer.headers,
+  });
+}
+
+// `await fetch(url)` in a task is this one: a denied origin then says so.
+globalThis.fetch = fetch;

@@ -67,9 +67,9 @@ pub enum Command {
     /// Run one task in a plugin file, locally, without Redis: the plugin author's loop.
     Exec(task::ExecArgs),
     /// Build the plugin in a directory into a component, whatever its language (Rust: a
-    /// Cargo.toml; Python: an app.py).
+    /// Cargo.toml; Python: an app.py; JavaScript: an app.js).
     Build(build::BuildArgs),
-    /// Write a ready-to-build plugin project (Rust or Python) from a template.
+    /// Write a ready-to-build plugin project (Rust, Python or JavaScript) from a template.
     New(new::NewArgs),
     /// List the plugins of a directory: their tasks and WIT version, or why each was refused.
     Plugins(fleet::PluginsArgs),

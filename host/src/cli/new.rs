@@ -19,7 +19,7 @@ pub struct NewArgs {
     /// The plugin's name: its file name, its crate's, and the prefix of its task names (the
     /// operator's default grant is NAME.*). Lower-case letters, digits, `-` and `_`.
     pub name: String,
-    /// The language of the project.
+    /// The language of the project: rust, python or js (JavaScript).
     #[arg(long, value_enum, default_value_t = Lang::Rust)]
     pub lang: Lang,
     /// The directory to write [default: ./NAME]; it must not exist yet, or be empty.

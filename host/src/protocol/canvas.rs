@@ -304,6 +304,7 @@ fn send_chain(
             }
         }
     }
+    let last = freeze(&mut flat);
     let Some((first, rest)) = flat.split_first() else {
         return Ok(Value::Null);
     };
@@ -314,12 +315,38 @@ fn send_chain(
     } else {
         call.partial.into_iter().chain(sig.args.clone()).collect()
     };
-    apply_call(
+    let first = apply_call(
         Signature::parse(first)?,
         Call { partial, chain },
         origin,
         steps,
-    )
+    )?;
+    Ok(last.unwrap_or(first))
+}
+
+/// Gives each plain task of a chain its id now, as Celery does when it sends a chain, so that
+/// what the chain returns is its last task's result tuple, with the tasks before it as its
+/// parents (`[[id, parent], null]`); none when the chain ends with a group or a chord.
+fn freeze(steps: &mut [Value]) -> Option<Value> {
+    let mut result = None;
+    for step in steps.iter_mut() {
+        let plain = step.get("subtask_type").is_none_or(Value::is_null);
+        let Some(options) = step.get_mut("options").and_then(Value::as_object_mut) else {
+            result = None;
+            continue;
+        };
+        if !plain {
+            result = None;
+            continue;
+        }
+        let id = match options.get("task_id").and_then(Value::as_str) {
+            Some(id) => id.to_owned(),
+            None => new_id(),
+        };
+        options.insert("task_id".into(), Value::String(id.clone()));
+        result = Some(json!([[id, result.unwrap_or(Value::Null)], null]));
+    }
+    result
 }
 
 /// Publishes a group: each member (nested groups unrolled) with the group's id and its index;

@@ -49,6 +49,31 @@ fn the_next_chain_step_gets_the_result_first_and_the_rest_of_the_chain() {
 }
 
 #[test]
+fn a_chain_sent_returns_its_last_task_with_the_tasks_before_as_parents() {
+    let chain = json!({"task": "celery.chain", "args": [], "kwargs": {"tasks": [
+        sig("add", json!([1, 2]), json!({})),
+        sig("add", json!([10]), json!({})),
+    ]}, "options": {}, "subtask_type": "chain", "immutable": false});
+    let mut steps = Vec::new();
+    let returned = apply(&chain, Vec::new(), &origin(), &mut steps).expect("applies");
+    let sent = published(&steps);
+    assert_eq!(
+        sent.len(),
+        1,
+        "the first step, the second riding in its embed"
+    );
+    let second = sent[0].embed.chain[0]["options"]["task_id"].clone();
+    assert!(
+        second.is_string(),
+        "the second step has its id before it is sent"
+    );
+    assert_eq!(
+        returned,
+        json!([[second, [[sent[0].id, null], null]], null])
+    );
+}
+
+#[test]
 fn an_immutable_signature_keeps_its_own_arguments() {
     let mut callback = sig("add", json!([1, 1]), json!({}));
     callback["immutable"] = json!(true);

@@ -3,25 +3,31 @@
 A plugin is a module (``app.py``) of decorated functions, built into a WebAssembly component
 with componentize-py (``taskhost build``)::
 
-    from taskhost import Handler, task   # Handler is the component's export: keep the import
+    from taskhost import Handler, http, task   # Handler is the component's export: keep it
 
     @task(name="tasks.add")
     def add(x, y):
         return x + y
 
-    @task(name="tasks.fetch", bind=True, max_retries=5, autoretry_for=(ConnectionError,))
+    @task(name="tasks.fetch", bind=True, max_retries=5, retry_backoff=True,
+          autoretry_for=(ConnectionError,))
     def fetch(self, url):
         self.update_state(state="PROGRESS", meta={"url": url})
-        return taskhost.http.get(url).json()
+        return http.get(url).json()
 
 As in Celery, a task is called with the producer's ``args`` and ``kwargs`` (a mismatch raises
 Python's own ``TypeError``), what it returns is its result (it must be JSON-serialisable), and
 what it raises is its failure: ``AsyncResult.get()`` raises the same exception type with its
-message, and the traceback is the Python one. ``self.retry(...)`` asks for another try,
-``Reject(...)`` refuses the message (dead-lettered).
+message, and the traceback is the Python one. ``raise self.retry(...)`` asks for another try,
+``Reject(...)`` refuses the message (dead-lettered). ``signature``, ``chain``, ``group`` and
+``chord`` send more tasks, as Celery's canvas does; they go out when the task settles.
+
+What Celery offers that a plugin cannot have is refused with a ``TypeError`` saying so, never
+silently ignored.
 
 Layout: this file is the author-facing API and the ``Handler`` the host calls;
-``taskhost.http`` is the HTTP client (through the origins the operator granted).
+``taskhost.canvas`` builds what a task sends; ``taskhost.http`` is the HTTP client (through
+the origins the operator granted).
 """
 
 import json
@@ -29,6 +35,7 @@ import logging
 import sys
 import time
 import traceback as _traceback
+from datetime import datetime, timezone
 
 from componentize_py_types import Err
 from wit_world import exports
@@ -36,29 +43,41 @@ from wit_world.imports import host
 from wit_world.imports import taskhost_plugin_types as types
 
 from . import http  # noqa: F401  (taskhost.http)
+from .canvas import Signature, chain, chord, group, signature
 
 __all__ = [
     "CapabilityDenied",
     "Handler",
     "Reject",
     "Retry",
+    "Signature",
     "Task",
+    "chain",
+    "chord",
     "config",
     "current_task",
     "get_logger",
+    "group",
     "send_task",
     "set_version",
+    "signature",
     "task",
 ]
 
 _version = "0.0.0"
 _registry = {}
+# The running task and its request; none between tasks.
 _current = None
+_current_task = None
+
+# Celery's `Task.default_retry_delay`: how long `self.retry()` waits when given no countdown.
+DEFAULT_RETRY_DELAY = 180
 
 
 class Retry(Exception):
-    """Raised by ``Task.retry``: the task runs again after ``countdown`` seconds (none: its
-    exponential backoff), until its ``max_retries``; then it fails with ``exc``."""
+    """Raised by ``Task.retry``: the task runs again after ``countdown`` seconds (none: the
+    task's exponential backoff, as for ``autoretry_for`` with ``retry_backoff``), until its
+    ``max_retries``; then it fails with ``exc``."""
 
     def __init__(self, exc=None, countdown=None):
         self.exc = exc
@@ -68,10 +87,18 @@ class Retry(Exception):
 
 class Reject(Exception):
     """Raise to refuse the message: it goes to the dead-letter list with ``reason``, and the task
-    fails without a retry."""
+    fails without a retry. Celery's ``requeue=True`` (give the message back to the queue) is not
+    supported: a requeued message would come straight back; ``raise self.retry(...)`` runs the
+    task again instead."""
 
     def __init__(self, reason="rejected", requeue=False):
+        if requeue:
+            raise TypeError(
+                "taskhost: Reject(requeue=True) is not supported (the message is dead-lettered); "
+                "raise self.retry(...) to run the task again"
+            )
         self.reason = str(reason)
+        self.requeue = False
         super().__init__(self.reason)
 
 
@@ -100,11 +127,15 @@ class Request:
 class Task:
     """A registered task; ``bind=True`` passes it as ``self``."""
 
-    def __init__(self, fun, name, bind, options):
+    def __init__(self, fun, name, bind, options, autoretry):
         self.run = fun
         self.name = name
         self.bind = bind
         self.options = options
+        # (autoretry_for, dont_autoretry_for, retry_backoff, default_retry_delay)
+        self._autoretry = autoretry
+        self.default_retry_delay = autoretry[3]
+        self.max_retries = options.max_retries
         self.__doc__ = fun.__doc__
 
     @property
@@ -120,18 +151,42 @@ class Task:
             return self.run(self, *args, **kwargs)
         return self.run(*args, **kwargs)
 
-    def retry(self, exc=None, countdown=None, max_retries=None, **_options):
+    def retry(self, exc=None, countdown=None, eta=None, max_retries=None, throw=True,
+              args=None, kwargs=None, **options):
         """Asks for another try and raises, as Celery's ``self.retry``: ``raise self.retry(...)``
-        reads as Celery code does. ``max_retries`` here is not supported: declare it on the
-        task."""
+        reads as Celery code does. With neither ``countdown`` nor ``eta`` it waits the task's
+        ``default_retry_delay`` (180 s unless the task sets it), as Celery does; ``eta`` is a
+        ``datetime`` (naive: UTC). What a plugin cannot do is refused with a ``TypeError``:
+        another ``max_retries`` (declare it on ``@task``), new ``args``/``kwargs``,
+        ``throw=False``, other options."""
         if max_retries is not None:
             raise TypeError("taskhost: declare max_retries on @task, not in retry()")
-        if countdown is not None and not (countdown >= 0):
+        if args is not None or kwargs is not None:
+            raise TypeError("taskhost: retry() runs the task again with its own arguments; "
+                            "args and kwargs cannot be changed")
+        if not throw:
+            raise TypeError("taskhost: retry(throw=False) is not supported: raise self.retry()")
+        if options:
+            raise TypeError(f"taskhost: retry() does not take {', '.join(sorted(options))}")
+        if countdown is not None and eta is not None:
+            raise TypeError("taskhost: give retry() a countdown or an eta, not both")
+        if eta is not None:
+            countdown = _seconds_until(eta)
+        elif countdown is None:
+            countdown = self.default_retry_delay
+        if not (countdown >= 0):
             raise ValueError(f"countdown must be a number of seconds >= 0, got {countdown!r}")
         raise Retry(exc=exc, countdown=countdown)
 
     def update_state(self, task_id=None, state="PROGRESS", meta=None):
-        """Publishes progress, as Celery's ``update_state``; ready states are the host's."""
+        """Publishes progress, as Celery's ``update_state``; ready states are the host's. Only
+        the running task's own state: another ``task_id`` is refused."""
+        own = self.request.id
+        if task_id is not None and task_id != own:
+            raise ValueError(
+                f"taskhost: update_state() publishes the running task's own state ({own}), "
+                f"not another task's ({task_id})"
+            )
         try:
             host.update_state(state, json.dumps(meta))
         except Err as e:
@@ -142,17 +197,59 @@ class Task:
         deadline = self.request.soft_deadline
         return None if deadline is None else max(0.0, deadline - time.time())
 
+    # Sending this task, as Celery's: `add.delay(2, 3)`, `add.s(2)`, `add.si(2, 3)`.
+
+    def s(self, *args, **kwargs):
+        """A signature of this task (partial: a chain step's result comes first)."""
+        return signature(self.name, args, kwargs)
+
+    def si(self, *args, **kwargs):
+        """An immutable signature of this task: it keeps its own arguments in a chain."""
+        return signature(self.name, args, kwargs, immutable=True)
+
+    def signature(self, args=(), kwargs=None, **options):
+        return signature(self.name, args, kwargs, **options)
+
+    def delay(self, *args, **kwargs):
+        """Sends this task; it goes out when the running task settles."""
+        return self.s(*args, **kwargs).delay()
+
+    def apply_async(self, args=(), kwargs=None, **options):
+        return signature(self.name, args, kwargs).apply_async(**options)
+
     def __repr__(self):
         return f"<@task: {self.name}>"
 
 
-def task(name=None, *, bind=False, max_retries=None, retry_backoff=None,
-         retry_backoff_max=None, retry_jitter=None, autoretry_for=(), soft_time_limit=None,
-         time_limit=None, rate_limit=None, queue=None):
-    """Registers a function as a task, with Celery's options (the host enforces them)."""
-    for cls in autoretry_for:
+def _seconds_until(eta):
+    if not isinstance(eta, datetime):
+        raise TypeError(f"eta must be a datetime, got {eta!r}")
+    if eta.tzinfo is None:
+        eta = eta.replace(tzinfo=timezone.utc)
+    return max(0.0, (eta - datetime.now(timezone.utc)).total_seconds())
+
+
+def _exception_classes(value, option):
+    classes = tuple(value)
+    for cls in classes:
         if not (isinstance(cls, type) and issubclass(cls, BaseException)):
-            raise TypeError(f"autoretry_for takes exception classes, got {cls!r}")
+            raise TypeError(f"{option} takes exception classes, got {cls!r}")
+    return classes
+
+
+def task(name=None, *, bind=False, max_retries=None, retry_backoff=None,
+         retry_backoff_max=None, retry_jitter=None, autoretry_for=(), dont_autoretry_for=(),
+         default_retry_delay=DEFAULT_RETRY_DELAY, soft_time_limit=None, time_limit=None,
+         rate_limit=None, queue=None):
+    """Registers a function as a task, with Celery's options (the host enforces them).
+
+    ``autoretry_for`` retries on those exceptions and their subclasses (not on
+    ``dont_autoretry_for``): after the task's exponential backoff with ``retry_backoff``, else
+    after ``default_retry_delay``, as Celery does."""
+    autoretry_for = _exception_classes(autoretry_for, "autoretry_for")
+    dont_autoretry_for = _exception_classes(dont_autoretry_for, "dont_autoretry_for")
+    if not (isinstance(default_retry_delay, (int, float)) and default_retry_delay >= 0):
+        raise TypeError(f"default_retry_delay must be seconds >= 0, got {default_retry_delay!r}")
     if retry_backoff is True:
         retry_backoff = 1.0
     defaults = types.TaskDefaults(
@@ -164,14 +261,16 @@ def task(name=None, *, bind=False, max_retries=None, retry_backoff=None,
         soft_time_limit=float(soft_time_limit) if soft_time_limit is not None else None,
         time_limit=float(time_limit) if time_limit is not None else None,
         rate_limit=rate_limit,
-        autoretry_for=[cls.__name__ for cls in autoretry_for] or None,
+        # Matched here, subclasses included, rather than by the host's exact names.
+        autoretry_for=None,
     )
+    autoretry = (autoretry_for, dont_autoretry_for, bool(retry_backoff), default_retry_delay)
 
     def register(fun):
         full = name or f"{fun.__module__}.{fun.__name__}"
         if full in _registry:
             raise ValueError(f"task {full!r} is registered twice")
-        registered = Task(fun, full, bind, defaults)
+        registered = Task(fun, full, bind, defaults, autoretry)
         _registry[full] = registered
         return registered
 
@@ -181,9 +280,23 @@ def task(name=None, *, bind=False, max_retries=None, retry_backoff=None,
     return register
 
 
-def current_task():
-    """The running task's request, or none between tasks."""
-    return _current
+class _CurrentTask:
+    """Celery's ``current_task``: the running task (``current_task.request.id``), false between
+    tasks."""
+
+    def __getattr__(self, attr):
+        if _current_task is None:
+            raise RuntimeError("no task is running")
+        return getattr(_current_task, attr)
+
+    def __bool__(self):
+        return _current_task is not None
+
+    def __repr__(self):
+        return repr(_current_task) if _current_task is not None else "<current_task: none>"
+
+
+current_task = _CurrentTask()
 
 
 def config(key, default=None):
@@ -194,12 +307,8 @@ def config(key, default=None):
 
 def send_task(name, args=(), kwargs=None, **options):
     """Sends a task, as Celery's ``app.send_task``; it goes out when this task settles. Returns
-    its id. Options: ``queue``, ``countdown``, ``priority``, ``task_id``, ``link``, ... ."""
-    signature = {"task": name, "args": list(args), "kwargs": kwargs or {}, "options": options}
-    try:
-        return host.send(json.dumps(signature))
-    except Err as e:
-        raise RuntimeError(f"cannot send {name}: {e.value}") from None
+    its id. Options: ``queue``, ``countdown``, ``priority``, ``link``, ... ."""
+    return signature(name, args, kwargs).apply_async(**options).id
 
 
 def set_version(version):
@@ -256,24 +365,34 @@ def _renew_random():
         module.seed()
 
 
+def _retry(exc, countdown):
+    reason = _error(exc) if exc is not None else _error(Retry(countdown=countdown))
+    return Err(types.Failure_Retry(types.RetryRequest(countdown=countdown, reason=reason)))
+
+
 def _run(registered, record):
-    global _current
+    global _current, _current_task
     _renew_random()
     args = json.loads(record.args)
     kwargs = json.loads(record.kwargs)
     _current = Request(record, args, kwargs)
+    _current_task = registered
     try:
         return json.dumps(registered(*args, **kwargs))
     except Retry as retry:
-        reason = _error(retry.exc) if retry.exc is not None else _error(retry)
-        request = types.RetryRequest(countdown=retry.countdown, reason=reason)
-        raise Err(types.Failure_Retry(request)) from None
+        raise _retry(retry.exc, retry.countdown) from None
     except Reject as reject:
         raise Err(types.Failure_Reject(reject.reason)) from None
     except Exception as exc:  # noqa: BLE001 - every failure is the task's outcome
+        autoretry_for, dont_autoretry_for, backoff, delay = registered._autoretry
+        if autoretry_for and isinstance(exc, autoretry_for) \
+                and not isinstance(exc, dont_autoretry_for):
+            # As Celery's autoretry: the task's backoff with retry_backoff, else its delay.
+            raise _retry(exc, None if backoff else delay) from None
         raise Err(types.Failure_Error(_error(exc))) from None
     finally:
         _current = None
+        _current_task = None
 
 
 class Handler(exports.Handler):

@@ -6,25 +6,23 @@
 // `app.send_task("{{name}}.add", (2, 3))`. taskhost.js is the SDK; `taskhost build` uses the
 // one the building host carries.
 
-import { http, log, setVersion, task } from './taskhost.js';
+import { ConnectionError, ValueError, log, setVersion, task } from './taskhost.js';
 
 export { handler } from './taskhost.js';
 
 setVersion('0.1.0');
 
-task('{{name}}.add', { params: ['x', 'y'] }, function (x, y) {
+task('{{name}}.add', function (x, y) {
   return x + y;
 });
 
 // Fails: `.get()` raises ValueError(message).
-task('{{name}}.fail', { params: ['message'] }, function (message) {
-  const error = new Error(message);
-  error.name = 'ValueError';
-  throw error;
+task('{{name}}.fail', function (message) {
+  throw new ValueError(message);
 });
 
 // Reports its progress (state PROGRESS, as Celery's update_state), then returns `steps`.
-task('{{name}}.progress', { params: ['steps'] }, function (steps) {
+task('{{name}}.progress', function (steps) {
   for (let n = 1; n <= steps; n++) {
     this.updateState('PROGRESS', { current: n, total: steps });
   }
@@ -33,18 +31,16 @@ task('{{name}}.progress', { params: ['steps'] }, function (steps) {
 });
 
 // Asks to be retried until its `tries`-th try, then returns how many retries it took.
-task('{{name}}.flaky', { params: ['tries'], maxRetries: 5 }, function (tries) {
+task('{{name}}.flaky', { maxRetries: 5 }, function (tries) {
   if (this.request.retries + 1 < tries) {
-    const exc = new Error('not yet');
-    exc.name = 'ConnectionError';
-    this.retry({ exc, countdown: 0.1 });
+    this.retry({ exc: new ConnectionError('not yet'), countdown: 0.1 });
   }
   return this.request.retries;
 });
 
 // GETs `url` (an origin the operator granted with `allow_http`) and returns its JSON.
-task('{{name}}.fetch', { params: ['url'] }, function (url) {
-  const answer = http.get(url, { timeout: 10 });
-  if (!answer.ok) throw new Error(`${url} answered ${answer.status}`);
+task('{{name}}.fetch', async function (url) {
+  const answer = await fetch(url);
+  if (!answer.ok) throw new ValueError(`${url} answered ${answer.status}`);
   return answer.json();
 });

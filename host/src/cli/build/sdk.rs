@@ -17,6 +17,10 @@ const SDK_FILES: &[(&str, &str)] = &[
         include_str!("../../../../plugins/sdk-python/taskhost/http.py"),
     ),
     (
+        "python/taskhost/canvas.py",
+        include_str!("../../../../plugins/sdk-python/taskhost/canvas.py"),
+    ),
+    (
         "js/taskhost.js",
         include_str!("../../../../plugins/sdk-js/taskhost.js"),
     ),
