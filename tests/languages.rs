@@ -320,6 +320,49 @@ fn readme_quickstart_runs_as_written(lang: &str) {
     assert_eq!(stdout.lines().last(), Some("5"), "{stdout}");
 }
 
+/// The README's block `<!-- testing-LANG -->` run as written, from a clone of this repository;
+/// its output.
+fn readme_testing_block_runs_as_written(lang: &str) -> String {
+    let script = taskhost_tests::readme_block(&format!("testing-{lang}"));
+    let dir = TestDir::new(&format!("languages-readme-testing-{lang}"));
+    let bin = taskhost_bin();
+    let path = format!(
+        "{}:{}",
+        bin.parent().expect("the binary's directory").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env("TASKHOST_SRC", taskhost_tests::root())
+        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+        .output()
+        .expect("run the README's testing block");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the {lang} testing block failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn the_python_templates_tests_pass_natively_under_pytest() {
+    let out = readme_testing_block_runs_as_written("python");
+    assert!(out.contains("6 passed"), "{out}");
+}
+
+#[test]
+fn the_js_templates_tests_pass_natively_under_nodes_test_runner() {
+    let out = readme_testing_block_runs_as_written("js");
+    assert!(
+        out.contains("# pass 5") && out.contains("# fail 0"),
+        "{out}"
+    );
+}
+
 #[test]
 fn readme_quickstart_for_rust_runs_as_written() {
     readme_quickstart_runs_as_written("rust");

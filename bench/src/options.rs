@@ -22,6 +22,13 @@ pub struct Options {
     /// taskhost concurrencies for the drain runs.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 16])]
     pub concurrency: Vec<usize>,
+    /// Plugin languages beside Rust: their templates (`demo.add`, `demo.progress`) drained and
+    /// timed as the Rust demo plugin is, fresh instances and reused.
+    #[arg(long, value_delimiter = ',', default_values_t = [crate::workers::Lang::Python, crate::workers::Lang::Js])]
+    pub languages: Vec<crate::workers::Lang>,
+    /// taskhost concurrencies for the language plugins' runs.
+    #[arg(long, value_delimiter = ',', default_values_t = [16])]
+    pub language_concurrency: Vec<usize>,
     /// Numbers of taskhost worker processes for the scaling runs.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8])]
     pub processes: Vec<usize>,
@@ -57,6 +64,8 @@ impl Options {
             rates: vec![50.0],
             concurrency: vec![1, 4],
             processes: vec![1, 2],
+            // Building the language templates takes minutes: a smoke run shows the rest works.
+            languages: Vec::new(),
             ..self.clone()
         }
     }

@@ -44,6 +44,17 @@ pub fn run(options: &Options) {
             .iter()
             .map(|c| Contender::TaskhostReusing { concurrency: *c }),
     );
+    for lang in &o.languages {
+        for concurrency in &o.language_concurrency {
+            for reuse in [false, true] {
+                contenders.push(Contender::Plugin {
+                    lang: *lang,
+                    concurrency: *concurrency,
+                    reuse,
+                });
+            }
+        }
+    }
 
     let mut results = Results::default();
     let began = std::time::Instant::now();
@@ -61,7 +72,7 @@ pub fn run(options: &Options) {
         let running = stage.start(contender);
         let idle = running.memory();
         let mut peak = idle;
-        for w in &workloads {
+        for w in workloads.iter().filter(|w| contender.serves(w.task)) {
             for _ in 0..o.repeat {
                 let drain = measure::drain(&stage, &running, w);
                 peak = peak.max(drain.peak);
@@ -225,7 +236,33 @@ fn write_charts(path: &std::path::Path, results: &Results, contenders: &[Contend
             points,
         });
     }
-    for contender in contenders.iter().filter(|c| !c.is_taskhost()) {
+    for lang in &o.languages {
+        for reuse in [false, true] {
+            let points = o
+                .language_concurrency
+                .iter()
+                .filter_map(|c| {
+                    let contender = Contender::Plugin {
+                        lang: *lang,
+                        concurrency: *c,
+                        reuse,
+                    };
+                    Some((at(*c), median(contender.label())?))
+                })
+                .collect();
+            let how = if reuse {
+                "reuse_instances"
+            } else {
+                "fresh instances"
+            };
+            throughput.series.push(Series {
+                label: format!("{lang} plugin, {how}"),
+                points,
+            });
+        }
+    }
+    let single = |c: &&Contender| !c.is_taskhost() && !matches!(c, Contender::Plugin { .. });
+    for contender in contenders.iter().filter(single) {
         if let Some(rate) = median(contender.label()) {
             throughput.series.push(Series {
                 label: contender.label(),
@@ -260,6 +297,8 @@ fn write_charts(path: &std::path::Path, results: &Results, contenders: &[Contend
             | Contender::TaskhostReusing { concurrency } => {
                 [DEFAULT_CONCURRENCY, largest].contains(concurrency)
             }
+            // The languages with fresh instances only: the legend has ten colours.
+            Contender::Plugin { reuse, .. } => !reuse,
             _ => true,
         };
         for contender in contenders.iter().filter(charted) {

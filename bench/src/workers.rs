@@ -1,8 +1,10 @@
 //! The contenders: taskhost worker processes and a real Celery worker, started on the bench's
 //! Redis and ready to consume; and the memory of a whole worker (every process of it).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use taskhost_tests::{Process, RedisServer, TestDir};
 
 /// The configuration every taskhost contender starts from: crucible serves the Celery
@@ -29,6 +31,50 @@ pub enum Contender {
     CeleryThreads { concurrency: usize },
     /// The floor: a native echo worker (see `echo.rs`).
     Echo,
+    /// One taskhost worker with `-c concurrency` serving the `lang` template as an author
+    /// builds it (`taskhost new demo --lang L`, `taskhost build`): its `add` and `progress` are
+    /// `demo.add` and `demo.progress`. With `reuse`, its instances serve up to
+    /// [`REUSE_INSTANCES`] tasks each.
+    Plugin {
+        lang: Lang,
+        concurrency: usize,
+        reuse: bool,
+    },
+}
+
+/// A plugin language beside Rust.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Lang {
+    Python,
+    Js,
+}
+
+impl Lang {
+    /// As `taskhost new --lang` names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Python => "python",
+            Self::Js => "js",
+        }
+    }
+}
+
+impl std::fmt::Display for Lang {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Lang {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "python" => Ok(Self::Python),
+            "js" => Ok(Self::Js),
+            other => Err(format!("no language {other:?} (python, js)")),
+        }
+    }
 }
 
 impl Contender {
@@ -39,8 +85,14 @@ impl Contender {
         }
     }
 
+    /// taskhost serving the Rust demo plugin.
     pub fn is_taskhost(&self) -> bool {
         matches!(self, Self::Taskhost { .. } | Self::TaskhostReusing { .. })
+    }
+
+    /// Whether it serves `task`: a language template has no `demo.echo`.
+    pub fn serves(&self, task: &str) -> bool {
+        !matches!(self, Self::Plugin { .. }) || task != "demo.echo"
     }
 
     pub fn is_celery(&self) -> bool {
@@ -64,6 +116,15 @@ impl Contender {
             Self::CeleryPrefork { concurrency } => format!("celery prefork -c {concurrency}"),
             Self::CeleryThreads { concurrency } => format!("celery threads -c {concurrency}"),
             Self::Echo => "native echo worker (floor)".to_owned(),
+            Self::Plugin {
+                lang,
+                concurrency,
+                reuse,
+            } => format!(
+                "{} plugin -c {concurrency}{}",
+                lang.as_str(),
+                if *reuse { " reuse" } else { "" }
+            ),
         }
     }
 }
@@ -75,6 +136,8 @@ pub struct Stage {
     pub redis: RedisServer,
     pub plugins: PathBuf,
     celery_app: PathBuf,
+    /// Per language, a plugin directory holding its template built as `demo.wasm`.
+    languages: Mutex<BTreeMap<Lang, PathBuf>>,
 }
 
 impl Stage {
@@ -105,7 +168,65 @@ impl Stage {
             redis,
             plugins,
             celery_app,
+            languages: Mutex::default(),
         }
+    }
+
+    /// The plugin directory of `lang`: its template, written by `taskhost new demo --lang L`
+    /// and built by `taskhost build` (pre-warmed, as every author's build is), compiled into
+    /// the precompile cache, once per bench.
+    fn language_plugins(&self, lang: Lang) -> PathBuf {
+        let mut built = self
+            .languages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(dir) = built.get(&lang) {
+            return dir.clone();
+        }
+        let project = self
+            .dir
+            .path()
+            .join(format!("lang-{}", lang.as_str()))
+            .join("demo");
+        let plugins = self.dir.path().join(format!("plugins-{}", lang.as_str()));
+        let (project_arg, plugins_arg) = (project.to_string_lossy(), plugins.to_string_lossy());
+        let new = Process::run(
+            &self.dir,
+            &[
+                "new",
+                "demo",
+                "--lang",
+                lang.as_str(),
+                "--dir",
+                &project_arg,
+            ],
+        );
+        assert!(new.status.success(), "taskhost new failed: {}", new.stderr);
+        std::fs::create_dir_all(&plugins).expect("create the language's plugin directory");
+        let output = plugins.join("demo.wasm");
+        let status = Command::new(taskhost_tests::taskhost_bin())
+            .args(["build", "-o"])
+            .arg(&output)
+            .current_dir(&project)
+            .env(
+                "TASKHOST_CACHE_DIR",
+                taskhost_tests::target_dir().join("build-cache"),
+            )
+            .status()
+            .expect("run taskhost build");
+        assert!(
+            status.success(),
+            "taskhost build of the {} template failed",
+            lang.as_str()
+        );
+        let listed = Process::run(&self.dir, &["plugins", &plugins_arg]);
+        assert!(
+            listed.status.success(),
+            "taskhost plugins failed: {}",
+            listed.stderr
+        );
+        built.insert(lang, plugins.clone());
+        plugins
     }
 
     /// Empties both databases: no queue, no result, no trace of an earlier worker.
@@ -157,6 +278,30 @@ impl Stage {
                 vec![self.celery("threads", *concurrency, wait)]
             }
             Contender::Echo => vec![self.echo()],
+            Contender::Plugin {
+                lang,
+                concurrency,
+                reuse,
+            } => {
+                let config = self.dir.write(
+                    &format!("{}-reuse-{reuse}.toml", lang.as_str()),
+                    &if *reuse {
+                        format!("[plugins.demo]\nreuse_instances = {REUSE_INSTANCES}\n")
+                    } else {
+                        String::new()
+                    },
+                );
+                let (config, plugins) = (config.to_string_lossy(), self.language_plugins(*lang));
+                let worker = self.taskhost_in(
+                    &taskhost_tests::taskhost_bin(),
+                    &plugins,
+                    *concurrency,
+                    0,
+                    cache_dir,
+                    &["--config", &config],
+                );
+                vec![if wait { ready(worker) } else { worker }]
+            }
         };
         Running { processes }
     }
@@ -210,6 +355,19 @@ impl Stage {
         cache: Option<&Path>,
         more: &[&str],
     ) -> Process {
+        self.taskhost_in(binary, &self.plugins, concurrency, index, cache, more)
+    }
+
+    /// [`Stage::taskhost_of`] serving the plugins in `plugins`.
+    fn taskhost_in(
+        &self,
+        binary: &Path,
+        plugins: &Path,
+        concurrency: usize,
+        index: usize,
+        cache: Option<&Path>,
+        more: &[&str],
+    ) -> Process {
         let (c, node) = (concurrency.to_string(), format!("bench{index}@%h"));
         let mut extra = vec!["-c", &c, "-n", &node];
         extra.extend_from_slice(more);
@@ -218,8 +376,7 @@ impl Stage {
             extra.extend(["--cache-dir", cache]);
         }
         let log = format!("taskhost-{index}-{}.log", uuid::Uuid::new_v4());
-        let command =
-            Process::worker_command_of(binary, &self.dir, &self.redis, &self.plugins, &extra);
+        let command = Process::worker_command_of(binary, &self.dir, &self.redis, plugins, &extra);
         Process::spawn(&self.dir, &log, command)
     }
 

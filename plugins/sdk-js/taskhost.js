@@ -26,7 +26,8 @@
 // `fetch` is the standard one, over the origins the operator granted: a denied origin rejects
 // with `CapabilityDenied`, a failed connection with `ConnectionError` (both TypeErrors, as
 // fetch's network errors are). `signature`, `chain`, `group` and `chord` send more tasks, as
-// Celery's canvas does.
+// Celery's canvas does. `taskhost-testing.js` runs the tasks natively, under node's test
+// runner, with a test double for the host.
 //
 // `taskhost build` puts this file beside app.js as the host that builds the plugin carries it,
 // so a plugin always speaks the contract of the host it was built for.
@@ -321,17 +322,23 @@ function retryFailure(exc, countdown) {
 }
 
 function failure(registered, e) {
+  let outcome;
+  let thrown = e;
   if (e instanceof Retry) {
-    return retryFailure(e.exc, e.countdown);
-  }
-  if (e instanceof Reject) {
-    return { tag: 'reject', val: e.message };
-  }
-  if (registered.autoretry.some((m) => m(e)) && !registered.dont.some((m) => m(e))) {
+    outcome = retryFailure(e.exc, e.countdown);
+  } else if (e instanceof Reject) {
+    outcome = { tag: 'reject', val: e.message };
+  } else if (registered.autoretry.some((m) => m(e)) && !registered.dont.some((m) => m(e))) {
     // As Celery's autoretry: the task's backoff with retryBackoff, else its delay.
-    return retryFailure(e, registered.options.retryBackoff ? undefined : registered.delay);
+    const countdown = registered.options.retryBackoff ? undefined : registered.delay;
+    thrown = new Retry(e, countdown);
+    outcome = retryFailure(e, countdown);
+  } else {
+    outcome = { tag: 'error', val: error(e) };
   }
-  return { tag: 'error', val: error(e) };
+  // What the task threw, for taskhost-testing.js (the host reads `tag` and `val` only).
+  Object.defineProperty(outcome, 'cause', { value: thrown });
+  return outcome;
 }
 
 function defaults(o) {

@@ -37,6 +37,10 @@ const PYTHON: &[(&str, &str)] = &[
         include_str!("../../../plugins/templates/python/app.py"),
     ),
     (
+        "test_app.py",
+        include_str!("../../../plugins/templates/python/test_app.py"),
+    ),
+    (
         ".gitignore",
         include_str!("../../../plugins/templates/python/.gitignore"),
     ),
@@ -51,10 +55,19 @@ const JS: &[(&str, &str)] = &[
         ".gitignore",
         include_str!("../../../plugins/templates/js/.gitignore"),
     ),
-    // For the author's editor; `taskhost build` uses the SDK of the host that builds.
+    (
+        "app.test.js",
+        include_str!("../../../plugins/templates/js/app.test.js"),
+    ),
+    // For the author's editor and tests; `taskhost build` uses the SDK of the host that
+    // builds.
     (
         "taskhost.js",
         include_str!("../../../plugins/sdk-js/taskhost.js"),
+    ),
+    (
+        "taskhost-testing.js",
+        include_str!("../../../plugins/sdk-js/taskhost-testing.js"),
     ),
 ];
 

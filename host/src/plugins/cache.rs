@@ -3,7 +3,9 @@
 //! fraction of a millisecond instead of recompiling it.
 //!
 //! An entry is `<wasm sha256>-<engine fingerprint>.cwasm` with a `.sha256` beside it holding the
-//! digest of the compiled bytes. An entry whose digest does not match, or that the engine
+//! digest of the compiled bytes. A plugin is served mapped from its entry: its code and its
+//! memory image are the file's pages (shared by every worker on the machine, reclaimable by
+//! the kernel), not a private copy per plugin. An entry whose digest does not match, or that the engine
 //! refuses, is logged, recompiled and rewritten — never loaded blindly. Entries are written
 //! to a temporary name and renamed, so a reader never sees half of one.
 //!
@@ -75,12 +77,11 @@ impl Cache {
             .dir
             .join(format!("{digest}-{}.cwasm", sandbox.engine_fingerprint()));
         let sum = entry.with_extension("sha256");
-        if let (Ok(compiled), Ok(expected)) = (std::fs::read(&entry), std::fs::read_to_string(&sum))
-        {
-            if hex(&Sha256::digest(&compiled)) != expected.trim() {
+        if let (Ok(digest), Ok(expected)) = (file_digest(&entry), std::fs::read_to_string(&sum)) {
+            if digest != expected.trim() {
                 tracing::warn!(entry = %entry.display(), "precompile cache entry is corrupt; recompiling");
             } else {
-                match sandbox.deserialize(&compiled) {
+                match sandbox.deserialize_file(&entry) {
                     Ok(component) => return Ok((component, Source::Cache)),
                     Err(e) => tracing::warn!(
                         entry = %entry.display(),
@@ -91,11 +92,18 @@ impl Cache {
         }
         let component = compile(wasm)?;
         match sandbox.serialize(&component) {
-            Ok(compiled) => {
-                if let Err(e) = write_entry(&entry, &sum, &compiled) {
+            Ok(compiled) => match write_entry(&entry, &sum, &compiled) {
+                // Served from the entry just written, as the next load will be: its pages are
+                // the file's, not the compiler's private copy.
+                Ok(()) => {
+                    if let Ok(mapped) = sandbox.deserialize_file(&entry) {
+                        return Ok((mapped, Source::Compiled));
+                    }
+                }
+                Err(e) => {
                     tracing::warn!(dir = %self.dir.display(), "cannot write the precompile cache: {e}");
                 }
-            }
+            },
             Err(e) => tracing::warn!("cannot serialize a compiled plugin for the cache: {e}"),
         }
         Ok((component, Source::Compiled))
@@ -112,6 +120,22 @@ fn write_entry(entry: &Path, sum: &Path, compiled: &[u8]) -> std::io::Result<()>
     // treats the entry as corrupt and recompiles; it never trusts unverified code.
     std::fs::rename(&tmp_sum, sum)?;
     std::fs::rename(&tmp_entry, entry)
+}
+
+/// The SHA-256 of the file at `path`, in lower-case hex, read in pieces (a cache entry is tens
+/// of megabytes, and it is mapped afterwards rather than kept in memory).
+fn file_digest(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            return Ok(hex(&hasher.finalize()));
+        }
+        hasher.update(&buffer[..n]);
+    }
 }
 
 /// Lower-case hex of `bytes`.

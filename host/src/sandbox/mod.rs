@@ -297,18 +297,22 @@ impl Sandbox {
             .map_err(|e| PrepareError::Compile(format!("cannot serialize: {e:#}")))
     }
 
-    /// Loads compiled code written by [`Sandbox::serialize`].
+    /// Loads compiled code written by [`Sandbox::serialize`] to the file `path`, mapped rather
+    /// than read: the code and the memory image are the file's pages, shared by every worker
+    /// on the machine and never a private copy per plugin.
     ///
     /// # Safety of the call
-    /// The bytes are native code that will run in this process: the caller must trust them to
-    /// be what `serialize` wrote. Engine incompatibilities (another wasmtime, other settings)
-    /// are detected and reported as errors; anything else is not.
+    /// The file holds native code that will run in this process: the caller must trust it to
+    /// be what `serialize` wrote, and that no one changes it while it is mapped. Engine
+    /// incompatibilities (another wasmtime, other settings) are detected and reported as
+    /// errors; anything else is not.
     #[allow(unsafe_code)]
-    pub fn deserialize(&self, compiled: &[u8]) -> Result<Component, PrepareError> {
+    pub fn deserialize_file(&self, path: &std::path::Path) -> Result<Component, PrepareError> {
         // SAFETY: see above. The only caller is the precompile cache, which checks a SHA-256
-        // written beside the entry: that catches a torn or corrupted file, not a forged one,
-        // so the cache directory must be writable only by the worker's user.
-        unsafe { Component::deserialize(&self.engine, compiled) }.map_err(|e| prepare_error(&e))
+        // written beside the entry first: that catches a torn or corrupted file, not a forged
+        // one, so the cache directory must be writable only by the worker's user (and entries
+        // are only ever replaced by a rename, never rewritten in place).
+        unsafe { Component::deserialize_file(&self.engine, path) }.map_err(|e| prepare_error(&e))
     }
 
     /// Identifies the engine settings compiled code depends on (wasmtime version, target,

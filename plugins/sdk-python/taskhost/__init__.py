@@ -27,8 +27,11 @@ silently ignored.
 
 Layout: this file is the author-facing API and the ``Handler`` the host calls;
 ``taskhost.canvas`` builds what a task sends; ``taskhost.http`` is the HTTP client (through
-the origins the operator granted).
+the origins the operator granted); ``taskhost.testing`` runs tasks natively under pytest, the
+host played by a test double (``_host`` chooses between the component's imports and it).
 """
+
+from __future__ import annotations
 
 import json
 import logging
@@ -36,13 +39,10 @@ import sys
 import time
 import traceback as _traceback
 from datetime import datetime, timezone
-
-from componentize_py_types import Err
-from wit_world import exports
-from wit_world.imports import host
-from wit_world.imports import taskhost_plugin_types as types
+from typing import Any, Callable
 
 from . import http  # noqa: F401  (taskhost.http)
+from ._host import Err, exports, host, types
 from .canvas import Signature, chain, chord, group, signature
 
 __all__ = [
@@ -151,8 +151,9 @@ class Task:
             return self.run(self, *args, **kwargs)
         return self.run(*args, **kwargs)
 
-    def retry(self, exc=None, countdown=None, eta=None, max_retries=None, throw=True,
-              args=None, kwargs=None, **options):
+    def retry(self, exc: BaseException | None = None, countdown: float | None = None,
+              eta: datetime | None = None, max_retries: int | None = None, throw: bool = True,
+              args: Any = None, kwargs: Any = None, **options: Any) -> Retry:
         """Asks for another try and raises, as Celery's ``self.retry``: ``raise self.retry(...)``
         reads as Celery code does. With neither ``countdown`` nor ``eta`` it waits the task's
         ``default_retry_delay`` (180 s unless the task sets it), as Celery does; ``eta`` is a
@@ -178,7 +179,8 @@ class Task:
             raise ValueError(f"countdown must be a number of seconds >= 0, got {countdown!r}")
         raise Retry(exc=exc, countdown=countdown)
 
-    def update_state(self, task_id=None, state="PROGRESS", meta=None):
+    def update_state(self, task_id: str | None = None, state: str = "PROGRESS",
+                     meta: Any = None) -> None:
         """Publishes progress, as Celery's ``update_state``; ready states are the host's. Only
         the running task's own state: another ``task_id`` is refused."""
         own = self.request.id
@@ -192,29 +194,31 @@ class Task:
         except Err as e:
             raise RuntimeError(f"update_state refused: {e.value}") from None
 
-    def soft_time_left(self):
+    def soft_time_left(self) -> float | None:
         """Seconds until the soft time limit (never below 0); none without one."""
         deadline = self.request.soft_deadline
         return None if deadline is None else max(0.0, deadline - time.time())
 
     # Sending this task, as Celery's: `add.delay(2, 3)`, `add.s(2)`, `add.si(2, 3)`.
 
-    def s(self, *args, **kwargs):
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
         """A signature of this task (partial: a chain step's result comes first)."""
         return signature(self.name, args, kwargs)
 
-    def si(self, *args, **kwargs):
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
         """An immutable signature of this task: it keeps its own arguments in a chain."""
         return signature(self.name, args, kwargs, immutable=True)
 
-    def signature(self, args=(), kwargs=None, **options):
+    def signature(self, args: tuple | list = (), kwargs: dict | None = None,
+                  **options: Any) -> Signature:
         return signature(self.name, args, kwargs, **options)
 
-    def delay(self, *args, **kwargs):
+    def delay(self, *args: Any, **kwargs: Any) -> Any:
         """Sends this task; it goes out when the running task settles."""
         return self.s(*args, **kwargs).delay()
 
-    def apply_async(self, args=(), kwargs=None, **options):
+    def apply_async(self, args: tuple | list = (), kwargs: dict | None = None,
+                    **options: Any) -> Any:
         return signature(self.name, args, kwargs).apply_async(**options)
 
     def __repr__(self):
@@ -237,10 +241,14 @@ def _exception_classes(value, option):
     return classes
 
 
-def task(name=None, *, bind=False, max_retries=None, retry_backoff=None,
-         retry_backoff_max=None, retry_jitter=None, autoretry_for=(), dont_autoretry_for=(),
-         default_retry_delay=DEFAULT_RETRY_DELAY, soft_time_limit=None, time_limit=None,
-         rate_limit=None, queue=None):
+def task(name: str | Callable[..., Any] | None = None, *, bind: bool = False,
+         max_retries: int | None = None, retry_backoff: bool | float | None = None,
+         retry_backoff_max: float | None = None, retry_jitter: bool | None = None,
+         autoretry_for: tuple[type[BaseException], ...] = (),
+         dont_autoretry_for: tuple[type[BaseException], ...] = (),
+         default_retry_delay: float = DEFAULT_RETRY_DELAY, soft_time_limit: float | None = None,
+         time_limit: float | None = None, rate_limit: str | None = None,
+         queue: str | None = None) -> Any:
     """Registers a function as a task, with Celery's options (the host enforces them).
 
     ``autoretry_for`` retries on those exceptions and their subclasses (not on
@@ -299,19 +307,20 @@ class _CurrentTask:
 current_task = _CurrentTask()
 
 
-def config(key, default=None):
+def config(key: str, default: str | None = None) -> str | None:
     """One of this plugin's config values, as the operator set them in ``taskhost.toml``."""
     value = host.config(key)
     return default if value is None else value
 
 
-def send_task(name, args=(), kwargs=None, **options):
+def send_task(name: str, args: tuple | list = (), kwargs: dict | None = None,
+              **options: Any) -> str:
     """Sends a task, as Celery's ``app.send_task``; it goes out when this task settles. Returns
     its id. Options: ``queue``, ``countdown``, ``priority``, ``link``, ... ."""
     return signature(name, args, kwargs).apply_async(**options).id
 
 
-def set_version(version):
+def set_version(version: str) -> None:
     """The plugin's own version, shown beside the content hash the host computes."""
     global _version
     _version = str(version)
@@ -341,7 +350,7 @@ _root.setLevel(logging.DEBUG)
 _root.propagate = False
 
 
-def get_logger(name):
+def get_logger(name: str) -> logging.Logger:
     """A logger whose lines go to the worker's log (as Celery's ``get_task_logger``)."""
     return _root.getChild(name)
 
@@ -370,7 +379,9 @@ def _retry(exc, countdown):
     return Err(types.Failure_Retry(types.RetryRequest(countdown=countdown, reason=reason)))
 
 
-def _run(registered, record):
+def _call(registered, record):
+    """Runs ``registered`` for ``record`` as Celery would: the result as JSON, or what the task
+    raised (an exception its ``autoretry_for`` covers becomes a ``Retry``)."""
     global _current, _current_task
     _renew_random()
     args = json.loads(record.args)
@@ -379,20 +390,30 @@ def _run(registered, record):
     _current_task = registered
     try:
         return json.dumps(registered(*args, **kwargs))
+    except (Retry, Reject):
+        raise
+    except Exception as exc:
+        autoretry_for, dont_autoretry_for, backoff, delay = registered._autoretry
+        if autoretry_for and isinstance(exc, autoretry_for) \
+                and not isinstance(exc, dont_autoretry_for):
+            # As Celery's autoretry: the task's backoff with retry_backoff, else its delay.
+            raise Retry(exc=exc, countdown=None if backoff else delay) from exc
+        raise
+    finally:
+        _current = None
+        _current_task = None
+
+
+def _run(registered, record):
+    """What the host's ``run`` returns: the result, or the failure the task's outcome is."""
+    try:
+        return _call(registered, record)
     except Retry as retry:
         raise _retry(retry.exc, retry.countdown) from None
     except Reject as reject:
         raise Err(types.Failure_Reject(reject.reason)) from None
     except Exception as exc:  # noqa: BLE001 - every failure is the task's outcome
-        autoretry_for, dont_autoretry_for, backoff, delay = registered._autoretry
-        if autoretry_for and isinstance(exc, autoretry_for) \
-                and not isinstance(exc, dont_autoretry_for):
-            # As Celery's autoretry: the task's backoff with retry_backoff, else its delay.
-            raise _retry(exc, None if backoff else delay) from None
         raise Err(types.Failure_Error(_error(exc))) from None
-    finally:
-        _current = None
-        _current_task = None
 
 
 class Handler(exports.Handler):

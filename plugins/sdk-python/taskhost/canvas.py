@@ -19,8 +19,7 @@ in Celery: a task must not wait for another.
 
 import json
 
-from componentize_py_types import Err
-from wit_world.imports import host
+from ._host import Err, host
 
 __all__ = ["SentResult", "Signature", "chain", "chord", "group", "signature"]
 

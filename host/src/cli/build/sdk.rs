@@ -21,6 +21,22 @@ const SDK_FILES: &[(&str, &str)] = &[
         include_str!("../../../../plugins/sdk-python/taskhost/canvas.py"),
     ),
     (
+        "python/taskhost/_host.py",
+        include_str!("../../../../plugins/sdk-python/taskhost/_host.py"),
+    ),
+    (
+        "python/taskhost/_wasi_http.py",
+        include_str!("../../../../plugins/sdk-python/taskhost/_wasi_http.py"),
+    ),
+    (
+        "python/taskhost/_double.py",
+        include_str!("../../../../plugins/sdk-python/taskhost/_double.py"),
+    ),
+    (
+        "python/taskhost/testing.py",
+        include_str!("../../../../plugins/sdk-python/taskhost/testing.py"),
+    ),
+    (
         "js/taskhost.js",
         include_str!("../../../../plugins/sdk-js/taskhost.js"),
     ),
