@@ -41,6 +41,7 @@ fn main() {
             max_table_elements: DEFAULT_TABLE_ELEMENTS,
             stack_bytes: usize::try_from(DEFAULT_STACK_KB * 1024).expect("stack size"),
             component: taskhost::config::ComponentCaps::default(),
+            incremental_dir: None,
         })
         .expect("sandbox"),
     );

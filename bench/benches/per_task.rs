@@ -32,6 +32,7 @@ fn per_task(c: &mut Criterion) {
         max_table_elements: DEFAULT_TABLE_ELEMENTS,
         stack_bytes: usize::try_from(DEFAULT_STACK_KB * 1024).expect("stack size"),
         component: taskhost::config::ComponentCaps::default(),
+        incremental_dir: None,
     };
     let sandbox = Arc::new(Sandbox::new(&options).expect("sandbox"));
     let grants = GrantTable::default();

@@ -7,6 +7,8 @@ mod ceiling;
 mod chart;
 mod compare;
 mod echo;
+mod edit;
+mod idle;
 mod measure;
 mod options;
 mod report;
@@ -20,6 +22,12 @@ fn main() {
     let options = options::Options::parse();
     if let [broker, backend] = options.echo_worker.as_slice() {
         echo::serve(broker, backend);
+    }
+    if options.edit_to_result {
+        return edit::edit_to_result(&options);
+    }
+    if !options.idle_plugins.is_empty() {
+        return idle::idle_plugins(&options);
     }
     match &options.baseline {
         Some(baseline) => compare::compare(&options.effective(), baseline),

@@ -43,6 +43,16 @@ pub struct Options {
     /// and their ratio (to show a change made nothing slower).
     #[arg(long, value_name = "TASKHOST_BINARY")]
     pub baseline: Option<std::path::PathBuf>,
+    /// Instead of the whole bench: how long after a save `taskhost dev --watch` serves the new
+    /// version of each `--languages` template (`--repeat` edits, after a first that fills the
+    /// caches).
+    #[arg(long)]
+    pub edit_to_result: bool,
+    /// Instead of the whole bench: the memory of one idle worker holding each of these numbers
+    /// of distinct Python plugins (built once per `taskhost` binary and kept in the target
+    /// directory), and one such plugin's cold compile.
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub idle_plugins: Vec<usize>,
     /// Where to write the charts (SVG) [default: bench.svg in the target directory].
     #[arg(long, value_name = "PATH")]
     pub svg: Option<std::path::PathBuf>,

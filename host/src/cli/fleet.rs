@@ -73,6 +73,7 @@ pub fn local_sandbox(file: &FileConfig, grants: &GrantTable) -> anyhow::Result<A
         max_table_elements: grants.max_table_elements(),
         stack_bytes: file.stack_bytes()?,
         component: file.component_caps()?,
+        incremental_dir: default_cache_dir().map(|dir| dir.join("incremental")),
     })?))
 }
 

@@ -21,6 +21,7 @@ pub fn rebuild_on_change(project: &Path, plugins: &Path) -> anyhow::Result<Recom
     let (tx, rx) = mpsc::channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
+            && changes(&event.kind)
             && event
                 .paths
                 .iter()
@@ -55,6 +56,16 @@ fn build_once(project: &Path, plugins: &Path) {
     }
 }
 
+/// Whether `kind` is a change to a file: a build reads every source (an access, not a change),
+/// and rebuilding for that would build forever.
+fn changes(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    matches!(
+        kind,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
+    )
+}
+
 /// Whether a change to `path` (relative to the project) can change the plugin: not what builds
 /// write (`target`, `node_modules`, `__pycache__`, components) nor dot-files.
 fn is_source(path: &Path) -> bool {
@@ -83,6 +94,25 @@ pub fn start(projects: &[PathBuf], plugins: &Path) -> anyhow::Result<Vec<Recomme
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_build_reading_the_sources_is_no_change_but_a_save_is() {
+        use notify::EventKind;
+        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+        assert!(!changes(&EventKind::Access(AccessKind::Open(
+            AccessMode::Read
+        ))));
+        assert!(!changes(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(changes(&EventKind::Modify(ModifyKind::Data(
+            notify::event::DataChange::Any
+        ))));
+        assert!(changes(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
+        assert!(changes(&EventKind::Create(CreateKind::File)));
+    }
 
     #[test]
     fn build_outputs_and_dot_files_are_not_sources() {

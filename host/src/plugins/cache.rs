@@ -37,27 +37,7 @@ impl Cache {
     /// # Errors
     /// When it cannot be made, or others could write into it.
     pub fn new(dir: &Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-        let meta = std::fs::metadata(dir)?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        #[allow(unsafe_code)]
-        let me = unsafe { libc::geteuid() };
-        if meta.uid() != me || meta.mode() & 0o022 != 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "{} is not this user's alone (owner uid {}, mode {:o}): its entries are code \
-                     the worker would run; chmod go-w it, or choose another --cache-dir",
-                    dir.display(),
-                    meta.uid(),
-                    meta.mode() & 0o777
-                ),
-            ));
-        }
+        crate::sandbox::private_dir(dir)?;
         Ok(Self {
             dir: dir.to_path_buf(),
         })

@@ -17,6 +17,7 @@
 mod compute;
 mod host_api;
 mod http;
+mod incremental;
 mod limits;
 mod no_http;
 mod outcome;
@@ -27,6 +28,7 @@ mod reuse;
 mod state;
 mod ticker;
 
+pub use incremental::private_dir;
 pub use outcome::{Failure, FailureKind, Outcome};
 pub use recycle::recyclable;
 pub use state::TaskState;
@@ -195,6 +197,9 @@ pub struct SandboxOptions {
     pub stack_bytes: usize,
     /// What one component may take of the pool (the pool holds this much per instance).
     pub component: crate::config::ComponentCaps,
+    /// Where Cranelift keeps each compiled function for the next compile of a component that
+    /// shares it (`incremental`); none: every compile starts from nothing.
+    pub incremental_dir: Option<std::path::PathBuf>,
 }
 
 /// The engine and linker shared by every plugin and task.
@@ -249,6 +254,17 @@ impl Sandbox {
             // The fiber a task runs on holds the wasm stack plus the host calls made from it.
             .async_stack_size(options.stack_bytes + 1024 * 1024)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        if let Some(dir) = &options.incremental_dir {
+            match incremental::DiskStore::new(dir) {
+                Ok(store) => {
+                    config.enable_incremental_compilation(Arc::new(store))?;
+                }
+                Err(e) => tracing::warn!(
+                    dir = %dir.display(),
+                    "no incremental compilation cache ({e}): every compile starts from nothing"
+                ),
+            }
+        }
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;

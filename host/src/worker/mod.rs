@@ -178,6 +178,7 @@ async fn start(
         max_table_elements: config.grants.max_table_elements(),
         stack_bytes: config.stack_bytes,
         component: config.component_caps,
+        incremental_dir: config.cache_dir.as_ref().map(|dir| dir.join("incremental")),
     })?);
     let Some((broker, backend)) = connect_both(&config, stop).await? else {
         return Ok(None);

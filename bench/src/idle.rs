@@ -1,0 +1,241 @@
+//! Memory per loaded plugin: the RSS (and PSS) of one `taskhost worker` holding N distinct
+//! Python plugins, idle once loaded and again after one task on each; beside the worker with
+//! the Rust demo plugin alone; and the compile of one such plugin with empty caches (cold)
+//! and from the precompile cache (cached load).
+//!
+//!     bench/run --idle-plugins 1,10,50
+//!
+//! Each plugin is the Python template built under its own name (`taskhost new pNNN --lang
+//! python`, `taskhost build`), so no two share a byte of code or memory image: what the
+//! figures show is what a platform with that many third-party plugins holds. The builds take
+//! about 15 s each; they are kept in the target directory per `taskhost` binary, so a second
+//! run of the bench starts measuring at once.
+
+use crate::options::Options;
+use crate::report::{Figure, Section};
+use crate::workers::Memory;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use taskhost_tests::{Client, Process, RedisServer, TestDir, taskhost_bin};
+
+/// Concurrency of the measured workers: the bench's language runs use 16.
+const CONCURRENCY: &str = "16";
+
+pub fn idle_plugins(options: &Options) {
+    let dir = TestDir::new("bench-idle");
+    let redis = RedisServer::start(&dir);
+    let most = options.idle_plugins.iter().copied().max().unwrap_or(0);
+    let components = built(&dir, most);
+    let cache = dir.path().join("cache");
+
+    let mut compile = Section::new(
+        "one Python plugin (the template, pre-warmed) made ready by a worker",
+        "s",
+        &[],
+    );
+    if let Some(first) = components.first() {
+        let size = std::fs::metadata(first).map(|m| m.len()).unwrap_or(0);
+        eprintln!("bench: component size {:.1} MB", size as f64 / 1e6);
+        let one = plugin_dir(&dir, "compile", &components[..1]);
+        let (cold, cached) = compile_times(&dir, &one, options.repeat.max(1));
+        compile.row(Figure::new("cold compile (empty caches)", cold), Vec::new());
+        compile.row(
+            Figure::new("cached load (precompile cache)", cached),
+            Vec::new(),
+        );
+    }
+
+    let mut memory = Section::new(
+        "memory of one idle worker (-c 16) by plugins loaded",
+        "MiB",
+        &["RSS per Python plugin over the Rust-only worker"],
+    );
+    let rust = dir.plugins(&["demo"]);
+    let (rust_idle, _) = measure(&dir, &redis, &rust, &cache, &[]);
+    memory.row(
+        Figure::new(
+            "Rust demo plugin alone: RSS idle",
+            vec![mib(rust_idle.rss_kib)],
+        ),
+        Vec::new(),
+    );
+    for &n in &options.idle_plugins {
+        let plugins = plugin_dir(&dir, &format!("n{n}"), &components[..n]);
+        let tasks: Vec<String> = (1..=n).map(|i| format!("{}.add", name(i))).collect();
+        let (idle, used) = measure(&dir, &redis, &plugins, &cache, &tasks);
+        let per = |m: Memory| {
+            let extra = mib(m.rss_kib) - mib(rust_idle.rss_kib);
+            vec![format!("{:.1}", extra / n as f64)]
+        };
+        memory.row(
+            Figure::new(format!("{n} Python: RSS idle"), vec![mib(idle.rss_kib)]),
+            per(idle),
+        );
+        memory.row(
+            Figure::new(format!("{n} Python: PSS idle"), vec![mib(idle.pss_kib)]),
+            Vec::new(),
+        );
+        memory.row(
+            Figure::new(
+                format!("{n} Python: RSS after one task on each"),
+                vec![mib(used.rss_kib)],
+            ),
+            per(used),
+        );
+    }
+    compile.print();
+    memory.print();
+}
+
+/// The name of the `i`-th plugin.
+fn name(i: usize) -> String {
+    format!("p{i:03}")
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The first `count` plugins, built (or found built for this `taskhost` binary).
+fn built(dir: &TestDir, count: usize) -> Vec<PathBuf> {
+    let store = taskhost_tests::target_dir()
+        .join("bench-idle-plugins")
+        .join(binary_key());
+    std::fs::create_dir_all(&store).expect("create the store of built plugins");
+    (1..=count)
+        .map(|i| {
+            let name = name(i);
+            let output = store.join(format!("{name}.wasm"));
+            if !output.is_file() {
+                eprintln!("bench: building Python plugin {i} of {count} ...");
+                build(dir, &name, &output);
+            }
+            output
+        })
+        .collect()
+}
+
+/// Builds the Python template named `name` into `output`.
+fn build(dir: &TestDir, name: &str, output: &Path) {
+    let project = dir.path().join("projects").join(name);
+    let project_arg = project.to_string_lossy().into_owned();
+    let new = Process::run(
+        dir,
+        &["new", name, "--lang", "python", "--dir", &project_arg],
+    );
+    assert!(new.status.success(), "taskhost new failed: {}", new.stderr);
+    // Written aside and renamed: an interrupted bench leaves no half component behind.
+    let partial = output.with_extension("partial");
+    let status = Command::new(taskhost_bin())
+        .args(["build", "-o"])
+        .arg(&partial)
+        .current_dir(&project)
+        .env(
+            "TASKHOST_CACHE_DIR",
+            taskhost_tests::target_dir().join("build-cache"),
+        )
+        .status()
+        .expect("run taskhost build");
+    assert!(status.success(), "taskhost build of {name} failed");
+    std::fs::rename(&partial, output).expect("keep the built plugin");
+}
+
+/// The `taskhost` binary's size and modification time: a rebuilt binary (another SDK, another
+/// pre-warm) builds the plugins again.
+fn binary_key() -> String {
+    let meta = std::fs::metadata(taskhost_bin()).expect("the taskhost binary");
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    format!("{}-{modified}", meta.len())
+}
+
+/// A plugin directory `name` holding `components` (hard links: no copies of 20 MB files).
+fn plugin_dir(dir: &TestDir, name: &str, components: &[PathBuf]) -> PathBuf {
+    let plugins = dir.path().join("plugin-dirs").join(name);
+    std::fs::create_dir_all(&plugins).expect("create a plugin directory");
+    for component in components {
+        let file = component.file_name().expect("a component file name");
+        let link = plugins.join(file);
+        if std::fs::hard_link(component, &link).is_err() {
+            std::fs::copy(component, &link).expect("place a plugin");
+        }
+    }
+    plugins
+}
+
+/// Seconds to make the plugins in `plugins` ready with empty caches (the precompile cache and
+/// Cranelift's incremental one), and with the precompile cache filled; `rounds` of each.
+fn compile_times(dir: &TestDir, plugins: &Path, rounds: usize) -> (Vec<f64>, Vec<f64>) {
+    let listed = plugins.to_string_lossy().into_owned();
+    let timed = |cache: &Path| {
+        let mut command = Process::command(dir, &["plugins", &listed]);
+        command.env("TASKHOST_CACHE_DIR", cache);
+        let started = Instant::now();
+        let output = Process::run_command(dir, command);
+        assert!(
+            output.status.success(),
+            "taskhost plugins failed: {}",
+            output.stderr
+        );
+        started.elapsed().as_secs_f64()
+    };
+    let (mut cold, mut cached) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let cache = dir.path().join(format!("compile-cache-{round}"));
+        cold.push(timed(&cache));
+        cached.push(timed(&cache));
+    }
+    (cold, cached)
+}
+
+/// The worker's memory serving `plugins` (compiled into `cache` first, so no figure holds a
+/// compile): once ready and idle, and again once each of `tasks` has run once.
+fn measure(
+    dir: &TestDir,
+    redis: &RedisServer,
+    plugins: &Path,
+    cache: &Path,
+    tasks: &[String],
+) -> (Memory, Memory) {
+    redis::cmd("FLUSHALL")
+        .exec(&mut redis.conn(0))
+        .expect("FLUSHALL");
+    let listed = plugins.to_string_lossy().into_owned();
+    let mut precompile = Process::command(dir, &["plugins", &listed]);
+    precompile.env("TASKHOST_CACHE_DIR", cache);
+    let output = Process::run_command(dir, precompile);
+    assert!(
+        output.status.success(),
+        "taskhost plugins failed: {}",
+        output.stderr
+    );
+    let cache_arg = cache.to_string_lossy().into_owned();
+    let command = Process::worker_command(
+        dir,
+        redis,
+        plugins,
+        &["-c", CONCURRENCY, "--cache-dir", &cache_arg],
+    );
+    let mut worker = Process::spawn(
+        dir,
+        &format!("worker-{}.log", uuid::Uuid::new_v4()),
+        command,
+    );
+    worker.wait_log("worker ready");
+    // What the start allocated and freed settles; a bench may wait, a test may not.
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = Memory::of(&[worker.pid()]);
+    let mut client = Client::new(redis);
+    for task in tasks {
+        assert_eq!(client.success(task, json!([2, 3])), json!(5), "{task}");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let used = Memory::of(&[worker.pid()]);
+    worker.stop_with(libc::SIGTERM);
+    (idle, used)
+}
