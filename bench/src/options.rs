@@ -49,8 +49,8 @@ pub struct Options {
     #[arg(long)]
     pub edit_to_result: bool,
     /// Instead of the whole bench: the memory of one idle worker holding each of these numbers
-    /// of distinct Python plugins (built once per `taskhost` binary and kept in the target
-    /// directory), and one such plugin's cold compile.
+    /// of distinct Python plugins (built once and kept in the target directory), and one such
+    /// plugin's cold compile.
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     pub idle_plugins: Vec<usize>,
     /// Where to write the charts (SVG) [default: bench.svg in the target directory].

@@ -394,7 +394,7 @@ impl Process {
     }
 
     /// [`Process::run_command`], bounded by `within`.
-    fn run_command_within(dir: &TestDir, mut command: Command, within: Duration) -> Output {
+    pub fn run_command_within(dir: &TestDir, mut command: Command, within: Duration) -> Output {
         let out = dir.path().join(format!("out-{}", uuid::Uuid::new_v4()));
         let err = out.with_extension("err");
         command

@@ -7,6 +7,9 @@
 //! time (StarlingMonkey, the JavaScript engine, fills caches and compiles the functions its
 //! glue calls: about 0.3 ms; CPython specialises its bytecode), and the pages it writes doing
 //! so are pages the pool must reset after every task. Done once here, neither is paid per task.
+//! The Python SDK's `tasks()` also runs its own path of a task call (decoding, the request,
+//! encoding) with a task of its own the first time it is asked, so that the snapshot holds that
+//! path specialised too; an author's tasks are never called here.
 //!
 //! What the snapshot may not hold is anything a task could tell apart from a fresh start:
 //! `version()` and `tasks()` read the plugin's own registrations and touch no handle (no WASI
