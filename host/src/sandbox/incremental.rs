@@ -90,6 +90,23 @@ mod tests {
     use wasmtime::CacheStore as _;
 
     #[test]
+    fn a_directory_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir =
+            std::env::temp_dir().join(format!("taskhost-incremental-perm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the directory");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let refused = DiskStore::new(&dir).expect_err("native code others could have written");
+        assert_eq!(
+            refused.kind(),
+            std::io::ErrorKind::PermissionDenied,
+            "{refused}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_stored_function_is_found_again_and_an_unknown_key_is_not() {
         let dir = std::env::temp_dir().join(format!("taskhost-incremental-{}", std::process::id()));
         let store = DiskStore::new(&dir).expect("a private directory");
