@@ -37,7 +37,6 @@ fn setup(lang: &'static str, test: &str, allow: &[String]) -> Setup {
     Process::precompile(&dir, &plugins, &config, &cache);
     let args = ["--config", config.as_str(), "--cache-dir", cache.as_str()];
     let worker = Process::worker(&dir, &redis, &plugins, &args);
-    worker.wait_log("worker ready");
     Setup {
         worker,
         redis,
@@ -295,18 +294,8 @@ fn js_template_http_to_an_origin_not_granted_is_denied() {
 // The README's quick starts, run as a new user would.
 
 fn readme_quickstart_runs_as_written(lang: &str) {
-    let script = taskhost_tests::readme_block(&format!("quickstart-{lang}"));
     let dir = TestDir::new(&format!("languages-readme-{lang}"));
-    let bin = taskhost_bin();
-    let path = format!(
-        "{}:{}",
-        bin.parent().expect("the binary's directory").display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &script])
-        .current_dir(dir.path())
-        .env("PATH", path)
+    let out = readme_block_command(&format!("quickstart-{lang}"), &dir)
         .env("CARGO_TARGET_DIR", target_dir().join("template-builds"))
         .env("TASKHOST_CACHE_DIR", target_dir().join("build-cache"))
         .output()
@@ -320,21 +309,29 @@ fn readme_quickstart_runs_as_written(lang: &str) {
     assert_eq!(stdout.lines().last(), Some("5"), "{stdout}");
 }
 
-/// The README's block `<!-- testing-LANG -->` run as written, from a clone of this repository;
-/// its output.
-fn readme_testing_block_runs_as_written(lang: &str) -> String {
-    let script = taskhost_tests::readme_block(&format!("testing-{lang}"));
-    let dir = TestDir::new(&format!("languages-readme-testing-{lang}"));
+/// The README's block `<!-- NAME -->` as a bash command in `dir`, with this build's
+/// `taskhost` first on the PATH, as a user who installed it runs the block.
+fn readme_block_command(name: &str, dir: &TestDir) -> Command {
+    let script = taskhost_tests::readme_block(name);
     let bin = taskhost_bin();
     let path = format!(
         "{}:{}",
         bin.parent().expect("the binary's directory").display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let out = Command::new("bash")
+    let mut command = Command::new("bash");
+    command
         .args(["-euo", "pipefail", "-c", &script])
         .current_dir(dir.path())
-        .env("PATH", path)
+        .env("PATH", path);
+    command
+}
+
+/// The README's block `<!-- testing-LANG -->` run as written, from a clone of this repository;
+/// its output.
+fn readme_testing_block_runs_as_written(lang: &str) -> String {
+    let dir = TestDir::new(&format!("languages-readme-testing-{lang}"));
+    let out = readme_block_command(&format!("testing-{lang}"), &dir)
         .env("TASKHOST_SRC", taskhost_tests::root())
         .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
         .output()

@@ -42,7 +42,6 @@ fn setup(test: &str) -> Setup {
     Process::precompile(&dir, &plugins, &config, &cache);
     let args = ["--config", config.as_str(), "--cache-dir", cache.as_str()];
     let worker = Process::worker(&dir, &redis, &plugins, &args);
-    worker.wait_log("worker ready");
     Setup {
         worker,
         redis,

@@ -43,18 +43,7 @@ fn rounds_of(dir: &TestDir, redis: &RedisServer, lang: Lang, rounds: usize) -> V
     let project = dir.path().join(format!("edit-{lang}")).join("demo");
     let plugins = dir.path().join(format!("plugins-{lang}"));
     let project_arg = project.to_string_lossy().into_owned();
-    let new = Process::run(
-        dir,
-        &[
-            "new",
-            "demo",
-            "--lang",
-            lang.as_str(),
-            "--dir",
-            &project_arg,
-        ],
-    );
-    assert!(new.status.success(), "taskhost new failed: {}", new.stderr);
+    crate::workers::write_template(dir, "demo", lang.as_str(), &project);
     let plugins_arg = plugins.to_string_lossy().into_owned();
     let broker = redis.url(0);
     let mut command = Process::command(

@@ -13,12 +13,11 @@
 
 use crate::options::Options;
 use crate::report::{Figure, Section};
-use crate::workers::Memory;
+use crate::workers::{Memory, build_template, write_template};
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
-use taskhost_tests::{Client, Process, RedisServer, TestDir, taskhost_bin};
+use taskhost_tests::{Client, Process, RedisServer, TestDir};
 
 /// Concurrency of the measured workers: the bench's language runs use 16.
 const CONCURRENCY: &str = "16";
@@ -121,25 +120,10 @@ fn built(dir: &TestDir, count: usize) -> (Vec<PathBuf>, PathBuf) {
 /// Builds the Python template named `name` into `output`.
 fn build(dir: &TestDir, name: &str, output: &Path) {
     let project = dir.path().join("projects").join(name);
-    let project_arg = project.to_string_lossy().into_owned();
-    let new = Process::run(
-        dir,
-        &["new", name, "--lang", "python", "--dir", &project_arg],
-    );
-    assert!(new.status.success(), "taskhost new failed: {}", new.stderr);
+    write_template(dir, name, "python", &project);
     // Written aside and renamed: an interrupted bench leaves no half component behind.
     let partial = output.with_extension("partial");
-    let status = Command::new(taskhost_bin())
-        .args(["build", "-o"])
-        .arg(&partial)
-        .current_dir(&project)
-        .env(
-            "TASKHOST_CACHE_DIR",
-            taskhost_tests::target_dir().join("build-cache"),
-        )
-        .status()
-        .expect("run taskhost build");
-    assert!(status.success(), "taskhost build of {name} failed");
+    build_template(&project, &partial);
     std::fs::rename(&partial, output).expect("keep the built plugin");
 }
 
@@ -204,26 +188,30 @@ fn plugin_dir(dir: &TestDir, name: &str, components: &[PathBuf]) -> PathBuf {
 /// Seconds to make the plugins in `plugins` ready with empty caches (the precompile cache and
 /// Cranelift's incremental one), and with the precompile cache filled; `rounds` of each.
 fn compile_times(dir: &TestDir, plugins: &Path, rounds: usize) -> (Vec<f64>, Vec<f64>) {
-    let listed = plugins.to_string_lossy().into_owned();
-    let timed = |cache: &Path| {
-        let mut command = Process::command(dir, &["plugins", &listed]);
-        command.env("TASKHOST_CACHE_DIR", cache);
-        let started = Instant::now();
-        let output = Process::run_command(dir, command);
-        assert!(
-            output.status.success(),
-            "taskhost plugins failed: {}",
-            output.stderr
-        );
-        started.elapsed().as_secs_f64()
-    };
     let (mut cold, mut cached) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let cache = dir.path().join(format!("compile-cache-{round}"));
-        cold.push(timed(&cache));
-        cached.push(timed(&cache));
+        cold.push(precompile(dir, plugins, &cache));
+        cached.push(precompile(dir, plugins, &cache));
     }
     (cold, cached)
+}
+
+/// Makes the plugins in `plugins` ready in the precompile cache `cache` (`taskhost plugins`,
+/// as a worker would at its start); the seconds it took.
+fn precompile(dir: &TestDir, plugins: &Path, cache: &Path) -> f64 {
+    let listed = plugins.to_string_lossy();
+    let mut command = Process::command(dir, &["plugins", &listed]);
+    command.env("TASKHOST_CACHE_DIR", cache);
+    let started = Instant::now();
+    // Cranelift over fifty 20 MB components, when the kept cache is empty.
+    let output = Process::run_command_within(dir, command, Duration::from_secs(1800));
+    assert!(
+        output.status.success(),
+        "taskhost plugins failed: {}",
+        output.stderr
+    );
+    started.elapsed().as_secs_f64()
 }
 
 /// The worker's memory serving `plugins` (compiled into `cache` first, so no figure holds a
@@ -238,16 +226,7 @@ fn measure(
     redis::cmd("FLUSHALL")
         .exec(&mut redis.conn(0))
         .expect("FLUSHALL");
-    let listed = plugins.to_string_lossy().into_owned();
-    let mut precompile = Process::command(dir, &["plugins", &listed]);
-    precompile.env("TASKHOST_CACHE_DIR", cache);
-    // Cranelift over fifty 20 MB components, when the kept cache is empty.
-    let output = Process::run_command_within(dir, precompile, Duration::from_secs(1800));
-    assert!(
-        output.status.success(),
-        "taskhost plugins failed: {}",
-        output.stderr
-    );
+    precompile(dir, plugins, cache);
     let cache_arg = cache.to_string_lossy().into_owned();
     let command = Process::worker_command(
         dir,

@@ -189,36 +189,10 @@ impl Stage {
             .join(format!("lang-{}", lang.as_str()))
             .join("demo");
         let plugins = self.dir.path().join(format!("plugins-{}", lang.as_str()));
-        let (project_arg, plugins_arg) = (project.to_string_lossy(), plugins.to_string_lossy());
-        let new = Process::run(
-            &self.dir,
-            &[
-                "new",
-                "demo",
-                "--lang",
-                lang.as_str(),
-                "--dir",
-                &project_arg,
-            ],
-        );
-        assert!(new.status.success(), "taskhost new failed: {}", new.stderr);
+        let plugins_arg = plugins.to_string_lossy();
+        write_template(&self.dir, "demo", lang.as_str(), &project);
         std::fs::create_dir_all(&plugins).expect("create the language's plugin directory");
-        let output = plugins.join("demo.wasm");
-        let status = Command::new(taskhost_tests::taskhost_bin())
-            .args(["build", "-o"])
-            .arg(&output)
-            .current_dir(&project)
-            .env(
-                "TASKHOST_CACHE_DIR",
-                taskhost_tests::target_dir().join("build-cache"),
-            )
-            .status()
-            .expect("run taskhost build");
-        assert!(
-            status.success(),
-            "taskhost build of the {} template failed",
-            lang.as_str()
-        );
+        build_template(&project, &plugins.join("demo.wasm"));
         let listed = Process::run(&self.dir, &["plugins", &plugins_arg]);
         assert!(
             listed.status.success(),
@@ -420,6 +394,33 @@ impl Stage {
         }
         worker
     }
+}
+
+/// Writes the template of `lang` named `name` into `project` (`taskhost new`).
+pub fn write_template(dir: &TestDir, name: &str, lang: &str, project: &Path) {
+    let project = project.to_string_lossy();
+    let new = Process::run(dir, &["new", name, "--lang", lang, "--dir", &project]);
+    assert!(new.status.success(), "taskhost new failed: {}", new.stderr);
+}
+
+/// Builds the plugin in `project` into `output` (`taskhost build`, pre-warmed as an author's
+/// build is), with the build tools cached in the target directory across benches.
+pub fn build_template(project: &Path, output: &Path) {
+    let status = Command::new(taskhost_tests::taskhost_bin())
+        .args(["build", "-o"])
+        .arg(output)
+        .current_dir(project)
+        .env(
+            "TASKHOST_CACHE_DIR",
+            taskhost_tests::target_dir().join("build-cache"),
+        )
+        .status()
+        .expect("run taskhost build");
+    assert!(
+        status.success(),
+        "taskhost build of {} failed",
+        project.display()
+    );
 }
 
 /// A started contender; its processes are stopped when dropped.

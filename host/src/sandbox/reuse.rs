@@ -107,9 +107,7 @@ impl Warm {
         drop(kept);
         oldest.is_some()
     }
-}
 
-impl Warm {
     /// Instances made, and instances recycled, since the sandbox was made.
     pub(super) fn counts(&self) -> (u64, u64) {
         (
