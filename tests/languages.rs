@@ -430,6 +430,158 @@ fn dev_watch_rebuilds_a_changed_plugin_and_the_worker_serves_the_new_code() {
     });
 }
 
+/// `taskhost dev --watch` on a new Python project named `name`, its `add` served once built.
+struct DevPython {
+    dir: TestDir,
+    redis: RedisServer,
+    project: std::path::PathBuf,
+    /// The dev build in the worker's plugin directory.
+    plugin: std::path::PathBuf,
+    _dev: Process,
+}
+
+impl DevPython {
+    fn start(test: &str, name: &str) -> Self {
+        let dir = TestDir::new(&format!("languages-{test}"));
+        let redis = RedisServer::start(&dir);
+        let project = dir.path().join(name);
+        let made = Command::new(taskhost_bin())
+            .args(["new", name, "--lang", "python", "--dir"])
+            .arg(&project)
+            .status()
+            .expect("taskhost new");
+        assert!(made.success());
+        let plugins = dir.path().join("plugins");
+        let mut command = Command::new(taskhost_bin());
+        command
+            .args([
+                "dev",
+                "--broker",
+                &redis.url(0),
+                "--result-backend",
+                &redis.url(1),
+                "-p",
+            ])
+            .arg(&plugins)
+            .arg("--watch")
+            .arg(&project)
+            .env("TASKHOST_CACHE_DIR", target_dir().join("build-cache"));
+        let dev = Process::spawn(&dir, "dev.log", command);
+        let session = Self {
+            plugin: plugins.join(format!("{name}.wasm")),
+            dir,
+            redis,
+            project,
+            _dev: dev,
+        };
+        session.wait_for_result(&format!("{name}.add"), json!([2, 3]), &json!(5));
+        session
+    }
+
+    /// Waits (a build's time at most) until `task(args)` answers `want`.
+    fn wait_for_result(&self, task: &str, args: serde_json::Value, want: &serde_json::Value) {
+        let mut client = Client::new(&self.redis);
+        let within = std::time::Duration::from_secs(120);
+        wait_for_within(&format!("{task} answering {want}"), within, || {
+            let id = client.send(task, args.clone());
+            (client.result(&id)["result"] == *want).then_some(())
+        });
+    }
+
+    /// The app with each `from` replaced by its `to`, saved once, as an editor saves.
+    fn edit(&self, changes: &[(&str, &str)]) {
+        let path = self.project.join("app.py");
+        let mut code = std::fs::read_to_string(&path).expect("read app.py");
+        for (from, to) in changes {
+            assert!(code.contains(from), "app.py has {from:?}");
+            code = code.replace(from, to);
+        }
+        let saving = self.project.join(".app.py.saving");
+        std::fs::write(&saving, code).expect("write the edit");
+        std::fs::rename(&saving, &path).expect("save the edit");
+    }
+
+    fn plugin_bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.plugin).expect("the dev build")
+    }
+}
+
+#[test]
+fn dev_watch_serves_a_python_edit_from_its_sources_without_a_build() {
+    let dev = DevPython::start("dev-python-live", "live");
+    let built = dev.plugin_bytes();
+    dev.edit(&[(
+        "    return x + y\n",
+        "    return x + y + 100\n\n\n@task(name=\"live.mul\")\ndef mul(x, y):\n    return x * y\n",
+    )]);
+    dev.wait_for_result("live.add", json!([2, 3]), &json!(105));
+    // A new task too: the worker loaded the same file again and asked it for its tasks.
+    dev.wait_for_result("live.mul", json!([2, 3]), &json!(6));
+    assert!(
+        dev.plugin_bytes() == built,
+        "the edit was served by a new build, not from the sources"
+    );
+}
+
+#[test]
+fn dev_watch_builds_a_python_edit_that_imports_what_its_build_did_not() {
+    let dev = DevPython::start("dev-python-import", "imports");
+    let built = dev.plugin_bytes();
+    // `fractions` is in no snapshot of the template: the first build never imported it.
+    dev.edit(&[
+        (
+            "    return x + y\n",
+            "    return str(fractions.Fraction(x, y))\n",
+        ),
+        (
+            "from taskhost import",
+            "import fractions\nfrom taskhost import",
+        ),
+    ]);
+    dev.wait_for_result("imports.add", json!([2, 4]), &json!("1/2"));
+    assert!(
+        dev.plugin_bytes() != built,
+        "served without a new build, though the build never imported fractions"
+    );
+}
+
+#[test]
+fn a_python_dev_build_reads_its_project_and_nothing_else_and_writes_nothing() {
+    let dev = DevPython::start("dev-python-confined", "confined");
+    std::fs::write(dev.dir.path().join("outside.txt"), "secret").expect("a file outside");
+    dev.edit(&[(
+        "    return x + y\n",
+        "    import os\n    seen = []\n    for try_it in (\n        lambda: open(\"/taskhost-dev/sources/app.py\").read(12),\n        lambda: open(\"/taskhost-dev/sources/../outside.txt\").read(),\n        lambda: open(\"/taskhost-dev/sources/new.txt\", \"w\").write(\"x\"),\n        lambda: open(\"/taskhost-dev/sources/app.py\", \"a\").write(\"x\"),\n        lambda: os.remove(\"/taskhost-dev/sources/app.py\"),\n    ):\n        try:\n            seen.append(str(try_it()))\n        except OSError as e:\n            seen.append(type(e).__name__)\n    return seen\n",
+    )]);
+    let answer = |client: &mut Client| {
+        let id = client.send("confined.add", json!([2, 3]));
+        client.result(&id)["result"].clone()
+    };
+    let mut client = Client::new(&dev.redis);
+    let seen = wait_for_within(
+        "the edit served",
+        std::time::Duration::from_secs(120),
+        || Some(answer(&mut client)).filter(serde_json::Value::is_array),
+    );
+    let seen: Vec<String> = serde_json::from_value(seen).expect("a list of strings");
+    assert_eq!(seen[0], "\"\"\"confined:", "its own sources are readable");
+    for (what, outcome) in ["read outside", "create", "append", "remove"]
+        .iter()
+        .zip(&seen[1..])
+    {
+        assert!(
+            outcome.ends_with("Error"),
+            "{what} in the sources was allowed: {seen:?}"
+        );
+    }
+    assert!(!dev.project.join("new.txt").exists());
+    assert!(
+        std::fs::read_to_string(dev.project.join("app.py"))
+            .expect("app.py")
+            .contains("seen.append")
+    );
+}
+
 // The Rust SDK's `tasks!` refusing a malformed function, as its author meets the error.
 
 /// What `cargo check` says of the Rust template with its `add` task replaced by `item`: the

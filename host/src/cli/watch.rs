@@ -1,8 +1,11 @@
 //! `taskhost dev --watch DIR`: builds the plugin in DIR into the worker's plugin directory at
 //! start and again whenever its sources change; the worker's own watcher then hot-reloads it.
-//! A failed build says so and leaves the running version serving.
+//! A failed build says so and leaves the running version serving. A Python plugin's dev build
+//! reads its project's sources when an instance starts, so a change that its build can serve
+//! needs no build: the worker only loads the same file again.
 
-use super::build;
+use super::{build, fleet};
+use anyhow::Context as _;
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -17,6 +20,7 @@ const QUIET: Duration = Duration::from_millis(300);
 /// When `project` cannot be watched.
 pub fn rebuild_on_change(project: &Path, plugins: &Path) -> anyhow::Result<RecommendedWatcher> {
     let project = project.canonicalize()?;
+    let live = build::reads_sources_live(&project)?;
     let root = project.clone();
     let (tx, rx) = mpsc::channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -35,25 +39,64 @@ pub fn rebuild_on_change(project: &Path, plugins: &Path) -> anyhow::Result<Recom
     std::thread::Builder::new()
         .name("taskhost-dev-watch".into())
         .spawn(move || {
-            build_once(&project, &plugins);
+            let mut built = build_once(&project, &plugins);
             // Ends when the watcher (the sender's owner) is dropped.
             while rx.recv().is_ok() {
                 while rx.recv_timeout(QUIET).is_ok() {}
-                build_once(&project, &plugins);
+                if let (Some(name), Some(file)) = (&live, &built) {
+                    match serve_sources(name, &project, file) {
+                        Ok(()) => {
+                            eprintln!(
+                                "taskhost dev: {} changed; the worker loads it from its sources \
+                                 (no build)",
+                                project.display()
+                            );
+                            continue;
+                        }
+                        Err(e) => eprintln!("taskhost dev: the change needs a build: {e:#}"),
+                    }
+                }
+                built = build_once(&project, &plugins).or(built);
             }
         })?;
     Ok(watcher)
 }
 
-fn build_once(project: &Path, plugins: &Path) {
+/// Builds `project` into `plugins`; the file, or `None` (said) when the build failed.
+fn build_once(project: &Path, plugins: &Path) -> Option<PathBuf> {
     eprintln!("taskhost dev: building {}", project.display());
     match build::build_into(project, plugins) {
-        Ok(file) => eprintln!(
-            "taskhost dev: built {}; the worker loads it",
-            file.display()
-        ),
-        Err(e) => eprintln!("taskhost dev: the build failed, the running version stays: {e:#}"),
+        Ok(file) => {
+            eprintln!(
+                "taskhost dev: built {}; the worker loads it",
+                file.display()
+            );
+            Some(file)
+        }
+        Err(e) => {
+            eprintln!("taskhost dev: the build failed, the running version stays: {e:#}");
+            None
+        }
     }
+}
+
+/// Has the worker load `file` (a build of `project` that reads its sources live) again with
+/// the sources as they are now, once they load here: the same grant the worker gives, in a
+/// sandbox of this thread's. A change the build's snapshot cannot serve (a module of the
+/// standard library the build never imported, a syntax error) fails here, and is built.
+fn serve_sources(name: &str, project: &Path, file: &Path) -> anyhow::Result<()> {
+    use crate::config::FileConfig;
+    let config = FileConfig::default();
+    let grants = config.grants(&|_| None)?.with_dev_sources(name, project);
+    let sandbox = fleet::local_sandbox(&config, &grants)?;
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    build::block_on(fleet::load_one(&sandbox, file, bytes, &grants))??;
+    // The worker reloads a dev build on any change to its file, its bytes the same.
+    std::fs::File::options()
+        .write(true)
+        .open(file)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        .with_context(|| format!("cannot touch {}", file.display()))
 }
 
 /// Whether `kind` is a change to a file: a build reads every source (an access, not a change),

@@ -41,7 +41,12 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
         Some(dev::PrivateRedis::start().await?)
     };
     let dev_url = redis.as_ref().map(dev::PrivateRedis::url);
-    let config = WorkerConfig::resolve(flags, dev_url.as_deref())?;
+    let mut config = WorkerConfig::resolve(flags, dev_url.as_deref())?;
+    for project in &args.watch {
+        if let Some(name) = super::build::reads_sources_live(project)? {
+            config.read_sources_live(&name, &project.canonicalize()?);
+        }
+    }
     note_celery_flags(flags);
     let _state = dev::StateFile::write(&config.broker_url)?;
     let exe = std::env::current_exe()

@@ -9,6 +9,7 @@ use super::file::{
 };
 use super::origin::Origin;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,6 +71,7 @@ impl FileConfig {
                     allow_private_network: section.allow_private_network,
                     tasks: section.tasks.clone(),
                     limits,
+                    dev_sources: None,
                 }),
             );
         }
@@ -282,7 +284,14 @@ pub struct Grants {
     /// [`GrantTable::may_serve`]).
     pub tasks: Option<Vec<String>>,
     pub limits: Limits,
+    /// A plugin project's directory, read-only at [`DEV_SOURCES`] in the guest: set by
+    /// `taskhost dev --watch` for the Python plugin it builds from that project, never by a
+    /// config file, so a dev build reads its sources live instead of being rebuilt.
+    pub dev_sources: Option<PathBuf>,
 }
+
+/// Where a dev build finds its project's sources (see [`Grants::dev_sources`]).
+pub const DEV_SOURCES: &str = "/taskhost-dev/sources";
 
 impl Grants {
     /// Whether an HTTP request to `origin` is allowed.
@@ -324,6 +333,15 @@ impl GrantTable {
     /// The grants of plugins without a section of their own.
     pub fn defaults(&self) -> Arc<Grants> {
         self.default.clone()
+    }
+
+    /// This table with `plugin` (its own grants, or the defaults) reading `sources` live.
+    #[must_use]
+    pub fn with_dev_sources(mut self, plugin: &str, sources: &Path) -> Self {
+        let mut grants = (*self.for_plugin(plugin)).clone();
+        grants.dev_sources = Some(sources.to_path_buf());
+        self.plugins.insert(plugin.to_owned(), Arc::new(grants));
+        self
     }
 
     /// The grants of the plugin named `name` (the defaults if it has no section).
@@ -407,9 +425,13 @@ impl GrantTable {
         names(self) == names(other)
     }
 
-    /// Names with a section, for warning about sections no plugin uses.
+    /// Names with a section, for warning about sections no plugin uses (not the projects
+    /// `taskhost dev` builds, which it loads as soon as they are built).
     pub fn configured(&self) -> impl Iterator<Item = &str> {
-        self.plugins.keys().map(String::as_str)
+        self.plugins
+            .iter()
+            .filter(|(_, g)| g.dev_sources.is_none())
+            .map(|(name, _)| name.as_str())
     }
 }
 

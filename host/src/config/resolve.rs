@@ -159,6 +159,17 @@ pub struct WorkerConfig {
     /// `--time-limit` and `--soft-time-limit`, laid over `[limits]` at start and at each
     /// config reload.
     pub limit_flags: LimitFlags,
+    /// Plugins whose sources `taskhost dev --watch` serves live (by plugin name), granted at
+    /// start and at each config reload.
+    pub dev_sources: Vec<(String, PathBuf)>,
+}
+
+impl WorkerConfig {
+    /// Lets plugin `name` read its project's sources in `dir` live (`taskhost dev --watch`).
+    pub fn read_sources_live(&mut self, name: &str, dir: &Path) {
+        self.dev_sources.push((name.to_owned(), dir.to_path_buf()));
+        self.grants = std::mem::take(&mut self.grants).with_dev_sources(name, dir);
+    }
 }
 
 /// Celery's `--autoscale MAX,MIN`.
@@ -323,6 +334,7 @@ impl WorkerConfig {
             },
             autoscale,
             limit_flags,
+            dev_sources: Vec::new(),
         })
     }
 }

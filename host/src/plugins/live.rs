@@ -186,14 +186,19 @@ impl Live {
             }
             Err(e) => return self.refuse(path, &LoadError::Read(e), current.as_deref()),
         };
-        if let Some(plugin) = &current {
+        let grants = self.grants.load_full();
+        // A dev build's tasks are in its project's sources, not in the file: `taskhost dev`
+        // touches the file when they change, and the same bytes load again.
+        let live_sources = grants.for_plugin(&name).dev_sources.is_some();
+        if let Some(plugin) = &current
+            && !live_sources
+        {
             use sha2::Digest;
             if plugin.digest == super::cache::hex(&sha2::Sha256::digest(&bytes)) {
                 lock(&self.refused).remove(path);
                 return Change::Unchanged;
             }
         }
-        let grants = self.grants.load_full();
         let plugin = match load(&self.sandbox, self.cache.as_ref(), path, bytes, &grants).await {
             Ok(plugin) => Arc::new(plugin),
             Err(e) => return self.refuse(path, &e, current.as_deref()),

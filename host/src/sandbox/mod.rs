@@ -10,9 +10,10 @@
 //! one typed [`Outcome`]. Never sees Redis (`host/tests/layout.rs` keeps it so), and of Celery
 //! only the exception shape of a failure.
 //!
-//! Default deny: a store gets a WASI context with no preopened directories, no environment, no
-//! arguments, no sockets or name lookup, captured stdio, and outbound HTTP only through
-//! [`http::HttpPolicy`].
+//! Default deny: a store gets a WASI context with no preopened directories (but a `taskhost dev`
+//! build's own project, read-only: [`crate::config::grants::Grants::dev_sources`]), no
+//! environment, no arguments, no sockets or name lookup, captured stdio, and outbound HTTP only
+//! through [`http::HttpPolicy`].
 
 mod compute;
 mod host_api;
@@ -445,7 +446,17 @@ impl Sandbox {
                 };
                 match tokio::time::timeout(Duration::from_secs(10), call).await {
                     Ok(Ok(described)) => Ok(described),
-                    Ok(Err(e)) => Err(PrepareError::Tasks(format!("{e:#}"))),
+                    Ok(Err(e)) => {
+                        // What the guest wrote before it failed (a Python traceback, a panic
+                        // message) is the reason its author needs.
+                        let (said, _) = store.data().stderr.take();
+                        let said = said.trim_end();
+                        Err(PrepareError::Tasks(if said.is_empty() {
+                            format!("{e:#}")
+                        } else {
+                            format!("{said}\n{e:#}")
+                        }))
+                    }
                     Err(_) => Err(PrepareError::Tasks("did not return within 10 s".into())),
                 }
             })

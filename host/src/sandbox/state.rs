@@ -1,11 +1,12 @@
 //! The state of one store: everything one task run can reach (WASI with nothing granted but
-//! captured stdio, HTTP through the plugin's policy, the resource table, the limiter, the log
+//! captured stdio and, for a `taskhost dev` build, its project's sources read-only, HTTP through the plugin's policy, the resource table, the limiter, the log
 //! budget), made anew for every task, fresh or recycled.
 
 use super::{Scope, http, limits, output};
+use crate::config::grants::DEV_SOURCES;
 use std::sync::Arc;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// The state of one store: everything one task run can reach.
@@ -46,13 +47,19 @@ impl TaskState {
     pub(super) fn new(scope: Scope) -> Self {
         let stdout = output::Capture::default();
         let stderr = output::Capture::default();
-        let wasi = WasiCtx::builder()
-            .stdout(stdout.clone())
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(stdout.clone())
             .stderr(stderr.clone())
             .allow_ip_name_lookup(false)
             .allow_tcp(false)
-            .allow_udp(false)
-            .build();
+            .allow_udp(false);
+        if let Some(sources) = &scope.grants.dev_sources
+            && let Err(e) = wasi.preopened_dir(sources, DEV_SOURCES, FsPerms::ReadOnly)
+        {
+            // The dev build then serves the sources it was built with.
+            tracing::warn!(plugin = %scope.plugin, sources = %sources.display(), "cannot open the plugin's sources: {e}");
+        }
+        let wasi = wasi.build();
         let limiter = limits::Limiter::new(
             scope.grants.limits.memory_bytes,
             scope.grants.limits.table_elements,

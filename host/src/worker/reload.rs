@@ -15,6 +15,7 @@ struct Fixed {
     task_overrides: crate::config::TaskOverrides,
     grants: Arc<arc_swap::ArcSwap<GrantTable>>,
     plugins: Arc<crate::plugins::live::Live>,
+    dev_sources: Vec<(String, PathBuf)>,
 }
 
 impl Fixed {
@@ -73,6 +74,7 @@ pub(super) fn config_reloader(
         task_overrides: shared.config.task_overrides.clone(),
         grants: shared.grants.clone(),
         plugins: shared.plugins.clone(),
+        dev_sources: shared.config.dev_sources.clone(),
     };
     let limit_flags = shared.config.limit_flags;
     move || {
@@ -80,7 +82,10 @@ pub(super) fn config_reloader(
         let loaded = FileConfig::load(Some(path))
             .and_then(|(file, _)| {
                 let file = limit_flags.over(file);
-                let table = file.grants(&|var| std::env::var(var).ok())?;
+                let table = fixed.dev_sources.iter().fold(
+                    file.grants(&|var| std::env::var(var).ok())?,
+                    |table, (name, dir)| table.with_dev_sources(name, dir),
+                );
                 Ok((table, file.schedule()?, file.task_overrides()?))
             })
             .map_err(|e| e.to_string())

@@ -42,7 +42,7 @@ enum Language {
 
 /// Builds the plugin in `args.dir`; prints where the component went.
 pub fn build(args: &BuildArgs) -> anyhow::Result<ExitCode> {
-    let output = build_to(&args.dir, Prewarm::Yes, |name| {
+    let output = build_to(&args.dir, Purpose::Deploy, |name| {
         args.output
             .clone()
             .unwrap_or_else(|| args.dir.join(format!("{name}.wasm")))
@@ -51,37 +51,68 @@ pub fn build(args: &BuildArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Builds the plugin in `dir` into `<plugins>/NAME.wasm` (what `dev --watch` does on each
-/// change); returns the file. Not pre-warmed: an edit shows up seconds sooner, and a task's
-/// speed is not what the author is looking at then.
+/// Builds the plugin in `dir` into `<plugins>/NAME.wasm` for `taskhost dev --watch`; returns
+/// the file. Not pre-warmed: an edit shows up seconds sooner, and a task's speed is not what
+/// the author is looking at then. A Python plugin reads its sources live ([`Sources::Live`]).
 pub fn build_into(dir: &Path, plugins: &Path) -> anyhow::Result<PathBuf> {
-    build_to(dir, Prewarm::No, |name| {
+    build_to(dir, Purpose::Dev, |name| {
         plugins.join(format!("{name}.wasm"))
     })
 }
 
-/// Whether an interpreted plugin is pre-warmed ([`prewarmed`]).
+/// What a build is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Prewarm {
-    Yes,
-    No,
+enum Purpose {
+    /// A plugin to deploy: an interpreted one is pre-warmed ([`prewarmed`]).
+    Deploy,
+    /// `taskhost dev --watch`: built sooner, and reading its sources live where it can.
+    Dev,
+}
+
+/// Where a Python plugin's tasks come from when it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sources {
+    /// The sources as they were built.
+    Built,
+    /// The project's sources as they are when an instance starts, where the worker grants
+    /// them ([`crate::config::grants::Grants::dev_sources`]); as built elsewhere.
+    Live,
+}
+
+/// The name of the plugin built from `dir` when its build reads its sources live (a Python
+/// project), for `taskhost dev` to grant it those sources.
+///
+/// # Errors
+/// When `dir` is no plugin project.
+pub fn reads_sources_live(dir: &Path) -> anyhow::Result<Option<String>> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("no plugin directory {}", dir.display()))?;
+    Ok(match language(&dir)? {
+        Language::Python => Some(dir_name(&dir)?),
+        Language::Rust | Language::Js => None,
+    })
 }
 
 /// Builds the plugin in `dir` and places it where `output` says for its name.
 fn build_to(
     dir: &Path,
-    prewarm: Prewarm,
+    purpose: Purpose,
     output: impl FnOnce(&str) -> PathBuf,
 ) -> anyhow::Result<PathBuf> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("no plugin directory {}", dir.display()))?;
+    let sources = match purpose {
+        Purpose::Deploy => Sources::Built,
+        Purpose::Dev => Sources::Live,
+    };
     let (built, interpreted) = match language(&dir)? {
         Language::Rust => (rust::build(&dir)?, false),
-        Language::Python => (python::build(&dir)?, true),
+        Language::Python => (python::build(&dir, sources)?, true),
         Language::Js => (js::build(&dir)?, true),
     };
-    let built = if interpreted && prewarm == Prewarm::Yes {
+    let built = if interpreted && purpose == Purpose::Deploy {
         prewarmed(built)?
     } else {
         built
@@ -104,18 +135,23 @@ fn prewarmed(built: Built) -> anyhow::Result<Built> {
             .with_context(|| format!("cannot read {}", built.component.display()))?;
         let file = crate::config::FileConfig::default();
         let sandbox = super::fleet::local_sandbox(&file, &file.grants(&|_| None)?)?;
-        let warmed = match tokio::runtime::Handle::try_current() {
-            Ok(handle) => handle.block_on(sandbox.prewarm(&component)),
-            Err(_) => tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(sandbox.prewarm(&component)),
-        }?;
+        let warmed = block_on(sandbox.prewarm(&component))??;
         std::fs::write(&built.component, warmed)
             .with_context(|| format!("cannot write {}", built.component.display()))
     };
     warm().context("cannot pre-warm the plugin (instantiate it and call version() and tasks())")?;
     Ok(built)
+}
+
+/// Runs `work` to its end from a thread that is not the runtime's.
+pub fn block_on<F: std::future::Future>(work: F) -> anyhow::Result<F::Output> {
+    Ok(match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.block_on(work),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(work),
+    })
 }
 
 /// What a language's build made.

@@ -1,29 +1,39 @@
 //! Building a Python plugin (`app.py`): componentize-py, pinned, installed from PyPI into a venv
 //! under the cache directory on first use, with the Python SDK this binary carries.
 
-use super::{Built, dir_name, made_once, run, sdk, temporary_output};
+use super::{Built, Sources, dir_name, made_once, run, sdk, temporary_output};
 use std::path::Path;
 use std::process::Command;
 
 /// The componentize-py release Python plugins are built with (it bundles CPython).
 const COMPONENTIZE_PY: &str = "0.25.1";
 
-/// Builds a Python plugin (`app.py` in `dir`), named for its directory.
-pub(super) fn build(dir: &Path) -> anyhow::Result<Built> {
+/// Builds a Python plugin (`app.py` in `dir`), named for its directory. `sources` says where
+/// its tasks come from at run time.
+pub(super) fn build(dir: &Path, sources: Sources) -> anyhow::Result<Built> {
     let name = dir_name(dir)?;
     let cache = sdk::cache()?;
     let mut componentize = componentize_py(&cache.join("tools"))?;
     let sdk = sdk::written(&cache.join("sdk"))?;
     let out = temporary_output();
+    // A live build's app is the SDK's `taskhost_dev`, which imports the author's `app`.
+    let app = match sources {
+        Sources::Built => "app",
+        Sources::Live => "taskhost_dev",
+    };
+    componentize
+        .arg("-q")
+        .arg("-d")
+        .arg(sdk.join("wit"))
+        .args(["-w", "sdk-plugin", "componentize", app, "-p"])
+        .arg(dir)
+        .arg("-p")
+        .arg(sdk.join("python"));
+    if sources == Sources::Live {
+        componentize.arg("-p").arg(sdk.join("python-dev"));
+    }
     run(
         componentize
-            .arg("-q")
-            .arg("-d")
-            .arg(sdk.join("wit"))
-            .args(["-w", "sdk-plugin", "componentize", "app", "-p"])
-            .arg(dir)
-            .arg("-p")
-            .arg(sdk.join("python"))
             .arg("-o")
             .arg(&out)
             // Its own venv's site-packages would otherwise be searched for the app's imports.

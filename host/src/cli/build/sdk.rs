@@ -37,6 +37,10 @@ const SDK_FILES: &[(&str, &str)] = &[
         include_str!("../../../../plugins/sdk-python/taskhost/testing.py"),
     ),
     (
+        "python-dev/taskhost_dev.py",
+        include_str!("../../../../plugins/sdk-python/dev/taskhost_dev.py"),
+    ),
+    (
         "js/taskhost.js",
         include_str!("../../../../plugins/sdk-js/taskhost.js"),
     ),
