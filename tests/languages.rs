@@ -582,6 +582,42 @@ fn a_python_dev_build_reads_its_project_and_nothing_else_and_writes_nothing() {
     );
 }
 
+#[test]
+fn dev_compiles_with_the_fast_compiler_and_still_stops_a_task_at_its_time_limit() {
+    let dir = TestDir::new("languages-dev-time-limit");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugins dir");
+    std::fs::copy(
+        taskhost_tests::test_plugin_wasm("hostile"),
+        plugins.join("hostile.wasm"),
+    )
+    .expect("copy the plugin");
+    let mut command = Command::new(taskhost_bin());
+    command
+        .args([
+            "dev",
+            "--broker",
+            &redis.url(0),
+            "--result-backend",
+            &redis.url(1),
+            "--time-limit",
+            "0.5",
+            "-p",
+        ])
+        .arg(&plugins)
+        .env("TASKHOST_CACHE_DIR", target_dir().join("build-cache"));
+    let _dev = Process::spawn(&dir, "dev.log", command);
+    let mut client = Client::new(&redis);
+    let id = client.send("hostile.spin", json!([]));
+    let result = client.result(&id);
+    assert_eq!(result["status"], "FAILURE", "{result}");
+    assert_eq!(
+        result["result"]["exc_type"], "TimeLimitExceeded",
+        "{result}"
+    );
+}
+
 // The Rust SDK's `tasks!` refusing a malformed function, as its author meets the error.
 
 /// What `cargo check` says of the Rust template with its `add` task replaced by `item`: the

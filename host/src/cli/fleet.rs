@@ -8,7 +8,7 @@ use crate::plugins::{self, Plugin};
 use crate::protocol::time::now_ms;
 use crate::redis::fleet;
 use crate::redis::{Client, Connection};
-use crate::sandbox::{Sandbox, SandboxOptions, TaskDefaults, WIT_PACKAGE};
+use crate::sandbox::{Compiler, Sandbox, SandboxOptions, TaskDefaults, WIT_PACKAGE};
 use crate::signing::{DeployRecord, SecretKey};
 use anyhow::Context as _;
 use clap::Args;
@@ -66,7 +66,11 @@ pub struct PluginsArgs {
 }
 
 /// A small sandbox for commands that run one plugin at a time.
-pub fn local_sandbox(file: &FileConfig, grants: &GrantTable) -> anyhow::Result<Arc<Sandbox>> {
+pub fn local_sandbox(
+    file: &FileConfig,
+    grants: &GrantTable,
+    compiler: Compiler,
+) -> anyhow::Result<Arc<Sandbox>> {
     Ok(Arc::new(Sandbox::new(&SandboxOptions {
         max_instances: 4,
         max_memory_bytes: grants.max_memory_bytes(),
@@ -74,6 +78,7 @@ pub fn local_sandbox(file: &FileConfig, grants: &GrantTable) -> anyhow::Result<A
         stack_bytes: file.stack_bytes()?,
         component: file.component_caps()?,
         incremental_dir: default_cache_dir().map(|dir| dir.join("incremental")),
+        compiler,
     })?))
 }
 
@@ -93,7 +98,7 @@ pub async fn load_one(
 pub async fn list_plugins(args: &PluginsArgs) -> anyhow::Result<ExitCode> {
     let (file, _) = FileConfig::load(args.config.as_deref())?;
     let grants = file.grants(&|var| std::env::var(var).ok())?;
-    let sandbox = local_sandbox(&file, &grants)?;
+    let sandbox = local_sandbox(&file, &grants, Compiler::Optimizing)?;
     let cache = default_cache_dir().and_then(|dir| Cache::new(&dir).ok());
     let grants = Arc::new(arc_swap::ArcSwap::from_pointee(grants));
     let live = Live::open(sandbox, cache, &args.dir, grants).await?;
@@ -216,7 +221,7 @@ pub async fn deploy(args: &DeployArgs) -> anyhow::Result<()> {
 /// Loads `bytes` as a worker would, without grants: what every worker must be able to load.
 async fn check(path: &Path, bytes: Vec<u8>) -> anyhow::Result<Plugin> {
     let grants = GrantTable::default();
-    let sandbox = local_sandbox(&FileConfig::default(), &grants)?;
+    let sandbox = local_sandbox(&FileConfig::default(), &grants, Compiler::Optimizing)?;
     load_one(&sandbox, path, bytes, &grants).await
 }
 

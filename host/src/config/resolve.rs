@@ -162,6 +162,8 @@ pub struct WorkerConfig {
     /// Plugins whose sources `taskhost dev --watch` serves live (by plugin name), granted at
     /// start and at each config reload.
     pub dev_sources: Vec<(String, PathBuf)>,
+    /// Optimising for a worker; fast for `taskhost dev`.
+    pub compiler: crate::sandbox::Compiler,
 }
 
 impl WorkerConfig {
@@ -335,6 +337,7 @@ impl WorkerConfig {
             autoscale,
             limit_flags,
             dev_sources: Vec::new(),
+            compiler: crate::sandbox::Compiler::Optimizing,
         })
     }
 }

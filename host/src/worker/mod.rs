@@ -179,6 +179,7 @@ async fn start(
         stack_bytes: config.stack_bytes,
         component: config.component_caps,
         incremental_dir: config.cache_dir.as_ref().map(|dir| dir.join("incremental")),
+        compiler: config.compiler,
     })?);
     let Some((broker, backend)) = connect_both(&config, stop).await? else {
         return Ok(None);

@@ -134,7 +134,11 @@ fn prewarmed(built: Built) -> anyhow::Result<Built> {
         let component = std::fs::read(&built.component)
             .with_context(|| format!("cannot read {}", built.component.display()))?;
         let file = crate::config::FileConfig::default();
-        let sandbox = super::fleet::local_sandbox(&file, &file.grants(&|_| None)?)?;
+        let sandbox = super::fleet::local_sandbox(
+            &file,
+            &file.grants(&|_| None)?,
+            crate::sandbox::Compiler::Optimizing,
+        )?;
         let warmed = block_on(sandbox.prewarm(&component))??;
         std::fs::write(&built.component, warmed)
             .with_context(|| format!("cannot write {}", built.component.display()))
