@@ -42,7 +42,7 @@ fn main() {
             stack_bytes: usize::try_from(DEFAULT_STACK_KB * 1024).expect("stack size"),
             component: taskhost::config::ComponentCaps::default(),
             incremental_dir: None,
-            compiler: taskhost::sandbox::Compiler::Optimizing,
+            compiler: taskhost::config::Compiler::Optimizing,
         })
         .expect("sandbox"),
     );

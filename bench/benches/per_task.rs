@@ -33,7 +33,7 @@ fn per_task(c: &mut Criterion) {
         stack_bytes: usize::try_from(DEFAULT_STACK_KB * 1024).expect("stack size"),
         component: taskhost::config::ComponentCaps::default(),
         incremental_dir: None,
-        compiler: taskhost::sandbox::Compiler::Optimizing,
+        compiler: taskhost::config::Compiler::Optimizing,
     };
     let sandbox = Arc::new(Sandbox::new(&options).expect("sandbox"));
     let grants = GrantTable::default();

@@ -1,6 +1,7 @@
 //! The operator's plugin commands: `taskhost plugins` (what a directory serves),
 //! `taskhost deploy`, `rollback` and `deployments` (fleet deploys through the broker).
 
+use crate::config::Compiler;
 use crate::config::{FileConfig, GrantTable, resolve::default_cache_dir};
 use crate::plugins::cache::{Cache, hex};
 use crate::plugins::live::Live;
@@ -8,7 +9,7 @@ use crate::plugins::{self, Plugin};
 use crate::protocol::time::now_ms;
 use crate::redis::fleet;
 use crate::redis::{Client, Connection};
-use crate::sandbox::{Compiler, Sandbox, SandboxOptions, TaskDefaults, WIT_PACKAGE};
+use crate::sandbox::{Sandbox, SandboxOptions, TaskDefaults, WIT_PACKAGE};
 use crate::signing::{DeployRecord, SecretKey};
 use anyhow::Context as _;
 use clap::Args;

@@ -189,7 +189,7 @@ pub async fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     }
     let (file, _) = FileConfig::load(args.config.as_deref())?;
     let grants = file.grants(&|var| std::env::var(var).ok())?;
-    let sandbox = local_sandbox(&file, &grants, crate::sandbox::Compiler::Optimizing)?;
+    let sandbox = local_sandbox(&file, &grants, crate::config::Compiler::Optimizing)?;
     let bytes = std::fs::read(&args.plugin)
         .with_context(|| format!("cannot read {}", args.plugin.display()))?;
     let plugin = load_one(&sandbox, &args.plugin, bytes, &grants).await?;

@@ -88,7 +88,7 @@ fn serve_sources(name: &str, project: &Path, file: &Path) -> anyhow::Result<()> 
     use crate::config::FileConfig;
     let config = FileConfig::default();
     let grants = config.grants(&|_| None)?.with_dev_sources(name, project);
-    let sandbox = fleet::local_sandbox(&config, &grants, crate::sandbox::Compiler::Fast)?;
+    let sandbox = fleet::local_sandbox(&config, &grants, crate::config::Compiler::Fast)?;
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     build::block_on(fleet::load_one(&sandbox, file, bytes, &grants))??;
     // The worker reloads a dev build on any change to its file, its bytes the same.

@@ -43,7 +43,7 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<()> {
     let dev_url = redis.as_ref().map(dev::PrivateRedis::url);
     let mut config = WorkerConfig::resolve(flags, dev_url.as_deref())?;
     // An edit's wait is what counts here, not a task's speed.
-    config.compiler = crate::sandbox::Compiler::Fast;
+    config.compiler = crate::config::Compiler::Fast;
     for project in &args.watch {
         if let Some(name) = super::build::reads_sources_live(project)? {
             config.read_sources_live(&name, &project.canonicalize()?);

@@ -28,4 +28,4 @@ pub use fleet::FleetTrust;
 pub use grants::{GrantTable, Grants, Limits, NameRefusal};
 pub use origin::Origin;
 pub use rate::Rate;
-pub use resolve::{Autoscale, LimitFlags, TaskOverrides, WorkerConfig, WorkerFlags};
+pub use resolve::{Autoscale, Compiler, LimitFlags, TaskOverrides, WorkerConfig, WorkerFlags};

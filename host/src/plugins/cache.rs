@@ -168,4 +168,28 @@ mod tests {
         assert!(refused.to_string().contains("chmod go-w"), "{refused}");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn code_compiled_fast_is_cached_apart_from_optimised_code() {
+        use crate::config::Compiler;
+        use crate::sandbox::{Sandbox, SandboxOptions};
+        let fingerprint = |compiler| {
+            Sandbox::new(&SandboxOptions {
+                max_instances: 1,
+                max_memory_bytes: 1 << 20,
+                max_table_elements: 1000,
+                stack_bytes: 512 * 1024,
+                component: crate::config::ComponentCaps::default(),
+                incremental_dir: None,
+                compiler,
+            })
+            .expect("a sandbox")
+            .engine_fingerprint()
+        };
+        // A worker must never load what `taskhost dev` compiled with Winch for the same bytes.
+        assert_ne!(
+            fingerprint(Compiler::Fast),
+            fingerprint(Compiler::Optimizing)
+        );
+    }
 }

@@ -201,19 +201,7 @@ pub struct SandboxOptions {
     /// Where Cranelift keeps each compiled function for the next compile of a component that
     /// shares it (`incremental`); none: every compile starts from nothing.
     pub incremental_dir: Option<std::path::PathBuf>,
-    pub compiler: Compiler,
-}
-
-/// How plugins are compiled to machine code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Compiler {
-    /// Cranelift, optimising (with the incremental cache, if any): what a worker runs.
-    #[default]
-    Optimizing,
-    /// Winch, wasmtime's baseline compiler: a 13 MB JavaScript plugin compiles in 1 s instead
-    /// of 6 (2 with the incremental cache), and runs slower. `taskhost dev`'s, where an edit's
-    /// wait is what counts. Its code is cached apart: the engine fingerprint differs.
-    Fast,
+    pub compiler: crate::config::Compiler,
 }
 
 /// The engine and linker shared by every plugin and task.
@@ -268,7 +256,7 @@ impl Sandbox {
             // The fiber a task runs on holds the wasm stack plus the host calls made from it.
             .async_stack_size(options.stack_bytes + 1024 * 1024)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        if options.compiler == Compiler::Fast {
+        if options.compiler == crate::config::Compiler::Fast {
             config.strategy(wasmtime::Strategy::Winch);
         } else if let Some(dir) = &options.incremental_dir {
             match incremental::DiskStore::new(dir) {
@@ -591,32 +579,5 @@ impl Sandbox {
             }
             Ok(Err(error)) => outcome::trapped(&error, &stderr, &stdout),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sandbox(compiler: Compiler) -> Sandbox {
-        Sandbox::new(&SandboxOptions {
-            max_instances: 1,
-            max_memory_bytes: 1 << 20,
-            max_table_elements: 1000,
-            stack_bytes: 512 * 1024,
-            component: crate::config::ComponentCaps::default(),
-            incremental_dir: None,
-            compiler,
-        })
-        .expect("a sandbox")
-    }
-
-    #[test]
-    fn code_compiled_fast_is_cached_apart_from_optimised_code() {
-        // A worker must never load what `taskhost dev` compiled with Winch for the same bytes.
-        assert_ne!(
-            sandbox(Compiler::Fast).engine_fingerprint(),
-            sandbox(Compiler::Optimizing).engine_fingerprint()
-        );
     }
 }

@@ -172,15 +172,7 @@ async fn start(
     stop_tx: Stop,
     stop: &mut Stopping,
 ) -> anyhow::Result<Option<(Arc<Shared>, Presence)>> {
-    let sandbox = Arc::new(Sandbox::new(&SandboxOptions {
-        max_instances: config.pool_instances,
-        max_memory_bytes: config.grants.max_memory_bytes(),
-        max_table_elements: config.grants.max_table_elements(),
-        stack_bytes: config.stack_bytes,
-        component: config.component_caps,
-        incremental_dir: config.cache_dir.as_ref().map(|dir| dir.join("incremental")),
-        compiler: config.compiler,
-    })?);
+    let sandbox = sandbox(&config)?;
     let Some((broker, backend)) = connect_both(&config, stop).await? else {
         return Ok(None);
     };
@@ -247,6 +239,19 @@ async fn start(
         config,
     });
     Ok(Some((shared, presence)))
+}
+
+/// The engine every plugin of this worker is compiled for and runs in.
+fn sandbox(config: &WorkerConfig) -> anyhow::Result<Arc<Sandbox>> {
+    Ok(Arc::new(Sandbox::new(&SandboxOptions {
+        max_instances: config.pool_instances,
+        max_memory_bytes: config.grants.max_memory_bytes(),
+        max_table_elements: config.grants.max_table_elements(),
+        stack_bytes: config.stack_bytes,
+        component: config.component_caps,
+        incremental_dir: config.cache_dir.as_ref().map(|dir| dir.join("incremental")),
+        compiler: config.compiler,
+    })?))
 }
 
 /// The broker and the backend, waiting for Redis; none if a stop came first.

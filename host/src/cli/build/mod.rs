@@ -137,7 +137,7 @@ fn prewarmed(built: Built) -> anyhow::Result<Built> {
         let sandbox = super::fleet::local_sandbox(
             &file,
             &file.grants(&|_| None)?,
-            crate::sandbox::Compiler::Optimizing,
+            crate::config::Compiler::Optimizing,
         )?;
         let warmed = block_on(sandbox.prewarm(&component))??;
         std::fs::write(&built.component, warmed)
