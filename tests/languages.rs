@@ -377,20 +377,8 @@ fn readme_quickstart_for_js_runs_as_written() {
 
 // The author's loop: `taskhost dev --watch`.
 
-#[test]
-fn dev_watch_rebuilds_a_changed_plugin_and_the_worker_serves_the_new_code() {
-    // The Rust template's dependencies compiled once, so each build here is the plugin's own.
-    template_wasm("rust");
-    let dir = TestDir::new("languages-dev-watch");
-    let redis = RedisServer::start(&dir);
-    let project = dir.path().join("watched");
-    let made = Command::new(taskhost_bin())
-        .args(["new", "watched", "--lang", "rust", "--dir"])
-        .arg(&project)
-        .status()
-        .expect("taskhost new");
-    assert!(made.success());
-    let plugins = dir.path().join("plugins");
+/// `taskhost dev` on `redis`, serving `plugins`, with `extra` arguments.
+fn dev_command(redis: &RedisServer, plugins: &std::path::Path, extra: &[&str]) -> Command {
     let mut command = Command::new(taskhost_bin());
     command
         .args([
@@ -401,102 +389,73 @@ fn dev_watch_rebuilds_a_changed_plugin_and_the_worker_serves_the_new_code() {
             &redis.url(1),
             "-p",
         ])
-        .arg(&plugins)
-        .arg("--watch")
-        .arg(&project)
+        .arg(plugins)
+        .args(extra)
+        // The Rust template's dependencies compiled once, so each build here is the plugin's own.
         .env("CARGO_TARGET_DIR", target_dir().join("template-builds"))
         .env("TASKHOST_CACHE_DIR", target_dir().join("build-cache"));
-    let _dev = Process::spawn(&dir, "dev.log", command);
-    let mut client = Client::new(&redis);
-    let add = |client: &mut Client| {
-        let id = client.send("watched.add", json!([2, 3]));
-        client.result(&id)["result"].clone()
-    };
-    // Bounded generously: a build is cargo's, on a loaded 2-core machine.
-    let within = std::time::Duration::from_secs(120);
-    wait_for_within("the first build served", within, || {
-        (add(&mut client) == 5).then_some(())
-    });
-    let source = project.join("src").join("lib.rs");
-    let code = std::fs::read_to_string(&source).expect("read the source");
-    let changed = code.replace(
-        "x.checked_add(y)",
-        "x.checked_add(y).and_then(|s| s.checked_add(100))",
-    );
-    assert_ne!(code, changed, "the template's add changed");
-    std::fs::write(&source, changed).expect("edit the source");
-    wait_for_within("the rebuilt plugin served", within, || {
-        (add(&mut client) == 105).then_some(())
-    });
+    command
 }
 
-/// `taskhost dev --watch` on a new Python project named `name`, its `add` served once built.
-struct DevPython {
+/// `taskhost dev --watch` on a new project `name` in `lang`, its `add` served once built.
+struct Dev {
     dir: TestDir,
     redis: RedisServer,
+    name: String,
     project: std::path::PathBuf,
     /// The dev build in the worker's plugin directory.
     plugin: std::path::PathBuf,
     _dev: Process,
 }
 
-impl DevPython {
-    fn start(test: &str, name: &str) -> Self {
+impl Dev {
+    fn start(test: &str, name: &str, lang: &str) -> Self {
         let dir = TestDir::new(&format!("languages-{test}"));
         let redis = RedisServer::start(&dir);
         let project = dir.path().join(name);
         let made = Command::new(taskhost_bin())
-            .args(["new", name, "--lang", "python", "--dir"])
+            .args(["new", name, "--lang", lang, "--dir"])
             .arg(&project)
             .status()
             .expect("taskhost new");
         assert!(made.success());
         let plugins = dir.path().join("plugins");
-        let mut command = Command::new(taskhost_bin());
-        command
-            .args([
-                "dev",
-                "--broker",
-                &redis.url(0),
-                "--result-backend",
-                &redis.url(1),
-                "-p",
-            ])
-            .arg(&plugins)
-            .arg("--watch")
-            .arg(&project)
-            .env("TASKHOST_CACHE_DIR", target_dir().join("build-cache"));
+        let watch = project.to_string_lossy().into_owned();
+        let command = dev_command(&redis, &plugins, &["--watch", &watch]);
         let dev = Process::spawn(&dir, "dev.log", command);
         let session = Self {
             plugin: plugins.join(format!("{name}.wasm")),
+            name: name.to_owned(),
             dir,
             redis,
             project,
             _dev: dev,
         };
-        session.wait_for_result(&format!("{name}.add"), json!([2, 3]), &json!(5));
+        session.wait_for_result("add", json!([2, 3]), &json!(5));
         session
     }
 
-    /// Waits (a build's time at most) until `task(args)` answers `want`.
+    /// Waits (a build's time at most, on a loaded 2-core machine) until the plugin's `task`
+    /// answers `want` for `args`.
     fn wait_for_result(&self, task: &str, args: serde_json::Value, want: &serde_json::Value) {
         let mut client = Client::new(&self.redis);
+        let task = format!("{}.{task}", self.name);
         let within = std::time::Duration::from_secs(120);
         wait_for_within(&format!("{task} answering {want}"), within, || {
-            let id = client.send(task, args.clone());
+            let id = client.send(&task, args.clone());
             (client.result(&id)["result"] == *want).then_some(())
         });
     }
 
-    /// The app with each `from` replaced by its `to`, saved once, as an editor saves.
-    fn edit(&self, changes: &[(&str, &str)]) {
-        let path = self.project.join("app.py");
-        let mut code = std::fs::read_to_string(&path).expect("read app.py");
+    /// `file` with each `from` replaced by its `to`, saved once, as an editor saves.
+    fn edit(&self, file: &str, changes: &[(&str, &str)]) {
+        let path = self.project.join(file);
+        let mut code = std::fs::read_to_string(&path).expect("read the source");
         for (from, to) in changes {
-            assert!(code.contains(from), "app.py has {from:?}");
+            assert!(code.contains(from), "{file} has {from:?}");
             code = code.replace(from, to);
         }
-        let saving = self.project.join(".app.py.saving");
+        let saving = self.project.join(".saving");
         std::fs::write(&saving, code).expect("write the edit");
         std::fs::rename(&saving, &path).expect("save the edit");
     }
@@ -507,16 +466,33 @@ impl DevPython {
 }
 
 #[test]
+fn dev_watch_rebuilds_a_changed_plugin_and_the_worker_serves_the_new_code() {
+    template_wasm("rust");
+    let dev = Dev::start("dev-watch", "watched", "rust");
+    dev.edit(
+        "src/lib.rs",
+        &[(
+            "x.checked_add(y)",
+            "x.checked_add(y).and_then(|s| s.checked_add(100))",
+        )],
+    );
+    dev.wait_for_result("add", json!([2, 3]), &json!(105));
+}
+
+#[test]
 fn dev_watch_serves_a_python_edit_from_its_sources_without_a_build() {
-    let dev = DevPython::start("dev-python-live", "live");
+    let dev = Dev::start("dev-python-live", "live", "python");
     let built = dev.plugin_bytes();
-    dev.edit(&[(
-        "    return x + y\n",
-        "    return x + y + 100\n\n\n@task(name=\"live.mul\")\ndef mul(x, y):\n    return x * y\n",
-    )]);
-    dev.wait_for_result("live.add", json!([2, 3]), &json!(105));
+    dev.edit(
+        "app.py",
+        &[(
+            "    return x + y\n",
+            "    return x + y + 100\n\n\n@task(name=\"live.mul\")\ndef mul(x, y):\n    return x * y\n",
+        )],
+    );
+    dev.wait_for_result("add", json!([2, 3]), &json!(105));
     // A new task too: the worker loaded the same file again and asked it for its tasks.
-    dev.wait_for_result("live.mul", json!([2, 3]), &json!(6));
+    dev.wait_for_result("mul", json!([2, 3]), &json!(6));
     assert!(
         dev.plugin_bytes() == built,
         "the edit was served by a new build, not from the sources"
@@ -525,43 +501,62 @@ fn dev_watch_serves_a_python_edit_from_its_sources_without_a_build() {
 
 #[test]
 fn dev_watch_builds_a_python_edit_that_imports_what_its_build_did_not() {
-    let dev = DevPython::start("dev-python-import", "imports");
+    let dev = Dev::start("dev-python-import", "imports", "python");
     let built = dev.plugin_bytes();
     // `fractions` is in no snapshot of the template: the first build never imported it.
-    dev.edit(&[
-        (
-            "    return x + y\n",
-            "    return str(fractions.Fraction(x, y))\n",
-        ),
-        (
-            "from taskhost import",
-            "import fractions\nfrom taskhost import",
-        ),
-    ]);
-    dev.wait_for_result("imports.add", json!([2, 4]), &json!("1/2"));
+    dev.edit(
+        "app.py",
+        &[
+            (
+                "    return x + y\n",
+                "    return str(fractions.Fraction(x, y))\n",
+            ),
+            (
+                "from taskhost import",
+                "import fractions\nfrom taskhost import",
+            ),
+        ],
+    );
+    dev.wait_for_result("add", json!([2, 4]), &json!("1/2"));
     assert!(
         dev.plugin_bytes() != built,
         "served without a new build, though the build never imported fractions"
     );
 }
 
+/// What the edited `add` of `a_python_dev_build_reads_its_project_and_nothing_else…` tries:
+/// each outcome, or the name of the OSError it raised.
+const TRIES_THE_SOURCES: &str = r#"    import os
+    seen = []
+    for try_it in (
+        lambda: open("/taskhost-dev/sources/app.py").read(12),
+        lambda: open("/taskhost-dev/sources/../outside.txt").read(),
+        lambda: open("/taskhost-dev/sources/new.txt", "w").write("x"),
+        lambda: open("/taskhost-dev/sources/app.py", "a").write("x"),
+        lambda: os.remove("/taskhost-dev/sources/app.py"),
+    ):
+        try:
+            seen.append(str(try_it()))
+        except OSError as e:
+            seen.append(type(e).__name__)
+    return seen
+"#;
+
 #[test]
 fn a_python_dev_build_reads_its_project_and_nothing_else_and_writes_nothing() {
-    let dev = DevPython::start("dev-python-confined", "confined");
+    let dev = Dev::start("dev-python-confined", "confined", "python");
     std::fs::write(dev.dir.path().join("outside.txt"), "secret").expect("a file outside");
-    dev.edit(&[(
-        "    return x + y\n",
-        "    import os\n    seen = []\n    for try_it in (\n        lambda: open(\"/taskhost-dev/sources/app.py\").read(12),\n        lambda: open(\"/taskhost-dev/sources/../outside.txt\").read(),\n        lambda: open(\"/taskhost-dev/sources/new.txt\", \"w\").write(\"x\"),\n        lambda: open(\"/taskhost-dev/sources/app.py\", \"a\").write(\"x\"),\n        lambda: os.remove(\"/taskhost-dev/sources/app.py\"),\n    ):\n        try:\n            seen.append(str(try_it()))\n        except OSError as e:\n            seen.append(type(e).__name__)\n    return seen\n",
-    )]);
-    let answer = |client: &mut Client| {
-        let id = client.send("confined.add", json!([2, 3]));
-        client.result(&id)["result"].clone()
-    };
+    dev.edit("app.py", &[("    return x + y\n", TRIES_THE_SOURCES)]);
+    let app = || std::fs::read_to_string(dev.project.join("app.py")).expect("app.py");
+    let written = app();
     let mut client = Client::new(&dev.redis);
     let seen = wait_for_within(
         "the edit served",
         std::time::Duration::from_secs(120),
-        || Some(answer(&mut client)).filter(serde_json::Value::is_array),
+        || {
+            let id = client.send("confined.add", json!([2, 3]));
+            Some(client.result(&id)["result"].clone()).filter(serde_json::Value::is_array)
+        },
     );
     let seen: Vec<String> = serde_json::from_value(seen).expect("a list of strings");
     assert_eq!(seen[0], "\"\"\"confined:", "its own sources are readable");
@@ -575,11 +570,7 @@ fn a_python_dev_build_reads_its_project_and_nothing_else_and_writes_nothing() {
         );
     }
     assert!(!dev.project.join("new.txt").exists());
-    assert!(
-        std::fs::read_to_string(dev.project.join("app.py"))
-            .expect("app.py")
-            .contains("seen.append")
-    );
+    assert_eq!(app(), written, "app.py was written to");
 }
 
 #[test]
@@ -593,20 +584,7 @@ fn dev_compiles_with_the_fast_compiler_and_still_stops_a_task_at_its_time_limit(
         plugins.join("hostile.wasm"),
     )
     .expect("copy the plugin");
-    let mut command = Command::new(taskhost_bin());
-    command
-        .args([
-            "dev",
-            "--broker",
-            &redis.url(0),
-            "--result-backend",
-            &redis.url(1),
-            "--time-limit",
-            "0.5",
-            "-p",
-        ])
-        .arg(&plugins)
-        .env("TASKHOST_CACHE_DIR", target_dir().join("build-cache"));
+    let command = dev_command(&redis, &plugins, &["--time-limit", "0.5"]);
     let _dev = Process::spawn(&dir, "dev.log", command);
     let mut client = Client::new(&redis);
     let id = client.send("hostile.spin", json!([]));
