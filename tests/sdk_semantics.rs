@@ -178,6 +178,20 @@ assert app.AsyncResult(sent).get(timeout=30) == 3
 }
 
 #[test]
+fn python_a_task_a_plugin_sends_under_another_tasks_id_gets_an_id_of_its_own() {
+    setup("sem-py-send-as").python(
+        r#"
+victim = app.send_task("sem.add", (1, 1))
+assert victim.get(timeout=30) == 2
+sent = app.send_task("sem.send_as", (victim.id,)).get(timeout=30)
+assert sent != victim.id, "the plugin named the id of what it sent"
+assert app.AsyncResult(sent).get(timeout=30) == 42
+assert app.AsyncResult(victim.id).get(timeout=30) == 2, "the victim's result was overwritten"
+"#,
+    );
+}
+
+#[test]
 fn python_a_chain_sent_from_a_task_passes_results_on() {
     setup("sem-py-chain").python(
         r#"

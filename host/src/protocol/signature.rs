@@ -113,6 +113,61 @@ impl Signature {
     }
 }
 
+/// Options of a signature that name ids: the host makes its own for whatever a plugin sends,
+/// so a plugin can neither answer another task's `.get()` nor join another's group or chord.
+const ID_OPTIONS: [&str; 5] = ["task_id", "group_id", "group_index", "root_id", "parent_id"];
+/// Options that carry Celery's own bookkeeping of a message (its remaining chain, its chord,
+/// where a reply goes): a plugin builds a chain or chord as a signature instead.
+const HOST_OPTIONS: [&str; 3] = ["chain", "chord", "reply_to"];
+
+/// `sig` as a plugin may send it: every id it names dropped (the host makes them), in each
+/// task of its chains, groups and chords and in their links and errbacks. Refused, naming the
+/// option, when it sets an option only the host may (`chain`, `chord`, `reply_to`).
+pub fn for_a_plugin(mut sig: Value) -> Result<Value, String> {
+    let mut pending = vec![&mut sig];
+    while let Some(sig) = pending.pop() {
+        let Some(object) = sig.as_object_mut() else {
+            continue;
+        };
+        for (key, value) in object.iter_mut() {
+            match (key.as_str(), value) {
+                ("options", Value::Object(options)) => {
+                    if let Some(key) = HOST_OPTIONS.iter().find(|k| options.contains_key(**k)) {
+                        return Err(format!(
+                            "option {key:?} is the host's to set: send a chain or chord \
+                             signature instead"
+                        ));
+                    }
+                    options.retain(|key, _| !ID_OPTIONS.contains(&key.as_str()));
+                    for (key, value) in options.iter_mut() {
+                        if key == "link" || key == "link_error" {
+                            nested(value, &mut pending);
+                        }
+                    }
+                }
+                ("kwargs", Value::Object(kwargs)) => {
+                    for (key, value) in kwargs.iter_mut() {
+                        if matches!(key.as_str(), "tasks" | "header" | "body") {
+                            nested(value, &mut pending);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(sig)
+}
+
+/// The signatures `value` holds (one, or a list of them), added to `pending`.
+fn nested<'a>(value: &'a mut Value, pending: &mut Vec<&'a mut Value>) {
+    match value {
+        Value::Array(items) => pending.extend(items.iter_mut()),
+        one @ Value::Object(_) => pending.push(one),
+        _ => {}
+    }
+}
+
 /// Every task name a signature would send: the tasks of its chains, groups and chords, and
 /// their links, errbacks, later chain steps and chord bodies.
 pub fn task_names(sig: &Value) -> Vec<String> {
@@ -271,4 +326,40 @@ pub(super) fn unroll_body(body: Value) -> Result<Value, CanvasError> {
         add_to_list_option(&mut first, "chain", &Value::Array(reversed));
     }
     Ok(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::for_a_plugin;
+    use serde_json::json;
+
+    #[test]
+    fn the_ids_a_plugin_names_are_dropped_everywhere_it_can_name_them() {
+        let named = json!({"task_id": "victim", "group_id": "g", "root_id": "r",
+                           "parent_id": "p", "group_index": 0, "queue": "celery"});
+        let sig = json!({
+            "task": "celery.chord", "subtask_type": "chord", "options": named,
+            "kwargs": {
+                "header": [{"task": "a", "options": named}],
+                "body": {"task": "b", "options": {"task_id": "victim",
+                         "link": [{"task": "c", "options": {"task_id": "victim"}}],
+                         "link_error": {"task": "d", "options": {"task_id": "victim"}}}},
+            },
+        });
+        let sent = for_a_plugin(sig).expect("no host option").to_string();
+        for id in ["victim", "\"g\"", "\"r\"", "\"p\"", "group_index"] {
+            assert!(!sent.contains(id), "{id} left in {sent}");
+        }
+        assert!(sent.contains("\"queue\":\"celery\""), "{sent}");
+    }
+
+    #[test]
+    fn a_plugin_may_not_set_the_hosts_bookkeeping_options() {
+        for key in ["chain", "chord", "reply_to"] {
+            let sig = json!({"task": "celery.chain", "subtask_type": "chain", "kwargs": {
+                "tasks": [{"task": "a", "options": {key: []}}]}});
+            let refused = for_a_plugin(sig).expect_err(key);
+            assert!(refused.contains(key), "{refused}");
+        }
+    }
 }

@@ -430,6 +430,8 @@ impl crate::sandbox::Outbox for Outbox {
         signature: Value,
     ) -> Pin<Box<dyn Future<Output = Result<String, SendError>> + Send + '_>> {
         Box::pin(async move {
+            let signature =
+                crate::protocol::signature::for_a_plugin(signature).map_err(SendError)?;
             self.check(&signature)?;
             let origin = origin(&self.routes, &self.parent_id, &self.root_id);
             let mut steps = Vec::new();

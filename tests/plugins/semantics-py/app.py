@@ -76,6 +76,12 @@ def send_signature():
     return signature("sem.add", (1, 2)).delay().id
 
 
+@task(name="sem.send_as")
+def send_as(task_id):
+    """Sends sem.add(40, 2) naming `task_id` as its id: the host makes its own."""
+    return signature("sem.add", (40, 2)).apply_async(task_id=task_id).id
+
+
 @task(name="sem.send_chain")
 def send_chain():
     return (add.s(1, 2) | add.s(10)).delay().id
