@@ -40,11 +40,13 @@ pub fn rebuild_on_change(project: &Path, plugins: &Path) -> anyhow::Result<Recom
         .name("taskhost-dev-watch".into())
         .spawn(move || {
             let mut built = build_once(&project, &plugins);
+            // Made at the first change that may need it, then kept: an engine and its pool.
+            let mut checker = None;
             // Ends when the watcher (the sender's owner) is dropped.
             while rx.recv().is_ok() {
                 while rx.recv_timeout(QUIET).is_ok() {}
                 if let (Some(name), Some(file)) = (&live, &built) {
-                    match serve_sources(name, &project, file) {
+                    match serve_sources(&mut checker, name, &project, file) {
                         Ok(()) => {
                             eprintln!(
                                 "taskhost dev: {} changed; the worker loads it from its sources \
@@ -80,17 +82,33 @@ fn build_once(project: &Path, plugins: &Path) -> Option<PathBuf> {
     }
 }
 
+/// The sandbox and grants `serve_sources` loads a dev build with: the grant the worker gives.
+type Checker = (
+    std::sync::Arc<crate::sandbox::Sandbox>,
+    crate::config::GrantTable,
+);
+
 /// Has the worker load `file` (a build of `project` that reads its sources live) again with
-/// the sources as they are now, once they load here: the same grant the worker gives, in a
-/// sandbox of this thread's. A change the build's snapshot cannot serve (a module of the
-/// standard library the build never imported, a syntax error) fails here, and is built.
-fn serve_sources(name: &str, project: &Path, file: &Path) -> anyhow::Result<()> {
-    use crate::config::FileConfig;
-    let config = FileConfig::default();
-    let grants = config.grants(&|_| None)?.with_dev_sources(name, project);
-    let sandbox = fleet::local_sandbox(&config, &grants, crate::config::Compiler::Fast)?;
+/// the sources as they are now, once they load here, in `checker` (made on first use). A change
+/// the build's snapshot cannot serve (a module of the standard library the build never
+/// imported, a syntax error) fails here, and is built.
+fn serve_sources(
+    checker: &mut Option<Checker>,
+    name: &str,
+    project: &Path,
+    file: &Path,
+) -> anyhow::Result<()> {
+    let (sandbox, grants) = match checker {
+        Some(made) => made,
+        None => {
+            let config = crate::config::FileConfig::default();
+            let grants = config.grants(&|_| None)?.with_dev_sources(name, project);
+            let sandbox = fleet::local_sandbox(&config, &grants, crate::config::Compiler::Fast)?;
+            checker.insert((sandbox, grants))
+        }
+    };
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    build::block_on(fleet::load_one(&sandbox, file, bytes, &grants))??;
+    build::block_on(fleet::load_one(sandbox, file, bytes, grants))??;
     // The worker reloads a dev build on any change to its file, its bytes the same.
     std::fs::File::options()
         .write(true)

@@ -175,10 +175,9 @@ impl WorkerConfig {
 }
 
 /// How plugins are compiled to machine code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compiler {
     /// Cranelift, optimising (with the incremental cache, if any): what a worker runs.
-    #[default]
     Optimizing,
     /// Winch, wasmtime's baseline compiler: a 13 MB JavaScript plugin compiles in 1 s instead
     /// of 6 (2 with the incremental cache), and runs slower. `taskhost dev`'s, where an edit's

@@ -1,6 +1,7 @@
 //! The state of one store: everything one task run can reach (WASI with nothing granted but
-//! captured stdio and, for a `taskhost dev` build, its project's sources read-only, HTTP through the plugin's policy, the resource table, the limiter, the log
-//! budget), made anew for every task, fresh or recycled.
+//! captured stdio and, for a `taskhost dev` build, its project's sources read-only; HTTP through
+//! the plugin's policy, the resource table, the limiter, the log budget), made anew for every
+//! task, fresh or recycled.
 
 use super::{Scope, http, limits, output};
 use crate::config::grants::DEV_SOURCES;
@@ -57,7 +58,11 @@ impl TaskState {
             && let Err(e) = wasi.preopened_dir(sources, DEV_SOURCES, FsPerms::ReadOnly)
         {
             // The dev build then serves the sources it was built with.
-            tracing::warn!(plugin = %scope.plugin, sources = %sources.display(), "cannot open the plugin's sources: {e}");
+            tracing::warn!(
+                plugin = %scope.plugin,
+                sources = %sources.display(),
+                "cannot open the plugin's sources: {e}"
+            );
         }
         let wasi = wasi.build();
         let limiter = limits::Limiter::new(

@@ -33,7 +33,7 @@ def _read_sources():
         return
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if path and _inside(os.path.abspath(path)) and name != __name__:
+        if path and _inside(os.path.abspath(path)):
             del sys.modules[name]
     taskhost._registry.clear()
     sys.path[:] = [SOURCES] + [p for p in sys.path if not _inside(p)]
