@@ -573,11 +573,37 @@ fn idle_metrics_connections_cannot_run_the_worker_out_of_descriptors() {
         taskhost_tests::pace(std::time::Duration::from_millis(20));
     }
     drop(idle);
-    let (code, _) = wait_for("/healthz to answer once the idle clients are gone", || {
-        taskhost_tests::http_get(&addr, "/healthz", None)
-    });
-    assert_eq!(code, 200);
     beside.all_succeed(&mut client, 20);
+}
+
+#[test]
+fn healthz_answers_within_a_second_behind_128_idle_connections() {
+    let dir = TestDir::new("trust-metrics-idle-healthz");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.plugins(&["demo"]);
+    let args = ["-n", NODE, "--metrics-addr", "127.0.0.1:0"];
+    let worker = Process::worker(&dir, &redis, &plugins, &args);
+    let addr = worker.metrics_addr();
+    let before = open_fds(worker.pid());
+    let idle: Vec<std::net::TcpStream> = (0..128)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    let pid = worker.pid();
+    wait_for("the worker to hold a full set of idle connections", || {
+        (open_fds(pid) >= before + 32).then_some(())
+    });
+    // A probe behind them, five times over, while every idle client stays connected.
+    for probe in 0..5 {
+        let asked = std::time::Instant::now();
+        let answer = taskhost_tests::http_get(&addr, "/healthz", None);
+        let took = asked.elapsed();
+        assert_eq!(answer.map(|(code, _)| code), Some(200), "probe {probe}");
+        assert!(
+            took < std::time::Duration::from_secs(1),
+            "probe {probe} behind 128 idle connections took {took:?}"
+        );
+    }
+    drop(idle);
 }
 
 // --- dead letters -----------------------------------------------------------------------------

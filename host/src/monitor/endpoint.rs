@@ -42,35 +42,50 @@ pub trait Status: Send + Sync {
     fn health(&self) -> BoxFuture<'_, Health>;
 }
 
-/// Connections served at once; more wait in the listen queue until one ends (each ends within
-/// [`CLIENT_TIMEOUT`]), so no client can run the worker out of file descriptors.
+/// Connections held at once. At the cap, a new connection displaces the oldest one held: an
+/// idle or slow client can be pushed out by the next, but can never keep a probe waiting in
+/// the listen queue (a probe sends its request at once and is answered in microseconds), and
+/// no client can run the worker out of file descriptors.
 pub const MAX_CONNECTIONS: usize = 32;
+
+/// The connections being served, oldest first, so the oldest can be displaced.
+#[derive(Default)]
+struct Held {
+    next: u64,
+    open: std::collections::VecDeque<(u64, tokio::task::AbortHandle)>,
+}
 
 /// Serves until `stop`.
 pub async fn serve(listener: TcpListener, status: Arc<dyn Status>, mut stop: Stopping) {
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let held = Arc::new(std::sync::Mutex::new(Held::default()));
     loop {
-        let permit = tokio::select! {
-            permit = open.clone().acquire_owned() => permit,
-            () = crate::shutdown::stopped(&mut stop) => return,
-        };
-        let Ok(permit) = permit else { return };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = crate::shutdown::stopped(&mut stop) => return,
+            () = crate::shutdown::stopped(&mut stop) => break,
         };
         match accepted {
             Ok((stream, _)) => {
                 let status = status.clone();
-                tokio::spawn(async move {
+                let mut guard = held.lock().unwrap_or_else(|e| e.into_inner());
+                if guard.open.len() >= MAX_CONNECTIONS
+                    && let Some((_, oldest)) = guard.open.pop_front()
+                {
+                    oldest.abort();
+                }
+                let id = guard.next;
+                guard.next += 1;
+                let registry = held.clone();
+                let task = tokio::spawn(async move {
                     if tokio::time::timeout(CLIENT_TIMEOUT, answer(stream, status.as_ref()))
                         .await
                         .is_err()
                     {
                         tracing::debug!("a /metrics client timed out");
                     }
-                    drop(permit);
+                    let mut held = registry.lock().unwrap_or_else(|e| e.into_inner());
+                    held.open.retain(|(open, _)| *open != id);
                 });
+                guard.open.push_back((id, task.abort_handle()));
             }
             Err(e) => {
                 // Out of file descriptors, say: wait rather than spin.
@@ -78,6 +93,10 @@ pub async fn serve(listener: TcpListener, status: Arc<dyn Status>, mut stop: Sto
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+    let held = held.lock().unwrap_or_else(|e| e.into_inner());
+    for (_, task) in &held.open {
+        task.abort();
     }
 }
 
