@@ -1,7 +1,8 @@
 //! Redis ACL users, set up with the README's least-privilege recipe as written: a worker user
 //! and a producer user run tasks end to end; the producer cannot deploy or send remote-control
 //! commands; the operator can; a command refused to a user is an error naming the command and
-//! its key, and a worker refused what it needs stops instead of retrying.
+//! its key, and a worker refused what it needs stops instead of retrying. And what a worker
+//! says of its Redis's eviction policy, which the recipe lets it read.
 
 use taskhost_tests::{
     Process, RedisServer, TestDir, python_on, readme_block, run_snippet_in, taskhost_bin,
@@ -15,8 +16,13 @@ struct Acl {
 
 impl Acl {
     fn start(test: &str) -> Self {
+        Self::start_with(test, &[])
+    }
+
+    /// With extra `redis-server` arguments.
+    fn start_with(test: &str, args: &[&str]) -> Self {
         let dir = TestDir::new(&format!("acl-{test}"));
-        let redis = RedisServer::start(&dir);
+        let redis = RedisServer::start_with(&dir, args);
         let acl = Self { redis, dir };
         acl.redis.apply(&readme_block("acl-recipe"));
         acl
@@ -39,11 +45,24 @@ impl Acl {
 
     /// Starts a worker as `user` (following fleet deploys) without waiting for it.
     fn spawn_worker(&self, user: &str) -> Process {
+        self.spawn_worker_with(user, &[])
+    }
+
+    fn spawn_worker_with(&self, user: &str, extra: &[&str]) -> Process {
         let plugins = self.dir.plugins(&["demo"]);
         let urls = [self.url(user, 0), self.url(user, 1)];
+        let mut args = vec!["--fleet"];
+        args.extend(extra);
         let command =
-            Process::worker_command_on(&taskhost_bin(), &self.dir, &urls, &plugins, &["--fleet"]);
+            Process::worker_command_on(&taskhost_bin(), &self.dir, &urls, &plugins, &args);
         Process::spawn(&self.dir, "worker.log", command)
+    }
+
+    /// A worker as `user` logging JSON, once it is ready.
+    fn json_worker(&self, user: &str) -> Process {
+        let worker = self.spawn_worker_with(user, &["--log-format", "json"]);
+        worker.wait_log("worker ready");
+        worker
     }
 
     /// Runs `code` with Python Celery connected as `user`.
@@ -202,4 +221,85 @@ fn a_wrong_password_stops_the_worker_at_start() {
         log.contains("refused the credentials") && !log.contains("not-the-secret"),
         "{log}"
     );
+}
+
+// --- what the worker says of eviction -------------------------------------------------------
+
+/// The worker's JSON log lines that carry a `policy` field (what it said of a Redis's eviction
+/// policy), as (level, redis, policy).
+fn eviction_lines(worker: &Process) -> Vec<(String, String, String)> {
+    worker
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l.get("policy").is_some())
+        .map(|l| {
+            let field = |name: &str| l[name].as_str().unwrap_or_default().to_owned();
+            (field("level"), field("redis"), field("policy"))
+        })
+        .collect()
+}
+
+/// Waits for the worker to warn of `policy` on the broker's Redis.
+fn wait_for_eviction_warning(worker: &Process, policy: &str) {
+    let wanted = ("WARN".to_owned(), "broker".to_owned(), policy.to_owned());
+    taskhost_tests::wait_for(&format!("a warning of {policy}"), || {
+        eviction_lines(worker).contains(&wanted).then_some(())
+    });
+}
+
+#[test]
+fn a_worker_warns_at_start_that_volatile_lru_evicts() {
+    let args = ["--maxmemory", "256mb", "--maxmemory-policy", "volatile-lru"];
+    let acl = Acl::start_with("evict-volatile", &args);
+    let worker = acl.json_worker("worker");
+    wait_for_eviction_warning(&worker, "volatile-lru");
+}
+
+#[test]
+fn a_worker_whose_user_may_not_run_config_warns_of_allkeys_lru() {
+    let args = ["--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"];
+    let acl = Acl::start_with("evict-allkeys", &args);
+    let worker = acl.json_worker("worker");
+    wait_for_eviction_warning(&worker, "allkeys-lru");
+    // The recipe's worker user may not read the configuration: INFO is what told it.
+    let mut conn = redis::Client::open(acl.url("worker", 0))
+        .and_then(|c| c.get_connection())
+        .expect("connect as the worker user");
+    let config: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query(&mut conn);
+    assert!(
+        config.is_err(),
+        "the worker user may run CONFIG: {config:?}"
+    );
+}
+
+#[test]
+fn a_worker_says_nothing_against_noeviction_and_warns_when_its_redis_returns_evicting() {
+    let dir = TestDir::new("acl-evict-restart");
+    let mut redis = RedisServer::start_with(&dir, &["--maxmemory-policy", "noeviction"]);
+    let plugins = dir.plugins(&["demo"]);
+    let worker = Process::worker(&dir, &redis, &plugins, &["--log-format", "json"]);
+    worker.wait_log("worker ready");
+    let safe = (
+        "INFO".to_owned(),
+        "broker".to_owned(),
+        "noeviction".to_owned(),
+    );
+    taskhost_tests::wait_for("the worker to read noeviction", || {
+        eviction_lines(&worker).contains(&safe).then_some(())
+    });
+    assert!(
+        eviction_lines(&worker)
+            .iter()
+            .all(|(level, ..)| level != "WARN"),
+        "{:?}",
+        eviction_lines(&worker)
+    );
+    // The same Redis back from a restart, now evicting.
+    redis.restart();
+    redis.apply("CONFIG SET maxmemory-policy allkeys-lfu");
+    wait_for_eviction_warning(&worker, "allkeys-lfu");
 }

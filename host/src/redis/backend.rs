@@ -94,8 +94,9 @@ impl Backend {
         pipe.cmd("PUBLISH").arg(&key).arg(document).ignore();
     }
 
-    /// A handle on the backend's shared connection, for the other writers of its keys.
-    pub(super) fn connection(&self) -> Connection {
+    /// A handle on the backend's shared connection, for the other writers of its keys and
+    /// the worker's checks of the server.
+    pub fn connection(&self) -> Connection {
         self.conn.clone()
     }
 

@@ -16,6 +16,7 @@
 //! - [`backend`]: task results stored and published as Celery's backend does; waiting for one.
 //! - [`chord`]: counting a chord's header as Celery's Redis backend does; writing its size.
 //! - [`deadletter`]: the dead-letter entries: their format, and the operator's commands.
+//! - [`eviction`]: whether a Redis may evict the worker's keys, said at start and on change.
 //! - [`recovery`]: the worker registry, heartbeats, returning a dead worker's messages.
 //! - [`control`]: the remote-control channel, its replies, and the revoked set.
 //! - [`events`]: publishing monitoring events.
@@ -31,6 +32,7 @@ pub mod connection;
 pub mod control;
 pub mod deadletter;
 pub mod events;
+pub mod eviction;
 pub mod fleet;
 mod follow;
 pub mod keys;
@@ -224,26 +226,6 @@ fn redact_one(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
-    }
-}
-
-/// Warns when Redis may evict keys when full: queued tasks have no expiry, and an `allkeys-*`
-/// policy drops them silently.
-pub async fn warn_if_evicting(conn: &mut Connection) {
-    // A least-privilege user may not read the configuration: then there is nothing to say.
-    let policy: Result<Vec<String>, _> = ::redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async(&mut conn.clone().quiet())
-        .await;
-    if let Ok(policy) = policy
-        && let Some(value) = policy.get(1)
-        && value.starts_with("allkeys-")
-    {
-        tracing::warn!(
-            "Redis maxmemory-policy is {value}: when Redis is full it evicts any key, queued tasks \
-             included, without a trace; set maxmemory-policy noeviction (or volatile-*)"
-        );
     }
 }
 

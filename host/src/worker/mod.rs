@@ -176,7 +176,6 @@ async fn start(
     let Some((broker, backend)) = connect_both(&config, stop).await? else {
         return Ok(None);
     };
-    crate::redis::warn_if_evicting(&mut broker.connection()).await;
     let Some(presence) = Presence::claim(
         broker.connection(),
         &config.node,
@@ -410,6 +409,11 @@ impl Background {
             ));
         }
         spawn_remote_control(shared, stop).await?;
+        let redises = vec![
+            ("broker", shared.broker.connection()),
+            ("backend", shared.backend.connection()),
+        ];
+        tokio::spawn(crate::redis::eviction::watch(redises, stop.clone()));
         if let Some(addr) = config.metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
