@@ -292,6 +292,60 @@ except Exception as e:
     beside.all_succeed(&mut s.client, 20);
 }
 
+#[test]
+fn a_follow_up_whose_queue_key_is_not_a_list_is_dead_lettered_and_its_batch_mates_go_out_once() {
+    let mut s = setup("trust-wrongtype-follow-up", "");
+    let events = TaskEvents::start(&s.redis);
+    let beside = Beside::start(&s.redis);
+    redis::cmd("SET")
+        .arg("not-a-queue")
+        .arg("a string")
+        .query::<()>(&mut s.redis.conn(0))
+        .expect("a string where a callback's queue goes");
+    let (first, good) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    s.python(&format!(
+        r#"
+add = app.signature("demo.add")
+echo = app.signature("demo.echo")
+r = add.clone(args=(2, 2)).set(task_id="{first}").apply_async(link=[
+    add.clone(args=(10,)).set(task_id="{good}"),
+    echo.clone().set(queue="not-a-queue"),
+])
+assert r.get(timeout=30) == 4
+assert app.AsyncResult("{good}").get(timeout=30) == 14
+"#
+    ));
+    let entry = wait_for("the bad callback dead-lettered", || {
+        s.client
+            .dead_letters()
+            .into_iter()
+            .find(|e| e["queue"] == "not-a-queue")
+    });
+    let reason = entry["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("WRONGTYPE"), "{entry}");
+    assert_eq!(s.client.dead_letters().len(), 1, "only the bad callback");
+    wait_for("nothing left in flight", || {
+        (s.client.in_flight(NODE) == 0).then_some(())
+    });
+    beside.all_succeed(&mut s.client, 20);
+    // The good callback went out once, and the first task ran once.
+    let good = good.to_string();
+    wait_for("the good callback's task-succeeded event", || {
+        (events.count("task-succeeded", &good) >= 1).then_some(())
+    });
+    assert_eq!(
+        events.count("task-received", &good),
+        1,
+        "the good callback's deliveries"
+    );
+    assert_eq!(events.count("task-received", &first.to_string()), 1);
+    let kept: String = redis::cmd("GET")
+        .arg("not-a-queue")
+        .query(&mut s.redis.conn(0))
+        .expect("GET the string");
+    assert_eq!(kept, "a string");
+}
+
 // --- events ---------------------------------------------------------------------------------
 
 #[test]

@@ -162,8 +162,12 @@ impl Broker {
         Ok((wait > 0).then(|| Duration::from_micros(wait)))
     }
 
-    /// Pushes messages onto their queues, in one pipeline.
-    pub async fn push(&self, messages: &[super::settle::Outgoing]) -> Result<(), RedisError> {
+    /// Pushes messages onto their queues, in one pipeline; the positions of those whose queue
+    /// key holds another type (Redis pushed the others).
+    pub async fn push(
+        &self,
+        messages: &[super::settle::Outgoing],
+    ) -> Result<Vec<usize>, RedisError> {
         let mut pipe = redis::pipe();
         for message in messages {
             pipe.cmd("LPUSH")
@@ -171,7 +175,10 @@ impl Broker {
                 .arg(&message.raw)
                 .ignore();
         }
-        self.run(&pipe).await
+        match self.run(&pipe).await {
+            Ok(()) => Ok(Vec::new()),
+            Err(e) => e.wrong_types().ok_or(e),
+        }
     }
 
     /// Runs a pipeline of commands on the broker.
@@ -207,6 +214,17 @@ impl Broker {
     pub async fn dead_letter(&self, delivery: &Delivery, entry: &str) -> Result<Moved, RedisError> {
         self.settle_with(delivery, Move::Push(DEAD, entry.as_bytes()))
             .await
+    }
+
+    /// Adds `entry` to the dead-letter list: a message that never was in flight (a follow-up
+    /// its queue refused).
+    pub async fn add_dead_letter(&self, entry: &str) -> Result<(), RedisError> {
+        redis::cmd("LPUSH")
+            .arg(DEAD)
+            .arg(entry)
+            .exec_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
     }
 
     /// Puts an unstarted message back at the consuming end of its list, in one step.

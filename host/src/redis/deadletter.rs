@@ -44,6 +44,20 @@ pub fn entry(raw: &[u8], origin: &Origin<'_>) -> String {
     entry.to_string()
 }
 
+/// The entry for a follow-up that was never pushed because its queue refused it: named by
+/// the task it carries, in the queue it was for.
+pub fn unpushed_entry(message: &super::settle::Outgoing, reason: &str, worker: &str) -> String {
+    let sent = crate::protocol::TaskMessage::decode(&message.raw).ok();
+    let origin = Origin {
+        reason,
+        task_id: sent.as_ref().map(|m| m.id.as_str()),
+        task: sent.as_ref().map(|m| m.task.as_str()),
+        source: &message.key,
+        worker,
+    };
+    entry(&message.raw, &origin)
+}
+
 /// One entry, with its position (0 = newest).
 #[derive(Debug, Clone)]
 pub struct Entry {

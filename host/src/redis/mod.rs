@@ -109,6 +109,17 @@ impl RedisError {
         }
     }
 
+    /// Where every error of a pipeline that Redis ran is a key holding another type than its
+    /// command needs: the positions of those commands (the others were run).
+    pub fn wrong_types(&self) -> Option<Vec<usize>> {
+        let Self::Command(e) = self else { return None };
+        let errors = e.clone().into_server_errors()?;
+        errors
+            .iter()
+            .all(|(_, error)| error.code() == "WRONGTYPE")
+            .then(|| errors.iter().map(|(index, _)| *index).collect())
+    }
+
     /// What Redis refused to the connection's ACL user, naming the command and its keys.
     pub fn refusal(&self) -> Option<&str> {
         match self {

@@ -72,10 +72,21 @@ impl ReplicaWait {
     }
 }
 
+/// A follow-up of a written batch that Redis refused for good (its queue key holds another
+/// type), while the rest of the batch was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unpushed {
+    /// The job of the batch, and the follow-up among its `publish`.
+    pub job: usize,
+    pub message: usize,
+}
+
 impl Stores {
-    /// Writes `batch`. A failed write may be retried whole: storing a state twice and removing
-    /// an absent message are both harmless.
-    pub async fn write(&self, batch: &[Finished<'_>]) -> Result<(), RedisError> {
+    /// Writes `batch`; the follow-ups Redis refused for good, the rest being written. A failed
+    /// write may be retried whole: nothing that is not idempotent ran (storing a state twice
+    /// and removing an absent message are both harmless; a push runs only in the last step,
+    /// which either is refused before it runs or runs whole but for the refused pushes).
+    pub async fn write(&self, batch: &[Finished<'_>]) -> Result<Vec<Unpushed>, RedisError> {
         // States that must not replace a stored SUCCESS go through the guarded script, one by
         // one; they are failures and revocations, rare next to successes.
         for job in batch.iter().filter(|j| !j.success) {
@@ -106,15 +117,32 @@ impl Stores {
         if batch.iter().any(|job| !job.publish.is_empty()) {
             acks.atomic();
         }
-        for job in batch {
+        // Which command of the pipeline pushes which follow-up.
+        let mut pushes = Vec::new();
+        for (j, job) in batch.iter().enumerate() {
             // In the same pipeline as the acknowledgement: sent before it, never without it
             // unless the connection drops between the two (then the task runs again).
-            for next in job.publish {
+            for (m, next) in job.publish.iter().enumerate() {
+                pushes.push((acks.cmd_iter().count(), Unpushed { job: j, message: m }));
                 acks.cmd("LPUSH").arg(&next.key).arg(&next.raw).ignore();
             }
             self.broker.add_ack(&mut acks, job.delivery);
         }
-        self.broker.run(&acks).await
+        match self.broker.run(&acks).await {
+            Ok(()) => Ok(Vec::new()),
+            // Redis runs every command of a transaction, and of a pipeline, whatever one of
+            // them answers: refused pushes are all that was not written.
+            Err(e) => match e.wrong_types() {
+                Some(refused) if refused.iter().all(|i| pushes.iter().any(|(p, _)| p == i)) => {
+                    Ok(pushes
+                        .into_iter()
+                        .filter(|(p, _)| refused.contains(p))
+                        .map(|(_, unpushed)| unpushed)
+                        .collect())
+                }
+                _ => Err(e),
+            },
+        }
     }
 
     /// With `wait_replicas`, waits until that many replicas hold the states written so far:

@@ -11,11 +11,13 @@
 //! are both harmless), so a task is never acknowledged without its state. A batch that fails
 //! with an error retrying cannot cure (one task's key holding another type) is written task by
 //! task, and the task that still fails has its message dead-lettered with the reason: one
-//! task's keys never stall the others' outcomes.
+//! task's keys never stall the others' outcomes. A follow-up whose queue key holds another
+//! type is dead-lettered alone: Redis ran the rest of its batch, which is not written again
+//! (a callback beside it would otherwise go out twice).
 
 use crate::protocol::TaskMessage;
 use crate::redis::deadletter::{self, Origin};
-use crate::redis::settle::{Finished, Outgoing, Stores};
+use crate::redis::settle::{Finished, Outgoing, Stores, Unpushed};
 use crate::redis::{Delivery, RedisError, retrying};
 use std::future::Future;
 use tokio::sync::{mpsc, oneshot};
@@ -38,18 +40,28 @@ pub struct Job {
 
 /// Where batches are written: Redis, or a test's stand-in.
 pub trait Sink: Send + Sync + 'static {
-    /// Writes one batch: every state, then every acknowledgement.
-    fn write(&self, batch: &[Job]) -> impl Future<Output = Result<(), RedisError>> + Send;
+    /// Writes one batch: every state, then every acknowledgement; the follow-ups Redis
+    /// refused for good while writing the rest.
+    fn write(
+        &self,
+        batch: &[Job],
+    ) -> impl Future<Output = Result<Vec<Unpushed>, RedisError>> + Send;
     /// Moves a job's message to the dead-letter list, saying `reason`.
     fn dead_letter(
         &self,
         job: &Job,
         reason: &str,
     ) -> impl Future<Output = Result<bool, RedisError>> + Send;
+    /// Adds a follow-up that was never pushed to the dead-letter list, saying `reason`.
+    fn dead_letter_follow_up(
+        &self,
+        message: &Outgoing,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), RedisError>> + Send;
 }
 
 impl Sink for Stores {
-    async fn write(&self, batch: &[Job]) -> Result<(), RedisError> {
+    async fn write(&self, batch: &[Job]) -> Result<Vec<Unpushed>, RedisError> {
         let finished: Vec<Finished<'_>> = batch
             .iter()
             .map(|job| Finished {
@@ -77,6 +89,15 @@ impl Sink for Stores {
         };
         let entry = deadletter::entry(&job.delivery.raw, &origin);
         self.broker.dead_letter(&job.delivery, &entry).await
+    }
+
+    async fn dead_letter_follow_up(
+        &self,
+        message: &Outgoing,
+        reason: &str,
+    ) -> Result<(), RedisError> {
+        let entry = deadletter::unpushed_entry(message, reason, &self.node);
+        self.broker.add_dead_letter(&entry).await
     }
 }
 
@@ -122,12 +143,15 @@ impl Settler {
 async fn write(mut queue: mpsc::UnboundedReceiver<Job>, sink: impl Sink) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        if let Err(e) = retrying("settle finished tasks", || sink.write(&batch)).await {
-            tracing::warn!(
-                "settling a batch of finished tasks failed ({e}): settling them one by one"
-            );
-            for job in &batch {
-                settle_alone(&sink, job).await;
+        match retrying("settle finished tasks", || sink.write(&batch)).await {
+            Ok(unpushed) => dead_letter_unpushed(&sink, &batch, &unpushed).await,
+            Err(e) => {
+                tracing::warn!(
+                    "settling a batch of finished tasks failed ({e}): settling them one by one"
+                );
+                for job in &batch {
+                    settle_alone(&sink, job).await;
+                }
             }
         }
         for job in batch.drain(..) {
@@ -141,8 +165,9 @@ async fn write(mut queue: mpsc::UnboundedReceiver<Job>, sink: impl Sink) {
 /// user (which stops the worker): then it stays in flight for recovery.
 async fn settle_alone(sink: &impl Sink, job: &Job) {
     let alone = std::slice::from_ref(job);
-    let Err(e) = retrying("settle a finished task", || sink.write(alone)).await else {
-        return;
+    let e = match retrying("settle a finished task", || sink.write(alone)).await {
+        Ok(unpushed) => return dead_letter_unpushed(sink, alone, &unpushed).await,
+        Err(e) => e,
     };
     if e.refusal().is_some() {
         tracing::error!(task_id = %job.task_id, "cannot settle the task, its message stays in flight: {e}");
@@ -152,6 +177,28 @@ async fn settle_alone(sink: &impl Sink, job: &Job) {
     tracing::error!(task_id = %job.task_id, "{reason}; its message is dead-lettered");
     if let Err(e) = retrying("dead-letter a message", || sink.dead_letter(job, &reason)).await {
         tracing::error!(task_id = %job.task_id, "cannot dead-letter it either ({e}): it stays in flight");
+    }
+}
+
+/// Dead-letters each follow-up of `batch` that Redis refused for good, with the reason.
+async fn dead_letter_unpushed(sink: &impl Sink, batch: &[Job], unpushed: &[Unpushed]) {
+    for refused in unpushed {
+        let Some(job) = batch.get(refused.job) else {
+            continue;
+        };
+        let Some(message) = job.publish.get(refused.message) else {
+            continue;
+        };
+        let reason = format!(
+            "cannot push a follow-up of task {} onto {:?}: the key holds another type than a \
+             queue list (WRONGTYPE)",
+            job.task_id, message.key
+        );
+        tracing::error!(task_id = %job.task_id, queue = %message.key, "{reason}; the follow-up is dead-lettered");
+        let step = "dead-letter a follow-up";
+        if let Err(e) = retrying(step, || sink.dead_letter_follow_up(message, &reason)).await {
+            tracing::error!(task_id = %job.task_id, "cannot dead-letter it either ({e}): it is lost");
+        }
     }
 }
 
@@ -170,11 +217,13 @@ mod tests {
         failures: Arc<Mutex<u32>>,
         takes: Duration,
         poison: Option<u8>,
+        /// Follow-ups whose queue key refuses them, as Redis does one holding a string.
+        refused_queue: Option<&'static str>,
         dead: Arc<Mutex<Vec<(String, String)>>>,
     }
 
     impl Sink for Recorder {
-        async fn write(&self, batch: &[Job]) -> Result<(), RedisError> {
+        async fn write(&self, batch: &[Job]) -> Result<Vec<Unpushed>, RedisError> {
             let start = Instant::now();
             tokio::time::sleep(self.takes).await;
             let mut failures = crate::lock(&self.failures);
@@ -189,13 +238,53 @@ mod tests {
                 return Err(RedisError::wrong_type());
             }
             crate::lock(&self.batches).push((batch.len(), start.elapsed()));
-            Ok(())
+            let refused = |message: &Outgoing| Some(message.key.as_str()) == self.refused_queue;
+            Ok(batch
+                .iter()
+                .enumerate()
+                .flat_map(|(j, job)| {
+                    job.publish
+                        .iter()
+                        .enumerate()
+                        .filter(move |(_, m)| refused(m))
+                        .map(move |(m, _)| Unpushed { job: j, message: m })
+                })
+                .collect())
         }
 
         async fn dead_letter(&self, job: &Job, reason: &str) -> Result<bool, RedisError> {
             crate::lock(&self.dead).push((job.task_id.clone(), reason.to_owned()));
             Ok(true)
         }
+
+        async fn dead_letter_follow_up(
+            &self,
+            message: &Outgoing,
+            reason: &str,
+        ) -> Result<(), RedisError> {
+            crate::lock(&self.dead).push((message.key.clone(), reason.to_owned()));
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_follow_up_is_dead_lettered_alone_and_its_batch_is_not_written_again() {
+        let sink = Recorder {
+            refused_queue: Some("a-string"),
+            ..Recorder::default()
+        };
+        let settler = Settler::start(sink.clone());
+        let follow_up = |key: &str| Outgoing {
+            key: key.into(),
+            raw: b"{}".to_vec(),
+        };
+        let publish = vec![follow_up("celery"), follow_up("a-string")];
+        settler.settle("t", None, true, &delivery(1), publish).await;
+        assert_eq!(crate::lock(&sink.batches).len(), 1, "written once");
+        let dead = crate::lock(&sink.dead).clone();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0].0, "a-string");
+        assert!(dead[0].1.contains("WRONGTYPE"), "{dead:?}");
     }
 
     #[tokio::test(start_paused = true)]

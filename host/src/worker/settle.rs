@@ -289,15 +289,36 @@ async fn push_now(shared: &Shared, sent: Sent) {
     publish(shared, "publish the tasks a task sent", &sent.publish).await;
 }
 
-/// Publishes `messages` now, retrying while Redis is away. A push Redis refuses for good (a
-/// queue key of another type, an ACL) is said so and not tried again: the task settles on.
+/// Publishes `messages` now, retrying while Redis is away. A message whose queue key holds
+/// another type is dead-lettered alone (the others were pushed); one Redis refuses to the
+/// ACL user is said so (the worker then stops). Neither is tried again: the task settles on.
 async fn publish(shared: &Shared, what: &str, messages: &[Outgoing]) {
     if messages.is_empty() {
         return;
     }
-    if let Err(e) = retrying(what, || shared.broker.push(messages)).await {
-        let queues: Vec<&str> = messages.iter().map(|m| m.key.as_str()).collect();
-        tracing::error!(?queues, "cannot {what} (Redis refuses it for good): {e}");
+    match retrying(what, || shared.broker.push(messages)).await {
+        Ok(refused) => {
+            for message in refused.into_iter().filter_map(|i| messages.get(i)) {
+                let reason = format!(
+                    "cannot push onto {:?}: the key holds another type than a queue list \
+                     (WRONGTYPE)",
+                    message.key
+                );
+                tracing::error!(queue = %message.key, "{reason}; the message is dead-lettered");
+                let entry = deadletter::unpushed_entry(message, &reason, &shared.config.node);
+                if let Err(e) = retrying("dead-letter a message", || {
+                    shared.broker.add_dead_letter(&entry)
+                })
+                .await
+                {
+                    tracing::error!("cannot dead-letter it either ({e}): it is lost");
+                }
+            }
+        }
+        Err(e) => {
+            let queues: Vec<&str> = messages.iter().map(|m| m.key.as_str()).collect();
+            tracing::error!(?queues, "cannot {what} (Redis refuses it for good): {e}");
+        }
     }
 }
 
