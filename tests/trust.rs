@@ -234,6 +234,145 @@ assert reply, "the worker answered the revoke"
     assert_eq!(doc["result"]["exc_message"], json!(["it failed"]));
 }
 
+// --- what a plugin sends ---------------------------------------------------------------------
+
+/// Runs `hostile.send_raw(signature)`: the id of what was sent, or why it was refused.
+fn send_raw(s: &mut Setup, signature: Value) -> Result<String, String> {
+    let id = s.client.send("hostile.send_raw", json!([signature]));
+    let doc = s.client.result(&id);
+    assert_eq!(doc["status"], "SUCCESS", "{doc}");
+    match (
+        doc["result"]["sent"].as_str(),
+        doc["result"]["refused"].as_str(),
+    ) {
+        (Some(sent), _) => Ok(sent.to_owned()),
+        (_, Some(refused)) => Err(refused.to_owned()),
+        _ => panic!("neither sent nor refused: {doc}"),
+    }
+}
+
+/// `demo.add(1, 1)` with `options`.
+fn add_with(options: Value) -> Value {
+    json!({"task": "demo.add", "args": [1, 1], "kwargs": {}, "options": options,
+           "subtask_type": null, "immutable": false})
+}
+
+/// What a key holds, to compare before and after: its type and a dump of its value.
+fn key_state(conn: &mut redis::Connection, key: &str) -> (String, Option<Vec<u8>>) {
+    let kind: String = redis::cmd("TYPE").arg(key).query(conn).expect("TYPE");
+    let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(key).query(conn).expect("DUMP");
+    (kind, dump)
+}
+
+#[test]
+fn a_plugin_cannot_send_into_a_key_that_is_not_a_queue_it_was_allowed() {
+    let config = "[plugins.hostile]\nallow_send = [\"demo.*\"]\n";
+    let mut s = setup("trust-send-keys", config);
+    let beside = Beside::start(&s.redis);
+    let victim = s.client.send("demo.add", json!([2, 2]));
+    assert_eq!(s.client.result(&victim)["status"], "SUCCESS");
+    let inflight = format!("taskhost:inflight:{NODE}:celery");
+    // A key of every kind the worker or its producers keep, and a queue nobody allowed.
+    let victims = [
+        (0, "_kombu.binding.celery".to_owned()),
+        (0, "taskhost:workers".to_owned()),
+        (0, "taskhost:delayed".to_owned()),
+        (0, inflight),
+        (1, format!("celery-task-meta-{victim}")),
+        (0, "elsewhere".to_owned()),
+    ];
+    let before: Vec<_> = victims
+        .iter()
+        .map(|(db, key)| key_state(&mut s.redis.conn(*db), key))
+        .collect();
+    for (_, key) in &victims {
+        let named = add_with(json!({"queue": key}));
+        let refused = send_raw(&mut s, named).expect_err(key);
+        assert!(refused.contains("send_queues"), "{key}: {refused}");
+        // As a callback of an allowed send, too: it would go out when the first task ends.
+        let callback = add_with(json!({"queue": key}));
+        let linked = add_with(json!({"link": [callback]}));
+        let refused = send_raw(&mut s, linked).expect_err(key);
+        assert!(
+            refused.contains("send_queues"),
+            "{key} as a callback: {refused}"
+        );
+    }
+    let after: Vec<_> = victims
+        .iter()
+        .map(|(db, key)| key_state(&mut s.redis.conn(*db), key))
+        .collect();
+    for ((_, key), (before, after)) in victims.iter().zip(before.iter().zip(&after)) {
+        // The worker's own keys change as it works; none may have taken a task message.
+        if key.starts_with("taskhost:") {
+            assert_eq!(before.0, after.0, "{key}'s type");
+        } else {
+            assert_eq!(before, after, "{key}");
+        }
+    }
+    let elsewhere: usize = redis::cmd("LLEN")
+        .arg("elsewhere")
+        .query(&mut s.redis.conn(0))
+        .expect("LLEN");
+    assert_eq!(elsewhere, 0);
+    assert_eq!(s.client.result(&victim)["result"], 4);
+    beside.all_succeed(&mut s.client, 20);
+}
+
+#[test]
+fn a_plugin_sends_to_the_queues_its_send_queues_allow() {
+    let config =
+        "[plugins.hostile]\nallow_send = [\"demo.*\"]\nsend_queues = [\"celery\", \"batch\"]\n";
+    let mut s = setup("trust-send-queues", config);
+    send_raw(&mut s, add_with(json!({"queue": "batch"}))).expect("batch is allowed");
+    let refused = send_raw(&mut s, add_with(json!({"queue": "elsewhere"}))).expect_err("elsewhere");
+    assert!(refused.contains("\"elsewhere\""), "{refused}");
+    let batch: usize = redis::cmd("LLEN")
+        .arg("batch")
+        .query(&mut s.redis.conn(0))
+        .expect("LLEN");
+    assert_eq!(batch, 1, "the allowed send, waiting in its queue");
+}
+
+#[test]
+fn a_plugin_cannot_send_with_a_chain_option_or_under_another_groups_id() {
+    let config = "[plugins.hostile]\nallow_send = [\"demo.*\"]\n";
+    let mut s = setup("trust-send-ids", config);
+    let beside = Beside::start(&s.redis);
+    let victim = s.client.send("demo.add", json!([2, 2]));
+    assert_eq!(s.client.result(&victim)["status"], "SUCCESS");
+    // A chain option would store a state for the victim when the sent task fails.
+    let chained = add_with(json!({"chain": [add_with(json!({"task_id": victim}))]}));
+    let refused = send_raw(&mut s, chained).expect_err("a chain option");
+    assert!(refused.contains("chain"), "{refused}");
+    // A chord whose header names the victim's id as its group id: the host gives the group an
+    // id of its own, so the chord counts its parts under that, never under the victim's.
+    let header = json!({"task": "celery.group", "subtask_type": "group", "immutable": false,
+        "args": [], "kwargs": {"tasks": [add_with(json!({})), add_with(json!({}))]},
+        "options": {"group_id": victim, "task_id": victim}});
+    let body = json!({"task": "demo.tsum", "args": [], "kwargs": {}, "options": {},
+        "subtask_type": null, "immutable": false});
+    let chord = json!({"task": "celery.chord", "subtask_type": "chord", "immutable": false,
+        "args": [], "kwargs": {"header": header, "body": body}, "options": {}});
+    let sent = send_raw(&mut s, chord).expect("the chord is sent");
+    assert_ne!(sent, victim, "the chord took the victim's id");
+    let body = s.client.result(&sent);
+    assert_eq!(body["result"], 4, "{body}");
+    let doc = s.client.result(&victim);
+    assert_eq!(doc["status"], "SUCCESS", "{doc}");
+    assert_eq!(doc["result"], 4, "{doc}");
+    let touched: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{victim}*"))
+        .query(&mut s.redis.conn(1))
+        .expect("KEYS");
+    assert_eq!(
+        touched,
+        [format!("celery-task-meta-{victim}")],
+        "only its own result"
+    );
+    beside.all_succeed(&mut s.client, 20);
+}
+
 // --- a producer's message ---------------------------------------------------------------------
 
 #[test]

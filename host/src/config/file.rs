@@ -261,6 +261,9 @@ pub struct PluginSection {
     /// Task names the plugin may send besides its own: exact, `prefix.*`, or `*`.
     #[serde(default)]
     pub allow_send: Vec<String>,
+    /// Queues what the plugin sends may go to, by exact name. None: the queues the worker
+    /// consumes.
+    pub send_queues: Option<Vec<String>>,
     /// Whether a granted host name may resolve to a loopback, private or link-local address
     /// (a grant naming such an address needs no opt-in).
     #[serde(default)]

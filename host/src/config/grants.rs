@@ -62,12 +62,16 @@ impl FileConfig {
             if let Some(tasks) = &section.tasks {
                 check_task_patterns(&format!("{place} tasks"), tasks)?;
             }
+            if let Some(queues) = &section.send_queues {
+                check_queue_names(&format!("{place} send_queues"), queues)?;
+            }
             plugins.insert(
                 name.clone(),
                 Arc::new(Grants {
                     allow_http,
                     config,
                     allow_send: section.allow_send.clone(),
+                    send_queues: section.send_queues.clone(),
                     allow_private_network: section.allow_private_network,
                     tasks: section.tasks.clone(),
                     limits,
@@ -84,6 +88,29 @@ impl FileConfig {
             plugins,
         })
     }
+}
+
+/// Checks `[plugins.NAME] send_queues`: each an exact queue name, never `*` or a pattern, and
+/// never one of the worker's own keys.
+fn check_queue_names(place: &str, queues: &[String]) -> Result<(), ConfigError> {
+    for queue in queues {
+        let wrong = if queue.is_empty() || queue.len() > 200 {
+            Some("a queue name of 1 to 200 bytes")
+        } else if queue.contains('*') {
+            Some("exact queue names (no patterns: a pattern would let a plugin name any key)")
+        } else if queue.starts_with("taskhost:") || queue.chars().any(char::is_control) {
+            Some("a queue name (not a taskhost: key, no control characters)")
+        } else {
+            None
+        };
+        if let Some(expected) = wrong {
+            return Err(ConfigError::Invalid {
+                place: place.to_owned(),
+                message: format!("{queue:?}: expected {expected}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks `[plugins.NAME] tasks`: each an exact name, `prefix.*`, or `*`.
@@ -278,6 +305,9 @@ pub struct Grants {
     pub config: HashMap<String, String>,
     /// Task names the plugin may send besides its own (`allow_send`).
     pub allow_send: Vec<String>,
+    /// Queues what the plugin sends may go to (`send_queues`); none: the queues the worker
+    /// consumes.
+    pub send_queues: Option<Vec<String>>,
     /// A granted host name may resolve to a private address (`allow_private_network`).
     pub allow_private_network: bool,
     /// Task names the plugin may serve (`tasks`); none: its own name's (see

@@ -171,15 +171,21 @@ fn nested<'a>(value: &'a mut Value, pending: &mut Vec<&'a mut Value>) {
 /// Every task name a signature would send: the tasks of its chains, groups and chords, and
 /// their links, errbacks, later chain steps and chord bodies.
 pub fn task_names(sig: &Value) -> Vec<String> {
-    let mut names = Vec::new();
+    signatures(sig)
+        .into_iter()
+        .filter(|sig| sig.get("subtask_type").and_then(Value::as_str).is_none())
+        .filter_map(|sig| sig.get("task").and_then(Value::as_str))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every signature in `sig`, itself first: group, chain and chord members, link and
+/// link_error callbacks, embedded chain steps and chord bodies, at any depth.
+pub fn signatures(sig: &Value) -> Vec<&Value> {
+    let mut all = Vec::new();
     let mut pending = vec![sig];
     while let Some(sig) = pending.pop() {
-        let kind = sig.get("subtask_type").and_then(Value::as_str);
-        if kind.is_none()
-            && let Some(name) = sig.get("task").and_then(Value::as_str)
-        {
-            names.push(name.to_owned());
-        }
+        all.push(sig);
         let kwargs = sig.get("kwargs");
         let options = sig.get("options");
         let nested = [
@@ -199,7 +205,7 @@ pub fn task_names(sig: &Value) -> Vec<String> {
             }
         }
     }
-    names
+    all
 }
 
 pub(super) fn text(value: &Value, key: &str) -> Option<String> {

@@ -9,7 +9,7 @@
 use super::Shared;
 use crate::config::Grants;
 use crate::plugins::{Plugin, Registry};
-use crate::protocol::canvas::{self, CanvasError, Origin, Step};
+use crate::protocol::canvas::{self, CanvasError, Origin, Routes as _, Step};
 use crate::protocol::signature::task_names;
 use crate::protocol::{Exception, Meta, State, TaskMessage, exception_document, parse, pyrepr};
 use crate::redis::chord::{Joined, Part};
@@ -372,6 +372,8 @@ pub(super) struct Outbox {
     grants: Arc<Grants>,
     /// The queues tasks declared, as loaded when the task started.
     routes: Arc<Registry>,
+    /// The queues what the task sends may go to.
+    queues: Vec<String>,
     sent: Mutex<Sent>,
 }
 
@@ -383,15 +385,21 @@ pub(super) struct Sent {
 }
 
 impl Outbox {
-    /// The outbox of `message`, run by `plugin` under `grants`.
+    /// The outbox of `message`, run by `plugin` under `grants`; what it sends may go to the
+    /// queues `grants` names, else to `consumed` (the queues the worker consumes).
     pub(super) fn new(
         backend: Backend,
         message: &TaskMessage,
         plugin: &Plugin,
         grants: Arc<Grants>,
         routes: Arc<Registry>,
+        consumed: &[String],
     ) -> Self {
         Self {
+            queues: grants
+                .send_queues
+                .clone()
+                .unwrap_or_else(|| consumed.to_vec()),
             backend,
             parent_id: message.id.clone(),
             root_id: root_of(message).to_owned(),
@@ -418,6 +426,32 @@ impl Outbox {
         )))
     }
 
+    /// Refuses a signature any of whose messages would go to a queue the operator did not
+    /// allow this plugin (`send_queues`), whether it names the queue or its task declared it.
+    fn check_queues(&self, signature: &Value) -> Result<(), SendError> {
+        for sig in crate::protocol::signature::signatures(signature) {
+            let named = sig
+                .get("options")
+                .and_then(|o| o.get("queue"))
+                .and_then(Value::as_str);
+            let is_task = sig.get("subtask_type").and_then(Value::as_str).is_none();
+            let task = sig.get("task").and_then(Value::as_str).unwrap_or_default();
+            let queue = match named {
+                Some(queue) => queue,
+                None if is_task => self.routes.declared_queue(task).unwrap_or(DEFAULT_QUEUE),
+                None => continue,
+            };
+            if !self.queues.iter().any(|q| q == queue) {
+                return Err(SendError(format!(
+                    "queue {queue:?} is not one this plugin may send to (it may send to {}; the \
+                     operator allows queues in its [plugins] section's send_queues)",
+                    self.queues.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// What was sent so far, taken.
     pub(super) fn take(&self) -> Sent {
         std::mem::take(&mut *crate::lock(&self.sent))
@@ -433,6 +467,7 @@ impl crate::sandbox::Outbox for Outbox {
             let signature =
                 crate::protocol::signature::for_a_plugin(signature).map_err(SendError)?;
             self.check(&signature)?;
+            self.check_queues(&signature)?;
             let origin = origin(&self.routes, &self.parent_id, &self.root_id);
             let mut steps = Vec::new();
             let child = canvas::apply(&signature, Vec::new(), &origin, &mut steps)

@@ -55,6 +55,7 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         &admitted.plugin,
         admitted.grants.clone(),
         shared.plugins.registry(),
+        &shared.queues.borrow(),
     );
     let outbox = Arc::new(outbox);
     let ran = run(shared, &message, &admitted, outbox.clone()).await;

@@ -34,6 +34,12 @@ impl Signature {
         }))
     }
 
+    /// A signature given as Celery's JSON, as a task receives one in its arguments (Celery's
+    /// `signature(dict)`). The host checks it when it is sent.
+    pub fn from_json(signature: Value) -> Self {
+        Self(signature)
+    }
+
     /// Keyword arguments: a map or a struct.
     pub fn kwargs(mut self, kwargs: impl Serialize) -> Self {
         if let Ok(value @ Value::Object(_)) = serde_json::to_value(kwargs) {

@@ -32,6 +32,15 @@ fn deep(n: u64) -> u64 {
 }
 
 tasks! {
+    /// Sends `signature` exactly as given: whatever ids, options and queues it names.
+    #[task(name = "hostile.send_raw")]
+    fn send_raw(signature: Value) -> Result<Value> {
+        match taskhost_sdk::canvas::Signature::from_json(signature).send() {
+            Ok(id) => Ok(json!({"sent": id})),
+            Err(why) => Ok(json!({"refused": why})),
+        }
+    }
+
     /// Never returns.
     #[task(name = "hostile.spin")]
     fn spin() -> Result<()> {
