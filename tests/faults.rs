@@ -284,6 +284,84 @@ fn a_long_task_on_a_live_worker_is_not_run_twice() {
     assert_eq!((tally.completed, tally.duplicated), (1, 0), "{tally}");
 }
 
+/// Two workers (2 s lapse, `-c 2`, one message ahead per slot) running two of eight 6 s tasks
+/// each when `outage` hits Redis: no task may be taken from its live worker. Returns the workers
+/// and the ids, once every task's result is in.
+fn two_workers_through(
+    dir: &TestDir,
+    redis: &mut RedisServer,
+    outage: impl FnOnce(&mut RedisServer),
+) -> (Vec<Process>, Vec<String>) {
+    let args = [
+        "-c",
+        "2",
+        "--prefetch-multiplier",
+        "1",
+        "--heartbeat-lapse",
+        "2",
+    ];
+    let workers = vec![
+        worker(dir, redis, "w1", &args),
+        worker(dir, redis, "w2", &args),
+    ];
+    let mut client = Client::new(redis);
+    let ids: Vec<String> = (0..8)
+        .map(|_| client.send("demo.sleep", json!([6000])))
+        .collect();
+    wait_for("each worker to run two tasks", || {
+        (client.in_flight("w1@test") >= 2 && client.in_flight("w2@test") >= 2).then_some(())
+    });
+    outage(redis);
+    let mut client = Client::new(redis);
+    let (results, missing) = client.results(&ids, SETTLE);
+    assert!(missing.is_empty(), "no result for {missing:?}");
+    for (id, doc) in &results {
+        assert_eq!(doc["status"], "SUCCESS", "{id}: {doc}");
+    }
+    // Every return of a message to its queue counts it in `taskhost:redelivered:<tag>`.
+    let returned: Vec<String> = redis::cmd("KEYS")
+        .arg("taskhost:redelivered:*")
+        .query(client.broker())
+        .expect("KEYS");
+    assert!(
+        returned.is_empty(),
+        "tasks were taken from a live worker: {returned:?}"
+    );
+    (workers, ids)
+}
+
+#[test]
+fn two_workers_through_a_write_pause_longer_than_the_lapse_take_nothing_from_each_other() {
+    let dir = TestDir::new("fault-pause-lapse");
+    let mut redis = RedisServer::start(&dir);
+    let removals = RegistryRemovals::start(&redis);
+    let (workers, _) = two_workers_through(&dir, &mut redis, |redis| {
+        // Held by Redis itself for 5 s, two and a half lapses: every heartbeat waits.
+        redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(5_000)
+            .arg("WRITE")
+            .query::<()>(&mut redis.conn(0))
+            .expect("CLIENT PAUSE");
+    });
+    assert_eq!(removals.count(), 0, "a live worker was taken for dead");
+    stop_all(workers);
+}
+
+#[test]
+fn two_workers_through_a_redis_restart_longer_than_the_lapse_take_nothing_from_each_other() {
+    let dir = TestDir::new("fault-restart-lapse");
+    let mut redis =
+        RedisServer::start_with(&dir, &["--appendonly", "yes", "--appendfsync", "always"]);
+    let (workers, _) = two_workers_through(&dir, &mut redis, |redis| {
+        redis.kill();
+        // Down for two and a half lapses: the registry comes back with every heartbeat old.
+        taskhost_tests::pace(Duration::from_secs(5));
+        redis.restart();
+    });
+    stop_all(workers);
+}
+
 /// Pushes with a fresh connection, retrying while Redis is away.
 fn push_retrying(redis: &RedisServer, message: &str) {
     wait_for("Redis to take a task", || {
@@ -694,6 +772,18 @@ fn a_task_that_kills_its_workers_ends_in_the_dead_letter_list() {
         "{dead}"
     );
     assert_eq!(client.llen("celery"), 0);
+}
+
+#[test]
+fn a_task_dead_lettered_by_crash_recovery_ends_in_a_failure() {
+    let dir = TestDir::new("fault-poison-failure");
+    let redis = RedisServer::start(&dir);
+    let mut client = Client::new(&redis);
+    let (_w, poison) = poison_run(&dir, &redis, &mut client);
+    dead_letter_of(&mut client, &poison);
+    let doc = client.result(&poison);
+    assert_eq!(doc["status"], "FAILURE", "{doc}");
+    assert_eq!(doc["result"]["exc_type"], "WorkerLostError", "{doc}");
 }
 
 #[test]

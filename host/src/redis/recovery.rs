@@ -7,11 +7,15 @@
 //! script (`scripts/recover-2.lua`) returns the messages in its in-flight lists to the lists they came from — re-checking
 //! the lapse and removing the entry in the same atomic step, so it happens exactly once
 //! whichever workers notice. A slow task on a live worker is never returned: only a lapsed
-//! heartbeat counts.
+//! heartbeat counts. And a worker judges others only while its own heartbeats have landed
+//! steadily for a whole lapse ([`Steady`]): a Redis that stalled, restarted or failed over
+//! makes every heartbeat look old at once, and a reaper that saw its own beat wait, fail or
+//! come late gives the others one more lapse to beat again.
 //!
 //! A message returned more than `max_redeliveries` times (it keeps killing its workers) goes
 //! to the dead-letter list instead, so a poison task cannot take a fleet down one worker after
-//! another. The count is kept per delivery tag (`taskhost:redelivered:<tag>`, expiring).
+//! another. The count is kept per delivery tag (`taskhost:redelivered:<tag>`, expiring). The
+//! worker that dead-letters such a message fails its task ([`Presence::lost`]).
 //!
 //! A worker starting under a name whose entry is still fresh waits for it to lapse (two live
 //! workers must not share a name, hence in-flight lists), unless that entry is a process of
@@ -53,15 +57,15 @@ pub struct Entry {
 
 /// Returns a lapsed worker's in-flight messages to their queues (or, past the redelivery
 /// limit, to the dead-letter list) and removes its entry, if its heartbeat is older than
-/// `lapse` when the script runs (`scripts/recover-2.lua`). Returns (returned, dead-lettered),
-/// or none if the worker is alive.
+/// `lapse` when the script runs (`scripts/recover-2.lua`). Returns how many were returned and
+/// the messages dead-lettered, or none if the worker is alive.
 pub async fn recover(
     conn: &mut Connection,
     node: &str,
     lapse: Duration,
     max_redeliveries: u32,
-) -> Result<Option<(u64, u64)>, RedisError> {
-    let (returned, dead): (i64, i64) = scripts::recover()
+) -> Result<Option<(u64, Vec<Vec<u8>>)>, RedisError> {
+    let (returned, dead): (i64, Vec<Vec<u8>>) = scripts::recover()
         .key(WORKERS)
         .key(DEAD)
         .arg(node)
@@ -73,12 +77,62 @@ pub async fn recover(
         .arg(REDELIVERED_PREFIX)
         .invoke_async(conn)
         .await?;
-    Ok((returned >= 0).then(|| {
-        (
-            u64::try_from(returned).unwrap_or(0),
-            u64::try_from(dead).unwrap_or(0),
-        )
-    }))
+    Ok((returned >= 0).then(|| (u64::try_from(returned).unwrap_or(0), dead)))
+}
+
+/// Whether this worker's own heartbeats have been landing steadily for a whole lapse: only
+/// then may it judge others dead. A Redis that stalled writes, restarted or failed over makes
+/// every worker's heartbeat look old at once; a reaper whose own beat failed, stalled or came
+/// late has seen that happen, and gives the others one more lapse to beat again.
+#[derive(Debug)]
+pub struct Steady {
+    interval: Duration,
+    lapse: Duration,
+    /// When the current run of steady beats began.
+    since: Option<tokio::time::Instant>,
+    /// When the last beat landed.
+    last: Option<tokio::time::Instant>,
+}
+
+impl Steady {
+    pub fn new(interval: Duration, lapse: Duration) -> Self {
+        Self {
+            interval,
+            lapse,
+            since: None,
+            last: None,
+        }
+    }
+
+    /// A beat asked at `asked` landed at `landed`.
+    pub fn landed(&mut self, asked: tokio::time::Instant, landed: tokio::time::Instant) {
+        // A beat that took longer than the interval waited on Redis; one landing more than two
+        // intervals after the last was late: either way, the others' beats may have too.
+        let stalled = landed.duration_since(asked) > self.interval;
+        let late = self
+            .last
+            .is_none_or(|last| landed.duration_since(last) > self.interval * 2);
+        if stalled || late {
+            self.since = Some(landed);
+        }
+        self.last = Some(landed);
+    }
+
+    /// A beat failed.
+    pub fn failed(&mut self) {
+        self.since = None;
+        self.last = None;
+    }
+
+    /// Whether the beats have been steady for a lapse, up to `now`.
+    pub fn may_judge(&self, now: tokio::time::Instant) -> bool {
+        match (self.since, self.last) {
+            (Some(since), Some(last)) => {
+                now.duration_since(last) <= self.interval && now.duration_since(since) >= self.lapse
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A worker's entry in the registry, shared by its heartbeat and whatever changes the queues
@@ -153,7 +207,13 @@ pub struct Presence {
     registration: Arc<Registration>,
     lapse: Duration,
     max_redeliveries: u32,
+    lost: Lost,
+    lost_rx: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>>>>,
 }
+
+/// Where the messages recovery dead-letters go, to be failed (a dead worker's task past its
+/// redeliveries still ends in a result).
+type Lost = tokio::sync::mpsc::UnboundedSender<Vec<u8>>;
 
 impl Presence {
     /// Takes the name `node`: waits while a live worker holds it (logging why), returns the
@@ -170,7 +230,9 @@ impl Presence {
         stop: &mut Stopping,
     ) -> Result<Option<Self>, RedisError> {
         let host = crate::node::machine_hostname();
-        if !take_name(&mut conn, node, &host, lapse, max_redeliveries, stop).await? {
+        let (lost, lost_rx) = tokio::sync::mpsc::unbounded_channel();
+        let limits = (lapse, max_redeliveries);
+        if !take_name(&mut conn, node, &host, limits, &lost, stop).await? {
             return Ok(None);
         }
         let entry = Entry {
@@ -194,7 +256,24 @@ impl Presence {
             registration,
             lapse,
             max_redeliveries,
+            lost,
+            lost_rx: Arc::new(std::sync::Mutex::new(Some(lost_rx))),
         }))
+    }
+
+    /// The messages this worker's recoveries dead-letter, from its claim of the name on (once:
+    /// whoever takes them fails their tasks).
+    pub fn lost(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>> {
+        self.lost_rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    fn report_lost(&self, dead: Vec<Vec<u8>>) {
+        for message in dead {
+            let _ = self.lost.send(message);
+        }
     }
 
     /// The entry this presence keeps fresh.
@@ -209,11 +288,17 @@ impl Presence {
         // Look over the others about twice per lapse.
         let interval = heartbeat_interval(self.lapse);
         let reap_every = (self.lapse.as_millis() / 2 / interval.as_millis()).max(1) as u64;
+        let mut steady = Steady::new(interval, self.lapse);
         loop {
-            if let Err(e) = self.registration.beat(fetching()).await {
-                tracing::warn!("cannot refresh the heartbeat: {e}");
+            let asked = tokio::time::Instant::now();
+            match self.registration.beat(fetching()).await {
+                Ok(()) => steady.landed(asked, tokio::time::Instant::now()),
+                Err(e) => {
+                    steady.failed();
+                    tracing::warn!("cannot refresh the heartbeat: {e}");
+                }
             }
-            if ticks.is_multiple_of(reap_every) {
+            if ticks.is_multiple_of(reap_every) && steady.may_judge(tokio::time::Instant::now()) {
                 self.reap().await;
             }
             ticks += 1;
@@ -251,11 +336,14 @@ impl Presence {
                 continue;
             }
             match recover(&mut self.conn, &node, self.lapse, self.max_redeliveries).await {
-                Ok(Some((returned, dead))) => tracing::warn!(
-                    worker = %node, returned, dead_lettered = dead,
-                    "worker lapsed (no heartbeat for {} s): its unfinished tasks went back to their queues",
-                    self.lapse.as_secs()
-                ),
+                Ok(Some((returned, dead))) => {
+                    tracing::warn!(
+                        worker = %node, returned, dead_lettered = dead.len(),
+                        "worker lapsed (no heartbeat for {} s): its unfinished tasks went back to their queues",
+                        self.lapse.as_secs()
+                    );
+                    self.report_lost(dead);
+                }
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(worker = %node, "cannot recover a lapsed worker's tasks: {e}")
@@ -271,8 +359,8 @@ async fn take_name(
     conn: &mut Connection,
     node: &str,
     host: &str,
-    lapse: Duration,
-    max_redeliveries: u32,
+    (lapse, max_redeliveries): (Duration, u32),
+    lost: &Lost,
     stop: &mut Stopping,
 ) -> Result<bool, RedisError> {
     let mut warned = false;
@@ -295,9 +383,12 @@ async fn take_name(
                 tracing::warn!(
                     node,
                     returned,
-                    dead_lettered = dead,
+                    dead_lettered = dead.len(),
                     "a previous worker of this name died: its unfinished tasks went back to their queues"
                 );
+                for message in dead {
+                    let _ = lost.send(message);
+                }
             }
             return Ok(true);
         }
@@ -338,4 +429,73 @@ fn is_lapsed(now: i64, hb: i64, lapse: Duration) -> bool {
 
 fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Steady;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    const INTERVAL: Duration = Duration::from_millis(500);
+    const LAPSE: Duration = Duration::from_secs(2);
+
+    /// Beats landing every interval from `start` for `beats` beats, each taking `takes`; the
+    /// time of the last.
+    fn beat(steady: &mut Steady, start: Instant, beats: u32, takes: Duration) -> Instant {
+        let mut at = start;
+        for n in 0..beats {
+            at = start + INTERVAL * n;
+            steady.landed(at, at + takes);
+        }
+        at + takes
+    }
+
+    #[test]
+    fn a_worker_judges_others_only_after_a_lapse_of_steady_beats() {
+        let mut steady = Steady::new(INTERVAL, LAPSE);
+        let start = Instant::now();
+        assert!(!steady.may_judge(start), "before any beat");
+        let last = beat(&mut steady, start, 4, Duration::ZERO);
+        assert!(!steady.may_judge(last), "1.5 s of beats");
+        let last = beat(&mut steady, start, 5, Duration::ZERO);
+        assert!(steady.may_judge(last), "2 s of beats");
+    }
+
+    #[test]
+    fn a_beat_that_waited_on_redis_holds_judgement_for_a_lapse() {
+        let mut steady = Steady::new(INTERVAL, LAPSE);
+        let start = Instant::now();
+        let last = beat(&mut steady, start, 10, Duration::ZERO);
+        assert!(steady.may_judge(last));
+        // A pause of writes: the next beat lands 5 s after it was asked.
+        let resumed = last + Duration::from_secs(5);
+        steady.landed(last, resumed);
+        assert!(!steady.may_judge(resumed));
+        let after = beat(&mut steady, resumed + INTERVAL, 3, Duration::ZERO);
+        assert!(!steady.may_judge(after), "1.5 s after Redis came back");
+        let after = beat(&mut steady, resumed + INTERVAL, 4, Duration::ZERO);
+        assert!(steady.may_judge(after), "a lapse after Redis came back");
+    }
+
+    #[test]
+    fn a_failed_or_late_beat_holds_judgement_for_a_lapse() {
+        let mut steady = Steady::new(INTERVAL, LAPSE);
+        let start = Instant::now();
+        let last = beat(&mut steady, start, 10, Duration::ZERO);
+        steady.failed();
+        assert!(!steady.may_judge(last), "after a failed beat");
+        let back = last + Duration::from_secs(3);
+        steady.landed(back, back);
+        assert!(!steady.may_judge(back), "the first beat after the failure");
+        // Beats resume, then one comes three intervals late (this worker stalled).
+        let steady_again = beat(&mut steady, back, 5, Duration::ZERO);
+        assert!(steady.may_judge(steady_again));
+        let late = steady_again + INTERVAL * 3;
+        steady.landed(late, late);
+        assert!(!steady.may_judge(late), "a late beat");
+        // And a judgement needs a beat just now, not a steady run long past.
+        let quiet = late + LAPSE * 2;
+        assert!(!steady.may_judge(quiet));
+    }
 }

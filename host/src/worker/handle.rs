@@ -9,7 +9,8 @@ use super::Shared;
 use super::canvas::Outbox;
 use super::gates::{self, Admitted};
 use super::progress::ProgressWriter;
-use super::settle::{self, Ran, Refusal};
+use super::refuse::{self, Refusal};
+use super::settle::{self, Ran};
 use crate::protocol::event::TaskEvent;
 use crate::protocol::time::deadline_ms;
 use crate::protocol::{Exception, Meta, State, TaskMessage, exception_document};
@@ -36,7 +37,7 @@ pub(super) async fn handle_guarded(shared: &Shared, delivery: &Delivery) {
 async fn handle(shared: &Shared, delivery: &Delivery) {
     let message = match TaskMessage::decode(&delivery.raw) {
         Ok(message) => message,
-        Err(bad) => return settle::refuse(shared, delivery, &Refusal::Undecodable(&bad)).await,
+        Err(bad) => return refuse::refuse(shared, delivery, &Refusal::Undecodable(&bad)).await,
     };
     if !message.announced {
         shared
@@ -138,5 +139,5 @@ async fn panicked(shared: &Shared, delivery: &Delivery, what: &str) {
             tracing::error!(task_id = id, "cannot store its FAILURE: {e}");
         }
     }
-    settle::dead_letter(shared, delivery, &reason, task_id, task).await;
+    refuse::dead_letter(shared, delivery, &reason, task_id, task).await;
 }

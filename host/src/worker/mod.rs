@@ -29,7 +29,9 @@ mod gates;
 mod handle;
 mod health;
 mod held;
+mod moved;
 mod progress;
+mod refuse;
 mod reload;
 mod remote;
 mod retry;
@@ -341,6 +343,15 @@ fn spawn_lifelines(
             remote::heartbeats(shared.clone(), gone_in_loop.clone())
         })
     };
+    if let Some(mut lost) = presence.lost() {
+        // Ends when the presence, and so the heartbeat, is gone.
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(raw) = lost.recv().await {
+                refuse::fail_lost(&shared, &raw).await;
+            }
+        });
+    }
     let health = shared.health.clone();
     tokio::spawn(health::watch(health.clone(), gone.clone()));
     let gone_in_loop = gone.clone();

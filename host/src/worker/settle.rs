@@ -1,20 +1,20 @@
 //! The last step of a task's path: its outcome written where Celery's clients look (the result
 //! backend), counted (metrics), announced (events), logged, and its message taken out of the
 //! in-flight list — acknowledged, postponed to the delayed set, published again as a retry, or
-//! dead-lettered. Every message that reaches the worker leaves through one of these.
+//! dead-lettered (`refuse.rs`: messages that leave without running). Every message that
+//! reaches the worker leaves through one of these.
 
 use super::Shared;
 use super::canvas::{self, FollowUps, Sent};
 use super::gates::{Admitted, Stop, Wait};
+use super::moved::{metrics_label, moved_or_not, publish};
+use super::refuse::{self, Refusal, refuse};
 use super::retry::{self, Retry, RetryPolicy};
 use crate::monitor::metrics::TaskOutcome;
 use crate::protocol::event::TaskEvent;
-use crate::protocol::{Exception, Meta, RevokeReason, State, TaskMessage, Undecodable};
+use crate::protocol::{Exception, Meta, RevokeReason, State, TaskMessage};
 use crate::protocol::{exception_document, result_document};
-use crate::redis::deadletter::{self, Origin};
-use crate::redis::keys::queue_of;
-use crate::redis::settle::Outgoing;
-use crate::redis::{Delivery, RedisError, retrying};
+use crate::redis::{Delivery, retrying};
 use crate::sandbox::{Outcome, PoolFull};
 use serde_json::value::RawValue;
 
@@ -289,39 +289,6 @@ async fn push_now(shared: &Shared, sent: Sent) {
     publish(shared, "publish the tasks a task sent", &sent.publish).await;
 }
 
-/// Publishes `messages` now, retrying while Redis is away. A message whose queue key holds
-/// another type is dead-lettered alone (the others were pushed); one Redis refuses to the
-/// ACL user is said so (the worker then stops). Neither is tried again: the task settles on.
-async fn publish(shared: &Shared, what: &str, messages: &[Outgoing]) {
-    if messages.is_empty() {
-        return;
-    }
-    match retrying(what, || shared.broker.push(messages)).await {
-        Ok(refused) => {
-            for message in refused.into_iter().filter_map(|i| messages.get(i)) {
-                let reason = format!(
-                    "cannot push onto {:?}: the key holds another type than a queue list \
-                     (WRONGTYPE)",
-                    message.key
-                );
-                tracing::error!(queue = %message.key, "{reason}; the message is dead-lettered");
-                let entry = deadletter::unpushed_entry(message, &reason, &shared.config.node);
-                if let Err(e) = retrying("dead-letter a message", || {
-                    shared.broker.add_dead_letter(&entry)
-                })
-                .await
-                {
-                    tracing::error!("cannot dead-letter it either ({e}): it is lost");
-                }
-            }
-        }
-        Err(e) => {
-            let queues: Vec<&str> = messages.iter().map(|m| m.key.as_str()).collect();
-            tracing::error!(?queues, "cannot {what} (Redis refuses it for good): {e}");
-        }
-    }
-}
-
 /// Moves `delivery`'s message to the delayed set until `due_ms` (retrying until Redis takes
 /// it), marked as announced, and wakes the mover.
 async fn postpone(
@@ -390,105 +357,6 @@ async fn retry(
         shared.scheduled.notify_one();
     }
 }
-
-/// A message that cannot be run.
-pub(super) enum Refusal<'a> {
-    Undecodable(&'a Undecodable),
-    NotRegistered(&'a TaskMessage),
-    Rejected {
-        message: &'a TaskMessage,
-        plugin: &'a str,
-        reason: String,
-    },
-}
-
-impl Refusal<'_> {
-    fn message(&self) -> Option<&TaskMessage> {
-        match self {
-            Self::Undecodable(_) => None,
-            Self::NotRegistered(m) | Self::Rejected { message: m, .. } => Some(m),
-        }
-    }
-
-    fn task_id(&self) -> Option<&str> {
-        match self {
-            Self::Undecodable(bad) => bad.task_id.as_deref(),
-            Self::NotRegistered(m) | Self::Rejected { message: m, .. } => Some(&m.id),
-        }
-    }
-
-    fn task(&self) -> Option<&str> {
-        match self {
-            Self::Undecodable(bad) => bad.task_name.as_deref(),
-            Self::NotRegistered(m) | Self::Rejected { message: m, .. } => Some(&m.task),
-        }
-    }
-
-    /// The exception the task fails with, and the reason the dead-letter entry gives.
-    fn explain(&self) -> (Exception, String) {
-        match self {
-            Self::Undecodable(bad) => {
-                let reason = format!("undecodable message: {}", bad.error);
-                (Exception::new("DecodeError", reason.clone()), reason)
-            }
-            Self::NotRegistered(m) => (
-                Exception::new("NotRegistered", m.task.clone()),
-                format!("task {:?} is not served by any plugin", m.task),
-            ),
-            Self::Rejected { plugin, reason, .. } => (
-                Exception::new("Reject", reason.clone()),
-                format!("rejected by plugin {plugin}: {reason}"),
-            ),
-        }
-    }
-}
-
-/// Fails the refused task where the message has a task id (so a waiting producer gets an
-/// answer), and moves the message to the dead-letter list with the reason.
-pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refusal<'_>) {
-    let (task_id, task) = (refusal.task_id(), refusal.task());
-    let (exception, reason) = refusal.explain();
-    if let Some(id) = task_id {
-        let doc = exception_document(&Meta::of(id), State::Failure, &exception);
-        let stored = retrying("store a result", || shared.backend.store(id, &doc)).await;
-        if let Err(e) = stored {
-            tracing::error!(task_id = id, "cannot store the refused task's FAILURE: {e}");
-        }
-    }
-    if let Some(message) = refusal.message() {
-        // A refused task fails its chain, chord and errbacks as a failed one does, so no
-        // workflow waits on it forever.
-        let mut follow = canvas::after_failure(shared, message, &exception).await;
-        let result = exception.to_json().to_string();
-        canvas::chord_part(shared, message, State::Failure, &result, &mut follow).await;
-        publish(
-            shared,
-            "publish what follows a refused task",
-            &follow.publish,
-        )
-        .await;
-        for (group_id, token) in follow.completed {
-            canvas::cleanup(shared, &group_id, &token).await;
-        }
-    }
-    tracing::error!(
-        task_id = task_id.unwrap_or("-"), task = task.unwrap_or("-"),
-        queue = %queue_of(&delivery.source),
-        "message dead-lettered to {}: {reason}", crate::redis::keys::DEAD
-    );
-    if let Some(id) = task_id {
-        let rejected = matches!(refusal, Refusal::Rejected { .. });
-        shared.events.task(
-            id,
-            TaskEvent::Refused {
-                exception: &exception,
-                rejected,
-            },
-        );
-    }
-    dead_letter(shared, delivery, &reason, task_id, task).await;
-}
-
 /// Stores `doc` as `message`'s state, retrying while Redis is away; false if it cannot (the
 /// caller stops). A result key of another type dead-letters the message, so the task stalls
 /// nothing; an ACL refusal (which stops the worker) leaves it in flight for recovery.
@@ -508,7 +376,7 @@ async fn store_or_dead_letter(
     }
     let reason = format!("cannot store the task's state: {e}");
     tracing::error!(task_id = %message.id, task = %message.task, "{reason}; its message is dead-lettered");
-    dead_letter(
+    refuse::dead_letter(
         shared,
         delivery,
         &reason,
@@ -517,82 +385,4 @@ async fn store_or_dead_letter(
     )
     .await;
     false
-}
-
-/// Moves `delivery`'s message to the dead-letter list, saying `reason`, and counts its task
-/// as rejected.
-pub(super) async fn dead_letter(
-    shared: &Shared,
-    delivery: &Delivery,
-    reason: &str,
-    task_id: Option<&str>,
-    task: Option<&str>,
-) {
-    shared
-        .metrics
-        .task(metrics_label(shared, task), TaskOutcome::Rejected, None);
-    let origin = Origin {
-        reason,
-        task_id,
-        task,
-        source: &delivery.source,
-        worker: &shared.config.node,
-    };
-    let entry = deadletter::entry(&delivery.raw, &origin);
-    let moved = retrying("dead-letter a message", || {
-        shared.broker.dead_letter(delivery, &entry)
-    })
-    .await;
-    if moved_or_not(shared, "dead-letter a message", moved, delivery) {
-        shared.metrics.dead_lettered();
-        trim_dead_letters(shared).await;
-    }
-}
-
-/// Keeps the dead-letter list within `[worker] dead_letter_max`.
-async fn trim_dead_letters(shared: &Shared) {
-    let max = shared.config.dead_letter_max;
-    match deadletter::trim(&mut shared.broker.connection(), max).await {
-        Ok(0) => {}
-        Ok(dropped) => tracing::warn!(
-            dropped,
-            "dead-letter list over dead_letter_max ({max}): the oldest entries were dropped"
-        ),
-        Err(e) => tracing::warn!("cannot trim the dead-letter list: {e}"),
-    }
-}
-
-/// Whether the step `what` moved the message out of the in-flight list; if not, it was gone
-/// (another worker returned it) or Redis refused the step for good, and it stays for recovery.
-fn moved_or_not(
-    shared: &Shared,
-    what: &str,
-    moved: Result<bool, RedisError>,
-    delivery: &Delivery,
-) -> bool {
-    match moved {
-        Ok(true) => true,
-        Ok(false) => {
-            shared.metrics.settle_skipped();
-            tracing::warn!(
-                queue = %queue_of(&delivery.source),
-                "a message this worker settled was no longer in its in-flight list (another \
-                 worker returned it): nothing was moved"
-            );
-            false
-        }
-        Err(e) => {
-            tracing::error!(
-                "cannot {what} (Redis refuses it for good), so the message stays in flight: {e}"
-            );
-            false
-        }
-    }
-}
-
-/// The `task` label of a task that may not be served: its name only when a plugin serves it,
-/// since names from producers are unbounded.
-fn metrics_label<'a>(shared: &Shared, task: Option<&'a str>) -> &'a str {
-    task.filter(|t| shared.plugins.registry().resolve(t).is_some())
-        .unwrap_or("(unregistered)")
 }

@@ -14,18 +14,18 @@
 --   ARGV[5]  seconds a redelivery count is remembered
 --   ARGV[6]  now, as the dead-letter entry's time
 --   ARGV[7]  the redelivery counter prefix (`taskhost:redelivered:`), completed by the tag
--- Output: {returned, dead-lettered}, or {-1, 0} if the worker is alive.
+-- Output: {returned, {each dead-lettered message}}, or {-1, {}} if the worker is alive.
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
-if not entry then return {0, 0} end
+if not entry then return {0, {}} end
 local ok, w = pcall(cjson.decode, entry)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ok and type(w) == 'table' and now - (tonumber(w.hb) or 0) < tonumber(ARGV[2]) then
-  return {-1, 0}
+  return {-1, {}}
 end
 local sources = {}
 if ok and type(w) == 'table' and type(w.sources) == 'table' then sources = w.sources end
-local returned, dead = 0, 0
+local returned, dead = 0, {}
 for _, source in ipairs(sources) do
   local inflight = ARGV[3] .. source
   while true do
@@ -48,7 +48,7 @@ for _, source in ipairs(sources) do
       redis.call('LPUSH', KEYS[2], cjson.encode({
         reason = 'returned from ' .. (n - 1) .. ' workers that died running it: it may be what kills them',
         task_id = id, task = task, queue = source, worker = ARGV[1], time = ARGV[6], message = m}))
-      dead = dead + 1
+      dead[#dead + 1] = m
     else
       redis.call('RPUSH', source, m)
       returned = returned + 1
