@@ -173,3 +173,64 @@ fn the_readme_schedule_example_is_read_and_listed() {
         "{line}"
     );
 }
+
+/// Redis's clock, ms since the epoch.
+fn redis_now_ms(redis: &RedisServer) -> i64 {
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query(&mut redis.conn(0)).expect("TIME");
+    secs * 1000 + micros / 1000
+}
+
+/// A worker with the one-second schedule whose clock reads `skew_ms` off.
+fn scheduler(dir: &TestDir, redis: &RedisServer, name: &str, skew_ms: i64) -> Process {
+    let config = dir.write("taskhost.toml", EVERY_SECOND);
+    let config = config.to_str().expect("utf-8 path").to_owned();
+    let plugins = dir.plugins(&["demo"]);
+    let node = format!("{name}@test");
+    let args = ["-n", node.as_str(), "--config", config.as_str()];
+    let mut command = Process::worker_command(dir, redis, &plugins, &args);
+    command.env("TASKHOST_TEST_CLOCK_SKEW_MS", skew_ms.to_string());
+    let worker = Process::spawn(dir, &format!("{name}.log"), command);
+    worker.wait_log("worker ready");
+    worker
+}
+
+/// Waits for five more ticks than `from`, each within a minute of Redis's clock.
+fn ticks_go_on(redis: &RedisServer, from: i64) {
+    let mut last = from;
+    for _ in 0..5 {
+        last = wait_tick(redis, "pulse", last + 1_000);
+        let ahead = last - redis_now_ms(redis);
+        assert!(
+            ahead <= 60_000,
+            "a tick {ahead} ms ahead of Redis's clock was stored"
+        );
+    }
+}
+
+#[test]
+fn a_worker_a_day_fast_does_not_stop_the_schedule() {
+    let dir = TestDir::new("schedule-fast-clock");
+    let redis = RedisServer::start(&dir);
+    let _fast = scheduler(&dir, &redis, "fast", 86_400_000);
+    let _right = scheduler(&dir, &redis, "right", 0);
+    ticks_go_on(&redis, redis_now_ms(&redis));
+}
+
+#[test]
+fn a_last_tick_stored_a_day_ahead_does_not_stop_the_schedule() {
+    let dir = TestDir::new("schedule-future-last");
+    let redis = RedisServer::start(&dir);
+    // As a worker with a fast clock left it before ticks were bounded.
+    redis::cmd("HSET")
+        .arg("taskhost:schedule:last")
+        .arg("pulse")
+        .arg(redis_now_ms(&redis) + 86_400_000)
+        .query::<()>(&mut redis.conn(0))
+        .expect("HSET");
+    let _right = scheduler(&dir, &redis, "right", 0);
+    let now = redis_now_ms(&redis);
+    let first = wait_for_within("a tick of today", Duration::from_secs(20), || {
+        last_tick(&redis, "pulse").filter(|t| *t <= now + 60_000)
+    });
+    ticks_go_on(&redis, first);
+}

@@ -9,6 +9,7 @@
 
 use crate::config::schedule::Entry;
 use crate::protocol::NewTask;
+use crate::redis::schedule::{TICK_AHEAD, Tick};
 use crate::redis::{Broker, retrying};
 use jiff::{SignedDuration, Timestamp};
 use std::collections::HashMap;
@@ -48,14 +49,29 @@ impl Ticks for Broker {
     async fn send(&self, entry: &Entry, tick: Timestamp, message: Vec<u8>) -> bool {
         let tick_ms = tick.as_millisecond();
         let what = "send a schedule tick";
-        retrying(what, || {
+        let sent = retrying(what, || {
             self.send_tick(&entry.name, tick_ms, &entry.queue, &message)
         })
-        .await
-        .unwrap_or_else(|e| {
-            tracing::error!(entry = %entry.name, "cannot {what} (Redis refuses it for good): {e}");
-            false
-        })
+        .await;
+        match sent {
+            Ok(Tick::Sent) => true,
+            Ok(Tick::SentBefore) => false,
+            Ok(Tick::Ahead { redis_now_ms }) => {
+                let ahead_s = (tick_ms - redis_now_ms) / 1000;
+                tracing::error!(
+                    schedule = %entry.name, ahead_s,
+                    "this machine's clock is about {ahead_s} s ahead of Redis's: its schedule ticks \
+                     are refused (more than {} s ahead) and the other workers send them; set its \
+                     clock right (NTP)",
+                    TICK_AHEAD.as_secs()
+                );
+                false
+            }
+            Err(e) => {
+                tracing::error!(entry = %entry.name, "cannot {what} (Redis refuses it for good): {e}");
+                false
+            }
+        }
     }
 }
 
@@ -69,7 +85,9 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
-        Timestamp::now()
+        // This process's clock, as every other part of the worker reads it.
+        Timestamp::from_millisecond(crate::protocol::time::now_ms())
+            .unwrap_or_else(|_| Timestamp::now())
     }
 }
 
@@ -90,7 +108,8 @@ pub async fn run(
             for entry in current.iter() {
                 let last = last
                     .get(&entry.name)
-                    .and_then(|ms| Timestamp::from_millisecond(*ms).ok());
+                    .and_then(|ms| Timestamp::from_millisecond(*ms).ok())
+                    .filter(|last| !beyond_bound(*last, now));
                 if let Some(tick) = due(entry, last, now) {
                     let message = tick_message(entry, tick).encode(&hostname);
                     if ticks.send(entry, tick, message).await {
@@ -114,6 +133,12 @@ pub async fn run(
             _ = stop.wait_for(|stop| *stop) => return,
         }
     }
+}
+
+/// Whether a last tick stored is further ahead of `now` than any scheduler may send (a worker
+/// whose clock ran fast stored it before the bound existed): it counts as none.
+fn beyond_bound(last: Timestamp, now: Timestamp) -> bool {
+    SignedDuration::try_from(TICK_AHEAD).is_ok_and(|bound| last.duration_since(now) > bound)
 }
 
 /// The tick of `entry` to send at `now`, given the last one sent.
