@@ -368,6 +368,35 @@ impl SignedFleet {
         self.signed(&["deploy", &file.to_string_lossy(), "--name", "demo"]);
     }
 
+    /// Deploys `file` as demo, signed by the trusted key on a clock `skew_ms` off.
+    fn deploy_demo_signed_at(&self, file: &Path, skew_ms: i64) {
+        let broker = self.redis.url(0);
+        let file = file.to_string_lossy();
+        let args = [
+            "deploy",
+            &*file,
+            "--name",
+            "demo",
+            "--broker",
+            &broker,
+            "--sign-key",
+            &self.key,
+        ];
+        let mut command = Process::command(&self.dir, &args);
+        command.env("TASKHOST_TEST_CLOCK_SKEW_MS", skew_ms.to_string());
+        let out = Process::run_command(&self.dir, command);
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    /// The version `name` runs on the worker, if any.
+    fn running(&mut self, name: &str) -> Option<String> {
+        redis::cmd("HGET")
+            .arg("taskhost:running:one@fleet")
+            .arg(name)
+            .query(self.client.broker())
+            .expect("HGET running plugins")
+    }
+
     /// Waits until the worker reports running `file` as `name`.
     fn wait_running(&mut self, name: &str, file: &Path) {
         let version = plugin_version(file);
@@ -479,4 +508,41 @@ fn a_blob_over_the_size_cap_is_refused_without_fetching_it() {
         !f.dir.path().join("plugins").join("big.wasm").exists(),
         "nothing was written"
     );
+}
+
+#[test]
+fn a_fresh_worker_refuses_a_signed_record_older_than_max_record_age() {
+    let mut f = signed_fleet("fleet-record-age", "max_record_age = \"1d\"\n", true);
+    let (v1, v2) = (
+        test_plugin_wasm("versioned-v1"),
+        test_plugin_wasm("versioned-v2"),
+    );
+    // A record signed two days ago, put back by a Redis writer: this worker never saw a newer
+    // one, and refuses it on its age alone.
+    f.deploy_demo_signed_at(&v1, -2 * 86_400_000);
+    f.worker.wait_log("max_record_age");
+    assert_eq!(f.running("demo"), None, "the old record was installed");
+    f.deploy_demo(&v2);
+    f.wait_running("demo", &v2);
+}
+
+#[test]
+fn a_trusted_key_removed_by_a_config_reload_installs_nothing_more() {
+    let mut f = signed_fleet("fleet-key-removed", "", true);
+    let (v1, v2) = (
+        test_plugin_wasm("versioned-v1"),
+        test_plugin_wasm("versioned-v2"),
+    );
+    f.deploy_demo(&v1);
+    f.wait_running("demo", &v1);
+    // The key is compromised: the operator trusts another one instead.
+    let (_, other) = keygen(&f.dir, "replacement");
+    f.dir.write(
+        "taskhost.toml",
+        &format!("[fleet]\ntrusted_keys = [{other:?}]\n"),
+    );
+    f.worker.wait_log("config reloaded");
+    f.deploy_demo(&v2);
+    f.worker.wait_log("which is not among [fleet] trusted_keys");
+    f.wait_running("demo", &v1);
 }

@@ -568,6 +568,17 @@ fn a_config_edit_changing_task_name_grants_is_refused() {
         .wait_log("config change refused, the previous config stays: a change of the task names");
 }
 
+#[test]
+fn a_config_edit_changing_worker_settings_is_refused_not_ignored() {
+    let mut c = Configured::new("reload-config-worker");
+    let text = config(&c.executor, &c.storage, &[&c.storage, &c.executor]);
+    // With a grant beside it: a refused edit applies no section of it.
+    std::fs::write(&c.path, format!("[worker]\nconcurrency = 3\n{text}")).expect("edit config");
+    c.s.worker
+        .wait_log("config change refused, the previous config stays: a change of [worker]");
+    assert_eq!(c.evaluate()["result"]["exc_type"], "CapabilityDenied");
+}
+
 // The precompile cache.
 
 /// Workers started one after the other on one cache directory of their own.

@@ -38,6 +38,11 @@ pub enum SignError {
     BadSignature,
     #[error("the deploy record is older ({time_ms}) than one already installed ({newest_ms})")]
     Stale { time_ms: i64, newest_ms: i64 },
+    #[error(
+        "the deploy record was signed {age_h} h ago, before [fleet] max_record_age allows: \
+         sign it again (taskhost deploy --sign-key) if it is still the version to run"
+    )]
+    Expired { age_h: i64 },
 }
 
 /// A public key, as trusted in `[fleet] trusted_keys`.
@@ -142,14 +147,15 @@ impl DeployRecord {
     }
 
     /// Checks a stored record (none: unsigned) for deploying blob `sha256` as `name`: signed
-    /// by one of `trusted`, and not older than `newest_ms`, the newest record already
-    /// installed for the name. Returns the record.
+    /// by one of `trusted`, not older than `newest_ms`, the newest record already installed
+    /// for the name, nor than `oldest_ms`, the oldest any record may be (`max_record_age`).
+    /// Returns the record.
     pub fn verify(
         stored: Option<&str>,
-        name: &str,
-        sha256: &str,
+        (name, sha256): (&str, &str),
         trusted: &[PublicKey],
         newest_ms: Option<i64>,
+        oldest_ms: Option<(i64, i64)>,
     ) -> Result<Self, SignError> {
         let text = stored.ok_or(SignError::Unsigned)?;
         let record: Self =
@@ -181,6 +187,13 @@ impl DeployRecord {
                 newest_ms,
             });
         }
+        if let Some((oldest_ms, now_ms)) = oldest_ms
+            && record.time_ms < oldest_ms
+        {
+            return Err(SignError::Expired {
+                age_h: (now_ms - record.time_ms) / 3_600_000,
+            });
+        }
         Ok(record)
     }
 }
@@ -198,7 +211,7 @@ mod tests {
         let key = SecretKey::generate().expect("key");
         let record = signed(&key, 10);
         let trusted = [key.public()];
-        let ok = DeployRecord::verify(Some(&record), "demo", "abc", &trusted, Some(10));
+        let ok = DeployRecord::verify(Some(&record), ("demo", "abc"), &trusted, Some(10), None);
         assert_eq!(ok.map(|r| r.version), Ok("0.1.0+abc".to_owned()));
     }
 
@@ -208,7 +221,7 @@ mod tests {
         let other = SecretKey::generate().expect("key");
         let trusted = [key.public()];
         let verify = |record: Option<&str>, name: &str, digest: &str, newest: Option<i64>| {
-            DeployRecord::verify(record, name, digest, &trusted, newest)
+            DeployRecord::verify(record, (name, digest), &trusted, newest, None)
         };
         assert_eq!(verify(None, "demo", "abc", None), Err(SignError::Unsigned));
         let by_other = signed(&other, 10);
@@ -234,6 +247,25 @@ mod tests {
                 newest_ms: 11
             })
         );
+    }
+
+    #[test]
+    fn a_record_older_than_the_oldest_allowed_is_refused_by_a_worker_that_saw_no_newer() {
+        let key = SecretKey::generate().expect("key");
+        let trusted = [key.public()];
+        let day = 86_400_000;
+        let record = signed(&key, 10 * day);
+        let at = |now: i64| {
+            DeployRecord::verify(
+                Some(&record),
+                ("demo", "abc"),
+                &trusted,
+                None,
+                Some((now - day, now)),
+            )
+        };
+        assert!(at(10 * day + 1).is_ok(), "signed just now");
+        assert_eq!(at(12 * day), Err(SignError::Expired { age_h: 48 }));
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub struct FleetSection {
     pub names: Option<Vec<String>>,
     /// The largest blob installed, MiB.
     pub max_blob_mb: Option<u64>,
+    /// The oldest signed deploy record installed, as a duration ("30d"): an older one is
+    /// refused, so even a worker that never saw a newer record refuses a replayed one.
+    pub max_record_age: Option<toml::Value>,
 }
 
 /// The default largest deployed blob, MiB: room for a Python plugin (about 18 MB).
@@ -114,7 +117,7 @@ pub struct TaskSection {
 
 /// `[worker]`: defaults for the `worker` command's flags (flags and Celery's environment
 /// variables override them).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerSection {
     pub broker_url: Option<String>,
@@ -150,7 +153,7 @@ pub struct WorkerSection {
 }
 
 /// The transport options a `sentinel://` URL needs, under kombu's names.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransportOptions {
     /// The name the sentinels know the master by.
@@ -160,7 +163,7 @@ pub struct TransportOptions {
 }
 
 /// kombu's `sentinel_kwargs`: the sentinels' own password (the URL's is the master's).
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SentinelKwargs {
     pub password: Option<String>,
@@ -202,7 +205,7 @@ impl TransportOptions {
 
 /// `[limits]` and the limit keys of a `[plugins.NAME]` section. Unset keys of a plugin take the
 /// `[limits]` value, unset `[limits]` keys the defaults (see [`Limits::default`]).
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSection {
     /// Linear memory per instance, MiB.

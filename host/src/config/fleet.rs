@@ -12,6 +12,8 @@ pub struct FleetTrust {
     /// None: any name.
     pub names: Option<Vec<String>>,
     pub max_blob_bytes: usize,
+    /// Signed records older than this are refused (`max_record_age`); none: any age.
+    pub max_record_age: Option<std::time::Duration>,
 }
 
 impl Default for FleetTrust {
@@ -20,6 +22,7 @@ impl Default for FleetTrust {
             trusted_keys: Vec::new(),
             names: None,
             max_blob_bytes: mib(DEFAULT_MAX_BLOB_MB),
+            max_record_age: None,
         }
     }
 }
@@ -55,10 +58,24 @@ impl FileConfig {
             Some(n) => mib(n),
             None => mib(DEFAULT_MAX_BLOB_MB),
         };
+        let max_record_age = match &section.max_record_age {
+            None => None,
+            Some(value) => Some(super::schedule::parse_duration(value).ok_or_else(|| {
+                invalid(format!(
+                    "max_record_age: {value:?} is not a duration (\"30d\", \"12h\", seconds)"
+                ))
+            })?),
+        };
+        if max_record_age.is_some() && trusted_keys.is_empty() {
+            return Err(invalid(
+                "max_record_age needs trusted_keys: only signed records carry a time".into(),
+            ));
+        }
         Ok(FleetTrust {
             trusted_keys,
             names: section.names.clone(),
             max_blob_bytes,
+            max_record_age,
         })
     }
 }

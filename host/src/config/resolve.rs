@@ -127,6 +127,9 @@ pub struct WorkerConfig {
     pub fleet: bool,
     /// Which deploys a fleet worker installs (`[fleet]`).
     pub fleet_trust: super::FleetTrust,
+    /// The file's `[worker]` section as the worker started with it: a reload that changes it
+    /// is refused (it needs a restart).
+    pub worker_section: super::file::WorkerSection,
     /// The WebAssembly stack of every instance.
     pub stack_bytes: usize,
     /// What one component may take of the instance pool.
@@ -322,6 +325,7 @@ impl WorkerConfig {
             config_path: path,
             fleet: flags.fleet || section.fleet.unwrap_or(false),
             fleet_trust: file.fleet_trust()?,
+            worker_section: file.worker.clone(),
             stack_bytes: file.stack_bytes()?,
             component_caps: file.component_caps()?,
             heartbeat_lapse: Duration::from_secs_f64(lapse),

@@ -141,7 +141,7 @@ impl ScheduleSection {
 }
 
 /// "30s", "5m", "1h", "1d", "250ms", or a number of seconds; more than zero.
-fn parse_duration(value: &toml::Value) -> Option<Duration> {
+pub(super) fn parse_duration(value: &toml::Value) -> Option<Duration> {
     let seconds = match value {
         toml::Value::Integer(n) => *n as f64,
         toml::Value::Float(f) => *f,

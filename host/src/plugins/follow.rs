@@ -21,6 +21,7 @@ use crate::redis::fleet::{self, REPORT_TTL};
 use crate::redis::{Client, Connection};
 use crate::shutdown::Stopping;
 use crate::signing::DeployRecord;
+use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -32,7 +33,8 @@ const INSTALLED_FILE: &str = ".fleet-installed.json";
 
 /// What a fleet worker accepts, and what it installed.
 struct Policy {
-    trust: FleetTrust,
+    /// `[fleet]` as last loaded: a config reload replaces it.
+    trust: Arc<ArcSwap<FleetTrust>>,
     dir: PathBuf,
     /// Plugin name → time of the newest signed record installed (ms since the epoch).
     installed: Mutex<BTreeMap<String, i64>>,
@@ -41,7 +43,7 @@ struct Policy {
 }
 
 impl Policy {
-    fn new(trust: FleetTrust, dir: &Path) -> Self {
+    fn new(trust: Arc<ArcSwap<FleetTrust>>, dir: &Path) -> Self {
         let installed = std::fs::read(dir.join(INSTALLED_FILE))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
@@ -117,10 +119,10 @@ pub async fn follow(
     client: Client,
     mut conn: Connection,
     dir: PathBuf,
-    trust: FleetTrust,
+    trust: Arc<ArcSwap<FleetTrust>>,
     mut stop: Stopping,
 ) {
-    if trust.trusted_keys.is_empty() {
+    if trust.load().trusted_keys.is_empty() {
         tracing::warn!(
             "fleet: no [fleet] trusted_keys, so anyone who can write to Redis can deploy code \
              to this worker; sign deploys (taskhost keygen, taskhost deploy --sign-key) and \
@@ -193,7 +195,8 @@ async fn sync_to(conn: &mut Connection, policy: &Policy, name: &str, digest: &st
     if check_name(name).is_err() {
         return policy.refuse(name, digest, "the name is not a usable file name");
     }
-    if !policy.trust.allows_name(name) {
+    let trust = policy.trust.load_full();
+    if !trust.allows_name(name) {
         return policy.refuse(name, digest, "the name is not among [fleet] names");
     }
     let path = policy.dir.join(format!("{name}.wasm"));
@@ -202,21 +205,21 @@ async fn sync_to(conn: &mut Connection, policy: &Policy, name: &str, digest: &st
     {
         return;
     }
-    let record = if policy.trust.trusted_keys.is_empty() {
+    let record = if trust.trusted_keys.is_empty() {
         None
     } else {
         let stored = match fleet::record(conn, name).await {
             Ok(stored) => stored,
             Err(e) => return tracing::warn!(plugin = name, "cannot read the deploy record: {e}"),
         };
-        let trusted = &policy.trust.trusted_keys;
-        match DeployRecord::verify(
-            stored.as_deref(),
-            name,
-            digest,
-            trusted,
-            policy.newest(name),
-        ) {
+        let trusted = &trust.trusted_keys;
+        let now = crate::protocol::time::now_ms();
+        let oldest = trust.max_record_age.map(|age| {
+            let age = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+            (now.saturating_sub(age), now)
+        });
+        let (newest, entry) = (policy.newest(name), (name, digest));
+        match DeployRecord::verify(stored.as_deref(), entry, trusted, newest, oldest) {
             Ok(record) => Some(record),
             Err(e) => return policy.refuse(name, digest, &e.to_string()),
         }
@@ -238,7 +241,7 @@ async fn fetch(
     name: &str,
     digest: &str,
 ) -> Option<Vec<u8>> {
-    let cap = policy.trust.max_blob_bytes;
+    let cap = policy.trust.load().max_blob_bytes;
     match fleet::blob_len(conn, digest).await {
         Ok(len) if len > cap => {
             let reason = format!("the blob is {len} bytes, over [fleet] max_blob_mb ({cap} bytes)");

@@ -398,10 +398,11 @@ impl Background {
         // workers would take them for a dead worker's and run them again.
         let (gone, gone_rx) = crate::shutdown::flag();
         let (worker_events, heartbeat) = spawn_lifelines(shared, presence, gone_rx);
+        let fleet_trust = Arc::new(ArcSwap::from_pointee(config.fleet_trust.clone()));
         let watcher = crate::plugins::watcher::watch(
             shared.plugins.clone(),
             config.config_path.clone(),
-            reload::config_reloader(shared, config.config_path.clone()),
+            reload::config_reloader(shared, config.config_path.clone(), fleet_trust.clone()),
             stop.clone(),
         )?;
         tokio::spawn(crate::plugins::follow::report_running(
@@ -415,7 +416,7 @@ impl Background {
                 shared.broker.client().clone(),
                 shared.broker.connection(),
                 config.plugins_dir.clone(),
-                config.fleet_trust.clone(),
+                fleet_trust,
                 stop.clone(),
             ));
         }

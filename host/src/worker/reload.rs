@@ -1,10 +1,12 @@
-//! Config reloads while the worker runs: a changed `taskhost.toml` replaces the grants and
-//! the schedule for what starts from then on; a change the running worker cannot take
-//! (`[tasks]`, task-name grants, HTTP for a plugin linked without it, memory or table limits
-//! above what the sandbox was sized for) is refused with the reason, and the old config stays.
+//! Config reloads while the worker runs: a changed `taskhost.toml` replaces the grants
+//! (`[plugins]`, `[limits]`), the schedule and the fleet's trust (`[fleet]`: a key removed
+//! from `trusted_keys` installs nothing from then on) for what starts from then on; a change
+//! the running worker cannot take (`[worker]`, `[tasks]`, task-name grants, HTTP for a plugin
+//! linked without it, memory or table limits above what the sandbox was sized for) is refused
+//! with the reason, and the old config stays, every section of it.
 
 use super::Shared;
-use crate::config::{FileConfig, GrantTable};
+use crate::config::{FileConfig, FleetTrust, GrantTable};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -16,11 +18,20 @@ struct Fixed {
     grants: Arc<arc_swap::ArcSwap<GrantTable>>,
     plugins: Arc<crate::plugins::live::Live>,
     dev_sources: Vec<(String, PathBuf)>,
+    worker_section: crate::config::file::WorkerSection,
 }
 
 impl Fixed {
     /// Why the new `table` and `tasks` need a restart, if they do.
-    fn needs_restart(&self, table: &GrantTable, tasks: &TaskSections) -> Option<String> {
+    fn needs_restart(
+        &self,
+        worker: &crate::config::file::WorkerSection,
+        table: &GrantTable,
+        tasks: &TaskSections,
+    ) -> Option<String> {
+        if *worker != self.worker_section {
+            return Some("a change of [worker] (connections, concurrency, queues, limits)".into());
+        }
         if *tasks != *self.task_overrides {
             return Some("a change of [tasks] (retries, rate and time limits of tasks)".into());
         }
@@ -62,6 +73,7 @@ type TaskSections = std::collections::HashMap<String, crate::config::TaskSection
 pub(super) fn config_reloader(
     shared: &Arc<Shared>,
     path: Option<PathBuf>,
+    fleet_trust: Arc<arc_swap::ArcSwap<FleetTrust>>,
 ) -> impl Fn() + Send + 'static {
     let schedule = shared
         .config
@@ -75,6 +87,7 @@ pub(super) fn config_reloader(
         grants: shared.grants.clone(),
         plugins: shared.plugins.clone(),
         dev_sources: shared.config.dev_sources.clone(),
+        worker_section: shared.config.worker_section.clone(),
     };
     let limit_flags = shared.config.limit_flags;
     move || {
@@ -86,22 +99,34 @@ pub(super) fn config_reloader(
                     file.grants(&|var| std::env::var(var).ok())?,
                     |table, (name, dir)| table.with_dev_sources(name, dir),
                 );
-                Ok((table, file.schedule()?, file.task_overrides()?))
+                let tasks = file.task_overrides()?;
+                Ok((
+                    file.worker.clone(),
+                    table,
+                    file.schedule()?,
+                    tasks,
+                    file.fleet_trust()?,
+                ))
             })
             .map_err(|e| e.to_string())
-            .and_then(
-                |(table, entries, tasks)| match fixed.needs_restart(&table, &tasks) {
+            .and_then(|(worker, table, entries, tasks, trust)| {
+                match fixed.needs_restart(&worker, &table, &tasks) {
                     Some(change) => Err(format!("{change} needs a restart")),
-                    None => Ok((table, entries)),
-                },
-            );
+                    None => Ok((table, entries, trust)),
+                }
+            });
         match loaded {
-            Ok((table, entries)) => {
+            Ok((table, entries, trust)) => {
                 fixed.grants.store(Arc::new(table));
                 if let Some(schedule) = &schedule {
                     schedule.send_replace(Arc::new(entries));
                 }
-                tracing::info!(file = %path.display(), "config reloaded: new grants apply to tasks starting now; the schedule is the file's");
+                fleet_trust.store(Arc::new(trust));
+                tracing::info!(
+                    file = %path.display(),
+                    "config reloaded: [plugins] and [limits] apply to tasks starting now, the \
+                     schedule and [fleet] are the file's; [worker] and [tasks] are unchanged"
+                );
             }
             Err(why) => tracing::error!(
                 file = %path.display(),
