@@ -53,3 +53,66 @@ fn a_fleet_rate_limit_of_20_per_second_holds_across_three_workers() {
     assert!(rate <= 22.0, "over the limit: {rate:.2}/s");
     assert!(rate >= 14.0, "far under the limit: {rate:.2}/s");
 }
+
+#[test]
+fn two_thousand_capped_tasks_wait_without_churning_or_delaying_another_plugins_task() {
+    let dir = TestDir::new("capped-backlog");
+    let redis = RedisServer::start(&dir);
+    let config = dir.write("taskhost.toml", "[plugins.demo]\nmax_instances = 1\n");
+    let config = config.to_str().expect("utf-8 path").to_owned();
+    let plugins = dir.plugins(&["demo"]);
+    let hostile = taskhost_tests::test_plugin_wasm("hostile");
+    std::fs::copy(hostile, plugins.join("hostile.wasm")).expect("a second plugin");
+    let flags = ["-n", "capped@test", "-c", "4", "--config", &config];
+    let _worker = Process::worker(&dir, &redis, &plugins, &flags);
+    let mut client = Client::new(&redis);
+    // One runs for a minute; the other 1,999 are over demo's max_instances.
+    for _ in 0..2000 {
+        client.send("demo.sleep", serde_json::json!([60_000]));
+    }
+    wait_for_within(
+        "the capped tasks to wait in the delayed set",
+        Duration::from_secs(60),
+        || {
+            let delayed: usize = redis::cmd("ZCARD")
+                .arg("taskhost:delayed")
+                .query(client.broker())
+                .expect("ZCARD");
+            (delayed >= 1_990).then_some(())
+        },
+    );
+    // Waiting, they cost Redis next to nothing: they come back about as fast as one instance
+    // could take them, not all of them every 200 ms.
+    let before = commands_processed(&mut client);
+    taskhost_tests::pace(Duration::from_secs(2));
+    let churn = commands_processed(&mut client) - before;
+    eprintln!("1,999 capped tasks waiting: {churn} Redis commands in 2 s");
+    assert!(churn < 1_000, "{churn} Redis commands in 2 s");
+    let mut slowest = Duration::ZERO;
+    for n in 0..20 {
+        let sent = std::time::Instant::now();
+        let id = client.send("hostile.remember", serde_json::json!([n]));
+        let doc = wait_for_within("the other plugin's task", Duration::from_secs(30), || {
+            client.state(&id).filter(taskhost_tests::is_ready)
+        });
+        assert_eq!(doc["status"], "SUCCESS", "{doc}");
+        slowest = slowest.max(sent.elapsed());
+    }
+    eprintln!("another plugin's task beside 1,999 capped ones: slowest of 20 took {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a task of another plugin waited {slowest:?} behind capped tasks"
+    );
+}
+
+/// Redis's count of commands processed so far.
+fn commands_processed(client: &mut Client) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query(client.broker())
+        .expect("INFO stats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("total_commands_processed")
+}

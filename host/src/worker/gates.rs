@@ -1,8 +1,11 @@
 //! The gates a decoded task passes before it runs, in this order: not expired, not revoked,
-//! due (its `eta`), served by a plugin, within its rate limit, within its fleet-wide rate limit
-//! (counted in Redis), within its plugin's `max_instances`; then the time limits it runs under. Each gate lets the task through, or
-//! stops it: postponed (back to the delayed set until a given time, never held in a slot) or
-//! settled without running (revoked, or refused).
+//! due (its `eta`), served by a plugin, within its plugin's `max_instances`, within its rate
+//! limit, within its fleet-wide rate limit (counted in Redis); then the time limits it runs
+//! under. The checks that spend nothing come first; a rate token taken for a task a later gate
+//! postpones is given back. Each gate lets the task through, or stops it: postponed (back to
+//! the delayed set until a given time, never held in a slot) or settled without running
+//! (revoked, or refused). Tasks over `max_instances` come back paced, one per interval per
+//! instance, not all at once: a capped backlog never crowds the head of its queue.
 //!
 //! A new gate: a function returning `Result<_, Stop>` here, called from [`admit`] in its
 //! place in the order.
@@ -96,12 +99,15 @@ pub(super) async fn admit<'a>(
     revocation(&shared.revocations, message)?;
     eta(message, now)?;
     let (plugin, spec) = registration(&shared.plugins.registry(), message)?;
-    shared.gates.rate_limit(&message.task, spec.rate)?;
-    fleet_rate_limit(shared, &message.task).await?;
     let grants = shared.grants.load().for_plugin(&plugin.name);
     let slot = shared
         .gates
         .instance(&plugin.name, grants.limits.max_instances)?;
+    shared.gates.rate_limit(&message.task, spec.rate)?;
+    if let Err(stop) = fleet_rate_limit(shared, &message.task).await {
+        shared.gates.rates.give_back(&message.task, spec.rate);
+        return Err(stop);
+    }
     let time_limits = shared
         .gates
         .time_limits(message, &grants.limits, &spec.defaults);
@@ -199,6 +205,9 @@ pub(super) struct Gates {
     set_time_limits: Mutex<HashMap<String, SetTimeLimits>>,
     /// Instances running per plugin, for its `max_instances`.
     instances: Mutex<HashMap<Arc<str>, u32>>,
+    /// Per plugin, when the last task postponed over its `max_instances` comes back (ms since
+    /// the epoch): the next comes back a step later.
+    capped_until: Mutex<HashMap<Arc<str>, i64>>,
 }
 
 impl Gates {
@@ -207,6 +216,7 @@ impl Gates {
             rates: RateLimits::new(overrides),
             set_time_limits: Mutex::new(HashMap::new()),
             instances: Mutex::new(HashMap::new()),
+            capped_until: Mutex::new(HashMap::new()),
         }
     }
 
@@ -225,11 +235,11 @@ impl Gates {
     fn instance(&self, plugin: &Arc<str>, max: Option<u32>) -> Result<InstanceSlot<'_>, Stop> {
         let mut counts = lock(&self.instances);
         let count = counts.entry(plugin.clone()).or_default();
-        if max.is_some_and(|max| *count >= max) {
+        if let Some(max) = max.filter(|max| *count >= *max) {
             // It waits its turn in the delayed set, not in a worker slot, which tasks of other
             // plugins can use meanwhile.
             return Err(Stop::Postpone {
-                due_ms: instance_retry_due(),
+                due_ms: self.capped_due(plugin, max, now_ms()),
                 wait: Wait::MaxInstances,
             });
         }
@@ -238,6 +248,19 @@ impl Gates {
             gates: self,
             plugin: plugin.clone(),
         })
+    }
+
+    /// When a task of `plugin` over its `max` instances comes back: [`INSTANCE_RETRY`] from
+    /// `now`, or a step of `INSTANCE_RETRY / max` after the last one postponed, whichever is
+    /// later. A backlog of capped tasks so returns about as fast as `max` instances could take
+    /// them, spread out, instead of every task at once every interval.
+    fn capped_due(&self, plugin: &Arc<str>, max: u32, now: i64) -> i64 {
+        let retry = i64::try_from(INSTANCE_RETRY.as_millis()).unwrap_or(i64::MAX);
+        let step = (retry / i64::from(max.max(1))).max(1);
+        let mut until = lock(&self.capped_until);
+        let last = until.entry(plugin.clone()).or_insert(0);
+        *last = (now + retry).max(*last + step);
+        *last
     }
 
     /// Sets `task`'s time limits (remote control's `time_limit`); none lifts one.
@@ -357,6 +380,21 @@ impl RateLimits {
         lock(&self.next).remove(task);
     }
 
+    /// Gives back the start [`Self::acquire`] just took for `task`, whose run a later gate
+    /// postponed.
+    pub(super) fn give_back(&self, task: &str, declared: Option<Rate>) {
+        let rate = match lock(&self.set).get(task) {
+            Some(set) => *set,
+            None => self.configured.get(task).copied().or(declared),
+        };
+        if let Some(rate) = rate
+            && let Some(at) = lock(&self.next).get_mut(task)
+            && let Some(earlier) = at.checked_sub(rate.interval())
+        {
+            *at = earlier;
+        }
+    }
+
     /// Takes a start for `task` now, or says how long to wait for one. `declared` is the
     /// plugin's default.
     pub(super) fn acquire(&self, task: &str, declared: Option<Rate>) -> Option<Duration> {
@@ -452,6 +490,31 @@ mod tests {
 
     fn per_minute() -> Option<Rate> {
         Rate::parse("1/m").ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_given_back_is_taken_by_the_next_task() {
+        let limits = RateLimits::new(&TaskOverrides::default());
+        assert_eq!(limits.acquire("t", per_minute()), None);
+        limits.give_back("t", per_minute());
+        assert_eq!(
+            limits.acquire("t", per_minute()),
+            None,
+            "the start given back"
+        );
+        assert!(limits.acquire("t", per_minute()).is_some());
+    }
+
+    #[test]
+    fn a_capped_backlog_comes_back_paced_not_all_at_once() {
+        let gates = Gates::new(&TaskOverrides::default());
+        let plugin: Arc<str> = "p".into();
+        let dues: Vec<i64> = (0..5)
+            .map(|_| gates.capped_due(&plugin, 2, 1_000))
+            .collect();
+        assert_eq!(dues, [1_200, 1_300, 1_400, 1_500, 1_600]);
+        // With the backlog gone, the next waits one interval again.
+        assert_eq!(gates.capped_due(&plugin, 2, 10_000), 10_200);
     }
 
     #[tokio::test(start_paused = true)]
