@@ -373,6 +373,45 @@ fn a_plugin_cannot_send_with_a_chain_option_or_under_another_groups_id() {
     beside.all_succeed(&mut s.client, 20);
 }
 
+// --- remote control at scale -----------------------------------------------------------------
+
+#[test]
+fn a_20000_id_revoke_keeps_ping_answered_and_the_revoked_set_bounded() {
+    let s = setup("trust-revoke-many", "");
+    let beside = Beside::start(&s.redis);
+    s.python(
+        r#"
+import time, uuid
+ids = [str(uuid.uuid4()) for _ in range(20000)]
+app.control.revoke(ids)
+for attempt in range(10):
+    asked = time.monotonic()
+    pong = app.control.ping(timeout=1.0, limit=1)
+    took = time.monotonic() - asked
+    assert pong and took < 1.0, f"ping {attempt} after the revoke: {pong!r} in {took:.2f} s"
+# Every id not held by a worker ends REVOKED, as for one id.
+from celery.result import AsyncResult
+deadline = time.monotonic() + 60
+while AsyncResult(ids[-1], app=app).state != "REVOKED":
+    assert time.monotonic() < deadline, "the last id was never stored as REVOKED"
+    time.sleep(0.05)
+# Past 50,000 ids, the oldest are forgotten, as Celery's worker does.
+app.control.revoke([str(uuid.uuid4()) for _ in range(40000)])
+assert app.control.ping(timeout=1.0, limit=1)
+"#,
+    );
+    let kept: usize = wait_for("the revoked set trimmed to 50,000", || {
+        let n: usize = redis::cmd("ZCARD")
+            .arg("taskhost:revoked")
+            .query(&mut s.redis.conn(0))
+            .expect("ZCARD");
+        (n == 50_000).then_some(n)
+    });
+    assert_eq!(kept, 50_000);
+    let mut client = Client::new(&s.redis);
+    beside.all_succeed(&mut client, 20);
+}
+
 // --- a producer's message ---------------------------------------------------------------------
 
 #[test]

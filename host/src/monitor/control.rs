@@ -74,8 +74,8 @@ pub trait Worker: Send + Sync {
     fn resize_pool(&self, delta: i64) -> usize;
     /// Stops the worker as a first SIGTERM does.
     fn shutdown(&self);
-    /// Stores a REVOKED result for a task revoked by id.
-    fn revoked(&self, task_id: String) -> BoxFuture<'_, ()>;
+    /// Stores a REVOKED result for each task revoked by id that no worker holds.
+    fn revoked(&self, task_ids: Vec<String>) -> BoxFuture<'_, ()>;
     /// (tasks running, tasks processed), as worker events report them.
     fn counts(&self) -> (u64, u64);
 }
@@ -293,10 +293,17 @@ async fn revoke(
         return json!({"error": "revoke needs task_id"});
     }
     let terminated = context.revocations.revoke(conn, ids, terminate).await;
-    for id in ids {
-        context.worker.revoked(id.clone()).await;
-    }
-    tracing::info!(tasks = %ids.join(","), terminate, terminated, "tasks revoked");
+    // The results of thousands of ids (a group's) take a while to store: meanwhile the
+    // control loop goes on answering (ping included).
+    let (worker, stored) = (context.worker.clone(), ids.to_vec());
+    tokio::spawn(async move { worker.revoked(stored).await });
+    let shown = ids
+        .iter()
+        .take(10)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(",");
+    tracing::info!(tasks = %shown, count = ids.len(), terminate, terminated, "tasks revoked");
     let listed = ids
         .iter()
         .map(|id| format!("'{id}'"))

@@ -1,9 +1,11 @@
 //! Revoked task ids, and the running tasks a `terminate` can stop. Kept in memory for the
 //! per-task check (no Redis round trip per task), and in Redis's revoked set so a worker started
-//! after the revoke honours it too.
+//! after the revoke honours it too. Both keep at most [`MAX_REVOKED`] ids (as Celery does), and
+//! the set is read whole only at start: later reads take what was recorded since.
 
 use crate::lock;
 use crate::protocol::time::now_ms;
+use crate::redis::control::MAX_REVOKED;
 use crate::redis::{Connection, RedisError};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -20,6 +22,8 @@ pub struct Revocations {
     revoked: Mutex<HashMap<String, i64>>,
     /// Task id → what stops it, for running tasks.
     running: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    /// The latest "remembered until" read from Redis: the next read starts there.
+    read_until: Mutex<i64>,
 }
 
 impl Revocations {
@@ -52,12 +56,10 @@ impl Revocations {
     pub async fn revoke(&self, conn: &mut Connection, ids: &[String], terminate: bool) -> usize {
         let until =
             now_ms().saturating_add(i64::try_from(REVOKE_EXPIRES.as_millis()).unwrap_or(i64::MAX));
-        {
-            let mut revoked = lock(&self.revoked);
-            for id in ids {
-                revoked.insert(id.clone(), until);
-            }
-        }
+        remember(
+            &mut lock(&self.revoked),
+            ids.iter().map(|id| (id.clone(), until)),
+        );
         if let Err(e) = crate::redis::control::record_revoked(conn, ids, until).await {
             tracing::warn!("cannot record revoked tasks in Redis: {e}");
         }
@@ -72,13 +74,52 @@ impl Revocations {
             .count()
     }
 
-    /// Loads the revokes still remembered in Redis, and forgets expired ones.
+    /// Loads the revokes recorded in Redis since the last load (all of them the first time),
+    /// and forgets expired ones.
     pub async fn refresh(&self, conn: &mut Connection) -> Result<(), RedisError> {
         let now = now_ms();
-        let current = crate::redis::control::revoked(conn, now).await?;
+        let from = *lock(&self.read_until);
+        let recorded = crate::redis::control::revoked(conn, now, from).await?;
+        if let Some(latest) = recorded.iter().map(|(_, until)| *until).max() {
+            let mut read_until = lock(&self.read_until);
+            *read_until = (*read_until).max(latest);
+        }
         let mut revoked = lock(&self.revoked);
         revoked.retain(|_, until| *until > now);
-        revoked.extend(current);
+        remember(&mut revoked, recorded);
         Ok(())
+    }
+}
+
+/// Adds `ids` (with when each is forgotten) to `revoked`, then drops those forgotten soonest
+/// past [`MAX_REVOKED`].
+fn remember(revoked: &mut HashMap<String, i64>, ids: impl IntoIterator<Item = (String, i64)>) {
+    revoked.extend(ids);
+    if revoked.len() > MAX_REVOKED {
+        let mut by_age: Vec<(i64, String)> = revoked
+            .iter()
+            .map(|(id, until)| (*until, id.clone()))
+            .collect();
+        by_age.sort_unstable();
+        for (_, id) in by_age.iter().take(revoked.len() - MAX_REVOKED) {
+            revoked.remove(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_revoked_ids_kept_are_bounded_dropping_those_forgotten_soonest() {
+        let mut revoked = HashMap::new();
+        remember(
+            &mut revoked,
+            (0..MAX_REVOKED).map(|n| (format!("old-{n}"), 1)),
+        );
+        remember(&mut revoked, (0..10).map(|n| (format!("new-{n}"), 2)));
+        assert_eq!(revoked.len(), MAX_REVOKED);
+        assert!((0..10).all(|n| revoked.contains_key(&format!("new-{n}"))));
     }
 }

@@ -213,7 +213,9 @@ async fn sync_to(conn: &mut Connection, policy: &Policy, name: &str, digest: &st
             Err(e) => return tracing::warn!(plugin = name, "cannot read the deploy record: {e}"),
         };
         let trusted = &trust.trusted_keys;
-        let now = crate::protocol::time::now_ms();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let oldest = trust.max_record_age.map(|age| {
             let age = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
             (now.saturating_sub(age), now)

@@ -364,6 +364,36 @@ fn spawn_lifelines(
     (worker_events, heartbeat)
 }
 
+/// The report of what this worker runs, the fleet follower (`--fleet`, under `trust`, which a
+/// config reload replaces), and the watch on each Redis's eviction policy.
+fn spawn_fleet(
+    shared: &Arc<Shared>,
+    trust: Arc<ArcSwap<crate::config::FleetTrust>>,
+    stop: &Stopping,
+) {
+    let config = &shared.config;
+    tokio::spawn(crate::plugins::follow::report_running(
+        shared.broker.connection(),
+        config.node.clone(),
+        shared.plugins.clone(),
+        stop.clone(),
+    ));
+    if config.fleet {
+        tokio::spawn(crate::plugins::follow::follow(
+            shared.broker.client().clone(),
+            shared.broker.connection(),
+            config.plugins_dir.clone(),
+            trust,
+            stop.clone(),
+        ));
+    }
+    let redises = vec![
+        ("broker", shared.broker.connection()),
+        ("backend", shared.backend.connection()),
+    ];
+    tokio::spawn(crate::redis::eviction::watch(redises, stop.clone()));
+}
+
 /// Remote control, supervised; subscribed before the worker says it is ready, so no command
 /// sent after that is missed.
 async fn spawn_remote_control(shared: &Arc<Shared>, stop: &Stopping) -> anyhow::Result<()> {
@@ -405,27 +435,8 @@ impl Background {
             reload::config_reloader(shared, config.config_path.clone(), fleet_trust.clone()),
             stop.clone(),
         )?;
-        tokio::spawn(crate::plugins::follow::report_running(
-            shared.broker.connection(),
-            config.node.clone(),
-            shared.plugins.clone(),
-            stop.clone(),
-        ));
-        if config.fleet {
-            tokio::spawn(crate::plugins::follow::follow(
-                shared.broker.client().clone(),
-                shared.broker.connection(),
-                config.plugins_dir.clone(),
-                fleet_trust,
-                stop.clone(),
-            ));
-        }
+        spawn_fleet(shared, fleet_trust, stop);
         spawn_remote_control(shared, stop).await?;
-        let redises = vec![
-            ("broker", shared.broker.connection()),
-            ("backend", shared.backend.connection()),
-        ];
-        tokio::spawn(crate::redis::eviction::watch(redises, stop.clone()));
         if let Some(addr) = config.metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await

@@ -318,29 +318,27 @@ impl Worker for Remote {
     /// wait for its turn. A task some worker holds is left to that worker: a running one ends
     /// with its own outcome, as in Celery (only `terminate` stops it), and one not yet started
     /// meets the revoke at its gates. A ready result is never replaced.
-    fn revoked(&self, task_id: String) -> BoxFuture<'_, ()> {
+    fn revoked(&self, task_ids: Vec<String>) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let shared = &self.0;
-            match crate::redis::control::in_flight_anywhere(
+            let held = match crate::redis::control::in_flight_anywhere(
                 &mut shared.broker.connection(),
-                &task_id,
+                &task_ids,
             )
             .await
             {
-                Ok(false) => {}
-                Ok(true) => return,
+                Ok(held) => held,
                 Err(e) => {
-                    tracing::warn!(
-                        task_id,
-                        "cannot tell whether a worker holds the revoked task: {e}"
-                    );
+                    tracing::warn!("cannot tell whether a worker holds the revoked tasks: {e}");
                     return;
                 }
-            }
+            };
             let exception = RevokeReason::Revoked.exception();
-            let doc = exception_document(&Meta::of(&task_id), State::Revoked, &exception);
-            if let Err(e) = shared.backend.store_unless_ready(&task_id, &doc).await {
-                tracing::warn!(task_id, "cannot store the REVOKED result: {e}");
+            for task_id in task_ids.iter().filter(|id| !held.contains(*id)) {
+                let doc = exception_document(&Meta::of(task_id), State::Revoked, &exception);
+                if let Err(e) = shared.backend.store_unless_ready(task_id, &doc).await {
+                    tracing::warn!(task_id, "cannot store the REVOKED result: {e}");
+                }
             }
         })
     }
