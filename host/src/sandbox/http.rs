@@ -61,30 +61,48 @@ fn warn_within(budget: &Mutex<LogBudget>, plugin: &str, task_id: &str, line: &st
     }
 }
 
-/// Whether `ip` is this machine's or its network's: loopback, private, link-local,
-/// unspecified, broadcast, shared (CGNAT) or unique-local.
+/// Whether `ip` is this machine's or its network's, or not a unicast address of the public
+/// internet: loopback, private, link-local, "this network" (0.0.0.0/8), broadcast, multicast,
+/// shared (CGNAT), reserved, unique- and site-local; and an IPv6 address that carries an
+/// IPv4 one (mapped, compatible, NAT64 64:ff9b::/96, 6to4 2002::/16) when that one is, and
+/// Teredo (2001::/32), whose embedded address is obscured.
 fn is_private(ip: std::net::IpAddr) -> bool {
-    use std::net::IpAddr;
+    use std::net::{IpAddr, Ipv4Addr};
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
-                || v4.is_unspecified()
                 || v4.is_broadcast()
+                || v4.is_multicast()
+                || a == 0
+                || a >= 240
                 || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && c == 0)
+                || (a == 198 && (b == 18 || b == 19))
         }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_private(IpAddr::V4(v4)),
-            None => {
-                let first = v6.segments()[0];
-                v6.is_loopback()
-                    || v6.is_unspecified()
-                    || (first & 0xfe00) == 0xfc00
-                    || (first & 0xffc0) == 0xfe80
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                is_private(IpAddr::V4(Ipv4Addr::from(
+                    (u32::from(hi) << 16) | u32::from(lo),
+                )))
+            };
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_private(IpAddr::V4(v4));
             }
-        },
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
+                || (s[0] == 0x2001 && s[1] == 0)
+                || (s[..6] == [0; 6] && embedded(s[6], s[7]))
+                || (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && embedded(s[6], s[7]))
+                || (s[0] == 0x2002 && embedded(s[1], s[2]))
+        }
     }
 }
 
@@ -289,10 +307,31 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "0.1.2.3",
+            "224.0.0.1",
+            "239.255.255.250",
+            "240.0.0.1",
+            "198.18.0.1",
+            "ff02::1",
+            "fec0::1",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::",
+            "2002:c0a8:101::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
         ] {
             assert!(is_private(ip.parse().expect(ip)), "{ip}");
         }
-        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "172.32.0.1"] {
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "172.32.0.1",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
             assert!(!is_private(ip.parse().expect(ip)), "{ip}");
         }
     }

@@ -5,9 +5,13 @@
 
 use wasmtime::ResourceLimiter;
 
-/// Limits linear memory and tables of one store, and records refusals.
+/// Limits linear memory and tables of one store, and records refusals. The memory limit is
+/// over all of the store's memories together: a component with two memories gets the limit
+/// once, not twice.
 pub struct Limiter {
     memory_bytes: usize,
+    /// Bytes of every memory of the store, as last grown.
+    memory_used: usize,
     table_elements: usize,
     /// A memory growth was refused (or failed): the guest hit its memory limit.
     pub memory_denied: bool,
@@ -17,6 +21,7 @@ impl Limiter {
     pub fn new(memory_bytes: usize, table_elements: u32) -> Self {
         Self {
             memory_bytes,
+            memory_used: 0,
             table_elements: usize::try_from(table_elements).unwrap_or(usize::MAX),
             memory_denied: false,
         }
@@ -26,11 +31,19 @@ impl Limiter {
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let allowed = desired <= self.memory_bytes;
+        // Memories are created (from 0) and grown through here, and never shrink.
+        let total = self
+            .memory_used
+            .saturating_sub(current)
+            .saturating_add(desired);
+        let allowed = total <= self.memory_bytes;
+        if allowed {
+            self.memory_used = total;
+        }
         self.memory_denied |= !allowed;
         Ok(allowed)
     }
@@ -173,5 +186,22 @@ mod tests {
         assert!(!limiter.memory_growing(0, 2 << 20, None).unwrap_or(true));
         assert!(limiter.memory_denied);
         assert!(!limiter.table_growing(0, 11, None).unwrap_or(true));
+    }
+
+    #[test]
+    fn the_memory_limit_is_over_all_memories_together() {
+        let mut limiter = Limiter::new(1 << 20, 10);
+        let kib = 1 << 10;
+        assert!(limiter.memory_growing(0, 600 * kib, None).unwrap_or(false));
+        assert!(
+            !limiter.memory_growing(0, 600 * kib, None).unwrap_or(true),
+            "a second memory"
+        );
+        assert!(
+            limiter
+                .memory_growing(600 * kib, 1 << 20, None)
+                .unwrap_or(false),
+            "the first grows"
+        );
     }
 }
