@@ -11,6 +11,11 @@ pub fn machine_hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
+/// Where messages this process sends come from, as Celery names it: `gen<pid>@<hostname>`.
+pub fn origin() -> String {
+    format!("gen{}@{}", std::process::id(), machine_hostname())
+}
+
 /// Expands a node name as Celery's `--hostname` does: `%h` the full hostname, `%n` its first
 /// label, `%d` the rest (the domain). A name without `@` gets `celery@` in front.
 pub fn node_name(template: Option<&str>) -> String {

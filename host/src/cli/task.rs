@@ -145,7 +145,7 @@ pub async fn call(args: &CallArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let message = task.encode(&crate::node::machine_hostname());
+    let message = task.encode(&crate::node::origin());
     broker::publish(&mut conn, &task.queue, task.priority, &message).await?;
     let Some(waiter) = waiter else {
         println!("{}", task.id);
@@ -202,7 +202,6 @@ pub async fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
             served.join(", ")
         );
     };
-    let hostname = crate::node::machine_hostname();
     let sent = NewTask {
         id: uuid::Uuid::new_v4().to_string(),
         task: args.name.clone(),
@@ -215,7 +214,7 @@ pub async fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
         retries: args.retries,
         ..Default::default()
     }
-    .encode(&hostname);
+    .encode(&crate::node::origin());
     let message = TaskMessage::decode(&sent).map_err(|bad| anyhow::anyhow!("{}", bad.error))?;
     let plugin_grants = grants.for_plugin(&plugin.name);
     let (soft, hard) = time_limits((None, None), &plugin_grants.limits, &spec.defaults);

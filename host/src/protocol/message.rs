@@ -387,9 +387,9 @@ pub struct NewTask {
 }
 
 impl NewTask {
-    /// The protocol-v2 envelope a Celery 5.7 producer on machine `hostname` would push for
-    /// this call.
-    pub fn encode(&self, hostname: &str) -> Vec<u8> {
+    /// The protocol-v2 envelope a Celery 5.7 producer would push for this call, sent from
+    /// `origin` (Celery's `gen<pid>@<hostname>`: [`crate::node::origin`]).
+    pub fn encode(&self, origin: &str) -> Vec<u8> {
         let body = json!([self.args, self.kwargs, self.embed.to_json()]);
         let envelope = json!({
             "body": BASE64.encode(body.to_string()),
@@ -410,7 +410,7 @@ impl NewTask {
                 "parent_id": self.parent_id,
                 "argsrepr": pyrepr::args_repr(&self.args),
                 "kwargsrepr": pyrepr::python_repr(&self.kwargs),
-                "origin": format!("gen{}@{hostname}", std::process::id()),
+                "origin": origin,
                 "ignore_result": self.ignore_result,
                 "replaced_task_nesting": 0,
                 "stamped_headers": null,

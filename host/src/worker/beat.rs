@@ -99,7 +99,7 @@ pub async fn run(
     mut entries: watch::Receiver<Arc<Vec<Entry>>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let hostname = crate::node::machine_hostname();
+    let origin = crate::node::origin();
     loop {
         let current = entries.borrow_and_update().clone();
         let now = clock.now();
@@ -111,7 +111,7 @@ pub async fn run(
                     .and_then(|ms| Timestamp::from_millisecond(*ms).ok())
                     .filter(|last| !beyond_bound(*last, now));
                 if let Some(tick) = due(entry, last, now) {
-                    let message = tick_message(entry, tick).encode(&hostname);
+                    let message = tick_message(entry, tick).encode(&origin);
                     if ticks.send(entry, tick, message).await {
                         tracing::info!(schedule = %entry.name, task = %entry.task, tick = %tick, "periodic task sent");
                     }

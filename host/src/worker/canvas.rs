@@ -346,7 +346,7 @@ async fn send_errbacks(
 /// Carries out `steps` in order: chord sizes written now, messages kept for the
 /// acknowledgement (which follows, so every size is written before its last header task).
 async fn carry_out(backend: &Backend, steps: Vec<Step>, publish: &mut Vec<Outgoing>) {
-    let hostname = crate::node::machine_hostname();
+    let origin = crate::node::origin();
     for step in steps {
         match step {
             Step::ChordSize { group_id, size } => {
@@ -355,7 +355,7 @@ async fn carry_out(backend: &Backend, steps: Vec<Step>, publish: &mut Vec<Outgoi
             }
             Step::Publish(task) => publish.push(Outgoing {
                 key: queue_key(&task.queue, task.priority),
-                raw: task.encode(&hostname),
+                raw: task.encode(&origin),
             }),
         }
     }

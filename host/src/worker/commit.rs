@@ -20,6 +20,7 @@ use crate::redis::deadletter::{self, Origin};
 use crate::redis::settle::{Finished, Outgoing, Stores, Unpushed};
 use crate::redis::{Delivery, RedisError, retrying};
 use std::future::Future;
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// The most tasks one batch carries.
@@ -105,14 +106,28 @@ impl Sink for Stores {
 #[derive(Clone)]
 pub struct Settler {
     jobs: mpsc::UnboundedSender<Job>,
+    /// Jobs handed over and not yet written: a task aborted while it waits for its job (the
+    /// shutdown grace ran out) leaves its job here, still to be written.
+    pending: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl Settler {
     /// Starts the writer on `sink`.
     pub fn start(sink: impl Sink) -> Self {
         let (jobs, queue) = mpsc::unbounded_channel();
-        tokio::spawn(write(queue, sink));
-        Self { jobs }
+        let pending = Arc::new(tokio::sync::watch::Sender::new(0));
+        tokio::spawn(write(queue, sink, pending.clone()));
+        Self { jobs, pending }
+    }
+
+    /// Waits until every job handed over so far is written, for at most `within`; whether
+    /// they were. Before a stop returns unfinished messages to their queues: a task whose
+    /// outcome is being written is finished, and must not be returned to run again.
+    pub async fn flush(&self, within: std::time::Duration) -> bool {
+        let mut pending = self.pending.subscribe();
+        tokio::time::timeout(within, pending.wait_for(|n| *n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Stores task `task_id`'s `document` if any, then publishes `publish` and acknowledges
@@ -134,13 +149,20 @@ impl Settler {
             publish,
             done,
         };
+        self.pending.send_modify(|n| *n += 1);
         if self.jobs.send(job).is_ok() {
             let _ = finished.await;
+        } else {
+            self.pending.send_modify(|n| *n -= 1);
         }
     }
 }
 
-async fn write(mut queue: mpsc::UnboundedReceiver<Job>, sink: impl Sink) {
+async fn write(
+    mut queue: mpsc::UnboundedReceiver<Job>,
+    sink: impl Sink,
+    pending: Arc<tokio::sync::watch::Sender<usize>>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         match retrying("settle finished tasks", || sink.write(&batch)).await {
@@ -154,9 +176,11 @@ async fn write(mut queue: mpsc::UnboundedReceiver<Job>, sink: impl Sink) {
                 }
             }
         }
+        let written = batch.len();
         for job in batch.drain(..) {
             let _ = job.done.send(());
         }
+        pending.send_modify(|n| *n = n.saturating_sub(written));
     }
 }
 
@@ -265,6 +289,32 @@ mod tests {
             crate::lock(&self.dead).push((message.key.clone(), reason.to_owned()));
             Ok(())
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flush_waits_for_the_job_of_a_task_aborted_while_it_was_written() {
+        let sink = Recorder {
+            takes: Duration::from_millis(50),
+            ..Recorder::default()
+        };
+        let settler = Settler::start(sink.clone());
+        let aborted = {
+            let settler = settler.clone();
+            tokio::spawn(async move {
+                settler
+                    .settle("t", None, true, &delivery(1), Vec::new())
+                    .await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        aborted.abort();
+        assert!(crate::lock(&sink.batches).is_empty(), "still being written");
+        assert!(settler.flush(Duration::from_secs(1)).await);
+        assert_eq!(
+            crate::lock(&sink.batches).len(),
+            1,
+            "written before flush returned"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -37,6 +37,7 @@ mod remote;
 mod retry;
 mod settle;
 mod supervise;
+mod wind_down;
 
 pub use commit::{Settler, Sink};
 pub use gates::time_limits;
@@ -52,7 +53,7 @@ use crate::plugins::live::Live;
 use crate::redis::keys::source_keys;
 use crate::redis::recovery::{Presence, Registration};
 use crate::redis::settle::Stores;
-use crate::redis::{Backend, Broker, Delivery, RedisError, backoff, redact};
+use crate::redis::{Backend, Broker, RedisError, backoff, redact};
 use crate::sandbox::{Sandbox, SandboxOptions};
 use crate::shutdown::{Stop, Stopping, stopped};
 use anyhow::Context as _;
@@ -141,7 +142,7 @@ pub async fn run(
         stop.clone(),
     );
     let (fetcher, tasks) = consume(&shared, fetcher, &mut stop).await?;
-    let (returned, all_returned) = wind_down(&shared, fetcher, tasks, force).await;
+    let (returned, all_returned) = wind_down::wind_down(&shared, fetcher, tasks, force).await;
     background.stop().await;
     // After the heartbeat stopped, so that no beat writes the entry back.
     if all_returned {
@@ -553,47 +554,4 @@ async fn consume(
         });
     }
     Ok((fetcher, tasks))
-}
-
-/// After a stop: lets running tasks finish within the grace period (or until `force`), then
-/// returns what is left, unstarted or unfinished, to its queue. Returns how many were
-/// returned, and whether every one could be.
-async fn wind_down(
-    shared: &Shared,
-    fetcher: Fetcher<Lists>,
-    mut tasks: JoinSet<()>,
-    force: impl Future<Output = ()>,
-) -> (usize, bool) {
-    let config = &shared.config;
-    tracing::info!(
-        running = shared.held.running_count(),
-        grace_s = config.shutdown_grace.as_secs_f64(),
-        "stopping: no new tasks; waiting for running ones (a second signal stops them at once)"
-    );
-    let unstarted = fetcher.stop().await;
-    let finished = tokio::select! {
-        finished = tokio::time::timeout(config.shutdown_grace, async {
-            while tasks.join_next().await.is_some() {}
-        }) => finished.is_ok(),
-        () = force => false,
-    };
-    if !finished {
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
-    }
-    let unfinished: Vec<Delivery> = shared.held.drain_running();
-    let returned = unstarted.len() + unfinished.len();
-    let mut all_returned = true;
-    for delivery in unstarted.iter().chain(&unfinished) {
-        if let Err(e) = shared.broker.requeue(delivery).await {
-            all_returned = false;
-            tracing::error!(
-                "could not return a message to {}: {e}; it stays in {} until another worker \
-                 returns it",
-                delivery.source,
-                shared.broker.inflight_key(&delivery.source)
-            );
-        }
-    }
-    (returned, all_returned)
 }
