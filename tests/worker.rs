@@ -543,15 +543,3 @@ fn a_task_sent_after_the_worker_stopped_waits_in_the_queue() {
     assert_eq!(s.client.llen("celery"), 1);
     assert_eq!(s.client.state(&id), None);
 }
-
-// --- operator warnings ----------------------------------------------------------------------
-
-#[test]
-fn a_redis_that_may_evict_queued_tasks_is_warned_about() {
-    let dir = TestDir::new("allkeys-lru");
-    let redis = RedisServer::start_with(&dir, &["--maxmemory-policy", "allkeys-lru"]);
-    let s = start(dir, redis, &[]);
-    // The behaviour under test is the operator's warning itself, so it is read from the log.
-    let log = s.worker.log();
-    assert!(log.contains("maxmemory-policy is allkeys-lru"), "{log}");
-}

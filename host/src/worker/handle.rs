@@ -90,6 +90,12 @@ async fn run(
         outbox: Some(outbox),
     };
     let terminated = shared.revocations.started(&message.id);
+    // A revoke heard after the gates' check and before the line above found nothing running
+    // to stop: the task has not started, so it does not.
+    if shared.revocations.is_revoked(&message.id) {
+        shared.revocations.finished(&message.id);
+        return Ran::Revoked;
+    }
     let ran = tokio::select! {
         outcome = shared.sandbox.run(&plugin.pre, scope, &task, hard) => match outcome {
             Ok(outcome) => Ran::Finished(outcome),

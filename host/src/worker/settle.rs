@@ -22,6 +22,8 @@ use serde_json::value::RawValue;
 pub(super) enum Ran {
     Finished(Outcome),
     Terminated,
+    /// Revoked after its gates, before it started: it does not.
+    Revoked,
     PoolFull(PoolFull),
 }
 
@@ -42,6 +44,9 @@ pub(super) async fn ran(
         Ran::Terminated => {
             push_now(shared, sent).await;
             return revoked(shared, delivery, message, RevokeReason::Terminated).await;
+        }
+        Ran::Revoked => {
+            return revoked(shared, delivery, message, RevokeReason::Revoked).await;
         }
         // It never started, so it waits its turn in the delayed set like a task over its
         // plugin's max_instances, instead of failing for the worker's want of room.
