@@ -52,7 +52,7 @@ pub const MAX_CONNECTIONS: usize = 32;
 #[derive(Default)]
 struct Held {
     next: u64,
-    open: std::collections::VecDeque<(u64, tokio::task::AbortHandle)>,
+    open: std::collections::VecDeque<(u64, tokio::task::JoinHandle<()>)>,
 }
 
 /// Serves until `stop`.
@@ -63,39 +63,40 @@ pub async fn serve(listener: TcpListener, status: Arc<dyn Status>, mut stop: Sto
             accepted = listener.accept() => accepted,
             () = crate::shutdown::stopped(&mut stop) => break,
         };
-        match accepted {
-            Ok((stream, _)) => {
-                let status = status.clone();
-                let mut guard = held.lock().unwrap_or_else(|e| e.into_inner());
-                if guard.open.len() >= MAX_CONNECTIONS
-                    && let Some((_, oldest)) = guard.open.pop_front()
-                {
-                    oldest.abort();
-                }
-                let id = guard.next;
-                guard.next += 1;
-                let registry = held.clone();
-                let task = tokio::spawn(async move {
-                    if tokio::time::timeout(CLIENT_TIMEOUT, answer(stream, status.as_ref()))
-                        .await
-                        .is_err()
-                    {
-                        tracing::debug!("a /metrics client timed out");
-                    }
-                    let mut held = registry.lock().unwrap_or_else(|e| e.into_inner());
-                    held.open.retain(|(open, _)| *open != id);
-                });
-                guard.open.push_back((id, task.abort_handle()));
-            }
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of file descriptors, say: wait rather than spin.
                 tracing::warn!("cannot accept a /metrics connection: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Displaced and closed before the next is served: the descriptors held stay bounded.
+        while crate::lock(&held).open.len() >= MAX_CONNECTIONS {
+            let oldest = crate::lock(&held).open.pop_front();
+            if let Some((_, task)) = oldest {
+                task.abort();
+                let _ = task.await;
             }
         }
+        let status = status.clone();
+        let registry = held.clone();
+        let mut guard = crate::lock(&held);
+        let id = guard.next;
+        guard.next += 1;
+        let task = tokio::spawn(async move {
+            if tokio::time::timeout(CLIENT_TIMEOUT, answer(stream, status.as_ref()))
+                .await
+                .is_err()
+            {
+                tracing::debug!("a /metrics client timed out");
+            }
+            crate::lock(&registry).open.retain(|(open, _)| *open != id);
+        });
+        guard.open.push_back((id, task));
     }
-    let held = held.lock().unwrap_or_else(|e| e.into_inner());
-    for (_, task) in &held.open {
+    for (_, task) in crate::lock(&held).open.drain(..) {
         task.abort();
     }
 }
