@@ -323,3 +323,84 @@ fn a_worker_waiting_for_replicas_that_do_not_answer_still_settles_its_tasks() {
         || worker.log(),
     );
 }
+
+/// Two workers (2 s lapse) running long tasks when the master dies: the sentinels take longer
+/// than the lapse to promote the replica, and the registry comes back with every heartbeat old.
+/// No task may be taken from its live worker.
+#[test]
+fn two_workers_through_a_failover_longer_than_the_lapse_take_nothing_from_each_other() {
+    let mut cluster = Cluster::start("lapse", false);
+    let config = cluster.dir.write(
+        "taskhost.toml",
+        "[worker]\nbroker_transport_options = { master_name = \"mymaster\" }\n\
+         result_backend_transport_options = { master_name = \"mymaster\" }\n",
+    );
+    let plugins = cluster.dir.plugins(&["demo"]);
+    let urls = [cluster.url(0), cluster.url(1)];
+    let config = config.to_string_lossy().into_owned();
+    let workers: Vec<Process> = ["w1@lapse", "w2@lapse"]
+        .iter()
+        .map(|node| {
+            let extra = [
+                "-n",
+                node,
+                "--config",
+                config.as_str(),
+                "-c",
+                "2",
+                "--prefetch-multiplier",
+                "1",
+                "--heartbeat-lapse",
+                "2",
+            ];
+            let command =
+                Process::worker_command_on(&taskhost_bin(), &cluster.dir, &urls, &plugins, &extra);
+            let worker = Process::spawn(&cluster.dir, &format!("{node}.log"), command);
+            worker.wait_log("worker ready");
+            worker
+        })
+        .collect();
+    cluster.python(
+        "ids = [app.send_task('demo.sleep', (8000,)).id for _ in range(8)]\n\
+         open('ids.txt', 'w').write('\\n'.join(ids))",
+        String::new,
+    );
+    let in_flight = |node: &str| -> usize {
+        redis::cmd("LLEN")
+            .arg(format!("taskhost:inflight:{node}:celery"))
+            .query(&mut cluster.master.conn(0))
+            .unwrap_or(0)
+    };
+    wait_for_within(
+        "each worker to run two tasks",
+        Duration::from_secs(30),
+        || (in_flight("w1@lapse") >= 2 && in_flight("w2@lapse") >= 2).then_some(()),
+    );
+    let synced: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(10_000)
+        .query(&mut cluster.master.conn(0))
+        .expect("WAIT");
+    assert_eq!(synced, 1, "the replica did not take the fetches");
+    cluster.master.kill();
+    let promoted = cluster.replica_port;
+    wait_for_within(
+        "the sentinels to promote the replica",
+        Duration::from_secs(60),
+        || (cluster.master_port() == Some(promoted)).then_some(()),
+    );
+    wait_for_within(
+        "every result on the promoted replica",
+        Duration::from_secs(120),
+        || (results_stored(&cluster.replica) >= 8).then_some(()),
+    );
+    let returned: Vec<String> = redis::cmd("KEYS")
+        .arg("taskhost:redelivered:*")
+        .query(&mut cluster.replica.conn(0))
+        .expect("KEYS");
+    assert!(
+        returned.is_empty(),
+        "tasks were taken from a live worker: {returned:?}"
+    );
+    drop(workers);
+}
