@@ -546,3 +546,20 @@ fn a_trusted_key_removed_by_a_config_reload_installs_nothing_more() {
     f.worker.wait_log("which is not among [fleet] trusted_keys");
     f.wait_running("demo", &v1);
 }
+
+#[test]
+fn a_fleet_worker_without_trusted_keys_says_anyone_who_can_write_to_redis_can_deploy() {
+    let f = signed_fleet("fleet-no-keys", "", false);
+    // The warning is the behaviour under test: an operator reads it in the log.
+    f.worker
+        .wait_log("no [fleet] trusted_keys, so anyone who can write to Redis can deploy code");
+    let trusting = signed_fleet("fleet-keys", "", true);
+    trusting.worker.wait_log("worker ready");
+    assert!(
+        !trusting
+            .worker
+            .log()
+            .contains("anyone who can write to Redis"),
+        "a worker with trusted keys warned"
+    );
+}
