@@ -138,6 +138,37 @@ impl Cluster {
         }
     }
 
+    /// A worker config file naming the sentinels' master, as kombu's transport options do.
+    fn worker_config(&self) -> String {
+        let path = self.dir.write(
+            "taskhost.toml",
+            "[worker]\nbroker_transport_options = { master_name = \"mymaster\" }\n\
+             result_backend_transport_options = { master_name = \"mymaster\" }\n",
+        );
+        path.to_string_lossy().into_owned()
+    }
+
+    /// Waits until the replica holds every write the master took; `what` names them.
+    fn replicated(&self, what: &str) {
+        let synced: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(10_000)
+            .query(&mut self.master.conn(0))
+            .expect("WAIT");
+        assert_eq!(synced, 1, "the replica did not take {what}");
+    }
+
+    /// Kills the master and waits until the sentinels have promoted the replica.
+    fn fail_over(&mut self) {
+        self.master.kill();
+        let promoted = self.replica_port;
+        wait_for_within(
+            "the sentinels to promote the replica",
+            Duration::from_secs(60),
+            || (self.master_port() == Some(promoted)).then_some(()),
+        );
+    }
+
     /// The port the sentinels name as the master's.
     fn master_port(&self) -> Option<u16> {
         let mut conn = self.sentinels.first()?.conn(0);
@@ -211,14 +242,9 @@ fn no_task_is_lost_when_a_tls_acl_master_dies_and_a_replica_is_promoted() {
 
 fn promoted_under_load(test: &str, secure: bool) {
     let mut cluster = Cluster::start(test, secure);
-    let config = cluster.dir.write(
-        "taskhost.toml",
-        "[worker]\nbroker_transport_options = { master_name = \"mymaster\" }\n\
-         result_backend_transport_options = { master_name = \"mymaster\" }\n",
-    );
+    let config = cluster.worker_config();
     let plugins = cluster.dir.plugins(&["demo"]);
     let urls = [cluster.url(0), cluster.url(1)];
-    let config = config.to_string_lossy().into_owned();
     let concurrency = CONCURRENCY.to_string();
     let extra = ["--config", config.as_str(), "-c", concurrency.as_str()];
     // Every task is queued before the worker starts, so the master dies with most of them
@@ -233,12 +259,7 @@ fn promoted_under_load(test: &str, secure: bool) {
     );
     // What the producer sent is on the replica before the master dies: a producer's write
     // lost with an asynchronous replica is Celery's to answer for, not the worker's.
-    let synced: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(10_000)
-        .query(&mut cluster.master.conn(0))
-        .expect("WAIT");
-    assert_eq!(synced, 1, "the replica did not take the producer's writes");
+    cluster.replicated("the producer's writes");
     let command =
         Process::worker_command_on(&taskhost_bin(), &cluster.dir, &urls, &plugins, &extra);
     let worker = Process::spawn(&cluster.dir, "worker.log", command);
@@ -253,13 +274,7 @@ fn promoted_under_load(test: &str, secure: bool) {
         done_before < TASKS,
         "every task ran before the master was killed"
     );
-    cluster.master.kill();
-    let promoted = cluster.replica_port;
-    wait_for_within(
-        "the sentinels to promote the replica",
-        Duration::from_secs(60),
-        || (cluster.master_port() == Some(promoted)).then_some(()),
-    );
+    cluster.fail_over();
     // The worker finishes on the new master; then Python reads every result there (one GET
     // each: a get() per task, subscribing and unsubscribing, would outlast the snippet's
     // bound on a loaded machine).
@@ -330,14 +345,9 @@ fn a_worker_waiting_for_replicas_that_do_not_answer_still_settles_its_tasks() {
 #[test]
 fn two_workers_through_a_failover_longer_than_the_lapse_take_nothing_from_each_other() {
     let mut cluster = Cluster::start("lapse", false);
-    let config = cluster.dir.write(
-        "taskhost.toml",
-        "[worker]\nbroker_transport_options = { master_name = \"mymaster\" }\n\
-         result_backend_transport_options = { master_name = \"mymaster\" }\n",
-    );
+    let config = cluster.worker_config();
     let plugins = cluster.dir.plugins(&["demo"]);
     let urls = [cluster.url(0), cluster.url(1)];
-    let config = config.to_string_lossy().into_owned();
     let workers: Vec<Process> = ["w1@lapse", "w2@lapse"]
         .iter()
         .map(|node| {
@@ -376,28 +386,14 @@ fn two_workers_through_a_failover_longer_than_the_lapse_take_nothing_from_each_o
         Duration::from_secs(30),
         || (in_flight("w1@lapse") >= 2 && in_flight("w2@lapse") >= 2).then_some(()),
     );
-    let synced: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(10_000)
-        .query(&mut cluster.master.conn(0))
-        .expect("WAIT");
-    assert_eq!(synced, 1, "the replica did not take the fetches");
-    cluster.master.kill();
-    let promoted = cluster.replica_port;
-    wait_for_within(
-        "the sentinels to promote the replica",
-        Duration::from_secs(60),
-        || (cluster.master_port() == Some(promoted)).then_some(()),
-    );
+    cluster.replicated("the fetches");
+    cluster.fail_over();
     wait_for_within(
         "every result on the promoted replica",
         Duration::from_secs(120),
         || (results_stored(&cluster.replica) >= 8).then_some(()),
     );
-    let returned: Vec<String> = redis::cmd("KEYS")
-        .arg("taskhost:redelivered:*")
-        .query(&mut cluster.replica.conn(0))
-        .expect("KEYS");
+    let returned = taskhost_tests::returned_by_recovery(&mut cluster.replica.conn(0));
     assert!(
         returned.is_empty(),
         "tasks were taken from a live worker: {returned:?}"

@@ -269,11 +269,7 @@ fn a_long_task_on_a_live_worker_is_not_run_twice() {
     assert_eq!(result["status"], "SUCCESS", "{result}");
     assert_eq!(holders.len(), 1, "held in flight by {holders:?}");
     assert_eq!(removals.count(), 0, "a live worker was taken for dead");
-    // Every return of a message to its queue counts it in `taskhost:redelivered:<tag>`.
-    let returned: Vec<String> = redis::cmd("KEYS")
-        .arg("taskhost:redelivered:*")
-        .query(client.broker())
-        .expect("KEYS");
+    let returned = taskhost_tests::returned_by_recovery(client.broker());
     assert!(returned.is_empty(), "the task was returned: {returned:?}");
     let ids = vec![id.clone()];
     let results: std::collections::HashMap<String, Value> =
@@ -318,11 +314,7 @@ fn two_workers_through(
     for (id, doc) in &results {
         assert_eq!(doc["status"], "SUCCESS", "{id}: {doc}");
     }
-    // Every return of a message to its queue counts it in `taskhost:redelivered:<tag>`.
-    let returned: Vec<String> = redis::cmd("KEYS")
-        .arg("taskhost:redelivered:*")
-        .query(client.broker())
-        .expect("KEYS");
+    let returned = taskhost_tests::returned_by_recovery(client.broker());
     assert!(
         returned.is_empty(),
         "tasks were taken from a live worker: {returned:?}"

@@ -372,6 +372,16 @@ pub fn pace(interval: Duration) {
     std::thread::sleep(interval); // the rhythm of what the test drives, not a poll
 }
 
+/// The messages crash recovery has returned to their queues on `conn`'s Redis: each return
+/// counts the message in `taskhost:redelivered:<delivery tag>`, so none means no task was taken
+/// from a worker for dead.
+pub fn returned_by_recovery(conn: &mut redis::Connection) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg("taskhost:redelivered:*")
+        .query(conn)
+        .expect("KEYS taskhost:redelivered:*")
+}
+
 /// Polls `check` until it returns `Some`, failing the test after [`WAIT`] with `what`.
 pub fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
     wait_for_within(what, WAIT, check)

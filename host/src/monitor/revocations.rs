@@ -82,13 +82,26 @@ impl Revocations {
         let recorded = crate::redis::control::revoked(conn, now, from).await?;
         if let Some(latest) = recorded.iter().map(|(_, until)| *until).max() {
             let mut read_until = lock(&self.read_until);
-            *read_until = (*read_until).max(latest);
+            *read_until = next_read_from(*read_until, latest, now);
         }
         let mut revoked = lock(&self.revoked);
         revoked.retain(|_, until| *until > now);
         remember(&mut revoked, recorded);
         Ok(())
     }
+}
+
+/// How far a revoke's "remembered until" may fall behind this worker's reckoning and still be
+/// read by the next refresh: the other workers' clocks may run this much slow.
+const CLOCK_MARGIN_MS: i64 = 10 * 60 * 1000;
+
+/// Where the next refresh starts reading, after one that read up to `latest`: never past
+/// what a revoke recorded now would carry ([`REVOKE_EXPIRES`] from `now`), less the margin,
+/// so an entry a fast clock or a Redis writer put far ahead cannot hide the revokes after it.
+fn next_read_from(from: i64, latest: i64, now: i64) -> i64 {
+    let expires = i64::try_from(REVOKE_EXPIRES.as_millis()).unwrap_or(i64::MAX);
+    let ceiling = now.saturating_add(expires).saturating_sub(CLOCK_MARGIN_MS);
+    from.max(latest.min(ceiling))
 }
 
 /// Adds `ids` (with when each is forgotten) to `revoked`, then drops those forgotten soonest
@@ -110,6 +123,19 @@ fn remember(revoked: &mut HashMap<String, i64>, ids: impl IntoIterator<Item = (S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_far_ahead_does_not_hide_the_revokes_recorded_after_it() {
+        let expires = i64::try_from(REVOKE_EXPIRES.as_millis()).unwrap_or(i64::MAX);
+        let now = 1_000_000_000;
+        let year_ahead = now + 365 * 86_400_000;
+        let from = next_read_from(now, year_ahead, now);
+        // A revoke recorded a minute later by a clock five minutes slow is still read.
+        let later = now + 60_000 - 5 * 60_000 + expires;
+        assert!(later >= from, "{later} < {from}");
+        // And reading does move on with what was read.
+        assert_eq!(next_read_from(now, now + 1_000, now), now + 1_000);
+    }
 
     #[test]
     fn the_revoked_ids_kept_are_bounded_dropping_those_forgotten_soonest() {

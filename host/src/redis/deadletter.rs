@@ -44,12 +44,18 @@ pub fn entry(raw: &[u8], origin: &Origin<'_>) -> String {
     entry.to_string()
 }
 
-/// The entry for a follow-up that was never pushed because its queue refused it: named by
-/// the task it carries, in the queue it was for.
-pub fn unpushed_entry(message: &super::settle::Outgoing, reason: &str, worker: &str) -> String {
+/// Why a message was not pushed onto `key`: the key holds another type.
+pub fn unpushed_reason(key: &str) -> String {
+    format!("cannot push onto {key:?}: the key holds another type than a queue list (WRONGTYPE)")
+}
+
+/// The entry for a message that was never pushed because its queue key holds another type
+/// ([`unpushed_reason`]): named by the task it carries, in the queue it was for.
+pub fn unpushed_entry(message: &super::settle::Outgoing, worker: &str) -> String {
     let sent = crate::protocol::TaskMessage::decode(&message.raw).ok();
+    let reason = unpushed_reason(&message.key);
     let origin = Origin {
-        reason,
+        reason: &reason,
         task_id: sent.as_ref().map(|m| m.id.as_str()),
         task: sent.as_ref().map(|m| m.task.as_str()),
         source: &message.key,

@@ -372,8 +372,9 @@ pub(super) struct Outbox {
     grants: Arc<Grants>,
     /// The queues tasks declared, as loaded when the task started.
     routes: Arc<Registry>,
-    /// The queues what the task sends may go to.
-    queues: Vec<String>,
+    /// The queues the worker consumes, where what the task sends may go unless its grants
+    /// name others (`send_queues`); read only when it sends.
+    consumed: tokio::sync::watch::Receiver<Vec<String>>,
     sent: Mutex<Sent>,
 }
 
@@ -393,13 +394,10 @@ impl Outbox {
         plugin: &Plugin,
         grants: Arc<Grants>,
         routes: Arc<Registry>,
-        consumed: &[String],
+        consumed: tokio::sync::watch::Receiver<Vec<String>>,
     ) -> Self {
         Self {
-            queues: grants
-                .send_queues
-                .clone()
-                .unwrap_or_else(|| consumed.to_vec()),
+            consumed,
             backend,
             parent_id: message.id.clone(),
             root_id: root_of(message).to_owned(),
@@ -429,6 +427,8 @@ impl Outbox {
     /// Refuses a signature any of whose messages would go to a queue the operator did not
     /// allow this plugin (`send_queues`), whether it names the queue or its task declared it.
     fn check_queues(&self, signature: &Value) -> Result<(), SendError> {
+        let consumed = self.consumed.borrow();
+        let allowed = self.grants.send_queues.as_ref().unwrap_or(&consumed);
         for sig in crate::protocol::signature::signatures(signature) {
             let named = sig
                 .get("options")
@@ -441,11 +441,11 @@ impl Outbox {
                 None if is_task => self.routes.declared_queue(task).unwrap_or(DEFAULT_QUEUE),
                 None => continue,
             };
-            if !self.queues.iter().any(|q| q == queue) {
+            if !allowed.iter().any(|q| q == queue) {
                 return Err(SendError(format!(
                     "queue {queue:?} is not one this plugin may send to (it may send to {}; the \
                      operator allows queues in its [plugins] section's send_queues)",
-                    self.queues.join(", ")
+                    allowed.join(", ")
                 )));
             }
         }

@@ -53,11 +53,10 @@ pub trait Sink: Send + Sync + 'static {
         job: &Job,
         reason: &str,
     ) -> impl Future<Output = Result<bool, RedisError>> + Send;
-    /// Adds a follow-up that was never pushed to the dead-letter list, saying `reason`.
+    /// Adds a follow-up whose queue key refused it to the dead-letter list.
     fn dead_letter_follow_up(
         &self,
         message: &Outgoing,
-        reason: &str,
     ) -> impl Future<Output = Result<(), RedisError>> + Send;
 }
 
@@ -92,12 +91,8 @@ impl Sink for Stores {
         self.broker.dead_letter(&job.delivery, &entry).await
     }
 
-    async fn dead_letter_follow_up(
-        &self,
-        message: &Outgoing,
-        reason: &str,
-    ) -> Result<(), RedisError> {
-        let entry = deadletter::unpushed_entry(message, reason, &self.node);
+    async fn dead_letter_follow_up(&self, message: &Outgoing) -> Result<(), RedisError> {
+        let entry = deadletter::unpushed_entry(message, &self.node);
         self.broker.add_dead_letter(&entry).await
     }
 }
@@ -213,14 +208,10 @@ async fn dead_letter_unpushed(sink: &impl Sink, batch: &[Job], unpushed: &[Unpus
         let Some(message) = job.publish.get(refused.message) else {
             continue;
         };
-        let reason = format!(
-            "cannot push a follow-up of task {} onto {:?}: the key holds another type than a \
-             queue list (WRONGTYPE)",
-            job.task_id, message.key
-        );
-        tracing::error!(task_id = %job.task_id, queue = %message.key, "{reason}; the follow-up is dead-lettered");
+        let reason = deadletter::unpushed_reason(&message.key);
+        tracing::error!(task_id = %job.task_id, queue = %message.key, "{reason}: a follow-up of the task, dead-lettered");
         let step = "dead-letter a follow-up";
-        if let Err(e) = retrying(step, || sink.dead_letter_follow_up(message, &reason)).await {
+        if let Err(e) = retrying(step, || sink.dead_letter_follow_up(message)).await {
             tracing::error!(task_id = %job.task_id, "cannot dead-letter it either ({e}): it is lost");
         }
     }
@@ -281,12 +272,9 @@ mod tests {
             Ok(true)
         }
 
-        async fn dead_letter_follow_up(
-            &self,
-            message: &Outgoing,
-            reason: &str,
-        ) -> Result<(), RedisError> {
-            crate::lock(&self.dead).push((message.key.clone(), reason.to_owned()));
+        async fn dead_letter_follow_up(&self, message: &Outgoing) -> Result<(), RedisError> {
+            let reason = deadletter::unpushed_reason(&message.key);
+            crate::lock(&self.dead).push((message.key.clone(), reason));
             Ok(())
         }
     }

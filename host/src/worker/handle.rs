@@ -56,7 +56,7 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         &admitted.plugin,
         admitted.grants.clone(),
         shared.plugins.registry(),
-        &shared.queues.borrow(),
+        shared.queues.subscribe(),
     );
     let outbox = Arc::new(outbox);
     let ran = run(shared, &message, &admitted, outbox.clone()).await;

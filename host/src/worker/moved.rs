@@ -18,13 +18,9 @@ pub(super) async fn publish(shared: &Shared, what: &str, messages: &[Outgoing]) 
     match retrying(what, || shared.broker.push(messages)).await {
         Ok(refused) => {
             for message in refused.into_iter().filter_map(|i| messages.get(i)) {
-                let reason = format!(
-                    "cannot push onto {:?}: the key holds another type than a queue list \
-                     (WRONGTYPE)",
-                    message.key
-                );
+                let reason = deadletter::unpushed_reason(&message.key);
                 tracing::error!(queue = %message.key, "{reason}; the message is dead-lettered");
-                let entry = deadletter::unpushed_entry(message, &reason, &shared.config.node);
+                let entry = deadletter::unpushed_entry(message, &shared.config.node);
                 if let Err(e) = retrying("dead-letter a message", || {
                     shared.broker.add_dead_letter(&entry)
                 })
