@@ -496,14 +496,43 @@ fn a_name_outside_fleet_names_is_not_installed() {
 fn a_blob_over_the_size_cap_is_refused_without_fetching_it() {
     let mut f = signed_fleet("fleet-blob-cap", "max_blob_mb = 1\n", false);
     let digest = "f".repeat(64);
+    let blob_key = format!("taskhost:plugin-blob:{digest}");
     let () = redis::cmd("SET")
-        .arg(format!("taskhost:plugin-blob:{digest}"))
+        .arg(&blob_key)
         .arg(vec![0u8; 2 << 20])
         .query(f.client.broker())
         .expect("SET a 2 MiB blob");
+    // Every command Redis runs, as Redis saw it.
+    let mut command = std::process::Command::new("redis-cli");
+    command.args(["-p", &f.redis.port().to_string(), "monitor"]);
+    let monitor = Process::spawn(&f.dir, "monitor.log", command);
+    monitor.wait_log("OK");
     // Unsigned, with no trusted keys: only the cap stands between it and the directory.
     f.forge("big", &digest, None);
-    f.worker.wait_log("over [fleet] max_blob_mb");
+    monitor.wait_log(&format!("\"strlen\" \"{blob_key}\""));
+    // A deploy after it is installed once the follower is past the big one.
+    let v1 = test_plugin_wasm("versioned-v1");
+    f.deploy_demo(&v1);
+    f.wait_running("demo", &v1);
+    let on_blob: Vec<String> = monitor
+        .log()
+        .lines()
+        .filter(|line| line.contains(&blob_key))
+        .map(|line| {
+            line.split_once(']')
+                .map_or(line, |(_, c)| c)
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    // Measured, or removed; never read.
+    let unread = ["\"strlen\"", "\"exists\"", "\"del\"", "\"unlink\""];
+    assert!(
+        on_blob
+            .iter()
+            .all(|c| unread.iter().any(|u| c.starts_with(u))),
+        "the blob was read: {on_blob:?}"
+    );
     assert!(
         !f.dir.path().join("plugins").join("big.wasm").exists(),
         "nothing was written"

@@ -218,6 +218,38 @@ assert value["end"] >= value["start"] + 1500, value
 }
 
 #[test]
+fn a_revoked_stored_while_the_task_was_on_its_way_stays_revoked() {
+    let mut s = setup("trust-revoked-kept", "");
+    let feed = ResultFeed::start(&s.redis);
+    let events = TaskEvents::start(&s.redis);
+    let beside = Beside::start(&s.redis);
+    let id = uuid::Uuid::new_v4().to_string();
+    s.client.send_as(&id, "hostile.hold", json!([1500]));
+    wait_for("the held task to start", || {
+        (events.count("task-started", &id) == 1).then_some(())
+    });
+    // What another worker stores on hearing a revoke for a task it finds in nobody's
+    // in-flight list: this worker had taken it from the queue and started it meanwhile.
+    s.python(&format!(
+        r#"
+app.backend.mark_as_revoked({id:?}, reason="revoked")
+assert app.AsyncResult({id:?}).state == "REVOKED"
+"#
+    ));
+    wait_for("the held task to be acknowledged", || {
+        (s.client.in_flight(NODE) == 0).then_some(())
+    });
+    let doc = s.client.state(&id).expect("a stored state");
+    assert_eq!(doc["status"], "REVOKED", "{doc}");
+    assert_eq!(
+        feed.states(&id),
+        ["REVOKED"],
+        "no SUCCESS was published after it"
+    );
+    beside.all_succeed(&mut s.client, 20);
+}
+
+#[test]
 fn a_revoke_never_replaces_a_stored_result() {
     let mut s = setup("trust-revoke-after", "");
     let id = uuid::Uuid::new_v4().to_string();

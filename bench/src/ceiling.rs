@@ -5,7 +5,7 @@ use crate::workload::Workload;
 use std::time::Instant;
 use taskhost::redis::settle::Stores;
 use taskhost::redis::{Backend, Broker};
-use taskhost::worker::Settler;
+use taskhost::worker::{DeadLetters, RedisSink, Settler};
 
 /// Tasks moved per round of the ceiling loops.
 const BATCH: usize = 64;
@@ -84,12 +84,19 @@ pub fn taskhost(broker_url: &str, backend_url: &str, workload: &Workload) -> f64
         .await
         .expect("connect the backend");
         let keys = taskhost::redis::keys::source_keys(&["celery".to_owned()]);
-        let settler = Settler::start(Stores {
-            broker: broker.clone(),
-            backend,
-            same_database: broker_url == backend_url,
-            node: "ceiling@bench".to_owned(),
-            wait_replicas: taskhost::redis::settle::ReplicaWait::new(0),
+        let settler = Settler::start(RedisSink {
+            stores: Stores {
+                broker: broker.clone(),
+                backend,
+                same_database: broker_url == backend_url,
+                wait_replicas: taskhost::redis::settle::ReplicaWait::new(0),
+            },
+            dead_letters: DeadLetters::new(
+                broker.clone(),
+                "ceiling@bench".to_owned(),
+                std::sync::Arc::default(),
+                taskhost::config::resolve::DEFAULT_DEAD_LETTER_MAX,
+            ),
         });
         let doc = result_like(workload);
         let start = Instant::now();
@@ -106,7 +113,7 @@ pub fn taskhost(broker_url: &str, backend_url: &str, workload: &Workload) -> f64
                         .map(|m| m.id)
                         .expect("a bench message decodes");
                     settler
-                        .settle(&id, Some(doc.clone()), true, delivery, Vec::new())
+                        .settle(&id, Some(doc.clone()), delivery, Vec::new())
                         .await;
                 }
             });

@@ -23,10 +23,12 @@
 //! - [`worker`]: the fetch → handle → settle loop, the gates, retries, and a clean stop.
 //! - [`monitor`]: remote control, monitoring events, Prometheus metrics, `/healthz`.
 //! - [`cli`]: the `taskhost` command line: parses and wires, nothing more.
+//! - [`clock`]: the wall clock, read in one place.
 //! - [`shutdown`]: the stop flag every loop watches. [`node`]: the machine's and the worker's
 //!   names. [`signing`]: Ed25519 keys and signed deploy records.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod monitor;
 pub mod node;

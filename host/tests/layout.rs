@@ -19,25 +19,30 @@ const ROOMS: &[(&str, &[&str])] = &[
     ("node", &[]),
     ("signing", &[]),
     ("protocol", &[]),
-    ("redis", &["protocol", "shutdown", "node"]),
+    ("clock", &["protocol"]),
+    ("redis", &["protocol", "clock", "shutdown", "node"]),
     ("config", &["redis", "node", "signing"]),
     ("sandbox", &["config", "protocol"]),
     (
         "plugins",
         &["sandbox", "config", "redis", "shutdown", "signing"],
     ),
-    ("monitor", &["protocol", "redis", "config", "shutdown"]),
+    (
+        "monitor",
+        &["protocol", "clock", "redis", "config", "shutdown"],
+    ),
     (
         "worker",
         &[
-            "protocol", "redis", "config", "sandbox", "plugins", "monitor", "shutdown", "node",
+            "protocol", "clock", "redis", "config", "sandbox", "plugins", "monitor", "shutdown",
+            "node",
         ],
     ),
     (
         "cli",
         &[
-            "protocol", "redis", "config", "sandbox", "plugins", "monitor", "worker", "shutdown",
-            "node", "signing",
+            "protocol", "clock", "redis", "config", "sandbox", "plugins", "monitor", "worker",
+            "shutdown", "node", "signing",
         ],
     ),
 ];
@@ -278,6 +283,22 @@ fn rooms_name_nothing_they_must_not() {
         if room != "redis" && names(&text, "redis::") {
             wrong.push(format!(
                 "{}: uses the redis crate outside the Redis room",
+                path.display()
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn protocol_reads_no_clock_and_no_process() {
+    const READS: &[&str] = &["now_utc", "SystemTime", "Instant::now", "process::id"];
+    let mut wrong = Vec::new();
+    for path in files(&src().join("protocol"), "rs") {
+        let text = code(&std::fs::read_to_string(&path).expect("read a source file"));
+        for read in READS.iter().filter(|r| text.contains(*r)) {
+            wrong.push(format!(
+                "{}: reads {read} (time and names come into protocol as arguments)",
                 path.display()
             ));
         }

@@ -1,12 +1,12 @@
 //! The operator's plugin commands: `taskhost plugins` (what a directory serves),
 //! `taskhost deploy`, `rollback` and `deployments` (fleet deploys through the broker).
 
+use crate::clock::now_ms;
 use crate::config::Compiler;
 use crate::config::{FileConfig, GrantTable, resolve::default_cache_dir};
 use crate::plugins::cache::{Cache, hex};
 use crate::plugins::live::Live;
 use crate::plugins::{self, Plugin};
-use crate::protocol::time::now_ms;
 use crate::redis::fleet;
 use crate::redis::{Client, Connection};
 use crate::sandbox::{Sandbox, SandboxOptions, TaskDefaults, WIT_PACKAGE};

@@ -124,7 +124,7 @@ pub fn main() -> ExitCode {
         tracing::warn!(
             "TASKHOST_TEST_CLOCK_SKEW_MS: this process's clock reads {skew} ms off (a test hook)"
         );
-        crate::protocol::time::skew_clock(skew);
+        crate::clock::skew_clock(skew);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(io_threads())

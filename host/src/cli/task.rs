@@ -103,7 +103,7 @@ fn seconds(flag: &str, value: Option<f64>) -> anyhow::Result<Option<Duration>> {
 
 pub async fn call(args: &CallArgs) -> anyhow::Result<ExitCode> {
     let (task_args, kwargs) = args.task.parse()?;
-    let now = time::OffsetDateTime::now_utc();
+    let now = crate::clock::now();
     let at = |flag: &str, value: Option<f64>| -> anyhow::Result<Option<time::OffsetDateTime>> {
         seconds(flag, value)?
             .map(|d| {
@@ -220,7 +220,7 @@ pub async fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     let (soft, hard) = time_limits((None, None), &plugin_grants.limits, &spec.defaults);
     let task = task_record(
         &message,
-        soft.map(crate::protocol::time::deadline_ms),
+        soft.map(crate::clock::deadline_ms),
         &crate::node::node_name(None),
     );
     let scope = Scope {

@@ -8,8 +8,8 @@
 //! in the metrics), never slows or stops a task.
 
 use super::metrics::Metrics;
+use crate::clock::now_s;
 use crate::protocol::event::{Stamp, TaskEvent, WorkerEvent, event_message, routing_key};
-use crate::protocol::time::now_s;
 use crate::redis::events::EventChannels;
 use serde_json::Value;
 use std::sync::Arc;

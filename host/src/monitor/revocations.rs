@@ -3,8 +3,8 @@
 //! after the revoke honours it too. Both keep at most [`MAX_REVOKED`] ids (as Celery does), and
 //! the set is read whole only at start: later reads take what was recorded since.
 
+use crate::clock::now_ms;
 use crate::lock;
-use crate::protocol::time::now_ms;
 use crate::redis::control::MAX_REVOKED;
 use crate::redis::{Connection, RedisError};
 use std::collections::HashMap;

@@ -207,13 +207,18 @@ pub fn result_document<R: Serialize + ?Sized>(
 }
 
 /// The document of a task that ended in `state` with `exception` (FAILURE, REVOKED, RETRY).
-pub fn exception_document(meta: &Meta<'_>, state: State, exception: &Exception) -> String {
+pub fn exception_document(
+    meta: &Meta<'_>,
+    state: State,
+    exception: &Exception,
+    now: OffsetDateTime,
+) -> String {
     result_document(
         meta,
         state.as_str(),
         &exception.to_json(),
         exception.traceback.as_deref(),
-        OffsetDateTime::now_utc(),
+        now,
     )
 }
 
@@ -240,7 +245,7 @@ mod tests {
     #[test]
     fn only_ready_states_are_dated() {
         let meta = Meta::of("id");
-        let now = OffsetDateTime::now_utc();
+        let now = OffsetDateTime::UNIX_EPOCH;
         for state in State::READY {
             let doc: Value =
                 serde_json::from_str(&result_document(&meta, state.as_str(), &1, None, now))

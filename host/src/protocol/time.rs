@@ -1,8 +1,7 @@
-//! Time as Celery writes it (ISO 8601, as Python's `isoformat()`), and the wall-clock readings
-//! the formats carry: milliseconds since the Unix epoch (scores in Redis, deadlines) and
-//! seconds (event timestamps).
+//! Time as Celery writes it (ISO 8601, as Python's `isoformat()`), and milliseconds since the
+//! Unix epoch (scores in Redis, deadlines). Reading the clock is `crate::clock`'s: time comes
+//! into this room as an argument.
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -44,35 +43,6 @@ pub fn epoch_ms(t: OffsetDateTime) -> i64 {
 /// The time `ms` milliseconds after the Unix epoch, if it is representable.
 pub fn from_epoch_ms(ms: i64) -> Option<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
-}
-
-/// Milliseconds since the Unix epoch, now, by this machine's clock (shifted by
-/// [`skew_clock`]'s amount, if a test set one).
-pub fn now_ms() -> i64 {
-    epoch_ms(OffsetDateTime::now_utc()).saturating_add(CLOCK_SKEW_MS.load(Ordering::Relaxed))
-}
-
-static CLOCK_SKEW_MS: AtomicI64 = AtomicI64::new(0);
-
-/// Shifts this process's [`now_ms`] by `ms`: a test hook (`TASKHOST_TEST_CLOCK_SKEW_MS`) that
-/// fakes a machine whose clock is off, to show nothing between workers depends on their
-/// clocks agreeing.
-pub fn skew_clock(ms: i64) {
-    CLOCK_SKEW_MS.store(ms, Ordering::Relaxed);
-}
-
-/// Milliseconds since the Unix epoch, `after` from now (a deadline as plugins receive it).
-pub fn deadline_ms(after: std::time::Duration) -> u64 {
-    u64::try_from(now_ms())
-        .unwrap_or(0)
-        .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// Seconds since the Unix epoch, as Celery's event timestamps and `time_start`.
-pub fn now_s() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

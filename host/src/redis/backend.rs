@@ -20,6 +20,24 @@ pub enum WaitError {
     BadResult { task_id: String, reason: String },
 }
 
+/// Which stored states a write keeps rather than replaces.
+#[derive(Debug, Clone, Copy)]
+enum Keeps {
+    /// SUCCESS and REVOKED: for a task's own outcome.
+    Final,
+    /// Every ready state: for what is not the outcome.
+    Ready,
+}
+
+impl Keeps {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Keeps::Final => "final",
+            Keeps::Ready => "ready",
+        }
+    }
+}
+
 /// A connection to the result backend.
 #[derive(Clone)]
 pub struct Backend {
@@ -37,14 +55,14 @@ impl Backend {
             client,
             conn,
             expires,
-            store: scripts::store_result(),
+            store: scripts::store_results(),
         })
     }
 
-    /// Stores `document` as the task's state and publishes it. Returns false if a SUCCESS was
-    /// already stored (and is kept).
+    /// Stores `document` as the task's state and publishes it. Returns false if a final state
+    /// (SUCCESS or REVOKED) was already stored (and is kept).
     pub async fn store(&self, task_id: &str, document: &str) -> Result<bool, RedisError> {
-        self.store_keeping(task_id, document, "success").await
+        self.store_keeping(task_id, document, Keeps::Final).await
     }
 
     /// Stores `document` unless the task already has a ready state (which is kept): for what
@@ -55,43 +73,47 @@ impl Backend {
         task_id: &str,
         document: &str,
     ) -> Result<bool, RedisError> {
-        self.store_keeping(task_id, document, "ready").await
+        self.store_keeping(task_id, document, Keeps::Ready).await
     }
 
     async fn store_keeping(
         &self,
         task_id: &str,
         document: &str,
-        keeps: &str,
+        keeps: Keeps,
     ) -> Result<bool, RedisError> {
-        let stored: i64 = self
+        let stored: Vec<i64> = self
             .store
             .key(result_key(task_id))
-            .arg(document)
             .arg(self.expires)
-            .arg(keeps)
+            .arg(keeps.as_arg())
+            .arg(document)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(stored == 1)
+        Ok(stored.first() == Some(&1))
     }
 
-    /// Adds to `pipe` the commands that store a SUCCESS document and publish it, unguarded: a
-    /// success may replace a stored success (a task run twice), nothing else can be stored
-    /// over one, since every other state goes through [`Backend::store`]. Cheaper than the
-    /// guarded script, which costs Redis more than the commands it guards.
-    pub fn add_success(&self, pipe: &mut redis::Pipeline, task_id: &str, document: &str) {
-        let key = result_key(task_id);
-        if self.expires > 0 {
-            pipe.cmd("SET")
-                .arg(&key)
-                .arg(document)
-                .arg("EX")
-                .arg(self.expires)
-                .ignore();
-        } else {
-            pipe.cmd("SET").arg(&key).arg(document).ignore();
+    /// Adds to `pipe` one command storing each `(task id, document)` of `states` and publishing
+    /// it, as [`Backend::store`] does: never over a SUCCESS or a REVOKED. One script for the
+    /// batch costs Redis about what the plain `SET`s and `PUBLISH`es would; it goes as `EVAL`,
+    /// since a missing script inside a transaction would fail alone while the acknowledgements
+    /// after it ran.
+    pub fn add_states(&self, pipe: &mut redis::Pipeline, states: &[(&str, &str)]) {
+        if states.is_empty() {
+            return;
         }
-        pipe.cmd("PUBLISH").arg(&key).arg(document).ignore();
+        let cmd = pipe
+            .cmd("EVAL")
+            .arg(scripts::store_results_source())
+            .arg(states.len());
+        for (id, _) in states {
+            cmd.arg(result_key(id));
+        }
+        cmd.arg(self.expires).arg(Keeps::Final.as_arg());
+        for (_, doc) in states {
+            cmd.arg(*doc);
+        }
+        cmd.ignore();
     }
 
     /// A handle on the backend's shared connection, for the other writers of its keys and

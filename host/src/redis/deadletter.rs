@@ -32,7 +32,7 @@ pub fn entry(raw: &[u8], origin: &Origin<'_>) -> String {
         "task": origin.task,
         "queue": queue_of(origin.source),
         "worker": origin.worker,
-        "time": crate::protocol::time::format_time(time::OffsetDateTime::now_utc()),
+        "time": crate::protocol::time::format_time(crate::clock::now()),
     });
     let message = match std::str::from_utf8(raw) {
         Ok(text) => json!({"message": text}),

@@ -23,7 +23,8 @@
 
 use super::keys::{DEAD, REDELIVERED_PREFIX, WORKERS, inflight_prefix};
 use super::{Connection, RedisError, scripts};
-use crate::protocol::time::{format_time, now_ms};
+use crate::clock::now_ms;
+use crate::protocol::time::format_time;
 use crate::shutdown::Stopping;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -73,7 +74,7 @@ pub async fn recover(
         .arg(inflight_prefix(node))
         .arg(max_redeliveries)
         .arg(REDELIVERY_MEMORY_S)
-        .arg(format_time(time::OffsetDateTime::now_utc()))
+        .arg(format_time(crate::clock::now()))
         .arg(REDELIVERED_PREFIX)
         .invoke_async(conn)
         .await?;

@@ -28,8 +28,8 @@ scripts! {
     settle => "settle-2.lua",
     /// Returns a lapsed worker's in-flight messages to their queues.
     recover => "recover-2.lua",
-    /// Stores and publishes a task state, never over a SUCCESS.
-    store_result => "store_result-1.lua",
+    /// Stores and publishes task states, never over a SUCCESS or a REVOKED.
+    store_results => "store_results-n.lua",
     /// Makes a plugin's previous deployed version current.
     rollback => "rollback-3.lua",
     /// Drops the oldest dead-letter entries past the cap, counting them.
@@ -46,6 +46,11 @@ scripts! {
     schedule_tick => "schedule_tick-2.lua",
     /// Says whether any registered worker holds a task in one of its in-flight lists.
     in_flight_anywhere => "in_flight_anywhere-1.lua",
+}
+
+/// The source of `store_results-n.lua`, for `EVAL` inside a pipeline.
+pub fn store_results_source() -> &'static str {
+    include_str!("scripts/store_results-n.lua")
 }
 
 /// The file of the script whose SHA-1 is `sha`, as `EVALSHA` names it.

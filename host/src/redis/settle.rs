@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 pub struct Finished<'a> {
     /// The task's id and its result document, unless the producer ignores results.
     pub state: Option<(&'a str, &'a str)>,
-    /// Whether the state is a SUCCESS (stored unguarded; see [`Backend::add_success`]).
-    pub success: bool,
     pub delivery: &'a Delivery,
     /// Messages published with the acknowledgement: the next chain step, callbacks, errbacks,
     /// a chord body.
@@ -33,8 +31,6 @@ pub struct Stores {
     /// The broker and the backend are one Redis database: a batch goes out as one pipeline
     /// (Redis runs one connection's commands in order, so states still land first).
     pub same_database: bool,
-    /// The worker's node name, for dead-letter entries.
-    pub node: String,
     /// Replicas that must hold a batch's states before its messages are acknowledged
     /// (`[worker] wait_replicas`).
     pub wait_replicas: ReplicaWait,
@@ -87,27 +83,15 @@ impl Stores {
     /// and removing an absent message are both harmless; a push runs only in the last step,
     /// which either is refused before it runs or runs whole but for the refused pushes).
     pub async fn write(&self, batch: &[Finished<'_>]) -> Result<Vec<Unpushed>, RedisError> {
-        // States that must not replace a stored SUCCESS go through the guarded script, one by
-        // one; they are failures and revocations, rare next to successes.
-        for job in batch.iter().filter(|j| !j.success) {
-            if let Some((id, doc)) = job.state {
-                self.backend.store(id, doc).await?;
-            }
-        }
-        let mut states = redis::pipe();
-        let mut stored = 0;
-        for job in batch.iter().filter(|j| j.success) {
-            if let Some((id, doc)) = job.state {
-                self.backend.add_success(&mut states, id, doc);
-                stored += 1;
-            }
-        }
+        let states: Vec<(&str, &str)> = batch.iter().filter_map(|job| job.state).collect();
+        let mut pipe = redis::pipe();
+        self.backend.add_states(&mut pipe, &states);
         let mut acks = if self.same_database && self.wait_replicas.replicas == 0 {
-            states
+            pipe
         } else {
             // Redis refuses an empty pipeline.
-            if stored > 0 {
-                self.backend.run(&states).await?;
+            if !states.is_empty() {
+                self.backend.run(&pipe).await?;
             }
             self.replicated(batch.len()).await?;
             redis::pipe()

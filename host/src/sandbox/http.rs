@@ -4,10 +4,13 @@
 //! the host; a granted host name that resolves to a loopback, private or link-local address
 //! is refused too, unless the grant names such an address or the plugin may reach its private
 //! network (`allow_private_network`), so a name cannot be pointed at the worker's neighbours.
+//! The request then goes to the addresses that were checked (`http_send.rs`), so a name cannot
+//! answer the check with one address and the connection with another.
 
 use super::limits::{LogBudget, MAX_CONCURRENT_REQUESTS};
 use crate::config::{Grants, Origin};
 use http_body_util::BodyExt;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -106,12 +109,16 @@ fn is_private(ip: std::net::IpAddr) -> bool {
     }
 }
 
-/// The first private address `host` (a name) resolves to, if any.
-async fn resolves_privately(host: &str, port: u16) -> Result<Option<std::net::IpAddr>, String> {
-    let addresses = tokio::net::lookup_host((host, port))
+/// The addresses `host` resolves to (an address resolves to itself), in the resolver's order.
+async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
-    Ok(addresses.map(|a| a.ip()).find(|ip| is_private(*ip)))
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    if addresses.is_empty() {
+        return Err(format!("cannot resolve {host}: no address"));
+    }
+    Ok(addresses)
 }
 
 /// One request in flight, counted until its response body (or the failed request) is dropped.
@@ -168,51 +175,63 @@ impl WasiHttpHooks for HttpPolicy {
             return deny(request, Error::ConnectionLimitReached);
         }
         let in_flight = InFlight(self.in_flight.clone());
-        let options = options.unwrap_or_default();
-        let at_most = |asked: Option<Duration>, ceiling: Duration| {
-            Some(asked.map_or(ceiling, |asked| asked.min(ceiling)))
-        };
-        let options = RequestOptions {
-            connect_timeout: at_most(options.connect_timeout, CONNECT_TIMEOUT),
-            first_byte_timeout: at_most(options.first_byte_timeout, FIRST_BYTE_TIMEOUT),
-            between_bytes_timeout: at_most(options.between_bytes_timeout, BETWEEN_BYTES_TIMEOUT),
-        };
+        let options = capped(options.unwrap_or_default());
         let who = format!("plugin {} task {}", self.plugin, self.task_id);
         // A name, not an address the operator wrote, is checked for where it points.
-        let named = granted
-            .host
-            .trim_matches(['[', ']'])
-            .parse::<std::net::IpAddr>()
-            .is_err();
-        let check_name = (named && !self.grants.allow_private_network).then(|| {
-            let budget = self.log_budget.clone();
-            (granted, budget, self.plugin.clone(), self.task_id.clone())
-        });
+        let check = !self.grants.allow_private_network;
+        let budget = self.log_budget.clone();
+        let (plugin, task_id) = (self.plugin.clone(), self.task_id.clone());
         Box::new(async move {
-            if let Some((origin, budget, plugin, task_id)) = check_name {
-                let refusal = match resolves_privately(&origin.host, origin.port).await {
-                    Ok(None) => None,
-                    Ok(Some(ip)) => Some(format!(
-                        "denied HTTP request to {origin}: the name resolves to {ip}, a private \
-                         address (grant the address itself, or set allow_private_network)"
-                    )),
-                    Err(reason) => Some(format!("denied HTTP request to {origin}: {reason}")),
-                };
-                if let Some(line) = refusal {
+            let addresses = match checked_addresses(&granted, check).await {
+                Ok(addresses) => addresses,
+                Err(line) => {
                     warn_within(&budget, &plugin, &task_id, &line);
                     return Box::into_pin(deny(request, Error::HttpRequestDenied)).await;
                 }
-            }
-            let (response, io) =
-                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            };
+            let (response, io) = super::http_send::send_to(request, &addresses, options).await?;
             Ok((
                 response.map(|body| {
                     Capped::new(body, RESPONSE_BODY_LIMIT, who, in_flight).boxed_unsync()
                 }),
-                Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
+                io,
             ))
         })
     }
+}
+
+/// A plugin's request timeouts, none longer than the operator's.
+fn capped(asked: RequestOptions) -> RequestOptions {
+    let at_most = |asked: Option<Duration>, ceiling: Duration| {
+        Some(asked.map_or(ceiling, |asked| asked.min(ceiling)))
+    };
+    RequestOptions {
+        connect_timeout: at_most(asked.connect_timeout, CONNECT_TIMEOUT),
+        first_byte_timeout: at_most(asked.first_byte_timeout, FIRST_BYTE_TIMEOUT),
+        between_bytes_timeout: at_most(asked.between_bytes_timeout, BETWEEN_BYTES_TIMEOUT),
+    }
+}
+
+/// The addresses a granted origin's request goes to: those its host resolves to, once. With
+/// `check`, a host name (not an address the operator wrote) resolving to any private address
+/// is refused, saying why; the request then connects to these addresses, never to a second
+/// lookup's.
+async fn checked_addresses(granted: &Origin, check: bool) -> Result<Vec<SocketAddr>, String> {
+    let host = granted.host.trim_matches(['[', ']']);
+    let named = host.parse::<std::net::IpAddr>().is_err();
+    let addresses = resolve(host, granted.port)
+        .await
+        .map_err(|reason| format!("denied HTTP request to {granted}: {reason}"))?;
+    if check
+        && named
+        && let Some(ip) = addresses.iter().map(|a| a.ip()).find(|ip| is_private(*ip))
+    {
+        return Err(format!(
+            "denied HTTP request to {granted}: the name resolves to {ip}, a private address \
+             (grant the address itself, or set allow_private_network)"
+        ));
+    }
+    Ok(addresses)
 }
 
 /// Answers a refused request with `error`. The request body the guest is writing is read

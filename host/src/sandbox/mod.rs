@@ -18,6 +18,7 @@
 mod compute;
 mod host_api;
 mod http;
+mod http_send;
 mod incremental;
 mod limits;
 mod no_http;

@@ -86,8 +86,7 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
         // This process's clock, as every other part of the worker reads it.
-        Timestamp::from_millisecond(crate::protocol::time::now_ms())
-            .unwrap_or_else(|_| Timestamp::now())
+        Timestamp::from_millisecond(crate::clock::now_ms()).unwrap_or_else(|_| Timestamp::now())
     }
 }
 

@@ -22,7 +22,6 @@ use serde_json::value::RawValue;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use time::OffsetDateTime;
 
 /// The most messages one task may send through `send` (a group counts each member).
 const MAX_SENT: usize = 10_000;
@@ -84,7 +83,7 @@ fn origin<'a>(routes: &'a Registry, parent_id: &'a str, root_id: &'a str) -> Ori
         root_id: Some(root_id),
         default_queue: DEFAULT_QUEUE,
         routes,
-        now: OffsetDateTime::now_utc(),
+        now: crate::clock::now(),
     }
 }
 
@@ -149,7 +148,7 @@ async fn fail_chain(
             group: doomed.group_id.as_deref(),
             ..Meta::of(&doomed.task_id)
         };
-        let doc = exception_document(&meta, State::Failure, exception);
+        let doc = exception_document(&meta, State::Failure, exception, crate::clock::now());
         let store = || shared.backend.store(&doomed.task_id, &doc);
         workflow_step("store a failed chain step", &doomed.task_id, store).await;
         if let (Some(body), Some(group_id)) = (&doomed.chord, &doomed.group_id) {
@@ -297,7 +296,7 @@ async fn body_failed(
         group: options.get("group_id").and_then(Value::as_str),
         ..Meta::of(body_id)
     };
-    let doc = exception_document(&meta, State::Failure, error);
+    let doc = exception_document(&meta, State::Failure, error, crate::clock::now());
     let store = || shared.backend.store(body_id, &doc);
     workflow_step("store a chord body's failure", body_id, store).await;
     if let Some(Value::Array(chain)) = options.get("chain") {

@@ -15,8 +15,9 @@
 //! type is dead-lettered alone: Redis ran the rest of its batch, which is not written again
 //! (a callback beside it would otherwise go out twice).
 
+use super::dead_letters::DeadLetters;
 use crate::protocol::TaskMessage;
-use crate::redis::deadletter::{self, Origin};
+use crate::redis::deadletter;
 use crate::redis::settle::{Finished, Outgoing, Stores, Unpushed};
 use crate::redis::{Delivery, RedisError, retrying};
 use std::future::Future;
@@ -31,8 +32,6 @@ pub struct Job {
     task_id: String,
     /// The task's final state document, unless the producer ignores results.
     document: Option<String>,
-    /// Whether the state is a SUCCESS (stored unguarded).
-    success: bool,
     delivery: Delivery,
     /// What follows the task in its canvas, published with the acknowledgement.
     publish: Vec<Outgoing>,
@@ -60,7 +59,13 @@ pub trait Sink: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), RedisError>> + Send;
 }
 
-impl Sink for Stores {
+/// The worker's sink: its broker and backend, and its dead-letter list.
+pub struct RedisSink {
+    pub stores: Stores,
+    pub dead_letters: DeadLetters,
+}
+
+impl Sink for RedisSink {
     async fn write(&self, batch: &[Job]) -> Result<Vec<Unpushed>, RedisError> {
         let finished: Vec<Finished<'_>> = batch
             .iter()
@@ -69,31 +74,22 @@ impl Sink for Stores {
                     .document
                     .as_deref()
                     .map(|doc| (job.task_id.as_str(), doc)),
-                success: job.success,
                 delivery: &job.delivery,
                 publish: &job.publish,
             })
             .collect();
-        Stores::write(self, &finished).await
+        self.stores.write(&finished).await
     }
 
     async fn dead_letter(&self, job: &Job, reason: &str) -> Result<bool, RedisError> {
-        // Rare: the task's name is read from its message rather than carried by every job.
         let task = TaskMessage::decode(&job.delivery.raw).ok().map(|m| m.task);
-        let origin = Origin {
-            reason,
-            task_id: Some(&job.task_id),
-            task: task.as_deref(),
-            source: &job.delivery.source,
-            worker: &self.node,
-        };
-        let entry = deadletter::entry(&job.delivery.raw, &origin);
-        self.broker.dead_letter(&job.delivery, &entry).await
+        self.dead_letters
+            .message(&job.delivery, reason, Some(&job.task_id), task.as_deref())
+            .await
     }
 
     async fn dead_letter_follow_up(&self, message: &Outgoing) -> Result<(), RedisError> {
-        let entry = deadletter::unpushed_entry(message, &self.node);
-        self.broker.add_dead_letter(&entry).await
+        self.dead_letters.unpushed(message).await
     }
 }
 
@@ -131,7 +127,6 @@ impl Settler {
         &self,
         task_id: &str,
         document: Option<String>,
-        success: bool,
         delivery: &Delivery,
         publish: Vec<Outgoing>,
     ) {
@@ -139,7 +134,6 @@ impl Settler {
         let job = Job {
             task_id: task_id.to_owned(),
             document,
-            success,
             delivery: delivery.clone(),
             publish,
             done,
@@ -289,9 +283,7 @@ mod tests {
         let aborted = {
             let settler = settler.clone();
             tokio::spawn(async move {
-                settler
-                    .settle("t", None, true, &delivery(1), Vec::new())
-                    .await;
+                settler.settle("t", None, &delivery(1), Vec::new()).await;
             })
         };
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -317,7 +309,7 @@ mod tests {
             raw: b"{}".to_vec(),
         };
         let publish = vec![follow_up("celery"), follow_up("a-string")];
-        settler.settle("t", None, true, &delivery(1), publish).await;
+        settler.settle("t", None, &delivery(1), publish).await;
         assert_eq!(crate::lock(&sink.batches).len(), 1, "written once");
         let dead = crate::lock(&sink.dead).clone();
         assert_eq!(dead.len(), 1, "{dead:?}");
@@ -338,9 +330,7 @@ mod tests {
                 let settler = settler.clone();
                 tokio::spawn(async move {
                     let id = n.to_string();
-                    settler
-                        .settle(&id, None, true, &delivery(n), Vec::new())
-                        .await;
+                    settler.settle(&id, None, &delivery(n), Vec::new()).await;
                 })
             })
             .collect();
@@ -370,9 +360,7 @@ mod tests {
         };
         let settler = Settler::start(sink.clone());
         let start = Instant::now();
-        settler
-            .settle("t", None, true, &delivery(1), Vec::new())
-            .await;
+        settler.settle("t", None, &delivery(1), Vec::new()).await;
         // Two failures: 200 ms then 400 ms of backoff, then the write that lands.
         assert_eq!(start.elapsed(), Duration::from_millis(600));
         assert_eq!(crate::lock(&sink.batches).len(), 1);
@@ -387,22 +375,16 @@ mod tests {
         let settler = Settler::start(sink.clone());
         let first = {
             let settler = settler.clone();
-            tokio::spawn(async move {
-                settler
-                    .settle("t", None, true, &delivery(0), Vec::new())
-                    .await
-            })
+            tokio::spawn(async move { settler.settle("t", None, &delivery(0), Vec::new()).await })
         };
         // The first batch is being written (it takes 10 ms): three more finish meanwhile.
         tokio::time::sleep(Duration::from_millis(5)).await;
         let rest: Vec<_> = (1..4)
             .map(|n| {
                 let settler = settler.clone();
-                tokio::spawn(async move {
-                    settler
-                        .settle("t", None, true, &delivery(n), Vec::new())
-                        .await
-                })
+                tokio::spawn(
+                    async move { settler.settle("t", None, &delivery(n), Vec::new()).await },
+                )
             })
             .collect();
         first.await.expect("first settle");

@@ -399,7 +399,7 @@ async fn wake_once<Q: Queues>(
 /// is due or when `scheduled` says a message was just postponed.
 pub(super) async fn move_due_messages(broker: Broker, scheduled: Arc<Notify>, mut stop: Stopping) {
     loop {
-        let now = crate::protocol::time::now_ms();
+        let now = crate::clock::now_ms();
         let wait = match broker.move_due(now).await {
             Ok((moved, next)) => {
                 if moved > 0 {

@@ -11,8 +11,9 @@ use super::gates::{self, Admitted};
 use super::progress::ProgressWriter;
 use super::refuse::{self, Refusal};
 use super::settle::{self, Ran};
+use crate::clock::deadline_ms;
+use crate::monitor::metrics::TaskOutcome;
 use crate::protocol::event::TaskEvent;
-use crate::protocol::time::deadline_ms;
 use crate::protocol::{Exception, Meta, State, TaskMessage, exception_document};
 use crate::redis::Delivery;
 use crate::sandbox::{Scope, Task};
@@ -138,9 +139,16 @@ async fn panicked(shared: &Shared, delivery: &Delivery, what: &str) {
         task = task.unwrap_or("-"),
         "{reason}"
     );
+    let label = super::moved::metrics_label(shared, task);
+    shared.metrics.task(label, TaskOutcome::Failed, None);
     if let Some(id) = task_id {
         let exception = Exception::new("WorkerError", reason.clone());
-        let doc = exception_document(&Meta::of(id), State::Failure, &exception);
+        let doc = exception_document(
+            &Meta::of(id),
+            State::Failure,
+            &exception,
+            crate::clock::now(),
+        );
         if let Err(e) = shared.backend.store_unless_ready(id, &doc).await {
             tracing::error!(task_id = id, "cannot store its FAILURE: {e}");
         }

@@ -2,7 +2,7 @@
 //! recently (an empty answer counts). The heartbeat carries it, `/healthz` reports it, and a
 //! watcher logs when it changes.
 
-use crate::protocol::time::now_ms;
+use crate::clock::now_ms;
 use crate::shutdown::Stopping;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};

@@ -22,7 +22,7 @@ impl Held {
     /// Counts `delivery` as running from now; returns its handle id.
     pub(super) fn start(&self, delivery: &Delivery) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&self.running).insert(id, (delivery.clone(), crate::protocol::time::now_s()));
+        lock(&self.running).insert(id, (delivery.clone(), crate::clock::now_s()));
         id
     }
 

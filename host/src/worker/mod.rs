@@ -24,6 +24,7 @@ mod autoscale;
 pub mod beat;
 mod canvas;
 mod commit;
+mod dead_letters;
 mod fetch;
 mod gates;
 mod handle;
@@ -39,7 +40,8 @@ mod settle;
 mod supervise;
 mod wind_down;
 
-pub use commit::{Settler, Sink};
+pub use commit::{RedisSink, Settler, Sink};
+pub use dead_letters::DeadLetters;
 pub use gates::time_limits;
 pub use handle::task_record;
 pub use retry::{DEFAULT_MAX_RETRIES, RetryPolicy, retry_countdown};
@@ -79,6 +81,7 @@ struct Shared {
     broker: Broker,
     backend: Backend,
     settler: Settler,
+    dead_letters: DeadLetters,
     /// This worker's registry entry, whose sources name the in-flight lists recovery returns.
     registration: Arc<Registration>,
     /// The messages this worker holds.
@@ -201,14 +204,8 @@ async fn start(
         )
         .await?,
     );
-    let settler = Settler::start(Stores {
-        broker: broker.clone(),
-        backend: backend.clone(),
-        same_database: config.broker_url == config.backend_url,
-        node: config.node.clone(),
-        wait_replicas: crate::redis::settle::ReplicaWait::new(config.wait_replicas),
-    });
     let metrics = Arc::new(Metrics::default());
+    let (settler, dead_letters) = settling(&config, &broker, &backend, &metrics);
     let channels = crate::redis::events::EventChannels::new(broker.client(), broker.connection());
     let events = Events::start(channels, &config.node, config.task_events, metrics.clone());
     // Autoscaling starts at its minimum and grows with the demand.
@@ -227,6 +224,7 @@ async fn start(
         broker,
         backend,
         settler,
+        dead_letters,
         held: Arc::new(Held::default()),
         health: Arc::new(Health::default()),
         revocations: Arc::new(Revocations::default()),
@@ -241,6 +239,32 @@ async fn start(
         config,
     });
     Ok(Some((shared, presence)))
+}
+
+/// The group-commit writer tasks settle through, and the dead-letter list it shares with the
+/// rest of the worker.
+fn settling(
+    config: &WorkerConfig,
+    broker: &Broker,
+    backend: &Backend,
+    metrics: &Arc<Metrics>,
+) -> (Settler, DeadLetters) {
+    let dead_letters = DeadLetters::new(
+        broker.clone(),
+        config.node.clone(),
+        metrics.clone(),
+        config.dead_letter_max,
+    );
+    let settler = Settler::start(RedisSink {
+        stores: Stores {
+            broker: broker.clone(),
+            backend: backend.clone(),
+            same_database: config.broker_url == config.backend_url,
+            wait_replicas: crate::redis::settle::ReplicaWait::new(config.wait_replicas),
+        },
+        dead_letters: dead_letters.clone(),
+    });
+    (settler, dead_letters)
 }
 
 /// The engine every plugin of this worker is compiled for and runs in.

@@ -20,9 +20,8 @@ pub(super) async fn publish(shared: &Shared, what: &str, messages: &[Outgoing]) 
             for message in refused.into_iter().filter_map(|i| messages.get(i)) {
                 let reason = deadletter::unpushed_reason(&message.key);
                 tracing::error!(queue = %message.key, "{reason}; the message is dead-lettered");
-                let entry = deadletter::unpushed_entry(message, &shared.config.node);
                 if let Err(e) = retrying("dead-letter a message", || {
-                    shared.broker.add_dead_letter(&entry)
+                    shared.dead_letters.unpushed(message)
                 })
                 .await
                 {

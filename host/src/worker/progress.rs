@@ -97,7 +97,7 @@ impl Inner {
             group: self.group.as_deref(),
             children: &[],
         };
-        let doc = result_document(&who, state, meta, None, time::OffsetDateTime::now_utc());
+        let doc = result_document(&who, state, meta, None, crate::clock::now());
         self.backend
             .store_unless_ready(&self.task_id, &doc)
             .await

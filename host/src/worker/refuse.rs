@@ -1,6 +1,6 @@
 //! Messages that leave without running: refused ones (undecodable, not served, rejected by
-//! their plugin), tasks lost with the workers that ran them, and the dead-letter list they go
-//! to. Each still ends in a result where it has an id: a FAILURE saying why, with its chain,
+//! their plugin), tasks lost with the workers that ran them, and moving a message to the
+//! dead-letter list (through `dead_letters.rs`, as every dead letter goes). Each still ends in a result where it has an id: a FAILURE saying why, with its chain,
 //! chord and errbacks failed as for any failed task, so no producer or workflow waits forever.
 
 use super::Shared;
@@ -9,7 +9,6 @@ use super::moved::{metrics_label, moved_or_not, publish};
 use crate::monitor::metrics::TaskOutcome;
 use crate::protocol::event::TaskEvent;
 use crate::protocol::{Exception, Meta, State, TaskMessage, Undecodable, exception_document};
-use crate::redis::deadletter::{self, Origin};
 use crate::redis::keys::queue_of;
 use crate::redis::{Delivery, retrying};
 
@@ -70,6 +69,9 @@ impl Refusal<'_> {
 pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refusal<'_>) {
     let (task_id, task) = (refusal.task_id(), refusal.task());
     let (exception, reason) = refusal.explain();
+    shared
+        .metrics
+        .task(metrics_label(shared, task), TaskOutcome::Rejected, None);
     fail_unrun(shared, task_id, refusal.message(), &exception).await;
     tracing::error!(
         task_id = task_id.unwrap_or("-"), task = task.unwrap_or("-"),
@@ -99,7 +101,12 @@ async fn fail_unrun(
     exception: &Exception,
 ) {
     if let Some(id) = task_id {
-        let doc = exception_document(&Meta::of(id), State::Failure, exception);
+        let doc = exception_document(
+            &Meta::of(id),
+            State::Failure,
+            exception,
+            crate::clock::now(),
+        );
         match retrying("store a result", || shared.backend.store(id, &doc)).await {
             // A SUCCESS was stored already: the task ran, and its workflow went on.
             Ok(false) => return,
@@ -151,8 +158,8 @@ pub(super) async fn fail_lost(shared: &Shared, raw: &[u8]) {
     fail_unrun(shared, Some(&message.id), Some(&message), &exception).await;
 }
 
-/// Moves `delivery`'s message to the dead-letter list, saying `reason`, and counts its task
-/// as rejected.
+/// Moves `delivery`'s message to the dead-letter list, saying `reason`. The caller counts the
+/// task's outcome: refused, or failed as it ran.
 pub(super) async fn dead_letter(
     shared: &Shared,
     delivery: &Delivery,
@@ -160,36 +167,9 @@ pub(super) async fn dead_letter(
     task_id: Option<&str>,
     task: Option<&str>,
 ) {
-    shared
-        .metrics
-        .task(metrics_label(shared, task), TaskOutcome::Rejected, None);
-    let origin = Origin {
-        reason,
-        task_id,
-        task,
-        source: &delivery.source,
-        worker: &shared.config.node,
-    };
-    let entry = deadletter::entry(&delivery.raw, &origin);
     let moved = retrying("dead-letter a message", || {
-        shared.broker.dead_letter(delivery, &entry)
+        shared.dead_letters.message(delivery, reason, task_id, task)
     })
     .await;
-    if moved_or_not(shared, "dead-letter a message", moved, delivery) {
-        shared.metrics.dead_lettered();
-        trim_dead_letters(shared).await;
-    }
-}
-
-/// Keeps the dead-letter list within `[worker] dead_letter_max`.
-async fn trim_dead_letters(shared: &Shared) {
-    let max = shared.config.dead_letter_max;
-    match deadletter::trim(&mut shared.broker.connection(), max).await {
-        Ok(0) => {}
-        Ok(dropped) => tracing::warn!(
-            dropped,
-            "dead-letter list over dead_letter_max ({max}): the oldest entries were dropped"
-        ),
-        Err(e) => tracing::warn!("cannot trim the dead-letter list: {e}"),
-    }
+    moved_or_not(shared, "dead-letter a message", moved, delivery);
 }

@@ -335,7 +335,12 @@ impl Worker for Remote {
             };
             let exception = RevokeReason::Revoked.exception();
             for task_id in task_ids.iter().filter(|id| !held.contains(*id)) {
-                let doc = exception_document(&Meta::of(task_id), State::Revoked, &exception);
+                let doc = exception_document(
+                    &Meta::of(task_id),
+                    State::Revoked,
+                    &exception,
+                    crate::clock::now(),
+                );
                 if let Err(e) = shared.backend.store_unless_ready(task_id, &doc).await {
                     tracing::warn!(task_id, "cannot store the REVOKED result: {e}");
                 }

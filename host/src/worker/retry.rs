@@ -116,7 +116,7 @@ fn after(seconds: f64) -> OffsetDateTime {
     Duration::try_from_secs_f64(seconds)
         .ok()
         .and_then(|wait| time::Duration::try_from(wait).ok())
-        .and_then(|wait| OffsetDateTime::now_utc().checked_add(wait))
+        .and_then(|wait| crate::clock::now().checked_add(wait))
         .unwrap_or(last)
 }
 

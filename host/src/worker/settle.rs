@@ -259,7 +259,7 @@ async fn finish<R: serde::Serialize + ?Sized>(
             state.as_str(),
             result,
             traceback,
-            time::OffsetDateTime::now_utc(),
+            crate::clock::now(),
         )
     });
     if message.embed.chord.is_some() {
@@ -275,13 +275,7 @@ async fn finish<R: serde::Serialize + ?Sized>(
     let completed = std::mem::take(&mut follow.completed);
     shared
         .settler
-        .settle(
-            &message.id,
-            document,
-            state == State::Success,
-            delivery,
-            follow.publish,
-        )
+        .settle(&message.id, document, delivery, follow.publish)
         .await;
     for (group_id, token) in completed {
         canvas::cleanup(shared, &group_id, &token).await;
@@ -347,7 +341,7 @@ async fn retry(
         countdown_s = countdown, "task retrying: {}: {}", reason.kind, reason.message
     );
     if !message.ignore_result {
-        let doc = exception_document(&message.meta(), State::Retry, &reason);
+        let doc = exception_document(&message.meta(), State::Retry, &reason, crate::clock::now());
         if !store_or_dead_letter(shared, delivery, message, &doc).await {
             return;
         }
