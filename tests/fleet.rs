@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use std::path::Path;
 use std::process::ExitStatus;
 use taskhost_tests::{
-    Beside, Client, Process, RedisServer, TestDir, plugin_version, test_plugin_wasm,
+    Beside, Client, Process, RedisServer, TestDir, plugin_version, test_plugin_wasm, wait_for,
 };
 
 /// What a finished `taskhost` command printed.
@@ -509,20 +509,24 @@ fn a_blob_over_the_size_cap_is_refused_without_fetching_it() {
     monitor.wait_log("OK");
     // Unsigned, with no trusted keys: only the cap stands between it and the directory.
     f.forge("big", &digest, None);
-    monitor.wait_log(&format!("\"strlen\" \"{blob_key}\""));
+    // Redis shows commands as the client spelled them.
+    let strlen = format!("\"strlen\" \"{blob_key}\"");
+    wait_for("the worker to measure the blob", || {
+        monitor.log().to_lowercase().contains(&strlen).then_some(())
+    });
     // A deploy after it is installed once the follower is past the big one.
     let v1 = test_plugin_wasm("versioned-v1");
     f.deploy_demo(&v1);
     f.wait_running("demo", &v1);
-    let on_blob: Vec<String> = monitor
-        .log()
+    let seen = monitor.log();
+    // Its log holds the other deploy's blob: not to be printed if an assertion fails.
+    drop(monitor);
+    let on_blob: Vec<String> = seen
         .lines()
         .filter(|line| line.contains(&blob_key))
         .map(|line| {
-            line.split_once(']')
-                .map_or(line, |(_, c)| c)
-                .trim()
-                .to_owned()
+            let command = line.split_once(']').map_or(line, |(_, c)| c);
+            command.trim().to_lowercase()
         })
         .collect();
     // Measured, or removed; never read.
