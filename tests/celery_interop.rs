@@ -350,14 +350,50 @@ fn a_revoke_reaches_workers_started_after_it() {
             .expect("ZSCORE")
     });
     assert!(first.stop_with(libc::SIGTERM).success());
-    let _second =
-        Process::worker_logged(&dir, "second.log", &redis, &plugins, &["-n", "second@test"]);
-    let feed = ResultFeed::start(&redis);
+    let _second = Process::worker_logged(
+        &dir,
+        "second.log",
+        &redis,
+        &plugins,
+        &["-n", "second@test", "-E"],
+    );
+    // Nobody held it when the revoke was heard: REVOKED was stored at once, and is final.
+    let stored = client
+        .state(id)
+        .expect("REVOKED stored when the revoke was heard");
+    assert_eq!(stored["status"], "REVOKED", "{stored}");
+    let mut conn = redis.conn(0);
+    let mut events = conn.as_pubsub();
+    events
+        .subscribe("/0.celeryev/task.multi")
+        .expect("subscribe to task events");
+    events.set_read_timeout(Some(WAIT)).expect("read timeout");
     client.send_as(id, "demo.add", json!([1, 2]));
-    // Taken and settled by the second worker without running: REVOKED is the only state
-    // published since it was sent, and still the stored result.
+    // Met as revoked by the second worker: its events for the task end in task-revoked,
+    // with no task-started before it.
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("task-revoked") {
+        let message = events
+            .get_message()
+            .unwrap_or_else(|e| panic!("no task-revoked event within the wait ({seen:?}): {e}"));
+        let payload: String = message.get_payload().expect("payload");
+        let envelope: Value = serde_json::from_str(&payload).expect("envelope is JSON");
+        let body = base64::engine::general_purpose::STANDARD
+            .decode(envelope["body"].as_str().unwrap_or_default())
+            .expect("body is base64");
+        let batch: Vec<Value> = serde_json::from_slice(&body).expect("a list of events");
+        seen.extend(
+            batch
+                .iter()
+                .filter(|e| e["uuid"] == id)
+                .filter_map(|e| e["type"].as_str().map(str::to_owned)),
+        );
+    }
+    assert!(
+        !seen.iter().any(|t| t == "task-started"),
+        "it ran: {seen:?}"
+    );
     wait_settled(&mut client, "second@test", id);
-    assert_eq!(published_states(&feed, id), ["REVOKED"]);
     let doc = client.result(id);
     assert_eq!(doc["status"], "REVOKED", "{doc}");
     assert_eq!(doc["result"]["exc_message"], json!(["revoked"]));
