@@ -61,19 +61,36 @@ struct Call {
     chain: Vec<Value>,
 }
 
+/// What Celery records of an applied signature among its parent's `children`: its result
+/// tuple, `[[id, parent], children]` (a task's children null, a group's its members').
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied(Value);
+
+impl Applied {
+    /// The id a waiter asks for: the task's, or the group's.
+    pub fn id(&self) -> &str {
+        self.0[0][0].as_str().unwrap_or_default()
+    }
+
+    /// The tuple, as the parent's result document lists it.
+    pub fn into_tuple(self) -> Value {
+        self.0
+    }
+}
+
 /// The steps that apply `sig` with `partial` prepended to its arguments (unless immutable),
-/// and the result tuple Celery records for it among the parent's `children`.
+/// and what Celery records of it among the parent's `children`.
 pub fn apply(
     sig: &Value,
     partial: Vec<Value>,
     origin: &Origin<'_>,
     steps: &mut Vec<Step>,
-) -> Result<Value, CanvasError> {
+) -> Result<Applied, CanvasError> {
     let call = Call {
         partial,
         chain: Vec::new(),
     };
-    apply_call(Signature::parse(sig)?, call, origin, steps)
+    apply_call(Signature::parse(sig)?, call, origin, steps).map(Applied)
 }
 
 /// The steps that go on from a task that succeeded with `result`, as Celery's tracer does:
@@ -88,10 +105,10 @@ pub fn succeeded(
     let mut children = Vec::new();
     match embed.callbacks.as_slice() {
         [] => {}
-        [one] => children.push(apply(one, vec![result.clone()], origin, steps)?),
+        [one] => children.push(apply(one, vec![result.clone()], origin, steps)?.into_tuple()),
         many => {
             let group = group_of(many.to_vec());
-            children.push(apply(&group, vec![result.clone()], origin, steps)?);
+            children.push(apply(&group, vec![result.clone()], origin, steps)?.into_tuple());
         }
     }
     if let Some((next, rest)) = embed.chain.split_last() {

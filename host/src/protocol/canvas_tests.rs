@@ -67,8 +67,9 @@ fn a_chain_sent_returns_its_last_task_with_the_tasks_before_as_parents() {
         second.is_string(),
         "the second step has its id before it is sent"
     );
+    assert_eq!(returned.id(), second.as_str().unwrap_or_default());
     assert_eq!(
-        returned,
+        returned.into_tuple(),
         json!([[second, [[sent[0].id, null], null]], null])
     );
 }

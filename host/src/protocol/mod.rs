@@ -32,6 +32,6 @@ pub mod time;
 
 pub use message::{DecodeError, NewTask, TaskMessage, Undecodable, parse, truncate};
 pub use result::{
-    Exception, Meta, RevokeReason, State, exception_document, is_hosts_state, is_ready,
-    result_document,
+    Exception, Meta, PartOutcome, RevokeReason, State, exception_document, is_hosts_state,
+    is_ready, result_document,
 };

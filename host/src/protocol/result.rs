@@ -206,6 +206,56 @@ pub fn result_document<R: Serialize + ?Sized>(
     serde_json::to_string(&doc).unwrap_or_default()
 }
 
+/// One chord part's outcome as Celery's Redis backend keeps it in the chord's join list:
+/// `[1, task_id, state, result]`, the result being a value or an exception document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartOutcome {
+    pub task_id: String,
+    pub state: String,
+    pub result: Value,
+}
+
+impl PartOutcome {
+    /// The entry of task `task_id` that ended in `state` with `result` (JSON text).
+    pub fn encode(task_id: &str, state: &str, result: &str) -> String {
+        format!(
+            "[1, {}, {}, {result}]",
+            Value::from(task_id),
+            Value::from(state)
+        )
+    }
+
+    /// Reads an entry; why it cannot, for one that is not `[_, id, state, result]`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (_, task_id, state, result): (Value, Value, String, Value) =
+            serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let task_id = match task_id {
+            Value::String(id) => id,
+            other => other.to_string(),
+        };
+        Ok(Self {
+            task_id,
+            state,
+            result,
+        })
+    }
+
+    /// Whether the part failed (FAILURE or REVOKED), failing its chord.
+    pub fn failed(&self) -> bool {
+        self.state == State::Failure.as_str() || self.state == State::Revoked.as_str()
+    }
+
+    /// The failed part's exception type and first message argument.
+    pub fn exception(&self) -> (&str, &str) {
+        let kind = self.result["exc_type"].as_str().unwrap_or("Exception");
+        let message = self.result["exc_message"]
+            .get(0)
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        (kind, message)
+    }
+}
+
 /// The document of a task that ended in `state` with `exception` (FAILURE, REVOKED, RETRY).
 pub fn exception_document(
     meta: &Meta<'_>,
@@ -239,6 +289,25 @@ mod tests {
         assert_eq!(
             Exception::new("HTTPError", "x").to_json()["exc_message"],
             json!(["x"])
+        );
+    }
+
+    #[test]
+    fn a_chord_part_reads_back_as_it_was_written() {
+        let text = PartOutcome::encode(
+            "t-1",
+            "FAILURE",
+            r#"{"exc_type": "KeyError", "exc_message": ["k"]}"#,
+        );
+        let part = PartOutcome::parse(&text).expect("parses");
+        assert_eq!(part.task_id, "t-1");
+        assert!(part.failed());
+        assert_eq!(part.exception(), ("KeyError", "k"));
+        assert!(PartOutcome::parse("[1, \"t\"]").is_err(), "too short");
+        assert!(
+            !PartOutcome::parse(&PartOutcome::encode("t", "SUCCESS", "3"))
+                .expect("parses")
+                .failed()
         );
     }
 

@@ -4,6 +4,7 @@
 
 use super::keys::taskset_key;
 use super::{Backend, RedisError, scripts};
+use crate::protocol::PartOutcome;
 
 /// How long a claim on calling a chord's body lasts: Celery's `max(5, 2 x join timeout 3 s)`.
 const CLAIM_SECONDS: u64 = 6;
@@ -39,12 +40,7 @@ impl Backend {
     pub async fn chord_part_return(&self, part: &Part<'_>) -> Result<Joined, RedisError> {
         let key = |suffix| taskset_key(part.group_id, suffix);
         let score = part.index.map_or("+inf".to_owned(), |i| i.to_string());
-        let encoded = format!(
-            "[1, {}, {}, {}]",
-            serde_json::Value::from(part.task_id),
-            serde_json::Value::from(part.state),
-            part.result
-        );
+        let encoded = PartOutcome::encode(part.task_id, part.state, part.result);
         let token = uuid::Uuid::new_v4().simple().to_string();
         let mut conn = self.connection();
         let (ready, _, _, claimed): (i64, Option<String>, Option<String>, i64) =

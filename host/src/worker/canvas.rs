@@ -11,7 +11,9 @@ use crate::config::Grants;
 use crate::plugins::{Plugin, Registry};
 use crate::protocol::canvas::{self, CanvasError, Origin, Routes as _, Step};
 use crate::protocol::signature::task_names;
-use crate::protocol::{Exception, Meta, State, TaskMessage, exception_document, parse, pyrepr};
+use crate::protocol::{
+    Exception, Meta, PartOutcome, State, TaskMessage, exception_document, parse, pyrepr,
+};
 use crate::redis::chord::{Joined, Part};
 use crate::redis::keys::queue_key;
 use crate::redis::settle::Outgoing;
@@ -42,10 +44,11 @@ pub(super) struct FollowUps {
 }
 
 impl FollowUps {
-    /// Adds what the task itself sent.
-    pub fn add(&mut self, sent: Sent) {
-        self.publish.extend(sent.publish);
-        self.children.extend(sent.children);
+    /// Adds `more`: what the task itself sent, say.
+    pub fn add(&mut self, more: FollowUps) {
+        self.publish.extend(more.publish);
+        self.children.extend(more.children);
+        self.completed.extend(more.completed);
     }
 }
 
@@ -223,16 +226,16 @@ fn part_returned<'a>(
                 let mut steps = Vec::new();
                 canvas::apply(body, vec![Value::Array(results)], &origin, &mut steps)
                     .map(|_| steps)
-                    .map_err(|e| {
-                        let error = Exception::new("ChordError", format!("Callback error: {e}"));
-                        (error, false)
+                    .map_err(|e| ChordFailure {
+                        error: Exception::new("ChordError", format!("Callback error: {e}")),
+                        nested: false,
                     })
             }
             Err(failed) => Err(failed),
         };
         match called {
             Ok(steps) => carry_out(&shared.backend, steps, &mut follow.publish).await,
-            Err((error, nested)) => {
+            Err(ChordFailure { error, nested }) => {
                 tracing::warn!(group_id = part.group_id, "chord failed: {}", error.message);
                 body_failed(shared, body, &error, !nested, root_id, follow).await;
                 let forget = || shared.backend.drop_chord_size(part.group_id);
@@ -242,35 +245,38 @@ fn part_returned<'a>(
     })
 }
 
-/// The header's results in order, or the ChordError naming the first part that failed, and
-/// whether that part was itself a chord that failed (its errbacks were sent already).
-fn join(parts: &[String]) -> Result<Vec<Value>, (Exception, bool)> {
+/// Why a chord's body is not called.
+struct ChordFailure {
+    /// The ChordError the body fails with.
+    error: Exception,
+    /// The failed part was itself a chord that failed: its errbacks were sent already.
+    nested: bool,
+}
+
+/// The header's results in order, or the ChordError naming the first part that failed.
+fn join(parts: &[String]) -> Result<Vec<Value>, ChordFailure> {
     let mut results = Vec::with_capacity(parts.len());
     for text in parts {
-        let part: Value = serde_json::from_str(text).map_err(|e| {
-            (
-                Exception::new("ChordError", format!("Join error: {e}")),
-                false,
-            )
+        let part = PartOutcome::parse(text).map_err(|e| ChordFailure {
+            error: Exception::new("ChordError", format!("Join error: {e}")),
+            nested: false,
         })?;
-        let (id, state, result) = (&part[1], part[2].as_str().unwrap_or(""), &part[3]);
-        if state == State::Failure.as_str() || state == State::Revoked.as_str() {
-            let kind = result["exc_type"].as_str().unwrap_or("Exception");
-            let message = result["exc_message"]
-                .get(0)
-                .and_then(Value::as_str)
-                .unwrap_or("");
+        if part.failed() {
+            let (kind, message) = part.exception();
             let error = Exception::new(
                 "ChordError",
                 format!(
                     "Dependency {} raised {}",
-                    id.as_str().unwrap_or("?"),
+                    part.task_id,
                     pyrepr::exception_repr(kind, message)
                 ),
             );
-            return Err((error, kind == "ChordError"));
+            return Err(ChordFailure {
+                error,
+                nested: kind == "ChordError",
+            });
         }
-        results.push(result.clone());
+        results.push(part.result);
     }
     Ok(results)
 }
@@ -374,14 +380,9 @@ pub(super) struct Outbox {
     /// The queues the worker consumes, where what the task sends may go unless its grants
     /// name others (`send_queues`); read only when it sends.
     consumed: tokio::sync::watch::Receiver<Vec<String>>,
-    sent: Mutex<Sent>,
-}
-
-#[derive(Default)]
-pub(super) struct Sent {
-    pub publish: Vec<Outgoing>,
-    /// The result tuples of what was sent, recorded among the task's `children`.
-    pub children: Vec<Value>,
+    /// What the task sent so far: messages to publish, and their result tuples for its
+    /// `children`.
+    sent: Mutex<FollowUps>,
 }
 
 impl Outbox {
@@ -403,7 +404,7 @@ impl Outbox {
             own: plugin.tasks.iter().map(|t| t.name.clone()).collect(),
             grants,
             routes,
-            sent: Mutex::new(Sent::default()),
+            sent: Mutex::new(FollowUps::default()),
         }
     }
 
@@ -452,7 +453,7 @@ impl Outbox {
     }
 
     /// What was sent so far, taken.
-    pub(super) fn take(&self) -> Sent {
+    pub(super) fn take(&self) -> FollowUps {
         std::mem::take(&mut *crate::lock(&self.sent))
     }
 }
@@ -469,7 +470,7 @@ impl crate::sandbox::Outbox for Outbox {
             self.check_queues(&signature)?;
             let origin = origin(&self.routes, &self.parent_id, &self.root_id);
             let mut steps = Vec::new();
-            let child = canvas::apply(&signature, Vec::new(), &origin, &mut steps)
+            let applied = canvas::apply(&signature, Vec::new(), &origin, &mut steps)
                 .map_err(|e| SendError(e.to_string()))?;
             let count = steps
                 .iter()
@@ -480,12 +481,12 @@ impl crate::sandbox::Outbox for Outbox {
                     "a task may send at most {MAX_SENT} messages"
                 )));
             }
-            let id = child[0][0].as_str().unwrap_or_default().to_owned();
+            let id = applied.id().to_owned();
             let mut publish = Vec::new();
             carry_out(&self.backend, steps, &mut publish).await;
             let mut sent = crate::lock(&self.sent);
             sent.publish.append(&mut publish);
-            sent.children.push(child);
+            sent.children.push(applied.into_tuple());
             Ok(id)
         })
     }

@@ -5,7 +5,7 @@
 //! reaches the worker leaves through one of these.
 
 use super::Shared;
-use super::canvas::{self, FollowUps, Sent};
+use super::canvas::{self, FollowUps};
 use super::gates::{Admitted, Stop, Wait};
 use super::moved::{metrics_label, moved_or_not, publish};
 use super::refuse::{self, Refusal, refuse};
@@ -36,7 +36,7 @@ pub(super) async fn ran(
     admitted: &Admitted<'_>,
     ran: Ran,
     runtime: f64,
-    sent: Sent,
+    sent: FollowUps,
 ) {
     let log = |outcome: &str| log_outcome(message, admitted, runtime, outcome);
     let outcome = match ran {
@@ -149,7 +149,7 @@ async fn succeeded(
     message: &TaskMessage,
     result: &RawValue,
     runtime: f64,
-    sent: Sent,
+    sent: FollowUps,
 ) {
     let mut follow = match canvas::after_success(shared, message, result).await {
         Ok(follow) => follow,
@@ -185,7 +185,7 @@ async fn failed(
     message: &TaskMessage,
     exception: &Exception,
     runtime: Option<f64>,
-    sent: Sent,
+    sent: FollowUps,
 ) {
     tracing::warn!(task_id = %message.id, task = %message.task, "{}: {}", exception.kind, exception.message);
     shared
@@ -284,7 +284,7 @@ async fn finish<R: serde::Serialize + ?Sized>(
 
 /// Publishes what a task sent now, when its message is not acknowledged with a result (a
 /// retry, a reject, a terminate).
-async fn push_now(shared: &Shared, sent: Sent) {
+async fn push_now(shared: &Shared, sent: FollowUps) {
     publish(shared, "publish the tasks a task sent", &sent.publish).await;
 }
 
@@ -322,7 +322,7 @@ async fn retry(
     let (next, due_ms, countdown, reason) =
         match retry::decide(message, &delivery.raw, policy, countdown, reason) {
             Retry::GiveUp(exception) => {
-                let sent = Sent::default();
+                let sent = FollowUps::default();
                 return failed(shared, delivery, message, &exception, Some(runtime), sent).await;
             }
             Retry::Again {
