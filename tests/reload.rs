@@ -390,6 +390,39 @@ fn a_task_stays_with_the_plugin_already_serving_it() {
     assert_eq!(s.add_2_3()["result"], 5, "demo keeps its tasks");
 }
 
+/// Waits until demo.sub.echo is served by build `version` ("v1" or "v2").
+fn wait_sub_serving(client: &mut Client, version: &str) {
+    wait_for(&format!("build {version} to serve demo.sub.echo"), || {
+        let id = client.send("demo.sub.echo", json!(["probe"]));
+        (client.result(&id)["result"]["version"] == version).then_some(())
+    });
+}
+
+#[test]
+fn overlapping_default_names_belong_to_the_more_specific_plugin_whatever_the_order() {
+    let dir = TestDir::new("reload-overlap");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugin dir");
+    // Plugin `demo` (demo.* by default) and plugin `demo.sub` (demo.sub.*) both claim
+    // demo.sub.add and demo.sub.echo; `demo` loads first, by name.
+    let (v1, v2) = (
+        test_plugin_wasm("versioned-nested-v1"),
+        test_plugin_wasm("versioned-nested-v2"),
+    );
+    std::fs::copy(&v1, plugins.join("demo.wasm")).expect("install demo.wasm");
+    std::fs::copy(&v2, plugins.join("demo.sub.wasm")).expect("install demo.sub.wasm");
+    let _worker = start(&dir, &redis, &plugins, &[], &[]);
+    let mut client = Client::new(&redis);
+    wait_sub_serving(&mut client, "v2");
+    // Without demo.sub, demo serves its default names again.
+    std::fs::remove_file(plugins.join("demo.sub.wasm")).expect("remove demo.sub.wasm");
+    wait_sub_serving(&mut client, "v1");
+    // Added after demo, demo.sub takes them over.
+    std::fs::copy(&v2, plugins.join("demo.sub.wasm")).expect("put demo.sub.wasm back");
+    wait_sub_serving(&mut client, "v2");
+}
+
 // Removing a plugin and adding it back.
 
 /// A worker whose demo.wasm was removed; the id and document of the first demo.add that did

@@ -119,6 +119,12 @@ fn built() -> &'static Built {
             ("", "hostile", "hostile"),
             ("", "versioned", "versioned-v1"),
             ("versioned/v2", "versioned", "versioned-v2"),
+            ("versioned/nested", "versioned", "versioned-nested-v1"),
+            (
+                "versioned/nested,versioned/v2",
+                "versioned",
+                "versioned-nested-v2",
+            ),
         ] {
             let mut build = std::process::Command::new(&cargo);
             build.current_dir(root()).args([
@@ -252,7 +258,8 @@ fn newest_mtime(dir: &Path) -> std::time::SystemTime {
 }
 
 /// A test plugin: `versioned-v1`, `versioned-v2` (one plugin serving demo.add and demo.echo,
-/// reporting which build ran), `wrongwit` (built for a WIT version the host does not support),
+/// reporting which build ran), `versioned-nested-v1`/`-v2` (the same serving demo.sub.add and
+/// demo.sub.echo), `wrongwit` (built for a WIT version the host does not support),
 /// `legacy` (built for taskhost:plugin@0.1.0, before `host.send`).
 pub fn test_plugin_wasm(name: &str) -> PathBuf {
     built().test_plugins.join(format!("{name}.wasm"))

@@ -56,9 +56,9 @@ pub struct Live {
 
 impl Live {
     /// Loads every plugin file of `dir`. Which plugin may serve a task name is the operator's
-    /// grant ([`GrantTable::may_serve`]), not the load order; only plugins whose default
-    /// names overlap (`a.*` and `a.b.*`) can still meet as duplicates, and then the first by
-    /// name keeps the task.
+    /// grant ([`GrantTable::may_serve`]), not the load order; where two plugins' default names
+    /// overlap (`a.*` and `a.b.*`), the more specific name keeps what both claim, whichever
+    /// loaded first (see [`Live::with_specific`]).
     ///
     /// [`GrantTable::may_serve`]: crate::config::GrantTable::may_serve
     ///
@@ -211,7 +211,7 @@ impl Live {
         if let Err(refusal) = granted {
             return self.refuse(path, &refusal.into(), current.as_deref());
         }
-        let next = match self.registry().with(plugin.clone()) {
+        let next = match self.with_specific(&plugin, &grants) {
             Ok(next) => next,
             Err(e) => return self.refuse(path, &e, current.as_deref()),
         };
@@ -240,6 +240,57 @@ impl Live {
             ),
         }
         Change::Loaded
+    }
+
+    /// The registry with `plugin` added. Where a loaded plugin serves one of its tasks only
+    /// by a default grant less specific than the newcomer's (plugin `a` serving `a.b.x` as
+    /// `a.*`, the newcomer being `a.b`), the newcomer keeps the name, whichever came first:
+    /// the less specific plugin is unloaded and refused while it claims the name, and tried
+    /// again when a plugin goes.
+    fn with_specific(
+        &self,
+        plugin: &Arc<Plugin>,
+        grants: &GrantTable,
+    ) -> Result<Registry, LoadError> {
+        let by_default = |name: &str| grants.for_plugin(name).tasks.is_none();
+        let mut registry = self.registry();
+        let mut unloaded: Vec<(Arc<Plugin>, String)> = Vec::new();
+        loop {
+            match registry.with(plugin.clone()) {
+                Ok(next) => {
+                    for (old, task) in unloaded {
+                        let error = LoadError::Duplicate {
+                            task,
+                            other: plugin.name.to_string(),
+                        };
+                        self.refuse_loaded(&old, &error);
+                    }
+                    return Ok(next);
+                }
+                Err(LoadError::Duplicate { task, other })
+                    if by_default(&other)
+                        && by_default(&plugin.name)
+                        && more_specific(&plugin.name, &other, &task) =>
+                {
+                    let Some(old) = registry.plugin(&other).cloned() else {
+                        return Err(LoadError::Duplicate { task, other });
+                    };
+                    registry = Arc::new(registry.without(&other));
+                    unloaded.push((old, task));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Records a loaded plugin the registry being stored no longer holds, with why.
+    fn refuse_loaded(&self, plugin: &Plugin, error: &LoadError) {
+        tracing::warn!(
+            plugin = %plugin.name, version = %plugin.version,
+            "plugin unloaded: {error} (a more specific plugin name keeps the names both claim \
+             by default; give either a `tasks` grant to decide otherwise)"
+        );
+        self.refuse(&plugin.path, error, None);
     }
 
     fn remove(&self, plugin: &Plugin) -> Change {
@@ -271,5 +322,31 @@ impl Live {
             },
         );
         Change::Refused
+    }
+}
+
+/// Whether plugin `newcomer`'s default names are more specific than plugin `other`'s for
+/// `task`: `other` is a dotted prefix of `newcomer`, which is one of `task`.
+fn more_specific(newcomer: &str, other: &str, task: &str) -> bool {
+    let under = |name: &str, prefix: &str| {
+        name.strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('.'))
+    };
+    under(newcomer, other) && under(task, newcomer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::more_specific;
+
+    #[test]
+    fn the_longer_dotted_plugin_name_is_the_more_specific() {
+        assert!(more_specific("a.b", "a", "a.b.x"));
+        assert!(!more_specific("a", "a.b", "a.b.x"), "the shorter name");
+        assert!(!more_specific("ab", "a", "ab.x"), "not a dotted prefix");
+        assert!(
+            !more_specific("a.b", "a", "a.c"),
+            "the task is not under the newcomer"
+        );
     }
 }
