@@ -18,6 +18,7 @@
 //! - [`envelope`]: kombu's envelope of transient messages (events, replies).
 //! - [`pyrepr`]: Python's `repr` of JSON values.
 //! - [`time`]: Celery's ISO 8601 times and epoch readings.
+//! - [`trace`]: W3C trace context (`traceparent`, `tracestate`) as producers send it.
 
 pub mod canvas;
 pub mod embed;
@@ -29,6 +30,7 @@ pub mod pyrepr;
 pub mod result;
 pub mod signature;
 pub mod time;
+pub mod trace;
 
 pub use message::{DecodeError, NewTask, TaskMessage, Undecodable, parse, truncate};
 pub use result::{
