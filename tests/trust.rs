@@ -477,6 +477,43 @@ fn a_task_whose_result_key_has_the_wrong_type_is_dead_lettered_alone() {
 }
 
 #[test]
+fn a_task_whose_result_key_has_the_wrong_type_is_dead_lettered_alone_on_one_database() {
+    let dir = TestDir::new("trust-wrongtype-one-db");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.plugins(&["demo"]);
+    let url = redis.url(0);
+    let args = ["-n", NODE, "-c", "4"];
+    let command = Process::worker_command_on(
+        &taskhost_tests::taskhost_bin(),
+        &dir,
+        &[url.clone(), url],
+        &plugins,
+        &args,
+    );
+    let worker = Process::spawn(&dir, "worker.log", command);
+    worker.wait_log("worker ready");
+    let mut client = Client::on_one_database(&redis);
+    let beside = Beside::start(&redis);
+    let id = uuid::Uuid::new_v4().to_string();
+    redis::cmd("LPUSH")
+        .arg(format!("celery-task-meta-{id}"))
+        .arg("not a result")
+        .query::<()>(&mut redis.conn(0))
+        .expect("a list where the result goes");
+    client.send_as(&id, "demo.add", json!([1, 2]));
+    let entry = wait_for("the task dead-lettered", || {
+        client
+            .dead_letters()
+            .into_iter()
+            .find(|e| e["task_id"] == id.as_str())
+    });
+    let reason = entry["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("WRONGTYPE"), "{entry}");
+    beside.all_succeed(&mut client, 20);
+    assert_eq!(client.in_flight(NODE), 0, "nothing left in flight");
+}
+
+#[test]
 fn a_chain_step_whose_result_key_has_the_wrong_type_holds_no_slot() {
     let mut s = setup("trust-wrongtype-chain", "");
     let beside = Beside::start(&s.redis);

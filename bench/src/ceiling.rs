@@ -88,7 +88,6 @@ pub fn taskhost(broker_url: &str, backend_url: &str, workload: &Workload) -> f64
             stores: Stores {
                 broker: broker.clone(),
                 backend,
-                same_database: broker_url == backend_url,
                 wait_replicas: taskhost::redis::settle::ReplicaWait::new(0),
             },
             dead_letters: DeadLetters::new(

@@ -459,6 +459,14 @@ impl Client {
         }
     }
 
+    /// A client of a worker whose broker and backend are both db 0.
+    pub fn on_one_database(redis: &RedisServer) -> Self {
+        Self {
+            broker: redis.conn(0),
+            backend: redis.conn(0),
+        }
+    }
+
     /// Sends `task(*args)` to the `celery` queue; returns the task id.
     pub fn send(&mut self, task: &str, args: Value) -> String {
         self.send_to("celery", task, args, json!({}))

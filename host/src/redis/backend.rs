@@ -20,6 +20,16 @@ pub enum WaitError {
     BadResult { task_id: String, reason: String },
 }
 
+/// What storing a state did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Written,
+    /// A SUCCESS was stored, and is kept: the task ran to its end.
+    KeptSuccess,
+    /// Another state the write keeps (a REVOKED; any ready state for progress) is kept.
+    KeptOther,
+}
+
 /// Which stored states a write keeps rather than replaces.
 #[derive(Debug, Clone, Copy)]
 enum Keeps {
@@ -59,10 +69,17 @@ impl Backend {
         })
     }
 
-    /// Stores `document` as the task's state and publishes it. Returns false if a final state
-    /// (SUCCESS or REVOKED) was already stored (and is kept).
-    pub async fn store(&self, task_id: &str, document: &str) -> Result<bool, RedisError> {
-        self.store_keeping(task_id, document, Keeps::Final).await
+    /// Stores `document` as the task's state and publishes it, unless a final state (SUCCESS
+    /// or REVOKED) is stored, which is kept.
+    pub async fn store(&self, task_id: &str, document: &str) -> Result<Stored, RedisError> {
+        self.store_keeping(&[(task_id, document)], Keeps::Final)
+            .await
+            .map(|stored| stored.first().copied().unwrap_or(Stored::Written))
+    }
+
+    /// Stores each `(task id, document)` of `states` as [`Backend::store`] does, in one step.
+    pub async fn store_all(&self, states: &[(&str, &str)]) -> Result<Vec<Stored>, RedisError> {
+        self.store_keeping(states, Keeps::Final).await
     }
 
     /// Stores `document` unless the task already has a ready state (which is kept): for what
@@ -73,47 +90,37 @@ impl Backend {
         task_id: &str,
         document: &str,
     ) -> Result<bool, RedisError> {
-        self.store_keeping(task_id, document, Keeps::Ready).await
+        let stored = self
+            .store_keeping(&[(task_id, document)], Keeps::Ready)
+            .await?;
+        Ok(stored.first() == Some(&Stored::Written))
     }
 
     async fn store_keeping(
         &self,
-        task_id: &str,
-        document: &str,
+        states: &[(&str, &str)],
         keeps: Keeps,
-    ) -> Result<bool, RedisError> {
-        let stored: Vec<i64> = self
-            .store
-            .key(result_key(task_id))
-            .arg(self.expires)
-            .arg(keeps.as_arg())
-            .arg(document)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(stored.first() == Some(&1))
-    }
-
-    /// Adds to `pipe` one command storing each `(task id, document)` of `states` and publishing
-    /// it, as [`Backend::store`] does: never over a SUCCESS or a REVOKED. One script for the
-    /// batch costs Redis about what the plain `SET`s and `PUBLISH`es would; it goes as `EVAL`,
-    /// since a missing script inside a transaction would fail alone while the acknowledgements
-    /// after it ran.
-    pub fn add_states(&self, pipe: &mut redis::Pipeline, states: &[(&str, &str)]) {
+    ) -> Result<Vec<Stored>, RedisError> {
         if states.is_empty() {
-            return;
+            return Ok(Vec::new());
         }
-        let cmd = pipe
-            .cmd("EVAL")
-            .arg(scripts::store_results_source())
-            .arg(states.len());
+        let mut invocation = self.store.prepare_invoke();
         for (id, _) in states {
-            cmd.arg(result_key(id));
+            invocation.key(result_key(id));
         }
-        cmd.arg(self.expires).arg(Keeps::Final.as_arg());
+        invocation.arg(self.expires).arg(keeps.as_arg());
         for (_, doc) in states {
-            cmd.arg(*doc);
+            invocation.arg(*doc);
         }
-        cmd.ignore();
+        let codes: Vec<i64> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        Ok(codes
+            .into_iter()
+            .map(|code| match code {
+                1 => Stored::Written,
+                0 => Stored::KeptSuccess,
+                _ => Stored::KeptOther,
+            })
+            .collect())
     }
 
     /// A handle on the backend's shared connection, for the other writers of its keys and

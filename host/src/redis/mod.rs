@@ -42,7 +42,7 @@ mod scripts;
 pub mod settle;
 pub mod tls;
 
-pub use backend::{Backend, WaitError, Waiter};
+pub use backend::{Backend, Stored, WaitError, Waiter};
 pub use broker::{Broker, Delivery};
 pub use client::Client;
 

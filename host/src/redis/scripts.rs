@@ -48,19 +48,6 @@ scripts! {
     in_flight_anywhere => "in_flight_anywhere-1.lua",
 }
 
-/// The code of `store_results-n.lua` without its comment lines, for `EVAL` inside a pipeline,
-/// where it is sent with every batch.
-pub fn store_results_source() -> &'static str {
-    static CODE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        include_str!("scripts/store_results-n.lua")
-            .lines()
-            .filter(|line| !line.trim_start().starts_with("--"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    });
-    &CODE
-}
-
 /// The file of the script whose SHA-1 is `sha`, as `EVALSHA` names it.
 pub fn name_of(sha: &str) -> Option<&'static str> {
     ALL.iter()

@@ -28,9 +28,6 @@ pub struct Outgoing {
 pub struct Stores {
     pub broker: Broker,
     pub backend: Backend,
-    /// The broker and the backend are one Redis database: a batch goes out as one pipeline
-    /// (Redis runs one connection's commands in order, so states still land first).
-    pub same_database: bool,
     /// Replicas that must hold a batch's states before its messages are acknowledged
     /// (`[worker] wait_replicas`).
     pub wait_replicas: ReplicaWait,
@@ -82,20 +79,15 @@ impl Stores {
     /// write may be retried whole: nothing that is not idempotent ran (storing a state twice
     /// and removing an absent message are both harmless; a push runs only in the last step,
     /// which either is refused before it runs or runs whole but for the refused pushes).
+    ///
+    /// The states go first, in a step of their own: a state Redis refuses (its key holds a
+    /// list) then fails the write before any message is acknowledged, where in one pipeline
+    /// the acknowledgements after it would run anyway.
     pub async fn write(&self, batch: &[Finished<'_>]) -> Result<Vec<Unpushed>, RedisError> {
         let states: Vec<(&str, &str)> = batch.iter().filter_map(|job| job.state).collect();
-        let mut pipe = redis::pipe();
-        self.backend.add_states(&mut pipe, &states);
-        let mut acks = if self.same_database && self.wait_replicas.replicas == 0 {
-            pipe
-        } else {
-            // Redis refuses an empty pipeline.
-            if !states.is_empty() {
-                self.backend.run(&pipe).await?;
-            }
-            self.replicated(batch.len()).await?;
-            redis::pipe()
-        };
+        self.backend.store_all(&states).await?;
+        self.replicated(batch.len()).await?;
+        let mut acks = redis::pipe();
         // What follows a task goes out in one transaction with the acknowledgements: a push
         // Redis refuses (an ACL) then acknowledges nothing, instead of losing the next step.
         if batch.iter().any(|job| !job.publish.is_empty()) {

@@ -1,13 +1,13 @@
 //! Group commit of task outcomes: a task's final state is stored (and published) and its
 //! message removed from the in-flight list by one writer that batches whatever tasks finished
-//! meanwhile into one pipeline per Redis connection (`redis::settle` writes a batch).
+//! meanwhile into one script call for the states and one pipeline for the acknowledgements
+//! (`redis::settle` writes a batch).
 //!
 //! Under load a batch holds many tasks, so the per-task Redis work costs a fraction of a round
 //! trip and of a system call; when idle a batch holds one task and adds nothing but a channel
 //! hop. Order and safety are those of settling one task at a time: every state in a batch is
-//! stored before any of its messages is acknowledged (in one pipeline when the broker and the
-//! backend are the same Redis database, since Redis runs one connection's commands in order),
-//! and a failed batch is retried whole (storing a state twice and removing an absent message
+//! stored before any of its messages is acknowledged (a step of its own, so a state Redis
+//! refuses fails the batch before anything is acknowledged), and a failed batch is retried whole (storing a state twice and removing an absent message
 //! are both harmless), so a task is never acknowledged without its state. A batch that fails
 //! with an error retrying cannot cure (one task's key holding another type) is written task by
 //! task, and the task that still fails has its message dead-lettered with the reason: one

@@ -259,7 +259,6 @@ fn settling(
         stores: Stores {
             broker: broker.clone(),
             backend: backend.clone(),
-            same_database: config.broker_url == config.backend_url,
             wait_replicas: crate::redis::settle::ReplicaWait::new(config.wait_replicas),
         },
         dead_letters: dead_letters.clone(),

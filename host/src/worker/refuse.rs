@@ -10,7 +10,7 @@ use crate::monitor::metrics::TaskOutcome;
 use crate::protocol::event::TaskEvent;
 use crate::protocol::{Exception, Meta, State, TaskMessage, Undecodable, exception_document};
 use crate::redis::keys::queue_of;
-use crate::redis::{Delivery, retrying};
+use crate::redis::{Delivery, Stored, retrying};
 
 /// A message that cannot be run.
 pub(super) enum Refusal<'a> {
@@ -109,8 +109,10 @@ async fn fail_unrun(
         );
         match retrying("store a result", || shared.backend.store(id, &doc)).await {
             // A SUCCESS was stored already: the task ran, and its workflow went on.
-            Ok(false) => return,
-            Ok(true) => {}
+            Ok(Stored::KeptSuccess) => return,
+            // Stored, or a REVOKED kept: either way the task did not run, and its workflow
+            // fails with it.
+            Ok(Stored::Written | Stored::KeptOther) => {}
             Err(e) => tracing::error!(task_id = id, "cannot store the task's FAILURE: {e}"),
         }
     }

@@ -12,20 +12,23 @@
 --   ARGV[2]     what it keeps: 'final' (a stored SUCCESS or REVOKED) or 'ready' (any ready
 --               state)
 --   ARGV[3..n+2] the documents, in the order of KEYS
--- Output: for each key, 1 if stored; 0 if a state it keeps was there (and is kept).
+-- Output: for each key, 1 if stored; 0 if a SUCCESS was there, 2 if another state it keeps
+-- (and either is kept).
 local kept = {SUCCESS = true, REVOKED = true}
 if ARGV[2] == 'ready' then kept.FAILURE = true end
 local expires = tonumber(ARGV[1])
 local stored = {}
 for i, key in ipairs(KEYS) do
   local current = redis.call('GET', key)
-  local keep = false
+  local keep = nil
   if current then
     local ok, doc = pcall(cjson.decode, current)
-    keep = ok and type(doc) == 'table' and kept[doc['status']] == true
+    if ok and type(doc) == 'table' and kept[doc['status']] then keep = doc['status'] end
   end
-  if keep then
+  if keep == 'SUCCESS' then
     stored[i] = 0
+  elseif keep then
+    stored[i] = 2
   else
     local document = ARGV[i + 2]
     if expires > 0 then
