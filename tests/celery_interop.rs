@@ -257,32 +257,44 @@ assert app.AsyncResult(r.id).state == "REVOKED"
 /// to stop), runs the Python `code`, and returns the task's `task-revoked` event.
 fn revoke_a_running_task(s: &mut Setup, id: &str, code: &str) -> Value {
     let mut conn = s.redis.conn(0);
+    let mut events = task_events(&mut conn);
+    s.client.send_as(id, "demo.sleep", json!([60_000]));
+    until_event(&mut events, id, "task-started");
+    s.python(code);
+    until_event(&mut events, id, "task-revoked").1
+}
+
+/// `conn` subscribed to the worker's task events, each read waiting at most [`WAIT`].
+fn task_events(conn: &mut redis::Connection) -> redis::PubSub<'_> {
     let mut events = conn.as_pubsub();
     events
         .subscribe("/0.celeryev/task.multi")
         .expect("subscribe to task events");
     events.set_read_timeout(Some(WAIT)).expect("read timeout");
-    let mut next_event = |kind: &str| loop {
+    events
+}
+
+/// Reads task events until task `id`'s `kind` event: the types of `id`'s events up to it, and
+/// the event.
+fn until_event(events: &mut redis::PubSub<'_>, id: &str, kind: &str) -> (Vec<String>, Value) {
+    let mut seen = Vec::new();
+    loop {
         let message = events
             .get_message()
-            .unwrap_or_else(|e| panic!("no {kind} event for {id} within the wait: {e}"));
+            .unwrap_or_else(|e| panic!("no {kind} event for {id} within the wait ({seen:?}): {e}"));
         let payload: String = message.get_payload().expect("payload");
         let envelope: Value = serde_json::from_str(&payload).expect("envelope is JSON");
         let body = base64::engine::general_purpose::STANDARD
             .decode(envelope["body"].as_str().unwrap_or_default())
             .expect("body is base64");
         let batch: Vec<Value> = serde_json::from_slice(&body).expect("a list of events");
-        if let Some(event) = batch
-            .into_iter()
-            .find(|e| e["type"] == kind && e["uuid"] == id)
-        {
-            return event;
+        for event in batch.into_iter().filter(|e| e["uuid"] == id) {
+            seen.push(event["type"].as_str().unwrap_or_default().to_owned());
+            if event["type"] == kind {
+                return (seen, event);
+            }
         }
-    };
-    s.client.send_as(id, "demo.sleep", json!([60_000]));
-    next_event("task-started");
-    s.python(code);
-    next_event("task-revoked")
+    }
 }
 
 #[test]
@@ -363,32 +375,11 @@ fn a_revoke_reaches_workers_started_after_it() {
         .expect("REVOKED stored when the revoke was heard");
     assert_eq!(stored["status"], "REVOKED", "{stored}");
     let mut conn = redis.conn(0);
-    let mut events = conn.as_pubsub();
-    events
-        .subscribe("/0.celeryev/task.multi")
-        .expect("subscribe to task events");
-    events.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let mut events = task_events(&mut conn);
     client.send_as(id, "demo.add", json!([1, 2]));
     // Met as revoked by the second worker: its events for the task end in task-revoked,
     // with no task-started before it.
-    let mut seen = Vec::new();
-    while seen.last().map(String::as_str) != Some("task-revoked") {
-        let message = events
-            .get_message()
-            .unwrap_or_else(|e| panic!("no task-revoked event within the wait ({seen:?}): {e}"));
-        let payload: String = message.get_payload().expect("payload");
-        let envelope: Value = serde_json::from_str(&payload).expect("envelope is JSON");
-        let body = base64::engine::general_purpose::STANDARD
-            .decode(envelope["body"].as_str().unwrap_or_default())
-            .expect("body is base64");
-        let batch: Vec<Value> = serde_json::from_slice(&body).expect("a list of events");
-        seen.extend(
-            batch
-                .iter()
-                .filter(|e| e["uuid"] == id)
-                .filter_map(|e| e["type"].as_str().map(str::to_owned)),
-        );
-    }
+    let (seen, _) = until_event(&mut events, id, "task-revoked");
     assert!(
         !seen.iter().any(|t| t == "task-started"),
         "it ran: {seen:?}"

@@ -30,31 +30,37 @@ fn a_plugin_can_tighten_but_not_extend_its_time_limit() {
     );
 }
 
+/// A demo.add message carrying the producer's `time_limit` (soft, hard).
+fn add_with_limits(time_limit: (Option<f64>, Option<f64>)) -> TaskMessage {
+    let sent = crate::protocol::NewTask {
+        id: "t-1".into(),
+        task: "demo.add".into(),
+        args: serde_json::json!([]),
+        kwargs: serde_json::json!({}),
+        queue: "celery".into(),
+        time_limit,
+        ..Default::default()
+    }
+    .encode("test-host");
+    TaskMessage::decode(&sent).expect("decodes")
+}
+
 #[test]
 fn a_producer_or_remote_limit_never_exceeds_the_operators() {
     let granted = Limits::default();
     let cap = granted.time_limit;
-    let message = |time_limit: (Option<f64>, Option<f64>)| {
-        let sent = crate::protocol::NewTask {
-            id: "t-1".into(),
-            task: "demo.add".into(),
-            args: serde_json::json!([]),
-            kwargs: serde_json::json!({}),
-            queue: "celery".into(),
-            time_limit,
-            ..Default::default()
-        }
-        .encode("test-host");
-        TaskMessage::decode(&sent).expect("decodes")
-    };
     let gates = Gates::new(&TaskOverrides::default());
-    let huge = message((Some(1e20), Some(1e20)));
+    let huge = add_with_limits((Some(1e20), Some(1e20)));
     let (_, hard) = gates.time_limits(&huge, &granted, &defaults());
     assert_eq!(hard, cap, "a producer's 1e20 s stops at the operator's cap");
-    let (_, hard) = gates.time_limits(&message((Some(0.0), Some(0.0))), &granted, &defaults());
+    let (_, hard) = gates.time_limits(
+        &add_with_limits((Some(0.0), Some(0.0))),
+        &granted,
+        &defaults(),
+    );
     assert_eq!(hard, cap, "a producer's 0 does not remove the cap");
     gates.set_time_limits("demo.add", Some(0.0), Some(0.0));
-    let (_, hard) = gates.time_limits(&message((None, None)), &granted, &defaults());
+    let (_, hard) = gates.time_limits(&add_with_limits((None, None)), &granted, &defaults());
     assert_eq!(hard, cap, "a remote limit of 0 does not remove the cap");
 }
 
@@ -65,32 +71,19 @@ fn a_producer_or_remote_soft_limit_never_exceeds_the_operators() {
         soft_time_limit: soft_cap,
         ..Limits::default()
     };
-    let message = |time_limit: (Option<f64>, Option<f64>)| {
-        let sent = crate::protocol::NewTask {
-            id: "t-1".into(),
-            task: "demo.add".into(),
-            args: serde_json::json!([]),
-            kwargs: serde_json::json!({}),
-            queue: "celery".into(),
-            time_limit,
-            ..Default::default()
-        }
-        .encode("test-host");
-        TaskMessage::decode(&sent).expect("decodes")
-    };
     let gates = Gates::new(&TaskOverrides::default());
     for asked in [(Some(1e20), None), (Some(0.0), None), (Some(-1.0), None)] {
-        let (soft, _) = gates.time_limits(&message(asked), &granted, &defaults());
+        let (soft, _) = gates.time_limits(&add_with_limits(asked), &granted, &defaults());
         assert_eq!(soft, soft_cap, "a producer's soft limit {asked:?}");
     }
     gates.set_time_limits("demo.add", Some(0.0), None);
-    let (soft, _) = gates.time_limits(&message((None, None)), &granted, &defaults());
+    let (soft, _) = gates.time_limits(&add_with_limits((None, None)), &granted, &defaults());
     assert_eq!(
         soft, soft_cap,
         "a remote soft limit of 0 does not remove the cap"
     );
     gates.set_time_limits("demo.add", Some(1e20), None);
-    let (soft, _) = gates.time_limits(&message((None, None)), &granted, &defaults());
+    let (soft, _) = gates.time_limits(&add_with_limits((None, None)), &granted, &defaults());
     assert_eq!(
         soft, soft_cap,
         "a remote soft limit of 1e20 stops at the cap"
