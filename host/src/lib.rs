@@ -16,6 +16,8 @@
 //!   fleet deploys. Every key and Lua script is defined there. Knows no WebAssembly.
 //! - [`config`]: `taskhost.toml`, flags and environment, resolved: a worker's settings and
 //!   each plugin's grants.
+//! - [`telemetry`]: distributed tracing: a span per task continuing the producer's trace,
+//!   the context published messages carry, export over OTLP.
 //! - [`sandbox`]: the wasmtime engine, per-task stores, the host side of the WIT imports, and
 //!   the typed outcome of a run. Never sees Redis.
 //! - [`plugins`]: loading `.wasm` files, the registry of task names, hot reload, the
@@ -38,6 +40,7 @@ pub mod redis;
 pub mod sandbox;
 pub mod shutdown;
 pub mod signing;
+pub mod telemetry;
 pub mod worker;
 
 /// Locks `mutex`, through poisoning: every lock in the host guards plain map or counter updates

@@ -74,6 +74,9 @@ pub struct FileConfig {
     /// What a `--fleet` worker installs from `taskhost deploy`.
     #[serde(default)]
     pub fleet: FleetSection,
+    /// Where traces go (OpenTelemetry's `OTEL_*` variables win over it).
+    #[serde(default)]
+    pub tracing: super::tracing::TracingSection,
 }
 
 /// `[fleet]`: which deploys a `--fleet` worker installs.

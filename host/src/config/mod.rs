@@ -9,6 +9,7 @@
 //! - [`rate`]: Celery's rate-limit notation.
 //! - [`schedule`]: periodic tasks, and when their ticks fall.
 //! - [`threads`]: the process's thread counts from the environment.
+//! - [`tracing`]: whether and where traces go (`OTEL_*` over `[tracing]`).
 
 pub mod compat;
 pub mod file;
@@ -19,6 +20,7 @@ pub mod rate;
 pub mod resolve;
 pub mod schedule;
 pub mod threads;
+pub mod tracing;
 
 pub use file::{
     ComponentCaps, ConfigError, DEFAULT_MEMORY_MB, DEFAULT_RESULT_MB, DEFAULT_STACK_KB,
@@ -29,3 +31,4 @@ pub use grants::{GrantTable, Grants, Limits, NameRefusal};
 pub use origin::Origin;
 pub use rate::Rate;
 pub use resolve::{Autoscale, Compiler, LimitFlags, TaskOverrides, WorkerConfig, WorkerFlags};
+pub use tracing::{Sampling, TracingConfig};

@@ -153,6 +153,8 @@ pub struct WorkerConfig {
     pub task_events: bool,
     /// Where to serve /metrics and /healthz.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where spans go; none when tracing is off.
+    pub tracing: Option<super::TracingConfig>,
     /// Instances the pool holds: concurrency + 2 (plugin loads use the two spare), unless a
     /// test shrinks it.
     pub pool_instances: u32,
@@ -343,6 +345,7 @@ impl WorkerConfig {
             shutdown_grace: Duration::from_secs_f64(flags.shutdown_grace),
             task_events: flags.task_events || section.task_events.unwrap_or(false),
             metrics_addr: metrics_addr(flags, &file)?,
+            tracing: super::TracingConfig::resolve(&file.tracing, &|var| std::env::var(var).ok())?,
             pool_instances: match flags.test_pool_instances {
                 Some(n) if n > 0 => n,
                 _ => u32::try_from(concurrency)

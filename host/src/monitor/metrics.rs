@@ -104,6 +104,8 @@ pub struct Snapshot {
     pub instances_recycled: u64,
     pub healthy: bool,
     pub uptime_seconds: f64,
+    /// With tracing on: spans (exported, dropped for a full queue, lost in a failed export).
+    pub spans: Option<(u64, u64, u64)>,
 }
 
 impl Metrics {
@@ -301,6 +303,26 @@ fn render_snapshot(out: &mut Text, snapshot: &Snapshot) {
         );
     }
     render_worker(out, snapshot);
+    if let Some((exported, queue_full, export_failed)) = snapshot.spans {
+        out.single(
+            "taskhost_trace_spans_exported_total",
+            "counter",
+            "Spans sent to the OTLP collector.",
+            exported as f64,
+        );
+        out.family(
+            "taskhost_trace_spans_dropped_total",
+            "counter",
+            "Spans lost: the export queue was full (reason=\"queue_full\") or the collector did not take them (reason=\"export_failed\"). Tasks are never slowed or lost for them.",
+        );
+        for (reason, n) in [("queue_full", queue_full), ("export_failed", export_failed)] {
+            out.sample(
+                "taskhost_trace_spans_dropped_total",
+                &[("reason", reason)],
+                n as f64,
+            );
+        }
+    }
 }
 
 /// The worker's own gauges: tasks, pool, plugins, health.

@@ -273,6 +273,8 @@ fn send_task(sig: Signature, call: Call, origin: &Origin<'_>, steps: &mut Vec<St
             .or_else(|| sig.option_text("parent_id")),
         group: sig.option_text("group_id"),
         group_index: options.get("group_index").and_then(Value::as_u64),
+        // Set by the worker as it publishes: the span that sends it.
+        trace: None,
         embed,
         time_limit: (seconds("soft_time_limit"), seconds("time_limit")),
         ignore_result: options

@@ -6,6 +6,7 @@ use super::embed::Embed;
 use super::pyrepr;
 use super::result::Meta;
 use super::time::{format_time, parse_time};
+use super::trace::TraceContext;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
@@ -82,11 +83,19 @@ pub struct TaskMessage {
     pub announced: bool,
     /// The producer's `argsrepr` and `kwargsrepr` headers, when it sent them.
     reprs: (Option<String>, Option<String>),
+    /// The trace the producer's span started (`traceparent`, `tracestate`), when well-formed.
+    pub trace: Option<TraceContext>,
+    /// The sender (`gen<pid>@<host>`), for the trace (`celery.hostname`); at most 255 bytes.
+    pub origin: Option<String>,
 }
 
 /// The property a postponed message carries once its `task-received` was sent (kombu and
 /// Celery ignore properties they do not know).
 const ANNOUNCED: &str = "taskhost_received";
+
+/// The longest `origin` header kept (a hostname's limit); a longer one is a producer's
+/// mistake or an attack on the trace's size, and is dropped.
+const MAX_ORIGIN: usize = 255;
 
 /// The envelope's fields a worker reads, each as its JSON text: read in one pass over the
 /// message without building a tree, then each taken as the type it should have. A field of
@@ -131,6 +140,12 @@ struct Headers<'a> {
     argsrepr: Option<&'a RawValue>,
     #[serde(borrow)]
     kwargsrepr: Option<&'a RawValue>,
+    #[serde(borrow)]
+    traceparent: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tracestate: Option<&'a RawValue>,
+    #[serde(borrow)]
+    origin: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize, Default)]
@@ -213,6 +228,11 @@ impl TaskMessage {
             embed,
             announced: field(properties.announced).unwrap_or(false),
             reprs: (field(headers.argsrepr), field(headers.kwargsrepr)),
+            trace: TraceContext::read(
+                field::<Text>(headers.traceparent).as_ref().map(|t| &*t.0),
+                field::<Text>(headers.tracestate).as_ref().map(|t| &*t.0),
+            ),
+            origin: field::<String>(headers.origin).filter(|o| o.len() <= MAX_ORIGIN),
         })
     }
 
@@ -262,9 +282,18 @@ impl TaskMessage {
     /// The message to publish for the next try of `raw` (this message as fetched), as Celery's
     /// `Task.retry` does: same id, `retries` + 1, `eta` when there is a countdown, `parent_id` =
     /// this task, new delivery tag.
-    pub fn retry_message(&self, raw: &[u8], eta: Option<OffsetDateTime>) -> Vec<u8> {
+    /// `trace`, when given, is the span that sends the retry (the next try's parent).
+    pub fn retry_message(
+        &self,
+        raw: &[u8],
+        eta: Option<OffsetDateTime>,
+        trace: Option<&TraceContext>,
+    ) -> Vec<u8> {
         let mut envelope = tree(raw);
         if let Some(Value::Object(headers)) = envelope.get_mut("headers") {
+            if let Some(trace) = trace {
+                trace.write(headers);
+            }
             headers.insert("retries".into(), json!(self.retries.saturating_add(1)));
             headers.insert(
                 "eta".into(),
@@ -384,6 +413,8 @@ pub struct NewTask {
     /// (soft, hard) seconds.
     pub time_limit: (Option<f64>, Option<f64>),
     pub ignore_result: bool,
+    /// The span that sends it, for the trace to go on where it runs.
+    pub trace: Option<TraceContext>,
 }
 
 impl NewTask {
@@ -391,7 +422,7 @@ impl NewTask {
     /// `origin` (Celery's `gen<pid>@<hostname>`: [`crate::node::origin`]).
     pub fn encode(&self, origin: &str) -> Vec<u8> {
         let body = json!([self.args, self.kwargs, self.embed.to_json()]);
-        let envelope = json!({
+        let mut envelope = json!({
             "body": BASE64.encode(body.to_string()),
             "content-encoding": "utf-8",
             "content-type": "application/json",
@@ -426,6 +457,11 @@ impl NewTask {
                 "delivery_tag": uuid::Uuid::new_v4().to_string(),
             },
         });
+        if let Some(trace) = &self.trace
+            && let Some(Value::Object(headers)) = envelope.get_mut("headers")
+        {
+            trace.write(headers);
+        }
         envelope.to_string().into_bytes()
     }
 }

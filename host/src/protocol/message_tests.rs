@@ -52,7 +52,7 @@ fn round_trips_what_the_producer_encodes() {
     assert_eq!(parse(&m.kwargs), new.kwargs);
     assert_eq!(m.priority, 3);
     assert_eq!(m.eta, new.eta);
-    let retried = TaskMessage::decode(&m.retry_message(&encoded, None)).expect("decodes");
+    let retried = TaskMessage::decode(&m.retry_message(&encoded, None, None)).expect("decodes");
     assert_eq!(
         (retried.retries, retried.parent_id.as_deref()),
         (1, Some("abc"))
@@ -278,6 +278,52 @@ fn a_postponed_message_is_marked_announced_and_a_retry_is_not() {
     );
     assert_eq!(back.id, message.id);
     assert_eq!(back.postponed_message(&held), held, "marked once");
-    let retry = TaskMessage::decode(&back.retry_message(&held, None)).expect("retry decodes");
+    let retry = TaskMessage::decode(&back.retry_message(&held, None, None)).expect("retry decodes");
     assert!(!retry.announced, "a retry is a new delivery");
+}
+
+#[test]
+fn the_trace_context_goes_out_and_comes_back_with_the_message() {
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let trace = TraceContext::read(Some(parent), Some("k=v"));
+    let new = NewTask {
+        id: "t".into(),
+        task: "demo.add".into(),
+        args: json!([]),
+        kwargs: json!({}),
+        trace: trace.clone(),
+        ..Default::default()
+    };
+    let encoded = new.encode("gen1@h");
+    let m = TaskMessage::decode(&encoded).expect("decodes");
+    assert_eq!(m.trace, trace);
+    let next = TraceContext::read(
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01"),
+        None,
+    );
+    let retried =
+        TaskMessage::decode(&m.retry_message(&encoded, None, next.as_ref())).expect("decodes");
+    assert_eq!(
+        retried.trace, next,
+        "the retry's parent is the span that sent it"
+    );
+    let untraced = TaskMessage::decode(CAPTURED_DELAY.as_bytes()).expect("decodes");
+    assert_eq!(untraced.trace, None);
+}
+
+#[test]
+fn a_hostile_trace_header_or_origin_is_ignored_not_refused() {
+    let encoded = NewTask {
+        id: "t".into(),
+        task: "demo.add".into(),
+        args: json!([]),
+        kwargs: json!({}),
+        ..Default::default()
+    }
+    .encode(&"o".repeat(10_000));
+    let mut envelope: Value = serde_json::from_slice(&encoded).expect("JSON");
+    envelope["headers"]["traceparent"] = json!({"not": "a string"});
+    envelope["headers"]["tracestate"] = json!("k=v");
+    let m = TaskMessage::decode(envelope.to_string().as_bytes()).expect("still decodes");
+    assert_eq!((m.trace, m.origin), (None, None));
 }

@@ -58,6 +58,35 @@ impl SpanContext {
     }
 }
 
+/// The trace a message continues, as its `traceparent` and `tracestate` headers say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// The span that sent the message: the parent of the span that runs it.
+    pub parent: SpanContext,
+    /// The vendors' state, passed on as it came (when well-formed).
+    pub state: Option<String>,
+}
+
+impl TraceContext {
+    /// Reads the two headers; a `tracestate` without a valid `traceparent` is dropped with it
+    /// (the spec's rule).
+    pub fn read(traceparent: Option<&str>, state: Option<&str>) -> Option<Self> {
+        Some(Self {
+            parent: SpanContext::parse(traceparent?)?,
+            state: state.and_then(tracestate),
+        })
+    }
+
+    /// Writes the two headers into a message's `headers` (replacing what was there).
+    pub fn write(&self, headers: &mut serde_json::Map<String, serde_json::Value>) {
+        headers.insert("traceparent".into(), self.parent.traceparent().into());
+        match &self.state {
+            Some(state) => headers.insert("tracestate".into(), state.clone().into()),
+            None => headers.remove("tracestate"),
+        };
+    }
+}
+
 /// `tracestate` as it may be passed on: its members (`key=value`) if every one is
 /// well-formed and there are at most 32 in at most 512 bytes; none otherwise.
 pub fn tracestate(value: &str) -> Option<String> {
@@ -165,6 +194,19 @@ mod tests {
         ] {
             assert_eq!(SpanContext::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_tracestate_goes_only_with_a_valid_traceparent() {
+        let read = TraceContext::read(Some(GOOD), Some("k=v")).expect("reads");
+        assert_eq!(read.state.as_deref(), Some("k=v"));
+        assert_eq!(TraceContext::read(Some("00-bad"), Some("k=v")), None);
+        assert_eq!(TraceContext::read(None, Some("k=v")), None);
+        let hostile = TraceContext::read(Some(GOOD), Some("k=\u{1b}[2J")).expect("reads");
+        assert_eq!(
+            hostile.state, None,
+            "a malformed state is dropped, the parent kept"
+        );
     }
 
     #[test]

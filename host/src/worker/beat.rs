@@ -11,6 +11,7 @@ use crate::config::schedule::Entry;
 use crate::protocol::NewTask;
 use crate::redis::schedule::{TICK_AHEAD, Tick};
 use crate::redis::{Broker, retrying};
+use crate::telemetry::span;
 use jiff::{SignedDuration, Timestamp};
 use std::collections::HashMap;
 use std::future::Future;
@@ -110,8 +111,14 @@ pub async fn run(
                     .and_then(|ms| Timestamp::from_millisecond(*ms).ok())
                     .filter(|last| !beyond_bound(*last, now));
                 if let Some(tick) = due(entry, last, now) {
-                    let message = tick_message(entry, tick).encode(&origin);
-                    if ticks.send(entry, tick, message).await {
+                    let mut message = tick_message(entry, tick);
+                    // A tick starts a trace of its own. Every scheduler makes the tick's
+                    // message and one sends it: the others' spans say they did not.
+                    let (trace, sent) = span::publishing_anew(&message);
+                    message.trace = trace;
+                    let claimed = ticks.send(entry, tick, message.encode(&origin)).await;
+                    sent(claimed);
+                    if claimed {
                         tracing::info!(schedule = %entry.name, task = %entry.task, tick = %tick, "periodic task sent");
                     }
                 }

@@ -19,6 +19,8 @@ use crate::redis::keys::queue_key;
 use crate::redis::settle::Outgoing;
 use crate::redis::{Backend, RedisError, retrying};
 use crate::sandbox::SendError;
+use crate::telemetry::span;
+use opentelemetry::context::FutureExt as _;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use std::future::Future;
@@ -358,10 +360,13 @@ async fn carry_out(backend: &Backend, steps: Vec<Step>, publish: &mut Vec<Outgoi
                 let write = || backend.set_chord_size(&group_id, size);
                 workflow_step("write a chord's size", &group_id, write).await;
             }
-            Step::Publish(task) => publish.push(Outgoing {
-                key: queue_key(&task.queue, task.priority),
-                raw: task.encode(&origin),
-            }),
+            Step::Publish(mut task) => {
+                task.trace = span::publishing(&task.task, &task.id, &task.queue);
+                publish.push(Outgoing {
+                    key: queue_key(&task.queue, task.priority),
+                    raw: task.encode(&origin),
+                });
+            }
         }
     }
 }
@@ -383,6 +388,8 @@ pub(super) struct Outbox {
     /// What the task sent so far: messages to publish, and their result tuples for its
     /// `children`.
     sent: Mutex<FollowUps>,
+    /// The task's span, which sends what it sends (none when tracing is off).
+    span: Option<opentelemetry::Context>,
 }
 
 impl Outbox {
@@ -405,6 +412,7 @@ impl Outbox {
             grants,
             routes,
             sent: Mutex::new(FollowUps::default()),
+            span: span::current(),
         }
     }
 
@@ -483,7 +491,15 @@ impl crate::sandbox::Outbox for Outbox {
             }
             let id = applied.id().to_owned();
             let mut publish = Vec::new();
-            carry_out(&self.backend, steps, &mut publish).await;
+            // The plugin's call runs apart from the task's handling: its span is set again.
+            match &self.span {
+                Some(cx) => {
+                    carry_out(&self.backend, steps, &mut publish)
+                        .with_context(cx.clone())
+                        .await
+                }
+                None => carry_out(&self.backend, steps, &mut publish).await,
+            }
             let mut sent = crate::lock(&self.sent);
             sent.publish.append(&mut publish);
             sent.children.push(applied.into_tuple());

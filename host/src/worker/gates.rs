@@ -52,6 +52,17 @@ pub(super) enum Wait {
 
 impl Wait {
     /// The step, as the log names it when Redis is slow to take it.
+    /// Why, in a word: the trace's `taskhost.postponed.reason`.
+    pub(super) fn reason(self) -> &'static str {
+        match self {
+            Self::Eta => "eta",
+            Self::RateLimit(_) => "rate_limit",
+            Self::FleetRateLimit(_) => "fleet_rate_limit",
+            Self::MaxInstances => "max_instances",
+            Self::PoolFull => "pool_full",
+        }
+    }
+
     pub(super) fn step(self) -> &'static str {
         match self {
             Self::Eta => "schedule a message with an eta",

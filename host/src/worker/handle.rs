@@ -17,6 +17,9 @@ use crate::protocol::event::TaskEvent;
 use crate::protocol::{Exception, Meta, State, TaskMessage, exception_document};
 use crate::redis::Delivery;
 use crate::sandbox::{Scope, Task};
+use crate::telemetry::span;
+use opentelemetry::KeyValue;
+use opentelemetry::context::FutureExt as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,36 +37,66 @@ pub(super) async fn handle_guarded(shared: &Shared, delivery: &Delivery) {
     }
 }
 
-/// Handles one delivery from decode to settlement.
+/// Handles one delivery from decode to settlement, under the task's span when tracing is on.
 async fn handle(shared: &Shared, delivery: &Delivery) {
     let message = match TaskMessage::decode(&delivery.raw) {
         Ok(message) => message,
         Err(bad) => return refuse::refuse(shared, delivery, &Refusal::Undecodable(&bad)).await,
     };
+    let queue = crate::redis::keys::queue_of(&delivery.source);
+    match span::task_context(&message, queue, &shared.config.node) {
+        Some(cx) => {
+            handle_decoded(shared, delivery, &message)
+                .with_context(cx.clone())
+                .await;
+            span::end(&cx);
+        }
+        None => handle_decoded(shared, delivery, &message).await,
+    }
+}
+
+/// Handles a decoded message: gates, run, settlement.
+async fn handle_decoded(shared: &Shared, delivery: &Delivery, message: &TaskMessage) {
     if !message.announced {
         shared
             .events
-            .task(&message.id, TaskEvent::Received(&message));
+            .task(&message.id, TaskEvent::Received(message));
     }
-    let admitted = match gates::admit(shared, &message).await {
+    let admitted = match gates::admit(shared, message).await {
         Ok(admitted) => admitted,
-        Err(stop) => return settle::stopped(shared, delivery, &message, stop).await,
+        Err(stop) => return settle::stopped(shared, delivery, message, stop).await,
     };
     let started = Instant::now();
     shared.events.task(&message.id, TaskEvent::Started);
     let outbox = Outbox::new(
         shared.backend.clone(),
-        &message,
+        message,
         &admitted.plugin,
         admitted.grants.clone(),
         shared.plugins.registry(),
         shared.queues.subscribe(),
     );
     let outbox = Arc::new(outbox);
-    let ran = run(shared, &message, &admitted, outbox.clone()).await;
+    let plugin = &admitted.plugin;
+    let attributes = || {
+        vec![
+            KeyValue::new("taskhost.plugin", plugin.name.clone()),
+            KeyValue::new("taskhost.plugin.version", plugin.version.clone()),
+        ]
+    };
+    let ran = match span::child("sandbox", attributes) {
+        Some(cx) => {
+            let ran = run(shared, message, &admitted, outbox.clone())
+                .with_context(cx.clone())
+                .await;
+            span::end(&cx);
+            ran
+        }
+        None => run(shared, message, &admitted, outbox.clone()).await,
+    };
     let runtime = started.elapsed().as_secs_f64();
     let sent = outbox.take();
-    settle::ran(shared, delivery, &message, &admitted, ran, runtime, sent).await;
+    settle::ran(shared, delivery, message, &admitted, ran, runtime, sent).await;
 }
 
 /// Runs the task in its plugin's sandbox, unless a revoke with `terminate` stops it first.

@@ -58,6 +58,7 @@ use crate::redis::settle::Stores;
 use crate::redis::{Backend, Broker, RedisError, backoff, redact};
 use crate::sandbox::{Sandbox, SandboxOptions};
 use crate::shutdown::{Stop, Stopping, stopped};
+use crate::telemetry::Telemetry;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use fetch::{Fetcher, Lists};
@@ -70,6 +71,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
+
+/// How long a stopping worker waits for its last spans to reach the collector.
+const TRACES_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What every part of a running worker shares.
 struct Shared {
@@ -104,6 +108,8 @@ struct Shared {
     loops: Arc<supervise::Loops>,
     /// The `[schedule]` entries this worker's scheduler sends (a config reload changes them).
     schedule: watch::Sender<Arc<Vec<crate::config::schedule::Entry>>>,
+    /// Tracing, when on.
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 /// Runs a worker until `shutdown` completes, then stops fetching, lets running tasks finish
@@ -151,6 +157,11 @@ pub async fn run(
     if all_returned {
         crate::redis::recovery::leave(&mut shared.broker.connection(), &shared.config.node).await;
     }
+    if let Some(telemetry) = shared.telemetry.clone() {
+        // The last spans, sent within a bound: a collector that is down delays no stop.
+        let stop = move || telemetry.stop(TRACES_FLUSH);
+        let _ = tokio::task::spawn_blocking(stop).await;
+    }
     tracing::info!(returned_to_queue = returned, "worker stopped");
     match crate::redis::connection::refusals().borrow().as_deref() {
         Some(refusal) => anyhow::bail!("stopped because {refusal}"),
@@ -179,6 +190,10 @@ async fn start(
     stop: &mut Stopping,
 ) -> anyhow::Result<Option<(Arc<Shared>, Presence)>> {
     let sandbox = sandbox(&config)?;
+    let telemetry = match &config.tracing {
+        Some(tracing) => Some(Arc::new(Telemetry::start(tracing, &config.node)?)),
+        None => None,
+    };
     let Some((broker, backend)) = connect_both(&config, stop).await? else {
         return Ok(None);
     };
@@ -236,6 +251,7 @@ async fn start(
         events,
         loops: Arc::default(),
         schedule: watch::channel(Arc::new(config.schedule.clone().unwrap_or_default())).0,
+        telemetry,
         config,
     });
     Ok(Some((shared, presence)))

@@ -72,6 +72,12 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
     shared
         .metrics
         .task(metrics_label(shared, task), TaskOutcome::Rejected, None);
+    crate::telemetry::span::failed(&exception);
+    crate::telemetry::span::state(if matches!(refusal, Refusal::Rejected { .. }) {
+        "REJECTED"
+    } else {
+        State::Failure.as_str()
+    });
     fail_unrun(shared, task_id, refusal.message(), &exception).await;
     tracing::error!(
         task_id = task_id.unwrap_or("-"), task = task.unwrap_or("-"),

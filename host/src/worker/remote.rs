@@ -466,6 +466,10 @@ impl StatusSource for Status {
                 instances_recycled,
                 healthy: health.healthy(),
                 uptime_seconds: shared.started.elapsed().as_secs_f64(),
+                spans: shared.telemetry.as_ref().map(|t| {
+                    let totals = t.totals();
+                    (totals.exported, totals.queue_full, totals.export_failed)
+                }),
             };
             shared.metrics.render(&snapshot)
         })

@@ -6,6 +6,7 @@
 use crate::config::TaskSection;
 use crate::plugins::TaskSpec;
 use crate::protocol::time::epoch_ms;
+use crate::protocol::trace::TraceContext;
 use crate::protocol::{Exception, TaskMessage};
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -77,13 +78,14 @@ pub(super) enum Retry {
 }
 
 /// Decides a retry of `message` (`raw` as fetched) for `reason`, after `countdown` seconds or
-/// its backoff.
+/// its backoff; `sender` gives the span that sends the next try, when there is one.
 pub(super) fn decide(
     message: &TaskMessage,
     raw: &[u8],
     policy: &RetryPolicy,
     countdown: Option<f64>,
     reason: Exception,
+    sender: impl FnOnce() -> Option<TraceContext>,
 ) -> Retry {
     if message.retries >= policy.max_retries {
         let mut exception = reason;
@@ -103,7 +105,7 @@ pub(super) fn decide(
     });
     let eta = (countdown > 0.0).then(|| after(countdown));
     Retry::Again {
-        next: message.retry_message(raw, eta),
+        next: message.retry_message(raw, eta, sender().as_ref()),
         due_ms: eta.map(epoch_ms),
         countdown,
         reason,
@@ -179,6 +181,7 @@ mod tests {
             &policy(3),
             None,
             Exception::new("OSError", "down"),
+            || None,
         )
         else {
             panic!("a retry left");
@@ -199,6 +202,7 @@ mod tests {
             &policy(3),
             Some(0.0),
             Exception::new("E", "x"),
+            || None,
         );
         assert!(
             matches!(decided, Retry::Again { due_ms: None, .. }),
@@ -215,6 +219,7 @@ mod tests {
             &policy(3),
             None,
             Exception::new("OSError", "down"),
+            || panic!("no next try, so no span sends one"),
         );
         let Retry::GiveUp(exception) = decided else {
             panic!("no retry left: {decided:?}");

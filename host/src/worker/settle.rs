@@ -16,6 +16,8 @@ use crate::protocol::{Exception, Meta, RevokeReason, State, TaskMessage};
 use crate::protocol::{exception_document, result_document};
 use crate::redis::{Delivery, retrying};
 use crate::sandbox::{Outcome, PoolFull};
+use crate::telemetry::span;
+use opentelemetry::KeyValue;
 use serde_json::value::RawValue;
 
 /// How a run ended: the sandbox's outcome, stopped by a revoke, or no instance to start in.
@@ -188,6 +190,7 @@ async fn failed(
     sent: FollowUps,
 ) {
     tracing::warn!(task_id = %message.id, task = %message.task, "{}: {}", exception.kind, exception.message);
+    span::failed(exception);
     shared
         .metrics
         .task(&message.task, TaskOutcome::Failed, runtime);
@@ -249,6 +252,7 @@ async fn finish<R: serde::Serialize + ?Sized>(
     traceback: Option<&str>,
     mut follow: FollowUps,
 ) {
+    span::state(state.as_str());
     let meta = Meta {
         children: &follow.children,
         ..message.meta()
@@ -297,6 +301,12 @@ async fn postpone(
     due_ms: i64,
     wait: Wait,
 ) {
+    span::event("postponed", || {
+        vec![
+            KeyValue::new("taskhost.postponed.reason", wait.reason()),
+            KeyValue::new("taskhost.postponed.due_ms", due_ms),
+        ]
+    });
     let held = message.postponed_message(&delivery.raw);
     let moved = retrying(wait.step(), || {
         shared
@@ -319,8 +329,10 @@ async fn retry(
     reason: Exception,
     runtime: f64,
 ) {
+    let queue = crate::redis::keys::queue_of(&delivery.source);
+    let sender = || span::publishing(&message.task, &message.id, queue);
     let (next, due_ms, countdown, reason) =
-        match retry::decide(message, &delivery.raw, policy, countdown, reason) {
+        match retry::decide(message, &delivery.raw, policy, countdown, reason, sender) {
             Retry::GiveUp(exception) => {
                 let sent = FollowUps::default();
                 return failed(shared, delivery, message, &exception, Some(runtime), sent).await;
@@ -336,6 +348,8 @@ async fn retry(
         .metrics
         .task(&message.task, TaskOutcome::Retried, Some(runtime));
     shared.events.task(&message.id, TaskEvent::Retried(&reason));
+    span::retried(&reason);
+    span::state(State::Retry.as_str());
     tracing::info!(
         task_id = %message.id, task = %message.task, retries = message.retries + 1,
         countdown_s = countdown, "task retrying: {}: {}", reason.kind, reason.message

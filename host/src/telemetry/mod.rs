@@ -1,0 +1,115 @@
+//! Distributed tracing with OpenTelemetry: the producer's trace goes on through the worker
+//! (a `run/<task>` span per task, under the span that sent its message) and out with every
+//! message the worker publishes, exported over OTLP/HTTP.
+//!
+//! - [`span`]: a task's spans and their attributes, the context published messages carry.
+//! - [`export`]: the bounded queue and export thread, with its counts of spans lost.
+//! - [`http`]: the POST of a batch to the collector.
+//!
+//! Off (the default), no tracer exists: the task path's calls find no current span and
+//! return at once.
+
+pub mod export;
+pub mod http;
+pub mod span;
+
+use crate::config::{Sampling, TracingConfig, tracing::Root};
+use anyhow::Context as _;
+use export::{Batcher, SpanTotals};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanExporter as _};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The process's tracer, set once when tracing starts (a worker traces with one provider for
+/// its life, as OpenTelemetry's global tracer).
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+
+fn tracer() -> Option<&'static SdkTracer> {
+    TRACER.get()
+}
+
+/// Tracing, started: the provider and what it has exported.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+    batcher: Batcher,
+}
+
+impl Telemetry {
+    /// Starts exporting to `config`'s collector, as `node`. Nothing connects yet: the first
+    /// batch does.
+    ///
+    /// # Errors
+    /// The exporter cannot be built (a setting the OTLP exporter refuses), or tracing was
+    /// started before in this process.
+    pub fn start(config: &TracingConfig, node: &str) -> anyhow::Result<Self> {
+        let mut resource = Resource::builder_empty()
+            .with_detector(Box::new(
+                opentelemetry_sdk::resource::TelemetryResourceDetector,
+            ))
+            .with_attributes([
+                KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+                KeyValue::new("service.instance.id", node.to_owned()),
+            ]);
+        resource = resource
+            .with_attributes(
+                config
+                    .resource
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+            )
+            .with_service_name(config.service_name.clone());
+        let resource = resource.build();
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(http::BlockingPost::new(config.timeout))
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(config.endpoint.clone())
+            .with_timeout(config.timeout)
+            .with_headers(config.headers.iter().cloned().collect())
+            .build()
+            .context("the OTLP trace exporter")?;
+        exporter.set_resource(&resource);
+        let batcher = Batcher::start(exporter).context("starting the span export thread")?;
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(batcher.clone())
+            .with_sampler(sampler(config.sampling))
+            .with_resource(resource)
+            .build();
+        TRACER
+            .set(provider.tracer("taskhost"))
+            .map_err(|_| anyhow::anyhow!("tracing was started twice in one process"))?;
+        tracing::info!(endpoint = %config.endpoint, "tracing: spans go to the OTLP collector");
+        Ok(Self { provider, batcher })
+    }
+
+    /// Spans exported and lost so far.
+    pub fn totals(&self) -> SpanTotals {
+        self.batcher.counts().totals()
+    }
+
+    /// Exports what is queued and stops, waiting at most `within` (blocking: call it off the
+    /// async runtime's threads).
+    pub fn stop(&self, within: Duration) {
+        if let Err(e) = self.provider.shutdown_with_timeout(within) {
+            tracing::warn!("tracing: the last spans may be lost: {e}");
+        }
+    }
+}
+
+fn sampler(sampling: Sampling) -> Sampler {
+    let root = |root: Root| match root {
+        Root::AlwaysOn => Sampler::AlwaysOn,
+        Root::AlwaysOff => Sampler::AlwaysOff,
+        Root::Ratio(r) => Sampler::TraceIdRatioBased(r),
+    };
+    match sampling {
+        Sampling::AlwaysOn => Sampler::AlwaysOn,
+        Sampling::AlwaysOff => Sampler::AlwaysOff,
+        Sampling::Ratio(r) => Sampler::TraceIdRatioBased(r),
+        Sampling::ParentBased(r) => Sampler::ParentBased(Box::new(root(r))),
+    }
+}
