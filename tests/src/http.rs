@@ -15,6 +15,8 @@ pub struct Request {
     /// Path and query.
     pub path: String,
     pub body: String,
+    /// The body as it came (a binary one, such as an OTLP export, is not text).
+    pub bytes: Vec<u8>,
     /// The body came chunked (`transfer-encoding: chunked`), not with a `content-length`.
     pub chunked: bool,
 }
@@ -158,6 +160,7 @@ fn serve(stream: TcpStream, requests: &Mutex<Vec<Request>>, handler: &Handler) {
         method,
         path,
         body: String::from_utf8_lossy(&body).into_owned(),
+        bytes: body,
         chunked,
     };
     let reply = handler(&request);

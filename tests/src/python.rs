@@ -7,11 +7,15 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// What the venv holds: the Celery the wire protocol was captured from, the Flower operators
-/// watch it with, and Prometheus' own parser of the metrics text format.
+/// watch it with, Prometheus' own parser of the metrics text format, and the OpenTelemetry SDK
+/// with the Celery instrumentation a tracing Celery user runs.
 const REQUIREMENTS: &[&str] = &[
     "celery[redis]==5.7.0",
     "flower==2.2.0",
     "prometheus_client==0.26.0",
+    "opentelemetry-sdk==1.45.2",
+    "opentelemetry-exporter-otlp-proto-http==1.45.2",
+    "opentelemetry-instrumentation-celery==0.66b2",
 ];
 
 /// The venv's python interpreter (`python -m celery ...` runs Celery's CLI).
@@ -87,7 +91,7 @@ pub fn run_snippet_in(
 
 fn create() -> PathBuf {
     // Named for what it holds, so a change of requirements makes a new one.
-    let venv = target_dir().join("pyenv-celery-5.7.0-flower-2.2.0");
+    let venv = target_dir().join("pyenv-celery-5.7.0-flower-2.2.0-otel-1.45.2");
     let python = venv.join("bin").join("python");
     if venv.join(".ready").exists() {
         return python;
@@ -124,7 +128,7 @@ fn create() -> PathBuf {
                 "--disable-pip-version-check",
             ])
             .args(REQUIREMENTS),
-        "pip install Celery, Flower and prometheus_client from PyPI",
+        "pip install Celery, Flower, prometheus_client and OpenTelemetry from PyPI",
     );
     std::fs::write(staging.join(".ready"), REQUIREMENTS.join("\n")).expect("mark venv ready");
     if std::fs::rename(&staging, &venv).is_err() {

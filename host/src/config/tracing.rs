@@ -42,6 +42,20 @@ pub struct TracingSection {
     pub sampler: Option<String>,
     /// The ratio of the `traceidratio` samplers, 0 to 1 (`OTEL_TRACES_SAMPLER_ARG`).
     pub sampler_arg: Option<f64>,
+    /// Milliseconds a finished span waits for its batch (`OTEL_BSP_SCHEDULE_DELAY`) [5000].
+    pub schedule_delay_ms: Option<u64>,
+    /// Spans waiting for export before new ones are dropped (`OTEL_BSP_MAX_QUEUE_SIZE`) [2048].
+    pub max_queue_size: Option<usize>,
+    /// Spans per export at most (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`) [512].
+    pub max_export_batch_size: Option<usize>,
+}
+
+/// How finished spans are batched for export (OpenTelemetry's batch span processor settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    pub delay: Duration,
+    pub queue: usize,
+    pub batch: usize,
 }
 
 /// Which traces are recorded: a trace a producer started keeps its producer's decision
@@ -73,6 +87,7 @@ pub struct TracingConfig {
     /// `OTEL_RESOURCE_ATTRIBUTES` over the file's, `service.name` apart.
     pub resource: Vec<(String, String)>,
     pub sampling: Sampling,
+    pub batching: Batching,
 }
 
 impl TracingConfig {
@@ -157,6 +172,7 @@ impl TracingConfig {
             service_name,
             resource: resource.into_iter().collect(),
             sampling: sampling(section, &var)?,
+            batching: batching(section, &var)?,
         }))
     }
 }
@@ -205,6 +221,48 @@ fn pairs(list: &str, name: &str) -> anyhow::Result<Vec<(String, String)>> {
             Ok((key.trim().to_owned(), value.into_owned()))
         })
         .collect()
+}
+
+fn batching(
+    section: &TracingSection,
+    var: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<Batching> {
+    let number = |name: &str, file: Option<u64>, default: u64, max: u64| -> anyhow::Result<u64> {
+        let n = match var(name) {
+            Some(text) => text
+                .parse::<u64>()
+                .with_context(|| format!("{name} {text:?} is not a whole number"))?,
+            None => file.unwrap_or(default),
+        };
+        if n == 0 || n > max {
+            bail!("{name} must be between 1 and {max}, got {n}");
+        }
+        Ok(n)
+    };
+    let as_u64 = |n: Option<usize>| n.map(|n| n as u64);
+    let delay = number(
+        "OTEL_BSP_SCHEDULE_DELAY",
+        section.schedule_delay_ms,
+        5_000,
+        3_600_000,
+    )?;
+    let queue = number(
+        "OTEL_BSP_MAX_QUEUE_SIZE",
+        as_u64(section.max_queue_size),
+        2048,
+        1_000_000,
+    )?;
+    let batch = number(
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        as_u64(section.max_export_batch_size),
+        512,
+        queue,
+    )?;
+    Ok(Batching {
+        delay: Duration::from_millis(delay),
+        queue: queue as usize,
+        batch: batch as usize,
+    })
 }
 
 fn sampling(
@@ -337,6 +395,8 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
             ("OTEL_TRACES_EXPORTER", "zipkin"),
             ("OTEL_EXPORTER_OTLP_HEADERS", "novalue"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "never"),
         ] {
             let mut vars = on.to_vec();
             vars.push(bad);

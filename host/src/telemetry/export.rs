@@ -13,12 +13,7 @@ use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Spans waiting for the export thread before new ones are dropped (the SDK's default).
-const QUEUE: usize = 2048;
-/// Spans sent in one export at most (the SDK's default).
-const BATCH: usize = 512;
-/// How long a span may wait for its batch to fill (the SDK's default).
-const DELAY: Duration = Duration::from_secs(5);
+use crate::config::tracing::Batching;
 
 /// What became of the spans this worker finished.
 #[derive(Debug, Default)]
@@ -71,15 +66,18 @@ impl std::fmt::Debug for Message {
 }
 
 impl Batcher {
-    /// Starts the export thread sending through `exporter`.
-    pub fn start<E: SpanExporter + 'static>(exporter: E) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel(QUEUE);
+    /// Starts the export thread sending through `exporter`, batching as `batching` says.
+    pub fn start<E: SpanExporter + 'static>(
+        exporter: E,
+        batching: Batching,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(batching.queue);
         let counts = Arc::new(SpanCounts::default());
         let thread = std::thread::Builder::new()
             .name("taskhost-spans".into())
             .spawn({
                 let counts = counts.clone();
-                move || export_loop(&exporter, &rx, &counts)
+                move || export_loop(&exporter, &rx, &counts, batching)
             })?;
         Ok(Self {
             tx,
@@ -150,17 +148,25 @@ impl SpanProcessor for Batcher {
     }
 }
 
-fn export_loop<E: SpanExporter>(exporter: &E, rx: &mpsc::Receiver<Message>, counts: &SpanCounts) {
-    let mut batch: Vec<SpanData> = Vec::with_capacity(BATCH);
-    let mut due = Instant::now() + DELAY;
+fn export_loop<E: SpanExporter>(
+    exporter: &E,
+    rx: &mpsc::Receiver<Message>,
+    counts: &SpanCounts,
+    batching: Batching,
+) {
+    let Batching {
+        delay, batch: most, ..
+    } = batching;
+    let mut batch: Vec<SpanData> = Vec::with_capacity(most);
+    let mut due = Instant::now() + delay;
     loop {
         let wait = due.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(Message::Span(span)) => {
                 batch.push(*span);
-                if batch.len() >= BATCH {
+                if batch.len() >= most {
                     send(exporter, &mut batch, counts);
-                    due = Instant::now() + DELAY;
+                    due = Instant::now() + delay;
                 }
             }
             Ok(Message::Flush(done)) => {
@@ -175,7 +181,7 @@ fn export_loop<E: SpanExporter>(exporter: &E, rx: &mpsc::Receiver<Message>, coun
             }
             Err(RecvTimeoutError::Timeout) => {
                 send(exporter, &mut batch, counts);
-                due = Instant::now() + DELAY;
+                due = Instant::now() + delay;
             }
             Err(RecvTimeoutError::Disconnected) => {
                 send(exporter, &mut batch, counts);
@@ -190,7 +196,7 @@ fn send<E: SpanExporter>(exporter: &E, batch: &mut Vec<SpanData>, counts: &SpanC
     if batch.is_empty() {
         return;
     }
-    let spans = std::mem::replace(batch, Vec::with_capacity(BATCH));
+    let spans = std::mem::take(batch);
     let n = spans.len() as u64;
     match futures_executor::block_on(exporter.export(spans)) {
         Ok(()) => {
@@ -208,6 +214,12 @@ fn send<E: SpanExporter>(exporter: &E, batch: &mut Vec<SpanData>, counts: &SpanC
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const BATCHING: Batching = Batching {
+        delay: Duration::from_secs(5),
+        queue: 2048,
+        batch: 512,
+    };
 
     /// An exporter that keeps what it is sent.
     #[derive(Debug, Clone, Default)]
@@ -255,7 +267,7 @@ mod tests {
     #[test]
     fn a_flush_exports_what_was_offered_and_counts_it() {
         let exporter = Kept::default();
-        let batcher = Batcher::start(exporter.clone()).expect("thread");
+        let batcher = Batcher::start(exporter.clone(), BATCHING).expect("thread");
         batcher.offer(span(true));
         batcher.offer(span(false));
         batcher.force_flush().expect("flushed");
@@ -283,8 +295,8 @@ mod tests {
     #[test]
     fn a_collector_that_is_down_costs_spans_never_the_caller_and_they_are_counted() {
         let (release, hold) = std::sync::mpsc::channel();
-        let batcher = Batcher::start(Down(Mutex::new(hold))).expect("thread");
-        let offered = (QUEUE + BATCH) as u64 * 2;
+        let batcher = Batcher::start(Down(Mutex::new(hold)), BATCHING).expect("thread");
+        let offered = (BATCHING.queue + BATCHING.batch) as u64 * 2;
         let started = Instant::now();
         for _ in 0..offered {
             batcher.offer(span(true));

@@ -73,7 +73,8 @@ impl Telemetry {
             .build()
             .context("the OTLP trace exporter")?;
         exporter.set_resource(&resource);
-        let batcher = Batcher::start(exporter).context("starting the span export thread")?;
+        let batcher =
+            Batcher::start(exporter, config.batching).context("starting the span export thread")?;
         let provider = SdkTracerProvider::builder()
             .with_span_processor(batcher.clone())
             .with_sampler(sampler(config.sampling))
