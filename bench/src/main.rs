@@ -29,6 +29,9 @@ fn main() {
     if !options.idle_plugins.is_empty() {
         return idle::idle_plugins(&options);
     }
+    if options.tracing_cost {
+        return compare::tracing_cost(&options.effective());
+    }
     match &options.baseline {
         Some(baseline) => compare::compare(&options.effective(), baseline),
         None => run::run(&options),
