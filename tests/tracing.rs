@@ -64,6 +64,9 @@ struct Span {
     name: String,
     kind: i32,
     status: i32,
+    /// Start and end, nanoseconds since the Unix epoch.
+    start: u64,
+    end: u64,
     attributes: BTreeMap<String, String>,
     events: Vec<(String, BTreeMap<String, String>)>,
 }
@@ -130,6 +133,8 @@ impl Collector {
                         name: span.name.clone(),
                         kind: span.kind,
                         status: span.status.as_ref().map_or(0, |s| s.code),
+                        start: span.start_time_unix_nano,
+                        end: span.end_time_unix_nano,
                         attributes: attributes(&span.attributes),
                         events: span
                             .events
@@ -185,7 +190,13 @@ fn setup(name: &str) -> Setup {
     let dir = TestDir::new(name);
     let redis = RedisServer::start(&dir);
     let plugins = dir.plugins(&["demo"]);
-    let mut command = Process::worker_command(&dir, &redis, &plugins, &["-n", "traced@test"]);
+    std::fs::copy(
+        taskhost_tests::test_plugin_wasm("hostile"),
+        plugins.join("hostile.wasm"),
+    )
+    .expect("the hostile test plugin");
+    let flags = ["-n", "traced@test", "--metrics-addr", "127.0.0.1:0"];
+    let mut command = Process::worker_command(&dir, &redis, &plugins, &flags);
     command
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
         .env("OTEL_BSP_SCHEDULE_DELAY", "50");
@@ -558,4 +569,124 @@ fn the_readmes_tracing_section_in_taskhost_toml_sends_spans_with_its_settings() 
     assert_eq!(client.result(&id)["result"], json!(5));
     let run = collector.run_span(&id, "SUCCESS");
     assert_eq!(run.service, "evaluations-worker", "the file's service_name");
+}
+
+#[test]
+fn a_rust_plugins_own_spans_nest_under_its_task_span() {
+    let s = setup("trace-plugin-spans");
+    let mut client = Client::new(&s.redis);
+    let id = client.send("demo.traced", json!([["ab", "cde"]]));
+    assert_eq!(client.result(&id)["result"], json!(5));
+    let run = s.collector.run_span(&id, "SUCCESS");
+    let sandbox = s.collector.wait("the sandbox span", |spans| {
+        spans
+            .iter()
+            .find(|x| x.parent == run.span_id && x.name == "sandbox")
+            .cloned()
+    });
+    let count = s.collector.wait("the plugin's span", |spans| {
+        spans.iter().find(|x| x.name == "count letters").cloned()
+    });
+    assert_eq!(
+        count.parent, sandbox.span_id,
+        "under the task's sandbox span"
+    );
+    assert_eq!(count.trace_id, run.trace_id);
+    assert_eq!(count.attr("words"), Some("2"));
+    assert_eq!(count.attr("letters"), Some("5"));
+    assert_eq!(count.attr("taskhost.plugin"), Some("demo"));
+    let measures = s.collector.wait("both measure spans", |spans| {
+        let m: Vec<Span> = spans
+            .iter()
+            .filter(|x| x.name == "measure")
+            .cloned()
+            .collect();
+        (m.len() == 2).then_some(m)
+    });
+    let words: std::collections::BTreeSet<&str> =
+        measures.iter().filter_map(|m| m.attr("word")).collect();
+    assert_eq!(words, ["ab", "cde"].into_iter().collect());
+    for m in &measures {
+        assert_eq!(
+            m.parent, count.span_id,
+            "nested under the span open before it"
+        );
+        assert!(
+            m.start >= count.start && m.end <= count.end,
+            "{m:?} within {count:?}"
+        );
+    }
+}
+
+#[test]
+fn a_plugins_spans_stay_in_its_tasks_trace_and_within_bounds() {
+    let s = setup("trace-plugin-hostile");
+    let mut client = Client::new(&s.redis);
+    let sent_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos() as u64;
+    for mode in ["foreign", "unstarted", "orphan", "flood", "huge"] {
+        let id = client.send("hostile.spans", json!([mode]));
+        let doc = client.result(&id);
+        assert_eq!(
+            doc["status"], "SUCCESS",
+            "{mode}: the task is not failed for it: {doc}"
+        );
+        s.collector.run_span(&id, "SUCCESS");
+    }
+    let spans = s.collector.spans();
+    let named = |name: &str| spans.iter().filter(|x| x.name == name).count();
+    assert_eq!(named("foreign"), 0, "into another trace");
+    assert_eq!(named("unstarted"), 0, "ended, never started");
+    assert_eq!(named("orphan"), 0, "under a parent it never started");
+    assert_eq!(named("flood"), 1_000, "at most 1,000 spans per task");
+    let huge = spans
+        .iter()
+        .find(|x| x.name.starts_with("nnnn"))
+        .expect("the huge span, cut");
+    assert!(huge.name.chars().count() <= 257, "name cut");
+    assert!(
+        huge.attributes.len() <= 65,
+        "{} attributes",
+        huge.attributes.len()
+    );
+    assert!(
+        huge.attributes.values().all(|v| v.len() <= 4_100),
+        "values cut"
+    );
+    let received_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos() as u64;
+    assert!(
+        huge.start >= sent_at && huge.end <= received_at && huge.start <= huge.end,
+        "times clamped to the task's run: {} .. {} not within {sent_at} .. {received_at}",
+        huge.start,
+        huge.end
+    );
+    let (status, text) = http_get(&s.worker.metrics_addr(), "/metrics", None).expect("/metrics");
+    assert_eq!(status, 200);
+    let refused = counter(
+        &text,
+        "taskhost_trace_spans_dropped_total{reason=\"refused\"}",
+    );
+    assert_eq!(
+        refused,
+        3 + 1_000,
+        "foreign, unstarted and orphan, and the flood's extra 1,000"
+    );
+}
+
+#[test]
+fn a_plugin_that_makes_spans_runs_the_same_untraced() {
+    let dir = TestDir::new("trace-plugin-untraced");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.plugins(&["demo"]);
+    let _worker = Process::worker(&dir, &redis, &plugins, &[]);
+    let mut client = Client::new(&redis);
+    assert_eq!(
+        client.success("demo.traced", json!([["ab", "cde"]])),
+        json!(5)
+    );
 }

@@ -101,6 +101,7 @@ fn per_task(
         grants: grants.for_plugin(&plugin.name),
         progress: None,
         outbox: None,
+        trace: None,
     };
     let mut times = Vec::with_capacity(RUNS);
     for run in 0..WARM_UP + RUNS {

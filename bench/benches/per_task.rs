@@ -58,6 +58,7 @@ fn per_task(c: &mut Criterion) {
         grants: grants.for_plugin(&plugin.name),
         progress: None,
         outbox: None,
+        trace: None,
     };
     let task = task_record(&message, None, "bench@localhost");
 

@@ -24,8 +24,14 @@ pub fn compare(options: &Options, baseline: &Path) {
     println!("baseline: {}", baseline.display());
     println!("this build: {}", current.display());
     let variants: [Variant; 2] = [
-        ("baseline", Box::new(|stage, c| stage.start_build(baseline, c))),
-        ("this build", Box::new(|stage, c| stage.start_build(&current, c))),
+        (
+            "baseline",
+            Box::new(|stage, c| stage.start_build(baseline, c)),
+        ),
+        (
+            "this build",
+            Box::new(|stage, c| stage.start_build(&current, c)),
+        ),
     ];
     side_by_side(options, "--baseline", &variants);
 }
@@ -46,13 +52,22 @@ pub fn tracing_cost(options: &Options) {
         ),
     );
     let variants: [Variant; 2] = [
-        ("tracing off", Box::new(|stage, c| stage.start_configured(c, &off))),
-        ("every task traced", Box::new(|stage, c| stage.start_configured(c, &on))),
+        (
+            "tracing off",
+            Box::new(|stage, c| stage.start_configured(c, &off)),
+        ),
+        (
+            "every task traced",
+            Box::new(|stage, c| stage.start_configured(c, &on)),
+        ),
     ];
     side_by_side(options, "--tracing-cost", &variants);
     let batches = collector.requests().len();
     println!("the collector took {batches} OTLP batches");
-    assert!(batches > 0, "no span reached the collector: tracing was not on");
+    assert!(
+        batches > 0,
+        "no span reached the collector: tracing was not on"
+    );
 }
 
 /// Drains `demo.add` with each variant, alternately, at each `--concurrency`, `--repeat`

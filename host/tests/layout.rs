@@ -30,7 +30,14 @@ const ROOMS: &[(&str, &[&str])] = &[
     ),
     (
         "monitor",
-        &["protocol", "clock", "redis", "config", "shutdown"],
+        &[
+            "protocol",
+            "clock",
+            "redis",
+            "config",
+            "telemetry",
+            "shutdown",
+        ],
     ),
     (
         "worker",

@@ -230,6 +230,7 @@ pub async fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
         grants: plugin_grants,
         progress: None,
         outbox: None,
+        trace: None,
     };
     let outcome = sandbox.run(&plugin.pre, scope, &task, hard).await?;
     Ok(print_outcome(outcome, args.retries))

@@ -104,8 +104,8 @@ pub struct Snapshot {
     pub instances_recycled: u64,
     pub healthy: bool,
     pub uptime_seconds: f64,
-    /// With tracing on: spans (exported, dropped for a full queue, lost in a failed export).
-    pub spans: Option<(u64, u64, u64)>,
+    /// With tracing on: what became of the spans.
+    pub spans: Option<crate::telemetry::export::SpanTotals>,
 }
 
 impl Metrics {
@@ -303,19 +303,24 @@ fn render_snapshot(out: &mut Text, snapshot: &Snapshot) {
         );
     }
     render_worker(out, snapshot);
-    if let Some((exported, queue_full, export_failed)) = snapshot.spans {
+    if let Some(spans) = snapshot.spans {
         out.single(
             "taskhost_trace_spans_exported_total",
             "counter",
             "Spans sent to the OTLP collector.",
-            exported as f64,
+            spans.exported as f64,
         );
         out.family(
             "taskhost_trace_spans_dropped_total",
             "counter",
-            "Spans lost: the export queue was full (reason=\"queue_full\") or the collector did not take them (reason=\"export_failed\"). Tasks are never slowed or lost for them.",
+            "Spans lost: the export queue was full (reason=\"queue_full\"), the collector did not take them (reason=\"export_failed\"), or a plugin's span was refused (reason=\"refused\"). Tasks are never slowed or lost for them.",
         );
-        for (reason, n) in [("queue_full", queue_full), ("export_failed", export_failed)] {
+        let reasons = [
+            ("queue_full", spans.queue_full),
+            ("export_failed", spans.export_failed),
+            ("refused", spans.refused),
+        ];
+        for (reason, n) in reasons {
             out.sample(
                 "taskhost_trace_spans_dropped_total",
                 &[("reason", reason)],

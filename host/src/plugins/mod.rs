@@ -293,6 +293,7 @@ pub async fn load(
         grants: plugin_grants,
         progress: None,
         outbox: None,
+        trace: None,
     };
     let (declared, infos) = sandbox.describe(&pre, scope).await?;
     let tasks = task_specs(&name, infos)?;

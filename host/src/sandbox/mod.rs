@@ -22,6 +22,7 @@ mod http_send;
 mod incremental;
 mod limits;
 mod no_http;
+mod otel;
 mod outcome;
 mod output;
 mod prewarm;
@@ -113,6 +114,8 @@ pub struct Scope {
     pub progress: Option<Arc<dyn Progress>>,
     /// Where the tasks it sends go; none where there is no broker (`taskhost exec`).
     pub outbox: Option<Arc<dyn Outbox>>,
+    /// Where its own spans (`wasi:otel`) go; none when the task is not traced.
+    pub trace: Option<Arc<crate::telemetry::guest::GuestTrace>>,
 }
 
 impl Scope {
@@ -125,6 +128,7 @@ impl Scope {
             grants: self.grants.clone(),
             progress: None,
             outbox: None,
+            trace: None,
         }
     }
 
@@ -137,6 +141,7 @@ impl Scope {
             grants: crate::config::GrantTable::default().defaults(),
             progress: None,
             outbox: None,
+            trace: None,
         }
     }
 }
@@ -278,6 +283,7 @@ impl Sandbox {
             &mut linker,
             |state| state,
         )?;
+        otel::add_to_linker(&mut linker)?;
         let ticker = ticker::Ticker::start(&engine)?;
         Ok(Self {
             engine,

@@ -23,6 +23,8 @@ pub struct SpanCounts {
     queue_full: AtomicU64,
     /// Dropped because their export failed (the collector down, or refusing them).
     export_failed: AtomicU64,
+    /// A plugin's spans the host refused (another trace, never started, over the count).
+    refused: AtomicU64,
 }
 
 /// A reading of [`SpanCounts`].
@@ -31,6 +33,7 @@ pub struct SpanTotals {
     pub exported: u64,
     pub queue_full: u64,
     pub export_failed: u64,
+    pub refused: u64,
 }
 
 impl SpanCounts {
@@ -39,7 +42,13 @@ impl SpanCounts {
             exported: self.exported.load(Ordering::Relaxed),
             queue_full: self.queue_full.load(Ordering::Relaxed),
             export_failed: self.export_failed.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts a plugin's span the host refused.
+    pub fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
     }
 }
 

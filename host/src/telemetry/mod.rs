@@ -4,12 +4,14 @@
 //!
 //! - [`span`]: a task's spans and their attributes, the context published messages carry.
 //! - [`export`]: the bounded queue and export thread, with its counts of spans lost.
+//! - [`guest`]: the spans a plugin makes (`wasi:otel`), checked and bounded.
 //! - [`http`]: the POST of a batch to the collector.
 //!
 //! Off (the default), no tracer exists: the task path's calls find no current span and
 //! return at once.
 
 pub mod export;
+pub mod guest;
 pub mod http;
 pub mod span;
 
@@ -27,9 +29,15 @@ use std::time::Duration;
 /// The process's tracer, set once when tracing starts (a worker traces with one provider for
 /// its life, as OpenTelemetry's global tracer).
 static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+/// The export queue, set with the tracer: where plugins' spans go too.
+static BATCHER: OnceLock<Batcher> = OnceLock::new();
 
 fn tracer() -> Option<&'static SdkTracer> {
     TRACER.get()
+}
+
+fn batcher() -> Option<&'static Batcher> {
+    BATCHER.get()
 }
 
 /// Tracing, started: the provider and what it has exported.
@@ -80,9 +88,11 @@ impl Telemetry {
             .with_sampler(sampler(config.sampling))
             .with_resource(resource)
             .build();
+        let twice = || anyhow::anyhow!("tracing was started twice in one process");
+        BATCHER.set(batcher.clone()).map_err(|_| twice())?;
         TRACER
             .set(provider.tracer("taskhost"))
-            .map_err(|_| anyhow::anyhow!("tracing was started twice in one process"))?;
+            .map_err(|_| twice())?;
         tracing::info!(endpoint = %config.endpoint, "tracing: spans go to the OTLP collector");
         Ok(Self { provider, batcher })
     }

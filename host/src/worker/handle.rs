@@ -17,6 +17,7 @@ use crate::protocol::event::TaskEvent;
 use crate::protocol::{Exception, Meta, State, TaskMessage, exception_document};
 use crate::redis::Delivery;
 use crate::sandbox::{Scope, Task};
+use crate::telemetry::guest::GuestTrace;
 use crate::telemetry::span;
 use opentelemetry::KeyValue;
 use opentelemetry::context::FutureExt as _;
@@ -122,6 +123,7 @@ async fn run(
         grants: admitted.grants.clone(),
         progress: Some(Arc::new(progress)),
         outbox: Some(outbox),
+        trace: GuestTrace::for_current_task(plugin.name.clone()),
     };
     let terminated = shared.revocations.started(&message.id);
     // A revoke heard after the gates' check and before the line above found nothing running

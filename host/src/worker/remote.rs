@@ -466,10 +466,7 @@ impl StatusSource for Status {
                 instances_recycled,
                 healthy: health.healthy(),
                 uptime_seconds: shared.started.elapsed().as_secs_f64(),
-                spans: shared.telemetry.as_ref().map(|t| {
-                    let totals = t.totals();
-                    (totals.exported, totals.queue_full, totals.export_failed)
-                }),
+                spans: shared.telemetry.as_ref().map(|t| t.totals()),
             };
             shared.metrics.render(&snapshot)
         })

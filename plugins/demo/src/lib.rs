@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 use taskhost_sdk::canvas::{Signature, chord, group};
-use taskhost_sdk::{Failure, Result, tasks};
+use taskhost_sdk::{Failure, Result, tasks, trace};
 
 tasks! {
     /// x + y. Overflow is a failure, not a wrap.
@@ -75,6 +75,24 @@ tasks! {
                 .map_err(|e| Failure::error("RuntimeError", format!("cannot report progress: {e}")))?;
         }
         Ok(steps)
+    }
+
+    /// Counts the letters of `words` in a span of its own, with a span per word nested in it:
+    /// a traced worker shows them under the task's (see the README's "Tracing" section).
+    #[task(name = "demo.traced")]
+    fn traced(words: Vec<String>) -> Result<usize> {
+        let mut span = trace::span("count letters");
+        span.set_attribute("words", words.len() as i64);
+        let letters = words
+            .iter()
+            .map(|word| {
+                let mut measure = trace::span("measure");
+                measure.set_attribute("word", word.as_str());
+                word.chars().count()
+            })
+            .sum();
+        span.set_attribute("letters", letters as i64);
+        Ok(letters)
     }
 
     /// Asks to be retried, with its backoff (0.1 s, doubling), until its retry count equals

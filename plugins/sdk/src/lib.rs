@@ -25,7 +25,7 @@
 //! serialises the result to JSON. A bad argument becomes a `TypeError` failure naming the
 //! parameter, never a trap. [`task()`] tells the running task's id, retries and worker; [`log`],
 //! [`update_state`] and [`config`] reach the host; [`canvas`] sends tasks, chains, groups and
-//! chords from inside a task.
+//! chords from inside a task; [`trace`] adds spans of its own to the worker's trace.
 //!
 //! # Layout
 //! - [`bindings`]: what `wit-bindgen` generates from `wit/plugin.wit`.
@@ -33,6 +33,7 @@
 //!   [`update_state`], [`log`]) and the [`tasks!`] macro.
 //! - `args`: binding Celery arguments to parameters.
 //! - [`canvas`]: signatures, and sending them.
+//! - [`trace`]: spans of the plugin's own, in the worker's trace; [`otel`] their bindings.
 
 mod args;
 pub mod canvas;
@@ -41,6 +42,7 @@ pub mod http;
 mod macros;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
+pub mod trace;
 
 pub use error::Kind;
 
@@ -52,6 +54,17 @@ pub mod bindings {
         path: "../../wit",
         pub_export_macro: true,
         default_bindings_module: "taskhost_sdk::bindings",
+    });
+}
+
+/// Generated from `wit/otel/` (`wasi:otel/tracing` 0.2.0-rc.2): what [`trace`] calls. A plugin
+/// that makes no span imports none of it.
+#[allow(missing_docs, unsafe_code, clippy::all)]
+pub mod otel {
+    wit_bindgen::generate!({
+        world: "tracing",
+        path: "../../wit/otel",
+        generate_all,
     });
 }
 

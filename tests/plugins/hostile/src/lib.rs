@@ -41,6 +41,89 @@ tasks! {
         }
     }
 
+    /// Reports spans through `wasi:otel` as a hostile plugin would (`mode`): into another
+    /// trace (`foreign`), never started (`unstarted`), under a parent it never started
+    /// (`orphan`), 2,000 of them (`flood`), or with times and sizes out of all bounds
+    /// (`huge`). Returns how many it reported.
+    #[task(name = "hostile.spans")]
+    fn spans(mode: String) -> Result<u32> {
+        use taskhost_sdk::otel::wasi::clocks::wall_clock::Datetime;
+        use taskhost_sdk::otel::wasi::otel::tracing as t;
+        use taskhost_sdk::otel::wasi::otel::types::{InstrumentationScope, KeyValue};
+        let outer = t::outer_span_context();
+        let context = |trace_id: &str, id: u64| t::SpanContext {
+            trace_id: trace_id.to_owned(),
+            span_id: format!("{id:016x}"),
+            trace_flags: outer.trace_flags,
+            is_remote: false,
+            trace_state: Vec::new(),
+        };
+        let at = |seconds: u64| Datetime { seconds, nanoseconds: 0 };
+        let now = now_ms() / 1000;
+        let data = |context: t::SpanContext, parent: &str, name: String, attributes: Vec<KeyValue>, start: Datetime, end: Datetime| t::SpanData {
+            span_context: context,
+            parent_span_id: parent.to_owned(),
+            span_kind: t::SpanKind::Internal,
+            name,
+            start_time: start,
+            end_time: end,
+            attributes,
+            events: Vec::new(),
+            links: Vec::new(),
+            status: t::Status::Unset,
+            instrumentation_scope: InstrumentationScope {
+                name: "hostile".into(),
+                version: None,
+                schema_url: None,
+                attributes: Vec::new(),
+            },
+            dropped_attributes: 0,
+            dropped_events: 0,
+            dropped_links: 0,
+        };
+        let report = |c: t::SpanContext, parent: &str, name: &str, start: bool| {
+            if start {
+                t::on_start(&c);
+            }
+            t::on_end(&data(c, parent, name.to_owned(), Vec::new(), at(now), at(now)));
+        };
+        let n = match mode.as_str() {
+            "foreign" => {
+                report(context(&"f".repeat(32), 1), &outer.span_id, "foreign", true);
+                1
+            }
+            "unstarted" => {
+                report(context(&outer.trace_id, 2), &outer.span_id, "unstarted", false);
+                1
+            }
+            "orphan" => {
+                report(context(&outer.trace_id, 3), "00000000000000aa", "orphan", true);
+                1
+            }
+            "flood" => {
+                for id in 1..=2_000u64 {
+                    report(context(&outer.trace_id, 0x1000 + id), &outer.span_id, "flood", true);
+                }
+                2_000
+            }
+            "huge" => {
+                let c = context(&outer.trace_id, 4);
+                t::on_start(&c);
+                let attributes = (0..500)
+                    .map(|i| KeyValue {
+                        key: format!("k{i}"),
+                        value: serde_json::Value::from("v".repeat(100_000)).to_string(),
+                    })
+                    .collect();
+                let name = "n".repeat(100_000);
+                t::on_end(&data(c, &outer.span_id, name, attributes, at(0), at(u64::MAX / 2)));
+                1
+            }
+            other => return Err(Failure::error("ValueError", format!("no mode {other}"))),
+        };
+        Ok(n)
+    }
+
     /// Never returns.
     #[task(name = "hostile.spin")]
     fn spin() -> Result<()> {
