@@ -571,34 +571,37 @@ fn the_readmes_tracing_section_in_taskhost_toml_sends_spans_with_its_settings() 
     assert_eq!(run.service, "evaluations-worker", "the file's service_name");
 }
 
-#[test]
-fn a_rust_plugins_own_spans_nest_under_its_task_span() {
-    let s = setup("trace-plugin-spans");
-    let mut client = Client::new(&s.redis);
-    let id = client.send("demo.traced", json!([["ab", "cde"]]));
-    assert_eq!(client.result(&id)["result"], json!(5));
-    let run = s.collector.run_span(&id, "SUCCESS");
-    let sandbox = s.collector.wait("the sandbox span", |spans| {
+/// Sends `task(["ab", "cde"])` (a plugin's `traced`: a span "count letters" with a "measure"
+/// span per word in it) and checks its spans nest under the task's `sandbox` span, with their
+/// attributes, in `plugin`'s name.
+fn check_traced(collector: &Collector, client: &mut Client, task: &str, plugin: &str) {
+    let id = client.send(task, json!([["ab", "cde"]]));
+    let doc = client.result(&id);
+    assert_eq!(doc["result"], json!(5), "{doc}");
+    let run = collector.run_span(&id, "SUCCESS");
+    let sandbox = collector.wait("the sandbox span", |spans| {
         spans
             .iter()
             .find(|x| x.parent == run.span_id && x.name == "sandbox")
             .cloned()
     });
-    let count = s.collector.wait("the plugin's span", |spans| {
-        spans.iter().find(|x| x.name == "count letters").cloned()
+    let count = collector.wait("the plugin's span", |spans| {
+        spans
+            .iter()
+            .find(|x| x.name == "count letters" && x.trace_id == run.trace_id)
+            .cloned()
     });
     assert_eq!(
         count.parent, sandbox.span_id,
         "under the task's sandbox span"
     );
-    assert_eq!(count.trace_id, run.trace_id);
     assert_eq!(count.attr("words"), Some("2"));
     assert_eq!(count.attr("letters"), Some("5"));
-    assert_eq!(count.attr("taskhost.plugin"), Some("demo"));
-    let measures = s.collector.wait("both measure spans", |spans| {
+    assert_eq!(count.attr("taskhost.plugin"), Some(plugin));
+    let measures = collector.wait("both measure spans", |spans| {
         let m: Vec<Span> = spans
             .iter()
-            .filter(|x| x.name == "measure")
+            .filter(|x| x.name == "measure" && x.trace_id == run.trace_id)
             .cloned()
             .collect();
         (m.len() == 2).then_some(m)
@@ -609,13 +612,94 @@ fn a_rust_plugins_own_spans_nest_under_its_task_span() {
     for m in &measures {
         assert_eq!(
             m.parent, count.span_id,
-            "nested under the span open before it"
+            "nested under the span open around it"
         );
         assert!(
             m.start >= count.start && m.end <= count.end,
             "{m:?} within {count:?}"
         );
     }
+}
+
+#[test]
+fn a_rust_plugins_own_spans_nest_under_its_task_span() {
+    let s = setup("trace-plugin-spans");
+    check_traced(
+        &s.collector,
+        &mut Client::new(&s.redis),
+        "demo.traced",
+        "demo",
+    );
+}
+
+/// A worker tracing to a new collector, serving the SDK test plugin `source` as `name`
+/// (precompiled in the cache the SDK semantics tests share).
+fn sdk_worker(source: &str, name: &str) -> (Collector, TestDir, RedisServer, Process) {
+    let collector = Collector::start();
+    let dir = TestDir::new(&format!("trace-sdk-{name}"));
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugins dir");
+    std::fs::copy(
+        taskhost_tests::source_plugin_wasm(source),
+        plugins.join(format!("{name}.wasm")),
+    )
+    .expect("copy the plugin");
+    let config = dir
+        .write("taskhost.toml", "")
+        .to_string_lossy()
+        .into_owned();
+    let cache = taskhost_tests::target_dir()
+        .join("test-runs")
+        .join("semantics-precompiled");
+    let cache = cache.to_string_lossy().into_owned();
+    Process::precompile(&dir, &plugins, &config, &cache);
+    let args = ["--config", config.as_str(), "--cache-dir", cache.as_str()];
+    let mut command = Process::worker_command(&dir, &redis, &plugins, &args);
+    command
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "50");
+    let worker = Process::spawn(&dir, "worker.log", command);
+    worker.wait_log("worker ready");
+    (collector, dir, redis, worker)
+}
+
+/// An SDK's spans (`source`, served as `name`): nested as the Rust SDK's are, and an error
+/// leaving a span recorded on it, the span marked failed and the task failed with it.
+fn sdk_spans(source: &str, name: &str) {
+    let (collector, _dir, redis, _worker) = sdk_worker(source, name);
+    let mut client = Client::new(&redis);
+    check_traced(&collector, &mut client, &format!("{name}.traced"), name);
+    let id = client.send(&format!("{name}.traced_failure"), json!([]));
+    let doc = client.result(&id);
+    assert_eq!(doc["status"], "FAILURE", "{doc}");
+    let run = collector.run_span(&id, "FAILURE");
+    let doomed = collector.wait("the failed span", |spans| {
+        spans
+            .iter()
+            .find(|x| x.name == "doomed" && x.trace_id == run.trace_id)
+            .cloned()
+    });
+    assert_eq!(doomed.status, STATUS_ERROR);
+    let (_, exception) = doomed
+        .events
+        .iter()
+        .find(|(n, _)| n == "exception")
+        .expect("the exception recorded on the span");
+    assert_eq!(
+        exception.get("exception.message").map(String::as_str),
+        Some("inside a span")
+    );
+}
+
+#[test]
+fn a_python_plugins_own_spans_nest_under_its_task_span() {
+    sdk_spans("semantics-py", "sem");
+}
+
+#[test]
+fn a_javascript_plugins_own_spans_nest_under_its_task_span() {
+    sdk_spans("semantics-js", "semjs");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 // Testing a plugin's tasks natively, under node's test runner, with a test double for the
 // host: the config values you give it, and the progress, log lines, sent tasks and HTTP
 // requests it records for your asserts. Load it before the plugin, so that the plugin's
-// imports of the host (`taskhost:plugin/host`, `wasi:http/...`) reach the double:
+// imports of the host (`taskhost:plugin/host`, `wasi:http/...`, `wasi:otel/tracing`) reach the double:
 //
 //     node --import ./taskhost-testing.js --test
 //
@@ -24,6 +24,17 @@ import { register } from 'node:module';
 // The double's modules, by the specifiers the SDK imports; they read and write the state the
 // FakeHost of the running test holds.
 const MODULES = {
+  // Natively nothing is traced: the task's span is the invalid one, so a span records nothing.
+  tracing: `
+    export function outerSpanContext() {
+      return {
+        traceId: '0'.repeat(32), spanId: '0'.repeat(16), traceFlags: { sampled: false },
+        isRemote: false, traceState: [],
+      };
+    }
+    export function onStart() {}
+    export function onEnd() {}
+  `,
   host: `
     const fake = () => globalThis.__taskhostFake;
     export function config(key) { return fake().config[key]; }
@@ -102,6 +113,7 @@ const HOOKS = `
     ['taskhost:plugin/host@', 'host'],
     ['wasi:http/types@', 'types'],
     ['wasi:http/outgoing-handler@', 'handler'],
+    ['wasi:otel/tracing@', 'tracing'],
   ];
   export async function resolve(specifier, context, next) {
     const route = routes.find(([prefix]) => specifier.startsWith(prefix));

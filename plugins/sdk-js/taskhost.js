@@ -26,7 +26,7 @@
 // `fetch` is the standard one, over the origins the operator granted: a denied origin rejects
 // with `CapabilityDenied`, a failed connection with `ConnectionError` (both TypeErrors, as
 // fetch's network errors are). `signature`, `chain`, `group` and `chord` send more tasks, as
-// Celery's canvas does. `taskhost-testing.js` runs the tasks natively, under node's test
+// Celery's canvas does. `span(name, fn)` adds a span of the plugin's own to the worker's trace. `taskhost-testing.js` runs the tasks natively, under node's test
 // runner, with a test double for the host.
 //
 // `taskhost build` puts this file beside app.js as the host that builds the plugin carries it,
@@ -35,6 +35,7 @@
 import * as host from 'taskhost:plugin/host@0.1.1';
 import { handle } from 'wasi:http/outgoing-handler@0.2.12';
 import { Fields, OutgoingBody, OutgoingRequest } from 'wasi:http/types@0.2.12';
+import * as otel from 'wasi:otel/tracing@0.2.0-rc.2';
 
 const registry = new Map();
 let pluginVersion = '0.0.0';
@@ -660,3 +661,138 @@ export async function fetch(input, init = {}) {
 
 // `await fetch(url)` in a task is this one: a denied origin then says so.
 globalThis.fetch = fetch;
+
+// Spans of the plugin's own, for the worker's trace (wasi:otel/tracing 0.2.0-rc.2).
+
+/** The ids of the spans open now, innermost last: a new span's parent. */
+const openSpans = [];
+
+function otelNow() {
+  const ms = Date.now();
+  return { seconds: BigInt(Math.floor(ms / 1000)), nanoseconds: (ms % 1000) * 1e6 };
+}
+
+function spanId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(8));
+  if (bytes.every((b) => b === 0)) bytes[7] = 1;
+  return [...bytes].map((b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+function attributeValue(value) {
+  try {
+    return JSON.stringify(value) ?? JSON.stringify(String(value));
+  } catch {
+    return JSON.stringify(String(value));
+  }
+}
+
+/**
+ * A span of the plugin's own (see `span`). Not recording (every method does nothing) when the
+ * task is not traced.
+ */
+export class Span {
+  constructor(name) {
+    this.context = null;
+    const outer = otel.outerSpanContext();
+    if (!outer.traceFlags.sampled || /^0*$/.test(outer.traceId)) return;
+    this.parent = openSpans.length ? openSpans[openSpans.length - 1] : outer.spanId;
+    this.context = { ...outer, spanId: spanId(), isRemote: false };
+    this.name = String(name);
+    this.attributes = new Map();
+    this.events = [];
+    this.error = null;
+    otel.onStart(this.context);
+    openSpans.push(this.context.spanId);
+    this.start = otelNow();
+  }
+
+  /** Whether what is set on this span goes anywhere (the task is traced and sampled). */
+  get isRecording() {
+    return this.context !== null;
+  }
+
+  /** Sets an attribute: text, a number, a boolean (anything else as its JSON). */
+  setAttribute(key, value) {
+    if (this.context) this.attributes.set(String(key), attributeValue(value));
+    return this;
+  }
+
+  /** Records that something happened now. */
+  addEvent(name, attributes = {}) {
+    if (this.context) {
+      const pairs = Object.entries(attributes)
+        .map(([key, value]) => ({ key, value: attributeValue(value) }));
+      this.events.push({ name: String(name), time: otelNow(), attributes: pairs });
+    }
+    return this;
+  }
+
+  /** Records `error` as OpenTelemetry's `exception` event and marks the span failed. */
+  recordException(error) {
+    this.addEvent('exception', {
+      'exception.type': error?.name ?? 'Error',
+      'exception.message': error?.message ?? String(error),
+      'exception.stacktrace': error?.stack ?? '',
+    });
+    if (this.context) this.error = `${error?.name ?? 'Error'}: ${error?.message ?? error}`;
+    return this;
+  }
+
+  /** Ends the span (`span` does). */
+  end() {
+    if (!this.context) return;
+    const context = this.context;
+    this.context = null;
+    const at = openSpans.lastIndexOf(context.spanId);
+    if (at >= 0) openSpans.splice(at, 1);
+    otel.onEnd({
+      spanContext: context,
+      parentSpanId: this.parent,
+      spanKind: 'internal',
+      name: this.name,
+      startTime: this.start,
+      endTime: otelNow(),
+      attributes: [...this.attributes].map(([key, value]) => ({ key, value })),
+      events: this.events,
+      links: [],
+      status: this.error === null ? { tag: 'unset' } : { tag: 'error', val: this.error },
+      instrumentationScope: {
+        name: 'taskhost-sdk-js', version: undefined, schemaUrl: undefined, attributes: [],
+      },
+      droppedAttributes: 0,
+      droppedEvents: 0,
+      droppedLinks: 0,
+    });
+  }
+}
+
+/**
+ * Runs `fn(span)` in a span named `name`, nested under the span open around it (the task's
+ * own for the outermost), and returns what `fn` returns. The span ends when `fn` returns, or
+ * when the promise it returns settles; what `fn` throws (or rejects with) is recorded on the
+ * span, which is marked failed, and goes on:
+ *
+ *     const letters = span('count letters', (s) => {
+ *       s.setAttribute('words', words.length);
+ *       return words.reduce((n, w) => n + w.length, 0);
+ *     });
+ */
+export function span(name, fn) {
+  const s = new Span(name);
+  let result;
+  try {
+    result = fn(s);
+  } catch (error) {
+    s.recordException(error);
+    s.end();
+    throw error;
+  }
+  if (result && typeof result.then === 'function') {
+    return result.then(
+      (value) => { s.end(); return value; },
+      (error) => { s.recordException(error); s.end(); throw error; },
+    );
+  }
+  s.end();
+  return result;
+}

@@ -26,7 +26,7 @@ What Celery offers that a plugin cannot have is refused with a ``TypeError`` say
 silently ignored.
 
 Layout: this file is the author-facing API and the ``Handler`` the host calls;
-``taskhost.canvas`` builds what a task sends; ``taskhost.http`` is the HTTP client (through
+``taskhost.canvas`` builds what a task sends; ``taskhost.trace`` makes spans of the plugin's own; ``taskhost.http`` is the HTTP client (through
 the origins the operator granted); ``taskhost.testing`` runs tasks natively under pytest, the
 host played by a test double (``_host`` chooses between the component's imports and it).
 """
@@ -45,6 +45,7 @@ from typing import Any, Callable
 from . import http  # noqa: F401  (taskhost.http)
 from ._host import Err, exports, host, types
 from .canvas import Signature, chain, chord, group, signature
+from .trace import Span, span
 
 __all__ = [
     "CapabilityDenied",
@@ -52,6 +53,7 @@ __all__ = [
     "Reject",
     "Retry",
     "Signature",
+    "Span",
     "Task",
     "chain",
     "chord",
@@ -62,6 +64,7 @@ __all__ = [
     "send_task",
     "set_version",
     "signature",
+    "span",
     "task",
 ]
 

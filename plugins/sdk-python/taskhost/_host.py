@@ -15,4 +15,11 @@ except ImportError:  # not inside a component: the test double stands in for the
 
     NATIVE = True
 
-__all__ = ["NATIVE", "Err", "exchange", "exports", "host", "types"]
+# wasi:otel's tracing, for the SDK's spans; none natively (a span records nothing there).
+try:
+    from wit_world.imports import tracing, wall_clock
+    from wit_world.imports import wasi_otel_types as otel_types
+except ImportError:
+    tracing = wall_clock = otel_types = None
+
+__all__ = ["NATIVE", "Err", "exchange", "exports", "host", "types", "tracing", "wall_clock", "otel_types"]

@@ -2,7 +2,8 @@
 // (tests/sdk_semantics.rs sends them from Python Celery). Served as `semjs`.
 
 import {
-  CapabilityDenied, ConnectionError, KeyError, chain, chord, defineError, signature, task,
+  CapabilityDenied, ConnectionError, KeyError, ValueError, chain, chord, defineError, signature,
+  span, task,
 } from './taskhost.js';
 
 export { handler } from './taskhost.js';
@@ -63,4 +64,24 @@ task('semjs.send_chord', function () {
 
 task('semjs.send_signature', function () {
   return signature('semjs.add', [1, 2]).delay().id;
+});
+
+// Spans of its own: one around the count, one per word nested in it.
+task('semjs.traced', function (words) {
+  return span('count letters', (s) => {
+    s.setAttribute('words', words.length);
+    const letters = words.reduce((n, word) => n + span('measure', (m) => {
+      m.setAttribute('word', word);
+      return word.length;
+    }), 0);
+    s.setAttribute('letters', letters);
+    return letters;
+  });
+});
+
+// An error leaving a span is recorded on it, which is marked failed.
+task('semjs.traced_failure', async function () {
+  await span('doomed', async () => {
+    throw new ValueError('inside a span');
+  });
 });

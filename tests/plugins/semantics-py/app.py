@@ -4,7 +4,7 @@
 from datetime import datetime, timedelta, timezone
 
 from taskhost import (  # noqa: F401 (Handler: the export)
-    Handler, Reject, chain, chord, current_task, group, signature, task,
+    Handler, Reject, chain, chord, current_task, group, signature, span, task,
 )
 
 
@@ -100,3 +100,24 @@ def send_group():
 @task(name="sem.get_inside")
 def get_inside():
     add.delay(1, 1).get()
+
+
+@task(name="sem.traced")
+def traced(words):
+    """Spans of its own: one around the count, one per word nested in it."""
+    with span("count letters") as s:
+        s.set_attribute("words", len(words))
+        letters = 0
+        for word in words:
+            with span("measure") as m:
+                m.set_attribute("word", word)
+                letters += len(word)
+        s.set_attribute("letters", letters)
+    return letters
+
+
+@task(name="sem.traced_failure")
+def traced_failure():
+    """An exception leaving a span is recorded on it, which is marked an error."""
+    with span("doomed"):
+        raise ValueError("inside a span")

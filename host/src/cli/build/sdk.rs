@@ -29,6 +29,10 @@ const SDK_FILES: &[(&str, &str)] = &[
         include_str!("../../../../plugins/sdk-python/taskhost/_wasi_http.py"),
     ),
     (
+        "python/taskhost/trace.py",
+        include_str!("../../../../plugins/sdk-python/taskhost/trace.py"),
+    ),
+    (
         "python/taskhost/_double.py",
         include_str!("../../../../plugins/sdk-python/taskhost/_double.py"),
     ),
@@ -87,6 +91,22 @@ const SDK_FILES: &[(&str, &str)] = &[
     (
         "wit/deps/sockets.wit",
         include_str!("../../../../plugins/sdk-wit/deps/sockets.wit"),
+    ),
+    (
+        "wit/deps/otel/world.wit",
+        include_str!("../../../../wit/otel/deps/otel/world.wit"),
+    ),
+    (
+        "wit/deps/otel/types.wit",
+        include_str!("../../../../wit/otel/deps/otel/types.wit"),
+    ),
+    (
+        "wit/deps/otel/tracing.wit",
+        include_str!("../../../../wit/otel/deps/otel/tracing.wit"),
+    ),
+    (
+        "wit/deps/clocks-0.2.0/wall-clock.wit",
+        include_str!("../../../../wit/otel/deps/clocks/wall-clock.wit"),
     ),
 ];
 
