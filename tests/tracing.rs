@@ -774,3 +774,31 @@ fn a_plugin_that_makes_spans_runs_the_same_untraced() {
         json!(5)
     );
 }
+
+#[test]
+fn a_traced_tasks_json_log_lines_carry_its_trace_and_span_ids() {
+    let collector = Collector::start();
+    let dir = TestDir::new("trace-log-ids");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.plugins(&["demo"]);
+    let flags = ["--log-format", "json"];
+    let mut command = Process::worker_command(&dir, &redis, &plugins, &flags);
+    command
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "50");
+    let worker = Process::spawn(&dir, "worker.log", command);
+    worker.wait_log("worker ready");
+    let mut client = Client::new(&redis);
+    let id = client.send("demo.add", json!([2, 3]));
+    assert_eq!(client.result(&id)["result"], json!(5));
+    let run = collector.run_span(&id, "SUCCESS");
+    // The log line's format is the behaviour under test here.
+    let line = wait_for("the task's JSON log line", || {
+        worker.log().lines().find_map(|l| {
+            let line: serde_json::Value = serde_json::from_str(l).ok()?;
+            (line["message"] == "task succeeded" && line["task_id"] == id.as_str()).then_some(line)
+        })
+    });
+    assert_eq!(line["span"]["trace_id"], run.trace_id.as_str(), "{line}");
+    assert_eq!(line["span"]["span_id"], run.span_id.as_str(), "{line}");
+}

@@ -175,11 +175,13 @@ fn init_logging(level: LogLevel, format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         // One object per line: the message and every field at the top level, with the level
-        // and target, as log shippers index them.
+        // and target, as log shippers index them; a traced task's lines carry its trace's ids
+        // under `span` (`span.trace_id`, `span.span_id`).
         LogFormat::Json => logs
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            .with_current_span(true)
+            .with_span_list(false)
             .init(),
         LogFormat::Text => logs
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -70,6 +70,14 @@ pub fn child(name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) -> 
     Some(cx.with_span(span))
 }
 
+/// The log span of a task traced as `cx`: its log lines carry the trace's and the task span's
+/// ids (`span.trace_id`, `span.span_id` in JSON lines), to find a trace from a log line.
+pub fn log_span(cx: &Context) -> tracing::Span {
+    let span = cx.span();
+    let ids = span.span_context();
+    tracing::info_span!("task", trace_id = %ids.trace_id(), span_id = %ids.span_id())
+}
+
 /// Ends the span of `cx` now.
 pub fn end(cx: &Context) {
     cx.span().end();

@@ -23,6 +23,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::context::FutureExt as _;
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument as _;
 
 /// Handles one delivery; a panic in its handling (a bug in the worker) settles its message
 /// (dead-lettered, saying so, with a FAILURE where it has a task id) instead of leaving it in
@@ -49,6 +50,7 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
         Some(cx) => {
             handle_decoded(shared, delivery, &message)
                 .with_context(cx.clone())
+                .instrument(span::log_span(&cx))
                 .await;
             span::end(&cx);
         }
