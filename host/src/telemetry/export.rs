@@ -1,5 +1,5 @@
 //! Finished spans on their way to the collector: a bounded queue the task path only ever
-//! offers to, and one thread that sends them in batches. A collector that is down or slow
+//! offers to, and one thread that sends them in batches, woken once per batch. A collector that is down or slow
 //! costs spans (dropped and counted), never a task's time: the task path does not wait, and
 //! the thread waits at most the export timeout per batch.
 //!
@@ -9,9 +9,8 @@
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter, SpanProcessor};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::config::tracing::Batching;
 
@@ -52,26 +51,33 @@ impl SpanCounts {
     }
 }
 
-enum Message {
-    Span(Box<SpanData>),
-    /// Export what is queued, then answer.
-    Flush(mpsc::Sender<()>),
-    /// Export what is queued, shut the exporter down, answer, and end.
-    Stop(mpsc::Sender<()>),
+/// What the task path and the export thread share: the queue, and what the thread is asked.
+#[derive(Debug, Default)]
+struct Queue {
+    state: Mutex<State>,
+    /// Woken when a batch is full, or the thread is asked to flush or stop.
+    wake: Condvar,
+    /// Woken when the thread has done a flush or stop it was asked for.
+    done: Condvar,
 }
 
-/// The processor the tracer provider ends its spans into.
+#[derive(Debug, Default)]
+struct State {
+    spans: Vec<SpanData>,
+    /// Flushes asked for and flushes done: a flush is done once `flushed` reaches its number.
+    asked: u64,
+    flushed: u64,
+    stop: bool,
+}
+
+/// The processor the tracer provider ends its spans into. The task path only takes a lock to
+/// push a span, and wakes the export thread once per full batch, not per span.
 #[derive(Debug, Clone)]
 pub struct Batcher {
-    tx: SyncSender<Message>,
+    queue: Arc<Queue>,
+    batching: Batching,
     counts: Arc<SpanCounts>,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
-}
-
-impl std::fmt::Debug for Message {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Message")
-    }
 }
 
 impl Batcher {
@@ -80,16 +86,17 @@ impl Batcher {
         exporter: E,
         batching: Batching,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel(batching.queue);
+        let queue = Arc::new(Queue::default());
         let counts = Arc::new(SpanCounts::default());
         let thread = std::thread::Builder::new()
             .name("taskhost-spans".into())
             .spawn({
-                let counts = counts.clone();
-                move || export_loop(&exporter, &rx, &counts, batching)
+                let (queue, counts) = (queue.clone(), counts.clone());
+                move || export_loop(&exporter, &queue, &counts, batching)
             })?;
         Ok(Self {
-            tx,
+            queue,
+            batching,
             counts,
             thread: Arc::new(Mutex::new(Some(thread))),
         })
@@ -104,34 +111,41 @@ impl Batcher {
         if !span.span_context.is_sampled() {
             return;
         }
-        match self.tx.try_send(Message::Span(Box::new(span))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.counts.queue_full.fetch_add(1, Ordering::Relaxed);
-            }
+        let mut state = crate::lock(&self.queue.state);
+        if state.stop || state.spans.len() >= self.batching.queue {
+            drop(state);
+            self.counts.queue_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        state.spans.push(span);
+        let full = state.spans.len() == self.batching.batch;
+        drop(state);
+        if full {
+            self.queue.wake.notify_one();
         }
     }
 
-    /// Sends `make(answer)` and waits at most `within` for the answer.
-    fn ask(&self, make: fn(mpsc::Sender<()>) -> Message, within: Duration) -> OTelSdkResult {
-        let (done, answered) = mpsc::channel();
-        let deadline = Instant::now() + within;
-        let mut message = make(done);
-        // The queue may be full of spans: wait for room as long as `within` allows.
-        loop {
-            match self.tx.try_send(message) {
-                Ok(()) => break,
-                Err(TrySendError::Disconnected(_)) => return Err(OTelSdkError::AlreadyShutdown),
-                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
-                    message = back;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(TrySendError::Full(_)) => return Err(OTelSdkError::Timeout(within)),
-            }
+    /// Asks the thread to export what is queued (and to stop, with `stop`), waiting at most
+    /// `within` for it.
+    fn ask(&self, stop: bool, within: Duration) -> OTelSdkResult {
+        let mut state = crate::lock(&self.queue.state);
+        if state.stop {
+            return Err(OTelSdkError::AlreadyShutdown);
         }
-        answered
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .map_err(|_| OTelSdkError::Timeout(within))
+        state.asked += 1;
+        state.stop = stop;
+        let mine = state.asked;
+        self.queue.wake.notify_one();
+        let (state, waited) = self
+            .queue
+            .done
+            .wait_timeout_while(state, within, |s| s.flushed < mine)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        drop(state);
+        if waited.timed_out() {
+            return Err(OTelSdkError::Timeout(within));
+        }
+        Ok(())
     }
 }
 
@@ -143,11 +157,11 @@ impl SpanProcessor for Batcher {
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.ask(Message::Flush, Duration::from_secs(30))
+        self.ask(false, Duration::from_secs(30))
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        let asked = self.ask(Message::Stop, timeout);
+        let asked = self.ask(true, timeout);
         if asked.is_ok()
             && let Some(thread) = crate::lock(&self.thread).take()
         {
@@ -157,45 +171,41 @@ impl SpanProcessor for Batcher {
     }
 }
 
+/// The export thread: sleeps until a batch is full, the delay is up, or it is asked; takes
+/// what is queued and exports it in batches, outside the lock.
 fn export_loop<E: SpanExporter>(
     exporter: &E,
-    rx: &mpsc::Receiver<Message>,
+    queue: &Queue,
     counts: &SpanCounts,
     batching: Batching,
 ) {
-    let Batching {
-        delay, batch: most, ..
-    } = batching;
-    let mut batch: Vec<SpanData> = Vec::with_capacity(most);
-    let mut due = Instant::now() + delay;
     loop {
-        let wait = due.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(wait) {
-            Ok(Message::Span(span)) => {
-                batch.push(*span);
-                if batch.len() >= most {
-                    send(exporter, &mut batch, counts);
-                    due = Instant::now() + delay;
-                }
-            }
-            Ok(Message::Flush(done)) => {
-                send(exporter, &mut batch, counts);
-                let _ = done.send(());
-            }
-            Ok(Message::Stop(done)) => {
-                send(exporter, &mut batch, counts);
-                let _ = exporter.shutdown();
-                let _ = done.send(());
-                return;
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                send(exporter, &mut batch, counts);
-                due = Instant::now() + delay;
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                send(exporter, &mut batch, counts);
-                return;
-            }
+        let state = crate::lock(&queue.state);
+        let (mut state, _) = queue
+            .wake
+            .wait_timeout_while(state, batching.delay, |s| {
+                s.spans.len() < batching.batch && s.asked == s.flushed && !s.stop
+            })
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let spans = std::mem::take(&mut state.spans);
+        let (asked, stop) = (state.asked, state.stop);
+        drop(state);
+        let mut spans = spans.into_iter().peekable();
+        while spans.peek().is_some() {
+            let mut batch: Vec<SpanData> = spans.by_ref().take(batching.batch).collect();
+            send(exporter, &mut batch, counts);
+        }
+        if stop {
+            let _ = exporter.shutdown();
+        }
+        let mut state = crate::lock(&queue.state);
+        if state.flushed < asked {
+            state.flushed = asked;
+            queue.done.notify_all();
+        }
+        drop(state);
+        if stop {
+            return;
         }
     }
 }
@@ -303,6 +313,7 @@ mod tests {
 
     #[test]
     fn a_collector_that_is_down_costs_spans_never_the_caller_and_they_are_counted() {
+        use std::time::Instant;
         let (release, hold) = std::sync::mpsc::channel();
         let batcher = Batcher::start(Down(Mutex::new(hold)), BATCHING).expect("thread");
         let offered = (BATCHING.queue + BATCHING.batch) as u64 * 2;

@@ -57,17 +57,17 @@ pub fn task_context(message: &TaskMessage, queue: &str, node: &str) -> Option<Co
     Some(parent.with_span(span))
 }
 
-/// A child span of the current one (the sandbox's run), as a context to run under; none
-/// without a current span.
-pub fn child(name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) -> Option<Context> {
-    let cx = current()?;
-    let tracer = tracer()?;
-    let span = tracer
-        .span_builder(name)
-        .with_kind(SpanKind::Internal)
-        .with_attributes(attributes())
-        .start_with_context(tracer, &cx);
-    Some(cx.with_span(span))
+/// The task passed its gates and starts in `plugin` (`version`): the plugin on the span, and
+/// the `started` event (the time between the span's start and it is the gates').
+pub fn started(plugin: &str, version: &str) {
+    if let Some(cx) = current() {
+        let span = cx.span();
+        span.set_attributes([
+            KeyValue::new("taskhost.plugin", plugin.to_owned()),
+            KeyValue::new("taskhost.plugin.version", version.to_owned()),
+        ]);
+        span.add_event("started", Vec::new());
+    }
 }
 
 /// The log span of a task traced as `cx`: its log lines carry the trace's and the task span's

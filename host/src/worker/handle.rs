@@ -19,7 +19,6 @@ use crate::redis::Delivery;
 use crate::sandbox::{Scope, Task};
 use crate::telemetry::guest::GuestTrace;
 use crate::telemetry::span;
-use opentelemetry::KeyValue;
 use opentelemetry::context::FutureExt as _;
 use std::sync::Arc;
 use std::time::Instant;
@@ -80,23 +79,9 @@ async fn handle_decoded(shared: &Shared, delivery: &Delivery, message: &TaskMess
         shared.queues.subscribe(),
     );
     let outbox = Arc::new(outbox);
-    let plugin = &admitted.plugin;
-    let attributes = || {
-        vec![
-            KeyValue::new("taskhost.plugin", plugin.name.clone()),
-            KeyValue::new("taskhost.plugin.version", plugin.version.clone()),
-        ]
-    };
-    let ran = match span::child("sandbox", attributes) {
-        Some(cx) => {
-            let ran = run(shared, message, &admitted, outbox.clone())
-                .with_context(cx.clone())
-                .await;
-            span::end(&cx);
-            ran
-        }
-        None => run(shared, message, &admitted, outbox.clone()).await,
-    };
+    span::started(&admitted.plugin.name, &admitted.plugin.version);
+    let ran = run(shared, message, &admitted, outbox.clone()).await;
+    span::event("ran", Vec::new);
     let runtime = started.elapsed().as_secs_f64();
     let sent = outbox.take();
     settle::ran(shared, delivery, message, &admitted, ran, runtime, sent).await;
