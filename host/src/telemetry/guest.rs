@@ -1,5 +1,5 @@
-//! Spans a plugin makes of its own (`wasi:otel/tracing`), taken in under its task's `sandbox`
-//! span. A plugin names ids, times and sizes; the host decides: a span goes only into its
+//! Spans a plugin makes of its own (`wasi:otel/tracing`), taken in under its task's span.
+//! A plugin names ids, times and sizes; the host decides: a span goes only into its
 //! task's trace, under that task's span or a span the plugin started in the same task, within
 //! the task's run, and cut to bounded sizes; at most [`MAX_SPANS`] per task. What is refused is
 //! counted (`taskhost_trace_spans_dropped_total{reason="refused"}`), never an error of the task.
@@ -57,7 +57,7 @@ pub struct GuestEvent {
     pub attributes: Vec<(String, String)>,
 }
 
-/// Where one task's plugin spans go: under its `sandbox` span, into the export queue.
+/// Where one task's plugin spans go: under its span, into the export queue.
 pub struct GuestTrace {
     outer: SpanContext,
     plugin: Arc<str>,
