@@ -134,6 +134,10 @@ fn inspect_stats_reports_the_pool_size_and_implementation() {
         out.contains("\"max-concurrency\": 2") && out.contains("taskhost:wasm"),
         "{out}"
     );
+    assert!(
+        out.contains("\"ssl\": false"),
+        "a plain redis:// broker: {out}"
+    );
 }
 
 /// Sends a 20 s `demo.sleep` and waits until `inspect active` lists it; its id, and what

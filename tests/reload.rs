@@ -579,19 +579,20 @@ fn a_refused_config_edit_keeps_the_previous_grants() {
 
 #[test]
 fn a_config_edit_changing_tasks_settings_is_refused_not_ignored() {
-    let c = Configured::new("reload-config-tasks");
-    let text = config(&c.executor, &c.storage, &[&c.storage]);
+    let mut c = Configured::new("reload-config-tasks");
+    // With a grant beside it: a refused edit applies no section of it, which a task shows.
+    let text = config(&c.executor, &c.storage, &[&c.storage, &c.executor]);
     let edited = format!("{text}[tasks.\"tasks.evaluate_code\"]\nmax_retries = 0\n");
     std::fs::write(&c.path, edited).expect("edit config");
-    // A refused edit changes nothing a task could see: the worker's report is the signal.
     c.s.worker
         .wait_log("config change refused, the previous config stays: a change of [tasks]");
+    assert_eq!(c.evaluate()["result"]["exc_type"], "CapabilityDenied");
 }
 
 #[test]
 fn a_config_edit_changing_task_name_grants_is_refused() {
-    let c = Configured::new("reload-config-task-names");
-    let text = config(&c.executor, &c.storage, &[&c.storage]);
+    let mut c = Configured::new("reload-config-task-names");
+    let text = config(&c.executor, &c.storage, &[&c.storage, &c.executor]);
     std::fs::write(
         &c.path,
         text.replace("tasks = [\"tasks.*\"]", "tasks = [\"tasks.x\"]"),
@@ -599,6 +600,8 @@ fn a_config_edit_changing_task_name_grants_is_refused() {
     .expect("edit config");
     c.s.worker
         .wait_log("config change refused, the previous config stays: a change of the task names");
+    // Neither the names nor the grant beside them: the task is still served, still denied.
+    assert_eq!(c.evaluate()["result"]["exc_type"], "CapabilityDenied");
 }
 
 #[test]

@@ -60,26 +60,44 @@ fn ca_query(certs: &Certs) -> String {
     )
 }
 
-#[test]
-fn a_worker_on_tls_runs_a_task_a_python_producer_sends_on_tls() {
-    let tls = Tls::start("python", false);
-    let worker = tls.worker(&ca_query(&tls.certs));
+/// A Celery app on `tls`'s TLS port, as an operator's Celery config has it: broker_use_ssl
+/// and redis_backend_use_ssl.
+const TLS_APP: &str = "import os, ssl\nfrom celery import Celery\n\
+    app = Celery('tls', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\n\
+    tls = {'ssl_cert_reqs': ssl.CERT_REQUIRED, 'ssl_ca_certs': os.environ['CA']}\n\
+    app.conf.broker_use_ssl = tls\n\
+    app.conf.redis_backend_use_ssl = tls";
+
+/// Runs `code` with Python Celery over TLS (after [`TLS_APP`]).
+fn python_on_tls(tls: &Tls, worker: &Process, code: &str) {
     let broker = format!("rediss://127.0.0.1:{}/0", tls.tls_port);
     let backend = format!("rediss://127.0.0.1:{}/1", tls.tls_port);
     let mut python = python_on(&tls.dir, &broker, &backend, &["producer.py"]);
     python.env("CA", tls.certs.path("ca.crt"));
-    // As an operator's Celery config has it: broker_use_ssl and redis_backend_use_ssl.
-    const PRELUDE: &str = "import os, ssl\nfrom celery import Celery\n\
-        app = Celery('tls', broker=os.environ['BROKER'], backend=os.environ['BACKEND'])\n\
-        tls = {'ssl_cert_reqs': ssl.CERT_REQUIRED, 'ssl_ca_certs': os.environ['CA']}\n\
-        app.conf.broker_use_ssl = tls\n\
-        app.conf.redis_backend_use_ssl = tls";
-    run_snippet_in(
-        &tls.dir,
-        python,
-        PRELUDE,
+    run_snippet_in(&tls.dir, python, TLS_APP, code, || worker.log());
+}
+
+#[test]
+fn a_worker_on_tls_runs_a_task_a_python_producer_sends_on_tls() {
+    let tls = Tls::start("python", false);
+    let worker = tls.worker(&ca_query(&tls.certs));
+    python_on_tls(
+        &tls,
+        &worker,
         "assert app.send_task('demo.add', (2, 3)).get(timeout=30) == 5",
-        || worker.log(),
+    );
+}
+
+#[test]
+fn inspect_stats_says_the_broker_is_on_tls() {
+    let tls = Tls::start("stats-ssl", false);
+    let worker = tls.worker(&ca_query(&tls.certs));
+    python_on_tls(
+        &tls,
+        &worker,
+        "stats = app.control.inspect(timeout=5).stats()\n\
+         assert stats, 'no worker answered'\n\
+         assert all(s['broker']['ssl'] is True for s in stats.values()), stats",
     );
 }
 

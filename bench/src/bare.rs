@@ -180,16 +180,16 @@ impl Bare {
     }
 }
 
-/// Defines every function of the `taskhost:plugin` interfaces `component` imports as a trap
-/// (wasmtime's `define_unknown_imports_as_traps` would also redefine the WASI interfaces the
-/// plugin imports under a newer patch version than the linker's, with resource types of its
-/// own that then do not match).
+/// Defines every function of the `taskhost:plugin` and `wasi:otel` interfaces `component`
+/// imports as a trap (wasmtime's `define_unknown_imports_as_traps` would also redefine the WASI
+/// interfaces the plugin imports under a newer patch version than the linker's, with resource
+/// types of its own that then do not match).
 fn trap_host_interface(engine: &Engine, linker: &mut Linker<BareState>, component: &Component) {
     for (name, item) in component.component_type().imports(engine) {
         let ComponentItem::ComponentInstance(instance) = item.ty else {
             continue;
         };
-        if !name.starts_with("taskhost:plugin/") {
+        if !(name.starts_with("taskhost:plugin/") || name.starts_with("wasi:otel/")) {
             continue;
         }
         let mut linked = linker.instance(name).expect("the host interface, once");

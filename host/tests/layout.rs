@@ -501,3 +501,23 @@ fn the_function_measure_finds_long_functions() {
         "the excuse is for the first fn only"
     );
 }
+
+#[test]
+fn every_source_file_is_named_in_the_architecture_page() {
+    let page = std::fs::read_to_string(src().join("../../docs/architecture.md"))
+        .expect("read docs/architecture.md");
+    let missing: Vec<String> = files(&src(), "rs")
+        .into_iter()
+        .filter_map(|path| {
+            let name = path.file_name()?.to_str()?.to_owned();
+            let unit_tests = name.ends_with("_tests.rs");
+            (!unit_tests && !page.contains(&format!("`{name}`")))
+                .then(|| path.display().to_string())
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/architecture.md names every file of host/src, in its room; these are not:\n{}",
+        missing.join("\n")
+    );
+}

@@ -32,6 +32,8 @@ struct Sentinel {
     master_name: String,
     db: i64,
     user: Option<String>,
+    /// The master is reached over TLS.
+    tls: bool,
 }
 
 impl Client {
@@ -86,6 +88,18 @@ impl Client {
         match self.inner.as_ref() {
             Inner::Direct(client) => client.get_connection_info().redis_settings().username(),
             Inner::Sentinel(s) => s.user.as_deref(),
+        }
+    }
+
+    /// Whether connections to Redis go over TLS (`rediss://`, or a Sentinel master with `ssl_*`
+    /// options), as Celery's `stats` reports `broker.ssl`.
+    pub fn uses_tls(&self) -> bool {
+        match self.inner.as_ref() {
+            Inner::Direct(client) => matches!(
+                client.get_connection_info().addr(),
+                redis::ConnectionAddr::TcpTls { .. }
+            ),
+            Inner::Sentinel(s) => s.tls,
         }
     }
 
@@ -190,6 +204,7 @@ impl Sentinel {
             master_name,
             db,
             user,
+            tls,
         })
     }
 }

@@ -52,7 +52,13 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         world: "plugin",
         path: "../wit",
-        imports: { default: async },
+        // Every host call is a TRACE-level span of its own (`RUST_LOG=taskhost=trace`), at
+        // the cost of a disabled callsite's check otherwise; `config` is not, so that a
+        // plugin's secrets never reach a log.
+        imports: {
+            "taskhost:plugin/host.config": async,
+            default: async | tracing,
+        },
         exports: { default: async },
     });
 }

@@ -12,7 +12,7 @@ mod bindings {
     wasmtime::component::bindgen!({
         world: "tracing",
         path: "../wit/otel",
-        imports: { default: async },
+        imports: { default: async | tracing },
         with: {
             "wasi:clocks/wall-clock": wasmtime_wasi::p2::bindings::clocks::wall_clock,
         },

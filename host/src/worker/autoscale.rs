@@ -82,17 +82,15 @@ pub(super) fn step(
 }
 
 /// Starts the autoscaler, supervised, if the worker autoscales.
-pub(super) fn spawn(shared: &Arc<Shared>, stop: &Stopping) {
-    let Some(bounds) = shared.config.autoscale else {
-        return;
-    };
+pub(super) fn spawn(shared: &Arc<Shared>, stop: &Stopping) -> Option<tokio::task::JoinHandle<()>> {
+    let bounds = shared.config.autoscale?;
     let (in_loop, shared) = (stop.clone(), shared.clone());
-    super::supervise::spawn(
+    Some(super::supervise::spawn(
         shared.loops.clone(),
         "autoscaler",
         stop.clone(),
         move || run(shared.clone(), bounds, in_loop.clone()),
-    );
+    ))
 }
 
 /// Resizes the slots to the demand until a stop.

@@ -21,6 +21,7 @@
 //! - [`autoscale`]: the slots resized, by `--autoscale` or remote control.
 
 mod autoscale;
+mod background;
 pub mod beat;
 mod canvas;
 mod commit;
@@ -29,6 +30,7 @@ mod fetch;
 mod gates;
 mod handle;
 mod health;
+mod heartbeats;
 mod held;
 mod moved;
 mod progress;
@@ -36,7 +38,9 @@ mod refuse;
 mod reload;
 mod remote;
 mod retry;
+mod rusage;
 mod settle;
+mod status;
 mod supervise;
 mod wind_down;
 
@@ -61,6 +65,7 @@ use crate::shutdown::{Stop, Stopping, stopped};
 use crate::telemetry::Telemetry;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
+use background::Background;
 use fetch::{Fetcher, Lists};
 use gates::Gates;
 use health::Health;
@@ -356,178 +361,6 @@ async fn connect<T, F: Future<Output = Result<T, RedisError>>>(
                 }
             }
         }
-    }
-}
-
-/// What runs beside the fetch loop, and outlives its stop where it must.
-struct Background {
-    /// Set once the running tasks are finished: the heartbeat and the worker events stop then.
-    gone: Stop,
-    heartbeat: tokio::task::JoinHandle<()>,
-    worker_events: tokio::task::JoinHandle<()>,
-    mover: tokio::task::JoinHandle<()>,
-    _watcher: crate::plugins::watcher::Watcher,
-}
-
-/// The loops that outlive the stop until the running tasks are done (`gone`), supervised:
-/// the worker events (worker-online, heartbeats, worker-offline) and the registry heartbeat.
-fn spawn_lifelines(
-    shared: &Arc<Shared>,
-    presence: Presence,
-    gone: Stopping,
-) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
-    let loops = shared.loops.clone();
-    let worker_events = {
-        let (shared, gone_in_loop) = (shared.clone(), gone.clone());
-        supervise::spawn(loops.clone(), "worker events", gone.clone(), move || {
-            remote::heartbeats(shared.clone(), gone_in_loop.clone())
-        })
-    };
-    if let Some(mut lost) = presence.lost() {
-        // Ends when the presence, and so the heartbeat, is gone.
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while let Some(raw) = lost.recv().await {
-                refuse::fail_lost(&shared, &raw).await;
-            }
-        });
-    }
-    let health = shared.health.clone();
-    tokio::spawn(health::watch(health.clone(), gone.clone()));
-    let gone_in_loop = gone.clone();
-    let heartbeat = supervise::spawn(loops, "heartbeat", gone, move || {
-        let health = health.clone();
-        presence
-            .clone()
-            .run(move || health.is_fetching(), gone_in_loop.clone())
-    });
-    (worker_events, heartbeat)
-}
-
-/// The report of what this worker runs, the fleet follower (`--fleet`, under `trust`, which a
-/// config reload replaces), and the watch on each Redis's eviction policy.
-fn spawn_fleet(
-    shared: &Arc<Shared>,
-    trust: Arc<ArcSwap<crate::config::FleetTrust>>,
-    stop: &Stopping,
-) {
-    let config = &shared.config;
-    tokio::spawn(crate::plugins::follow::report_running(
-        shared.broker.connection(),
-        config.node.clone(),
-        shared.plugins.clone(),
-        stop.clone(),
-    ));
-    if config.fleet {
-        tokio::spawn(crate::plugins::follow::follow(
-            shared.broker.client().clone(),
-            shared.broker.connection(),
-            config.plugins_dir.clone(),
-            trust,
-            stop.clone(),
-        ));
-    }
-    let redises = vec![
-        ("broker", shared.broker.connection()),
-        ("backend", shared.backend.connection()),
-    ];
-    tokio::spawn(crate::redis::eviction::watch(redises, stop.clone()));
-}
-
-/// Remote control, supervised; subscribed before the worker says it is ready, so no command
-/// sent after that is missed.
-async fn spawn_remote_control(shared: &Arc<Shared>, stop: &Stopping) -> anyhow::Result<()> {
-    let mut control = Some(crate::redis::control::subscribe(shared.broker.client()).await?);
-    let (client, conn) = (shared.broker.client().clone(), shared.broker.connection());
-    let (context, in_loop) = (remote::context(shared), stop.clone());
-    supervise::spawn(
-        shared.loops.clone(),
-        "remote control",
-        stop.clone(),
-        move || {
-            crate::monitor::control::serve(
-                client.clone(),
-                control.take(),
-                conn.clone(),
-                context.clone(),
-                in_loop.clone(),
-            )
-        },
-    );
-    Ok(())
-}
-
-impl Background {
-    async fn spawn(
-        shared: &Arc<Shared>,
-        presence: Presence,
-        stop: &Stopping,
-    ) -> anyhow::Result<Self> {
-        let config = &shared.config;
-        // The heartbeat outlives the stop: it must go on while running tasks finish, or other
-        // workers would take them for a dead worker's and run them again.
-        let (gone, gone_rx) = crate::shutdown::flag();
-        let (worker_events, heartbeat) = spawn_lifelines(shared, presence, gone_rx);
-        let fleet_trust = Arc::new(ArcSwap::from_pointee(config.fleet_trust.clone()));
-        let watcher = crate::plugins::watcher::watch(
-            shared.plugins.clone(),
-            config.config_path.clone(),
-            reload::config_reloader(shared, config.config_path.clone(), fleet_trust.clone()),
-            stop.clone(),
-        )?;
-        spawn_fleet(shared, fleet_trust, stop);
-        spawn_remote_control(shared, stop).await?;
-        if let Some(addr) = config.metrics_addr {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for /metrics on {addr}"))?;
-            tracing::info!(addr = %listener.local_addr().map_or(addr, |a| a), "serving /metrics and /healthz");
-            tokio::spawn(crate::monitor::endpoint::serve(
-                listener,
-                Arc::new(remote::Status(shared.clone())),
-                stop.clone(),
-            ));
-        }
-        if config.schedule.is_some() {
-            tokio::spawn(beat::run(
-                shared.broker.clone(),
-                beat::SystemClock,
-                shared.schedule.subscribe(),
-                stop.clone(),
-            ));
-        }
-        autoscale::spawn(shared, stop);
-        let mover = {
-            let (broker, scheduled, in_loop) = (
-                shared.broker.clone(),
-                shared.scheduled.clone(),
-                stop.clone(),
-            );
-            supervise::spawn(
-                shared.loops.clone(),
-                "delayed mover",
-                stop.clone(),
-                move || {
-                    fetch::move_due_messages(broker.clone(), scheduled.clone(), in_loop.clone())
-                },
-            )
-        };
-        Ok(Self {
-            gone,
-            heartbeat,
-            worker_events,
-            mover,
-            _watcher: watcher,
-        })
-    }
-
-    /// Stops what still runs once the tasks are done: the mover, the heartbeat, the worker
-    /// events (worker-offline is sent then).
-    async fn stop(self) {
-        self.mover.abort();
-        let _ = self.gone.send(true);
-        let _ = self.heartbeat.await;
-        let _ = self.worker_events.await;
     }
 }
 

@@ -1,14 +1,11 @@
-//! The worker as monitors see and steer it: the answers to remote control (`celery inspect`,
-//! `celery control`, Flower), the status behind `/metrics` and `/healthz`, and the worker
-//! heartbeat events.
+//! The worker as remote control sees and steers it: the answers to `celery inspect`,
+//! `celery control` and Flower. The worker's status for `/metrics` and `/healthz` is
+//! `status.rs`'s, its heartbeat events `heartbeats.rs`'s, its resource usage `rusage.rs`'s.
 
 use super::Shared;
 use crate::config::Rate;
 use crate::config::resolve::is_queue_name;
 use crate::monitor::control::{BoxFuture, Context, ControlError, Worker};
-use crate::monitor::endpoint::{Health as HealthReport, Status as StatusSource};
-use crate::monitor::metrics::Snapshot;
-use crate::protocol::event::{HEARTBEAT_FREQ, WorkerEvent};
 use crate::protocol::message::tree_or_text;
 use crate::protocol::time::{format_time, from_epoch_ms};
 use crate::protocol::{Meta, RevokeReason, State, TaskMessage, exception_document};
@@ -17,7 +14,6 @@ use crate::redis::{Delivery, redact};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 /// Delayed messages `inspect scheduled` lists at most.
 const SCHEDULED_SHOWN: usize = 1_000;
@@ -30,35 +26,6 @@ pub(super) fn context(shared: &Arc<Shared>) -> Context {
         revocations: shared.revocations.clone(),
         events: shared.events.clone(),
     }
-}
-
-/// (tasks running, tasks processed), as worker events report them.
-fn counts(shared: &Shared) -> (u64, u64) {
-    let active = shared.held.running_count() as u64;
-    let processed = shared.metrics.totals().values().sum();
-    (active, processed)
-}
-
-/// Sends worker-online, then a heartbeat every [`HEARTBEAT_FREQ`] while events are on, and
-/// worker-offline when `gone` is set (after the running tasks finished).
-pub(super) async fn heartbeats(shared: Arc<Shared>, mut gone: crate::shutdown::Stopping) {
-    let events = &shared.events;
-    let (active, processed) = counts(&shared);
-    events.worker(WorkerEvent::Online, active, processed);
-    let mut ticks = tokio::time::interval(HEARTBEAT_FREQ);
-    ticks.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {
-                let (active, processed) = counts(&shared);
-                events.worker(WorkerEvent::Heartbeat, active, processed);
-            }
-            () = crate::shutdown::stopped(&mut gone) => break,
-        }
-    }
-    let (active, processed) = counts(&shared);
-    events.worker(WorkerEvent::Offline, active, processed);
-    events.flush(Duration::from_secs(1)).await;
 }
 
 /// A message as Celery's `Request.info()` describes it in `inspect active|reserved|scheduled`.
@@ -175,7 +142,7 @@ impl Worker for Remote {
                 "virtual_host": db.to_string(),
                 "port": port,
                 "insist": false,
-                "ssl": false,
+                "ssl": shared.broker.client().uses_tls(),
                 "transport": "redis",
                 "connect_timeout": 5,
                 "transport_options": {},
@@ -186,7 +153,7 @@ impl Worker for Remote {
                 "alternates": [],
             },
             "prefetch_count": concurrency.saturating_mul(shared.config.prefetch_multiplier),
-            "rusage": rusage(),
+            "rusage": super::rusage::rusage(),
             "taskhost": {
                 "version": env!("CARGO_PKG_VERSION"),
                 "plugins": plugins,
@@ -349,130 +316,6 @@ impl Worker for Remote {
     }
 
     fn counts(&self) -> (u64, u64) {
-        counts(&self.0)
-    }
-}
-
-/// This process's resource usage, as Celery's `stats.rusage` (from /proc: the fields Linux
-/// keeps; CPU times in seconds at the kernel's usual 100 ticks per second).
-fn rusage() -> Value {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let field = |n: usize| {
-        fields
-            .get(n)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let status_field = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // In /proc/self/stat after the name: state is 0, minflt 7, majflt 9, utime 11, stime 12.
-    json!({
-        "utime": field(11) as f64 / 100.0,
-        "stime": field(12) as f64 / 100.0,
-        "maxrss": status_field("VmHWM:"),
-        "minflt": field(7),
-        "majflt": field(9),
-        "nvcsw": status_field("voluntary_ctxt_switches:"),
-        "nivcsw": status_field("nonvoluntary_ctxt_switches:"),
-    })
-}
-
-/// The status behind `/metrics` and `/healthz`.
-pub(super) struct Status(pub(super) Arc<Shared>);
-
-impl Status {
-    async fn health(&self) -> HealthReport {
-        let shared = &self.0;
-        let ping = tokio::time::timeout(
-            Duration::from_secs(1),
-            crate::redis::ping(&mut shared.broker.connection()),
-        )
-        .await;
-        let connected = matches!(ping, Ok(Ok(_)));
-        let fetching = shared.health.is_fetching();
-        let heartbeat = shared.registration.beat_within(
-            crate::redis::recovery::heartbeat_interval(shared.config.heartbeat_lapse) * 2
-                + Duration::from_secs(1),
-        );
-        let stopped_loops = shared
-            .loops
-            .down()
-            .into_iter()
-            .map(|(name, restarts)| format!("{name} (restarted {restarts} times)"))
-            .collect();
-        HealthReport {
-            connected,
-            fetching,
-            heartbeat,
-            stopped_loops,
-        }
-    }
-}
-
-impl StatusSource for Status {
-    fn metrics(&self) -> BoxFuture<'_, String> {
-        Box::pin(async move {
-            let shared = &self.0;
-            let queues = shared.queues.borrow().clone();
-            let health = self.health().await;
-            let (queue_lengths, delayed, dead_letter_length) =
-                match shared.broker.lengths(&queues).await {
-                    Ok((lengths, delayed, dead)) => (
-                        queues.into_iter().zip(lengths).collect(),
-                        Some(delayed),
-                        Some(dead),
-                    ),
-                    Err(e) => {
-                        tracing::debug!("cannot read queue lengths for /metrics: {e}");
-                        (Vec::new(), None, None)
-                    }
-                };
-            let (reloads, reload_failures) = shared.plugins.reload_counts();
-            let (instances_made, instances_recycled) = shared.sandbox.instance_counts();
-            let snapshot = Snapshot {
-                queue_lengths,
-                delayed,
-                dead_letter_length,
-                running: shared.held.running_count() as u64,
-                reserved: shared.held.reserved_count() as u64,
-                concurrency: shared.concurrency.load(Ordering::Relaxed) as u64,
-                plugins: shared
-                    .plugins
-                    .registry()
-                    .plugins()
-                    .map(|p| {
-                        (
-                            p.name.to_string(),
-                            p.version.clone(),
-                            p.wit_version.to_string(),
-                        )
-                    })
-                    .collect(),
-                reloads,
-                reload_failures,
-                instances_made,
-                instances_recycled,
-                healthy: health.healthy(),
-                uptime_seconds: shared.started.elapsed().as_secs_f64(),
-                spans: shared.telemetry.as_ref().map(|t| t.totals()),
-            };
-            shared.metrics.render(&snapshot)
-        })
-    }
-
-    fn health(&self) -> BoxFuture<'_, HealthReport> {
-        Box::pin(Status::health(self))
+        super::heartbeats::counts(&self.0)
     }
 }
