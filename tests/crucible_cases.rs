@@ -446,23 +446,29 @@ fn executor_failing_twice(name: &str) -> Backoff {
     }
 }
 
+/// The one run the backoff tests read, each its own behaviour (made once per plugin).
+fn backoff_run() -> &'static Backoff {
+    static RUN: std::sync::OnceLock<Backoff> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| executor_failing_twice("crucible-backoff"))
+}
+
 #[test]
 fn an_executor_failing_twice_is_retried_until_it_answers() {
-    let run = executor_failing_twice("crucible-twice");
+    let run = backoff_run();
     assert_eq!(run.outcome["status"], "SUCCESS", "{}", run.outcome);
     assert_eq!(run.calls.len(), 3);
 }
 
 #[test]
 fn each_failed_try_is_published_as_a_retry() {
-    let run = executor_failing_twice("crucible-twice-published");
+    let run = backoff_run();
     let retries = run.states.iter().filter(|s| *s == "RETRY").count();
     assert_eq!(retries, 2, "{:?}", run.states);
 }
 
 #[test]
 fn retries_wait_an_exponential_backoff() {
-    let run = executor_failing_twice("crucible-backoff");
+    let run = backoff_run();
     let calls = &run.calls;
     assert_eq!(calls.len(), 3);
     let (first, second) = (calls[1] - calls[0], calls[2] - calls[1]);

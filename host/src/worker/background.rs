@@ -118,14 +118,19 @@ fn spawn_fleet(
     loops
 }
 
-/// Remote control, supervised; subscribed before the worker says it is ready, so no command
-/// sent after that is missed.
+/// Remote control, supervised; subscribed, and the revoked set read, before the worker says it
+/// is ready, so no command sent after that is missed and no task revoked before it runs.
 async fn spawn_remote_control(
     shared: &Arc<Shared>,
     stop: &Stopping,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut control = Some(crate::redis::control::subscribe(shared.broker.client()).await?);
-    let (client, conn) = (shared.broker.client().clone(), shared.broker.connection());
+    let (client, mut conn) = (shared.broker.client().clone(), shared.broker.connection());
+    // The revokes recorded before this worker started are known before it fetches its first
+    // task (the loop reads them again, every few seconds).
+    if let Err(e) = shared.revocations.refresh(&mut conn).await {
+        tracing::warn!("cannot read revoked tasks at start (read again in a few seconds): {e}");
+    }
     let (context, in_loop) = (remote::context(shared), stop.clone());
     Ok(supervise::spawn(
         shared.loops.clone(),
