@@ -36,8 +36,9 @@ pub fn compare(options: &Options, baseline: &Path) {
     side_by_side(options, "--baseline", &variants);
 }
 
-/// Tracing off beside every task traced: a `run/<task>` span and its `sandbox` child per task,
-/// exported over OTLP/HTTP to a collector in this process that takes every batch.
+/// Tracing off beside every task traced (a `run/<task>` span per task, exported over OTLP/HTTP
+/// to a collector in this process that takes every batch) and beside a collector that is down
+/// (every export refused: spans dropped, and the worker's CPU per task should not grow).
 pub fn tracing_cost(options: &Options) {
     let collector = taskhost_tests::HttpStub::start(|_| {
         taskhost_tests::Reply::json(200, serde_json::json!({}))
@@ -51,7 +52,15 @@ pub fn tracing_cost(options: &Options) {
             collector.url()
         ),
     );
-    let variants: [Variant; 2] = [
+    // A collector that is down: nothing listens on this port, so every export fails.
+    let down = dir.write(
+        "down.toml",
+        &format!(
+            "[tracing]\nendpoint = \"http://127.0.0.1:{}\"\nsampler = \"always_on\"\n",
+            taskhost_tests::free_port()
+        ),
+    );
+    let variants: [Variant; 3] = [
         (
             "tracing off",
             Box::new(|stage, c| stage.start_configured(c, &off)),
@@ -59,6 +68,10 @@ pub fn tracing_cost(options: &Options) {
         (
             "every task traced",
             Box::new(|stage, c| stage.start_configured(c, &on)),
+        ),
+        (
+            "collector down",
+            Box::new(|stage, c| stage.start_configured(c, &down)),
         ),
     ];
     side_by_side(options, "--tracing-cost", &variants);

@@ -43,9 +43,9 @@ pub struct Options {
     /// and their ratio (to show a change made nothing slower).
     #[arg(long, value_name = "TASKHOST_BINARY")]
     pub baseline: Option<std::path::PathBuf>,
-    /// Instead of the whole bench: drain `demo.add` with tracing off and with every task
-    /// traced and exported (to a collector in the bench), alternately, at each
-    /// `--concurrency`, `--repeat` rounds; prints both and their ratio.
+    /// Instead of the whole bench: drain `demo.add` with tracing off, with every task traced
+    /// and exported (to a collector in the bench), and with the collector down, alternately,
+    /// at each `--concurrency`, `--repeat` rounds; prints them and their ratios.
     #[arg(long)]
     pub tracing_cost: bool,
     /// Instead of the whole bench: how long after a save `taskhost dev --watch` serves the new
