@@ -7,28 +7,7 @@ use std::process::Command;
 use taskhost_tests::{Process, RedisServer, ResultFeed, TestDir, wait_for};
 
 /// Python tasks of the demo plugin's names, for the producer side.
-const CELERY_APP: &str = r#"
-import os
-from celery import Celery
-
-app = Celery("canvas", broker=os.environ["BROKER"], backend=os.environ["BACKEND"])
-
-@app.task(name="demo.add")
-def add(x, y):
-    return x + y
-
-@app.task(name="demo.tsum")
-def tsum(numbers):
-    return sum(numbers)
-
-@app.task(name="demo.fail")
-def fail(message):
-    raise RuntimeError(message)
-
-@app.task(name="demo.echo")
-def echo(value):
-    return value
-"#;
+const CELERY_APP: &str = taskhost_tests::DEMO_CELERY_APP;
 
 const PRELUDE: &str = r#"
 import uuid

@@ -16,20 +16,7 @@ const SPAN_KIND_CONSUMER: i32 = 5;
 const STATUS_ERROR: i32 = 2;
 
 /// The Celery app of the producer: the demo plugin's task names.
-const CELERY_APP: &str = r#"
-import os
-from celery import Celery
-
-app = Celery("traced", broker=os.environ["BROKER"], backend=os.environ["BACKEND"])
-
-@app.task(name="demo.add")
-def add(x, y):
-    return x + y
-
-@app.task(name="demo.tsum")
-def tsum(numbers):
-    return sum(numbers)
-"#;
+const CELERY_APP: &str = taskhost_tests::DEMO_CELERY_APP;
 
 /// A tracing Celery user's producer: the SDK, exporting to the test's receiver, and the Celery
 /// instrumentation, which injects `traceparent` into every message it sends.
@@ -176,6 +163,23 @@ impl Collector {
     }
 }
 
+/// A worker on `redis` serving `plugins` with `flags`, tracing with OpenTelemetry's variables
+/// `env` (batches sent every 50 ms unless `env` says otherwise), once it is consuming.
+fn traced_worker(
+    dir: &TestDir,
+    redis: &RedisServer,
+    plugins: &std::path::Path,
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> Process {
+    let mut command = Process::worker_command(dir, redis, plugins, flags);
+    command.env("OTEL_BSP_SCHEDULE_DELAY", "50");
+    command.envs(env.iter().copied());
+    let worker = Process::spawn(dir, "worker.log", command);
+    worker.wait_log("worker ready");
+    worker
+}
+
 /// A worker serving the demo plugin, tracing to `collector` with OpenTelemetry's variables.
 struct Setup {
     dir: TestDir,
@@ -195,12 +199,9 @@ fn setup(name: &str) -> Setup {
     )
     .expect("the hostile test plugin");
     let flags = ["-n", "traced@test", "--metrics-addr", "127.0.0.1:0"];
-    let mut command = Process::worker_command(&dir, &redis, &plugins, &flags);
-    command
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
-        .env("OTEL_BSP_SCHEDULE_DELAY", "50");
-    let worker = Process::spawn(&dir, "worker.log", command);
-    worker.wait_log("worker ready");
+    let endpoint = collector.url();
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+    let worker = traced_worker(&dir, &redis, &plugins, &flags, &env);
     Setup {
         dir,
         redis,
@@ -481,18 +482,15 @@ fn a_collector_that_is_down_loses_spans_never_tasks_and_memory_stays_flat() {
         "--metrics-addr",
         "127.0.0.1:0",
     ];
-    let mut command = Process::worker_command(&dir, &redis, &plugins, &flags);
-    command
-        .env(
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            format!("http://127.0.0.1:{port}/v1/traces"),
-        )
-        .env("OTEL_BSP_SCHEDULE_DELAY", "20")
-        .env("OTEL_BSP_MAX_QUEUE_SIZE", "64")
-        .env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "32")
-        .env("OTEL_EXPORTER_OTLP_TIMEOUT", "500");
-    let worker = Process::spawn(&dir, "worker.log", command);
-    worker.wait_log("worker ready");
+    let endpoint = format!("http://127.0.0.1:{port}/v1/traces");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "64"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "32"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "500"),
+    ];
+    let worker = traced_worker(&dir, &redis, &plugins, &flags, &env);
     let addr = worker.metrics_addr();
     let mut client = Client::new(&redis);
     let mut run = |n: usize| {
@@ -558,10 +556,7 @@ fn the_readmes_tracing_section_in_taskhost_toml_sends_spans_with_its_settings() 
         &example.replace("http://collector:4318", &collector.url()),
     );
     let config = config.to_string_lossy().into_owned();
-    let mut command = Process::worker_command(&dir, &redis, &plugins, &["--config", &config]);
-    command.env("OTEL_BSP_SCHEDULE_DELAY", "50");
-    let worker = Process::spawn(&dir, "worker.log", command);
-    worker.wait_log("worker ready");
+    let _worker = traced_worker(&dir, &redis, &plugins, &["--config", &config], &[]);
     let mut client = Client::new(&redis);
     let id = client.send("demo.add", json!([2, 3]));
     assert_eq!(client.result(&id)["result"], json!(5));
@@ -644,12 +639,9 @@ fn sdk_worker(source: &str, name: &str) -> (Collector, TestDir, RedisServer, Pro
     let cache = cache.to_string_lossy().into_owned();
     Process::precompile(&dir, &plugins, &config, &cache);
     let args = ["--config", config.as_str(), "--cache-dir", cache.as_str()];
-    let mut command = Process::worker_command(&dir, &redis, &plugins, &args);
-    command
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
-        .env("OTEL_BSP_SCHEDULE_DELAY", "50");
-    let worker = Process::spawn(&dir, "worker.log", command);
-    worker.wait_log("worker ready");
+    let endpoint = collector.url();
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+    let worker = traced_worker(&dir, &redis, &plugins, &args, &env);
     (collector, dir, redis, worker)
 }
 
@@ -771,12 +763,9 @@ fn a_traced_tasks_json_log_lines_carry_its_trace_and_span_ids() {
     let redis = RedisServer::start(&dir);
     let plugins = dir.plugins(&["demo"]);
     let flags = ["--log-format", "json"];
-    let mut command = Process::worker_command(&dir, &redis, &plugins, &flags);
-    command
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
-        .env("OTEL_BSP_SCHEDULE_DELAY", "50");
-    let worker = Process::spawn(&dir, "worker.log", command);
-    worker.wait_log("worker ready");
+    let endpoint = collector.url();
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+    let worker = traced_worker(&dir, &redis, &plugins, &flags, &env);
     let mut client = Client::new(&redis);
     let id = client.send("demo.add", json!([2, 3]));
     assert_eq!(client.result(&id)["result"], json!(5));

@@ -19,7 +19,7 @@ pub use certs::Certs;
 pub use feed::ResultFeed;
 pub use http::{HttpStub, Reply, Request, get as http_get};
 pub use process::{Process, RedisServer, free_port, signal};
-pub use python::{python, python_in, python_on, run_snippet, run_snippet_in};
+pub use python::{DEMO_CELERY_APP, python, python_in, python_on, run_snippet, run_snippet_in};
 pub use templates::{source_plugin_wasm, template_wasm};
 
 use base64::Engine as _;

@@ -18,6 +18,31 @@ const REQUIREMENTS: &[&str] = &[
     "opentelemetry-instrumentation-celery==0.66b2",
 ];
 
+/// A Celery app with the demo plugin's task names (`demo.add`, `demo.tsum`, `demo.fail`,
+/// `demo.echo`), for a producer's `celery_app.py`: the producer sends, a taskhost worker runs.
+pub const DEMO_CELERY_APP: &str = r#"
+import os
+from celery import Celery
+
+app = Celery("demo", broker=os.environ["BROKER"], backend=os.environ["BACKEND"])
+
+@app.task(name="demo.add")
+def add(x, y):
+    return x + y
+
+@app.task(name="demo.tsum")
+def tsum(numbers):
+    return sum(numbers)
+
+@app.task(name="demo.fail")
+def fail(message):
+    raise RuntimeError(message)
+
+@app.task(name="demo.echo")
+def echo(value):
+    return value
+"#;
+
 /// The venv's python interpreter (`python -m celery ...` runs Celery's CLI).
 pub fn python() -> PathBuf {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
