@@ -4,7 +4,6 @@
 //! the task's run, and cut to bounded sizes; at most [`MAX_SPANS`] per task. What is refused is
 //! counted (`taskhost_trace_spans_dropped_total{reason="refused"}`), never an error of the task.
 
-use super::export::SpanCounts;
 use crate::protocol::truncate;
 use opentelemetry::trace::{
     Event, Link, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId,
@@ -64,7 +63,6 @@ pub struct GuestTrace {
     began: SystemTime,
     /// Spans the plugin started in this task (at most [`MAX_SPANS`]), and whether each ended.
     started: Mutex<HashMap<SpanId, bool>>,
-    counts: Arc<SpanCounts>,
 }
 
 impl std::fmt::Debug for GuestTrace {
@@ -80,14 +78,14 @@ impl GuestTrace {
     pub fn for_current_task(plugin: Arc<str>) -> Option<Arc<Self>> {
         let cx = super::span::current()?;
         let outer = cx.span().span_context().clone();
-        let counts = super::batcher()?.counts();
+        // Tracing is on only where the export queue is; none is made for nothing.
+        super::batcher()?;
         outer.is_valid().then(|| {
             Arc::new(Self {
                 outer,
                 plugin,
                 began: SystemTime::now(),
                 started: Mutex::new(HashMap::new()),
-                counts,
             })
         })
     }
@@ -149,7 +147,9 @@ impl GuestTrace {
     }
 
     fn refuse(&self, why: &str) {
-        self.counts.refused();
+        if let Some(batcher) = super::batcher() {
+            batcher.counts().refused();
+        }
         tracing::debug!(plugin = %self.plugin, "plugin span refused: {why}");
     }
 

@@ -178,13 +178,13 @@ fn dechunk(mut rest: &[u8]) -> Vec<u8> {
             .ok()
             .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok());
         let start = line_end + 2;
-        match size {
-            Some(size) if size > 0 && rest.len() >= start + size => {
-                body.extend_from_slice(&rest[start..start + size]);
-                rest = rest.get(start + size + 2..).unwrap_or_default();
-            }
-            _ => break,
-        }
+        // The size is the collector's word: a chunk past the reply ends the body.
+        let chunk = size
+            .filter(|size| *size > 0)
+            .and_then(|size| rest.get(start..start.checked_add(size)?));
+        let Some(chunk) = chunk else { break };
+        body.extend_from_slice(chunk);
+        rest = rest.get(start + chunk.len() + 2..).unwrap_or_default();
     }
     body
 }
@@ -209,6 +209,17 @@ mod tests {
             (400, &b"abc"[..])
         );
         assert!(parse(b"garbage").is_err());
+    }
+
+    #[test]
+    fn a_collectors_hostile_chunk_size_ends_the_body_without_a_panic() {
+        let reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\nffffffffffffffff\r\nc\r\n";
+        let parsed = parse(reply).expect("parses");
+        assert_eq!(
+            &parsed.body()[..],
+            &b"ab"[..],
+            "what came before the hostile size"
+        );
     }
 
     #[test]
