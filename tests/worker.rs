@@ -368,18 +368,46 @@ fn concurrency_4_runs_four_sleeps_at_once() {
 #[test]
 fn a_worker_holds_no_more_unstarted_messages_than_its_prefetch_allows() {
     // -c 1 with a prefetch multiplier of 2: a batch of two is fetched when a slot is free, one
-    // starts and one waits, so the worker never holds more than two of the six.
+    // starts and one waits, so the worker never holds more than two of the six. Redis tells
+    // the test of every write to the in-flight lists (keyspace notifications), and the count
+    // is read after each one: a third message taken, even briefly, is seen.
     let mut s = setup("prefetch", &["-c", "1", "--prefetch-multiplier", "2"]);
+    let mut config = s.redis.conn(0);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("Kl")
+        .query(&mut config)
+        .expect("keyspace notifications on");
+    let mut listener = s.redis.conn(0);
+    let mut pubsub = listener.as_pubsub();
+    pubsub
+        .psubscribe("__keyspace@*__:taskhost:inflight:*")
+        .expect("psubscribe");
+    pubsub
+        .set_read_timeout(Some(std::time::Duration::from_millis(50)))
+        .expect("read timeout");
     let ids: Vec<String> = (0..6)
         .map(|_| s.client.send("demo.sleep", json!([100])))
         .collect();
-    let mut most_held = 0;
+    let (mut most_held, mut writes) = (0, 0);
     wait_for("all six results", || {
-        most_held = most_held.max(s.client.in_flight(&node()));
+        // Every write since the last look, each followed by a count.
+        while let Ok(message) = pubsub.get_message() {
+            let event: String = message.get_payload().expect("event name");
+            if event.ends_with("push") {
+                writes += 1;
+                most_held = most_held.max(s.client.in_flight(&node()));
+            }
+        }
         ids.iter()
             .all(|id| s.client.state(id).is_some_and(|d| d["status"] == "SUCCESS"))
             .then_some(())
     });
+    assert!(
+        writes >= 3,
+        "only {writes} writes to the in-flight lists seen"
+    );
     assert!(
         (1..=2).contains(&most_held),
         "{most_held} messages held at once"

@@ -127,7 +127,7 @@ impl TracingConfig {
         if !on {
             return Ok(None);
         }
-        protocol(&var)?;
+        wire(&var)?;
         let endpoint = match (traces_endpoint, base) {
             (Some(full), _) => full,
             (None, Some(base)) => format!("{}/v1/traces", base.trim_end_matches('/')),
@@ -177,23 +177,42 @@ impl TracingConfig {
     }
 }
 
-/// Refuses the OTLP protocols this build does not speak, naming the one it does.
-fn protocol(var: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
-    for name in [
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-        "OTEL_EXPORTER_OTLP_PROTOCOL",
-    ] {
-        if let Some(protocol) = var(name) {
-            if protocol != "http/protobuf" {
-                bail!(
-                    "{name}={protocol:?}: taskhost sends OTLP over HTTP with protobuf bodies \
-                     (\"http/protobuf\", the collector's port 4318)"
-                );
-            }
-            return Ok(());
-        }
-    }
+/// Refuses the protocols and compressions this build does not speak, naming the ones it does.
+fn wire(var: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+    only(
+        var,
+        [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ],
+        "http/protobuf",
+        "taskhost sends OTLP over HTTP with protobuf bodies \
+         (\"http/protobuf\", the collector's port 4318)",
+    )?;
+    only(
+        var,
+        [
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ],
+        "none",
+        "taskhost sends OTLP bodies uncompressed (\"none\"); a collector takes them either way",
+    )?;
     Ok(())
+}
+
+/// Refuses a value of the first of `names` that is set other than `only`, the one this build
+/// speaks: `why` says what it does instead.
+fn only(
+    var: &dyn Fn(&str) -> Option<String>,
+    names: [&str; 2],
+    only: &str,
+    why: &str,
+) -> anyhow::Result<()> {
+    match names.into_iter().find_map(|name| Some((name, var(name)?))) {
+        Some((name, value)) if value != only => bail!("{name}={value:?}: {why}"),
+        _ => Ok(()),
+    }
 }
 
 fn check_endpoint(endpoint: &str) -> anyhow::Result<()> {
@@ -390,6 +409,7 @@ mod tests {
         for bad in [
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
             ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
             ("OTEL_TRACES_SAMPLER", "jaeger_remote"),
             ("OTEL_TRACES_SAMPLER_ARG", "2"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),

@@ -4,65 +4,51 @@
 
 use bytes::Bytes;
 use http::{Request, Response};
-use opentelemetry_http::{HttpClient, HttpError};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+/// What can go wrong in a post: its words go in the export's warning.
+pub type HttpError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The most of a collector's reply read (its partial-success message is small).
 const MAX_REPLY: u64 = 1 << 20;
 
-/// Posts OTLP batches, blocking, each within `timeout`.
-#[derive(Debug, Clone)]
-pub struct BlockingPost {
-    timeout: Duration,
-}
-
-impl BlockingPost {
-    pub fn new(timeout: Duration) -> Self {
-        Self { timeout }
-    }
-
-    fn send(&self, request: &Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        let deadline = Instant::now() + self.timeout;
-        let uri = request.uri();
-        let host = uri.host().ok_or("the OTLP endpoint has no host")?;
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            other => {
-                return Err(format!("the OTLP endpoint's scheme {other:?} is not http(s)").into());
-            }
-        };
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let tcp = connect(host, port, deadline)?;
-        let head = head(request, host, uri.port_u16());
-        if tls {
-            let name =
-                rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())?;
-            let roots = rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.into(),
-            };
-            let config = rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let connection = rustls::ClientConnection::new(Arc::new(config), name)?;
-            exchange(
-                rustls::StreamOwned::new(connection, tcp),
-                &head,
-                request.body(),
-            )
-        } else {
-            exchange(tcp, &head, request.body())
+/// Posts `request`, blocking, and reads the whole reply, every step done by `deadline`.
+///
+/// # Errors
+/// The endpoint cannot be reached or spoken to by then, or its reply is not HTTP.
+pub fn post(request: &Request<Bytes>, deadline: Instant) -> Result<Response<Bytes>, HttpError> {
+    let uri = request.uri();
+    let host = uri.host().ok_or("the OTLP endpoint has no host")?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        other => {
+            return Err(format!("the OTLP endpoint's scheme {other:?} is not http(s)").into());
         }
-    }
-}
-
-#[async_trait::async_trait]
-impl HttpClient for BlockingPost {
-    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        self.send(&request)
+    };
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let tcp = connect(host, port, deadline)?;
+    let head = head(request, host, uri.port_u16());
+    if tls {
+        let name =
+            rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())?;
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.into(),
+        };
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connection = rustls::ClientConnection::new(Arc::new(config), name)?;
+        exchange(
+            rustls::StreamOwned::new(connection, tcp),
+            &head,
+            request.body(),
+        )
+    } else {
+        exchange(tcp, &head, request.body())
     }
 }
 
@@ -192,6 +178,7 @@ fn dechunk(mut rest: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn a_reply_is_read_whole_or_in_chunks() {
@@ -256,9 +243,7 @@ mod tests {
         let request = Request::post(format!("http://127.0.0.1:{port}/v1/traces"))
             .body(Bytes::from_static(b"spans"))
             .expect("request");
-        let reply = BlockingPost::new(Duration::from_secs(5))
-            .send(&request)
-            .expect("sent");
+        let reply = post(&request, Instant::now() + Duration::from_secs(5)).expect("sent");
         assert_eq!(reply.status().as_u16(), 200);
         let seen = server.join().expect("server");
         assert!(seen.ends_with("\r\n\r\nspans"), "{seen}");

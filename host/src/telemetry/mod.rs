@@ -5,6 +5,7 @@
 //! - [`span`]: a task's spans and their attributes, the context published messages carry.
 //! - [`export`]: the bounded queue and export thread, with its counts of spans lost.
 //! - [`guest`]: the spans a plugin makes (`wasi:otel`), checked and bounded.
+//! - [`otlp`]: a batch as the OTLP/HTTP protobuf body, and the exporter posting it.
 //! - [`http`]: the POST of a batch to the collector.
 //!
 //! Off (the default), no tracer exists: the task path's calls find no current span and
@@ -13,6 +14,7 @@
 pub mod export;
 pub mod guest;
 pub mod http;
+pub mod otlp;
 pub mod span;
 
 use crate::config::{Sampling, TracingConfig, tracing::Root};
@@ -20,9 +22,8 @@ use anyhow::Context as _;
 use export::{Batcher, SpanTotals};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanExporter as _};
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -51,7 +52,7 @@ impl Telemetry {
     /// batch does.
     ///
     /// # Errors
-    /// The exporter cannot be built (a setting the OTLP exporter refuses), or tracing was
+    /// A header that cannot be sent over HTTP, or tracing was
     /// started before in this process.
     pub fn start(config: &TracingConfig, node: &str) -> anyhow::Result<Self> {
         let mut resource = Resource::builder_empty()
@@ -71,16 +72,12 @@ impl Telemetry {
             )
             .with_service_name(config.service_name.clone());
         let resource = resource.build();
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_http_client(http::BlockingPost::new(config.timeout))
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(config.endpoint.clone())
-            .with_timeout(config.timeout)
-            .with_headers(config.headers.iter().cloned().collect())
-            .build()
-            .context("the OTLP trace exporter")?;
-        exporter.set_resource(&resource);
+        let exporter = otlp::OtlpExporter::new(
+            &config.endpoint,
+            &config.headers,
+            config.timeout,
+            resource.clone(),
+        )?;
         let batcher =
             Batcher::start(exporter, config.batching).context("starting the span export thread")?;
         let provider = SdkTracerProvider::builder()
