@@ -3,7 +3,7 @@
 //! at once up to MAX and shrink towards MIN only after the demand stayed below them for the
 //! keepalive), and remote control's `pool_grow` / `pool_shrink`, which resize the same way.
 
-use super::Shared;
+use super::{Pool, Shared};
 use crate::config::Autoscale;
 use crate::shutdown::{Stopping, stopped};
 use std::sync::Arc;
@@ -14,42 +14,44 @@ use tokio::time::Instant;
 /// How often the autoscaler looks (Celery's autoscaler: every second).
 const INTERVAL: Duration = Duration::from_secs(1);
 
-/// Adds `delta` slots (takes them, if negative), at most up to the concurrency the worker was
-/// sized for and never below one; returns the slots now. Taken slots go as running tasks free
-/// them.
-pub(super) fn resize(shared: &Shared, delta: i64) -> usize {
-    if delta >= 0 {
-        let wanted = usize::try_from(delta).unwrap_or(usize::MAX);
-        let mut added = 0;
-        let _ = shared
+impl Pool {
+    /// Adds `delta` slots (takes them, if negative), at most up to `most` (the concurrency the
+    /// worker was sized for) and never below one; returns the slots now. Taken slots go as
+    /// running tasks free them.
+    pub(super) fn resize(&self, most: usize, delta: i64) -> usize {
+        if delta >= 0 {
+            let wanted = usize::try_from(delta).unwrap_or(usize::MAX);
+            let mut added = 0;
+            let _ = self
+                .concurrency
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                    added = wanted.min(most.saturating_sub(c));
+                    Some(c + added)
+                });
+            self.slots.add_permits(added);
+            return self.concurrency.load(Ordering::Relaxed);
+        }
+        let wanted = usize::try_from(delta.unsigned_abs()).unwrap_or(usize::MAX);
+        let mut taken = 0;
+        let _ = self
             .concurrency
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                added = wanted.min(shared.config.concurrency.saturating_sub(c));
-                Some(c + added)
+                taken = wanted.min(c.saturating_sub(1));
+                Some(c - taken)
             });
-        shared.slots.add_permits(added);
-        return shared.concurrency.load(Ordering::Relaxed);
+        if taken > 0 {
+            let slots = self.slots.clone();
+            tokio::spawn(async move {
+                if let Ok(permits) = slots
+                    .acquire_many_owned(u32::try_from(taken).unwrap_or(u32::MAX))
+                    .await
+                {
+                    permits.forget();
+                }
+            });
+        }
+        self.concurrency.load(Ordering::Relaxed)
     }
-    let wanted = usize::try_from(delta.unsigned_abs()).unwrap_or(usize::MAX);
-    let mut taken = 0;
-    let _ = shared
-        .concurrency
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-            taken = wanted.min(c.saturating_sub(1));
-            Some(c - taken)
-        });
-    if taken > 0 {
-        let slots = shared.slots.clone();
-        tokio::spawn(async move {
-            if let Ok(permits) = slots
-                .acquire_many_owned(u32::try_from(taken).unwrap_or(u32::MAX))
-                .await
-            {
-                permits.forget();
-            }
-        });
-    }
-    shared.concurrency.load(Ordering::Relaxed)
 }
 
 /// The autoscaler's judgement: how many slots to add (or take, negative) given the `slots`
@@ -86,7 +88,7 @@ pub(super) fn spawn(shared: &Arc<Shared>, stop: &Stopping) -> Option<tokio::task
     let bounds = shared.config.autoscale?;
     let (in_loop, shared) = (stop.clone(), shared.clone());
     Some(super::supervise::spawn(
-        shared.loops.clone(),
+        shared.monitor.loops.clone(),
         "autoscaler",
         stop.clone(),
         move || run(shared.clone(), bounds, in_loop.clone()),
@@ -111,12 +113,12 @@ pub(super) async fn run(shared: Arc<Shared>, bounds: Autoscale, mut stop: Stoppi
                 continue;
             }
         };
-        let held = shared.held.running_count() + shared.held.reserved_count();
+        let held = shared.pool.held.running_count() + shared.pool.held.reserved_count();
         let demand = held.saturating_add(usize::try_from(waiting).unwrap_or(usize::MAX));
-        let slots = shared.concurrency.load(Ordering::Relaxed);
+        let slots = shared.pool.concurrency.load(Ordering::Relaxed);
         let delta = step(slots, demand, &bounds, &mut low_since, Instant::now());
         if delta != 0 {
-            let now = resize(&shared, delta);
+            let now = shared.pool.resize(shared.config.concurrency, delta);
             tracing::info!(from = slots, to = now, demand, "autoscale: slots resized");
         }
     }

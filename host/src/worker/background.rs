@@ -50,7 +50,7 @@ async fn join_bounded(loops: Spawned) {
 /// The loops that outlive the stop until the running tasks are done (`gone`), supervised:
 /// the worker events (worker-online, heartbeats, worker-offline) and the registry heartbeat.
 fn spawn_lifelines(shared: &Arc<Shared>, presence: Presence, gone: Stopping) -> Spawned {
-    let loops = shared.loops.clone();
+    let loops = shared.monitor.loops.clone();
     let worker_events = {
         let (shared, gone_in_loop) = (shared.clone(), gone.clone());
         supervise::spawn(loops.clone(), "worker events", gone.clone(), move || {
@@ -68,7 +68,7 @@ fn spawn_lifelines(shared: &Arc<Shared>, presence: Presence, gone: Stopping) -> 
         });
         lifelines.push(("failing lost tasks", failing));
     }
-    let health = shared.health.clone();
+    let health = shared.monitor.health.clone();
     let watch = tokio::spawn(health::watch(health.clone(), gone.clone()));
     lifelines.push(("health watch", watch));
     let gone_in_loop = gone.clone();
@@ -133,7 +133,7 @@ async fn spawn_remote_control(
     }
     let (context, in_loop) = (remote::context(shared), stop.clone());
     Ok(supervise::spawn(
-        shared.loops.clone(),
+        shared.monitor.loops.clone(),
         "remote control",
         stop.clone(),
         move || {
@@ -199,7 +199,7 @@ impl Background {
                 stop.clone(),
             );
             supervise::spawn(
-                shared.loops.clone(),
+                shared.monitor.loops.clone(),
                 "delayed mover",
                 stop.clone(),
                 move || {

@@ -61,6 +61,7 @@ async fn handle(shared: &Shared, delivery: &Delivery) {
 async fn handle_decoded(shared: &Shared, delivery: &Delivery, message: &TaskMessage) {
     if !message.announced {
         shared
+            .monitor
             .events
             .task(&message.id, TaskEvent::Received(message));
     }
@@ -69,7 +70,7 @@ async fn handle_decoded(shared: &Shared, delivery: &Delivery, message: &TaskMess
         Err(stop) => return settle::stopped(shared, delivery, message, stop).await,
     };
     let started = Instant::now();
-    shared.events.task(&message.id, TaskEvent::Started);
+    shared.monitor.events.task(&message.id, TaskEvent::Started);
     let outbox = Outbox::new(
         shared.backend.clone(),
         message,
@@ -162,7 +163,10 @@ async fn panicked(shared: &Shared, delivery: &Delivery, what: &str) {
         "{reason}"
     );
     let label = super::moved::metrics_label(shared, task);
-    shared.metrics.task(label, TaskOutcome::Failed, None);
+    shared
+        .monitor
+        .metrics
+        .task(label, TaskOutcome::Failed, None);
     if let Some(id) = task_id {
         let exception = Exception::new("WorkerError", reason.clone());
         let doc = exception_document(

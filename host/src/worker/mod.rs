@@ -80,10 +80,11 @@ use tokio::task::JoinSet;
 /// How long a stopping worker waits for its last spans to reach the collector.
 const TRACES_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// What every part of a running worker shares.
+/// What every part of a running worker shares. Its capacity and what watches it are rooms
+/// of their own ([`Pool`], [`Monitor`]): the status page, heartbeats and autoscaler take
+/// those, not the whole worker.
 struct Shared {
     config: WorkerConfig,
-    started: Instant,
     sandbox: Arc<Sandbox>,
     plugins: Arc<Live>,
     grants: Arc<ArcSwap<GrantTable>>,
@@ -93,26 +94,37 @@ struct Shared {
     dead_letters: DeadLetters,
     /// This worker's registry entry, whose sources name the in-flight lists recovery returns.
     registration: Arc<Registration>,
-    /// The messages this worker holds.
-    held: Arc<Held>,
-    health: Arc<Health>,
     gates: Gates,
     revocations: Arc<Revocations>,
     /// Wakes the delayed-set mover when a message is postponed.
     scheduled: Arc<Notify>,
     /// The queues consumed now (remote control changes them).
     queues: watch::Sender<Vec<String>>,
+    /// Asks the worker to stop (remote control's `shutdown`).
+    stop_tx: Stop,
+    /// The `[schedule]` entries this worker's scheduler sends (a config reload changes them).
+    schedule: watch::Sender<Arc<Vec<crate::config::schedule::Entry>>>,
+    pool: Pool,
+    monitor: Monitor,
+}
+
+/// The worker's capacity: its task slots and the messages it holds.
+struct Pool {
     /// Free task slots; the pool's size is `concurrency`.
     slots: Arc<Semaphore>,
     concurrency: AtomicUsize,
-    /// Asks the worker to stop (remote control's `shutdown`).
-    stop_tx: Stop,
+    /// The messages this worker holds.
+    held: Arc<Held>,
+}
+
+/// What watches the worker: its counters, events, health and tracing.
+struct Monitor {
+    started: Instant,
     metrics: Arc<Metrics>,
     events: Arc<Events>,
+    health: Arc<Health>,
     /// The supervised loops, for `/healthz`.
     loops: Arc<supervise::Loops>,
-    /// The `[schedule]` entries this worker's scheduler sends (a config reload changes them).
-    schedule: watch::Sender<Arc<Vec<crate::config::schedule::Entry>>>,
     /// Tracing, when on.
     telemetry: Option<Arc<Telemetry>>,
 }
@@ -150,8 +162,8 @@ pub async fn run(
             broker: shared.broker.clone(),
             registration: shared.registration.clone(),
         },
-        shared.held.clone(),
-        shared.health.clone(),
+        shared.pool.held.clone(),
+        shared.monitor.health.clone(),
         shared.queues.subscribe(),
         stop.clone(),
     );
@@ -162,7 +174,7 @@ pub async fn run(
     if all_returned {
         crate::redis::recovery::leave(&mut shared.broker.connection(), &shared.config.node).await;
     }
-    if let Some(telemetry) = shared.telemetry.clone() {
+    if let Some(telemetry) = shared.monitor.telemetry.clone() {
         // The last spans, sent within a bound: a collector that is down delays no stop.
         let stop = move || telemetry.stop(TRACES_FLUSH);
         let _ = tokio::task::spawn_blocking(stop).await;
@@ -234,7 +246,6 @@ async fn start(
         .map_or(config.concurrency, |a| a.min)
         .max(1);
     let shared = Arc::new(Shared {
-        started: Instant::now(),
         sandbox,
         plugins,
         grants,
@@ -245,18 +256,23 @@ async fn start(
         backend,
         settler,
         dead_letters,
-        held: Arc::new(Held::default()),
-        health: Arc::new(Health::default()),
         revocations: Arc::new(Revocations::default()),
         scheduled: Arc::new(Notify::new()),
-        slots: Arc::new(Semaphore::new(concurrency)),
-        concurrency: AtomicUsize::new(concurrency),
         stop_tx,
-        metrics,
-        events,
-        loops: Arc::default(),
         schedule: watch::channel(Arc::new(config.schedule.clone().unwrap_or_default())).0,
-        telemetry,
+        pool: Pool {
+            slots: Arc::new(Semaphore::new(concurrency)),
+            concurrency: AtomicUsize::new(concurrency),
+            held: Arc::new(Held::default()),
+        },
+        monitor: Monitor {
+            started: Instant::now(),
+            metrics,
+            events,
+            health: Arc::new(Health::default()),
+            loops: Arc::default(),
+            telemetry,
+        },
         config,
     });
     Ok(Some((shared, presence)))
@@ -371,7 +387,7 @@ fn log_ready(shared: &Shared) {
         node = %config.node,
         broker = %redact(&config.broker_url),
         queues = %config.queues.join(","),
-        concurrency = shared.concurrency.load(Ordering::Relaxed),
+        concurrency = shared.pool.concurrency.load(Ordering::Relaxed),
         autoscale = ?config.autoscale.map(|a| (a.max, a.min)),
         plugins = registry.plugins().count(),
         refused = shared.plugins.refused().len(),
@@ -387,7 +403,7 @@ async fn consume(
     mut fetcher: Fetcher<Lists>,
     stop: &mut Stopping,
 ) -> anyhow::Result<(Fetcher<Lists>, JoinSet<()>)> {
-    let semaphore = shared.slots.clone();
+    let semaphore = shared.pool.slots.clone();
     let mut tasks = JoinSet::new();
     loop {
         while let Some(done) = tasks.try_join_next() {
@@ -396,18 +412,20 @@ async fn consume(
             }
         }
         shared
+            .monitor
             .health
             .set_waiting_for_slot(semaphore.available_permits() == 0);
         let permit = tokio::select! {
             permit = semaphore.clone().acquire_owned() => permit.context("semaphore closed")?,
             () = stopped(stop) => break,
         };
-        shared.health.set_waiting_for_slot(false);
+        shared.monitor.health.set_waiting_for_slot(false);
         // Fetched in batches (fewer Redis calls per task), at most the prefetch allowance
         // beyond the free slots: what is fetched waits in the in-flight list, safe, but
         // unavailable to other workers.
         let batch = (semaphore.available_permits() + 1).max(
             shared
+                .pool
                 .concurrency
                 .load(Ordering::Relaxed)
                 .saturating_mul(shared.config.prefetch_multiplier),
@@ -417,11 +435,11 @@ async fn consume(
         };
         // Known as running before the handler starts, so a reconciliation in between does not
         // take it for an orphan.
-        let id = shared.held.start(&delivery);
+        let id = shared.pool.held.start(&delivery);
         let shared = shared.clone();
         tasks.spawn(async move {
             handle::handle_guarded(&shared, &delivery).await;
-            shared.held.finish(id);
+            shared.pool.held.finish(id);
             drop(permit);
         });
     }

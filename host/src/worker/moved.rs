@@ -47,7 +47,7 @@ pub(super) fn moved_or_not(
     match moved {
         Ok(true) => true,
         Ok(false) => {
-            shared.metrics.settle_skipped();
+            shared.monitor.metrics.settle_skipped();
             tracing::warn!(
                 queue = %queue_of(&delivery.source),
                 "a message this worker settled was no longer in its in-flight list (another \

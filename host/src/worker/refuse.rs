@@ -70,6 +70,7 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
     let (task_id, task) = (refusal.task_id(), refusal.task());
     let (exception, reason) = refusal.explain();
     shared
+        .monitor
         .metrics
         .task(metrics_label(shared, task), TaskOutcome::Rejected, None);
     crate::telemetry::span::failed(&exception);
@@ -86,7 +87,7 @@ pub(super) async fn refuse(shared: &Shared, delivery: &Delivery, refusal: &Refus
     );
     if let Some(id) = task_id {
         let rejected = matches!(refusal, Refusal::Rejected { .. });
-        shared.events.task(
+        shared.monitor.events.task(
             id,
             TaskEvent::Refused {
                 exception: &exception,
@@ -156,7 +157,7 @@ pub(super) async fn fail_lost(shared: &Shared, raw: &[u8]) {
         ),
     );
     tracing::error!(task_id = %message.id, task = %message.task, "{}", exception.message);
-    shared.events.task(
+    shared.monitor.events.task(
         &message.id,
         TaskEvent::Refused {
             exception: &exception,

@@ -24,7 +24,7 @@ pub(super) fn context(shared: &Arc<Shared>) -> Context {
         node: shared.config.node.clone(),
         worker: Arc::new(Remote(shared.clone())),
         revocations: shared.revocations.clone(),
-        events: shared.events.clone(),
+        events: shared.monitor.events.clone(),
     }
 }
 
@@ -55,6 +55,7 @@ struct Remote(Arc<Shared>);
 impl Worker for Remote {
     fn active(&self) -> Vec<Value> {
         self.0
+            .pool
             .held
             .running()
             .iter()
@@ -64,6 +65,7 @@ impl Worker for Remote {
 
     fn reserved(&self) -> Vec<Value> {
         self.0
+            .pool
             .held
             .reserved()
             .iter()
@@ -109,7 +111,7 @@ impl Worker for Remote {
 
     fn stats(&self) -> Value {
         let shared = &self.0;
-        let concurrency = shared.concurrency.load(Ordering::Relaxed);
+        let concurrency = shared.pool.concurrency.load(Ordering::Relaxed);
         let (host, port) = shared.broker.client().address();
         let db = shared.broker.client().db();
         let defaults = shared.grants.load().defaults();
@@ -121,10 +123,10 @@ impl Worker for Remote {
             .map(|p| (p.name.to_string(), Value::from(p.version.clone())))
             .collect();
         json!({
-            "total": shared.metrics.totals(),
+            "total": shared.monitor.metrics.totals(),
             "pid": std::process::id(),
-            "clock": shared.events.clock().to_string(),
-            "uptime": shared.started.elapsed().as_secs(),
+            "clock": shared.monitor.events.clock().to_string(),
+            "uptime": shared.monitor.started.elapsed().as_secs(),
             "pool": {
                 "implementation": "taskhost:wasm",
                 "max-concurrency": concurrency,
@@ -175,9 +177,9 @@ impl Worker for Remote {
             "task_serializer": "json",
             "result_serializer": "json",
             "accept_content": ["json"],
-            "worker_concurrency": self.0.concurrency.load(Ordering::Relaxed),
+            "worker_concurrency": self.0.pool.concurrency.load(Ordering::Relaxed),
             "worker_prefetch_multiplier": config.prefetch_multiplier,
-            "worker_send_task_events": self.0.events.enabled(),
+            "worker_send_task_events": self.0.monitor.events.enabled(),
             "task_queues": self.0.queues.borrow().clone(),
             "plugins_dir": config.plugins_dir.display().to_string(),
             "heartbeat_lapse": config.heartbeat_lapse.as_secs_f64(),
@@ -274,7 +276,7 @@ impl Worker for Remote {
     /// Grows at most back to the concurrency the worker started with, which the sandbox's
     /// instance pool was sized for; shrinks to one slot at the least.
     fn resize_pool(&self, delta: i64) -> usize {
-        super::autoscale::resize(&self.0, delta)
+        self.0.pool.resize(self.0.config.concurrency, delta)
     }
 
     fn shutdown(&self) {
@@ -316,6 +318,6 @@ impl Worker for Remote {
     }
 
     fn counts(&self) -> (u64, u64) {
-        super::heartbeats::counts(&self.0)
+        super::heartbeats::counts(&self.0.pool, &self.0.monitor)
     }
 }

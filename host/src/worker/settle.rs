@@ -53,7 +53,10 @@ pub(super) async fn ran(
         // It never started, so it waits its turn in the delayed set like a task over its
         // plugin's max_instances, instead of failing for the worker's want of room.
         Ran::PoolFull(full) => {
-            shared.metrics.limit_hit(&admitted.plugin.name, "pool");
+            shared
+                .monitor
+                .metrics
+                .limit_hit(&admitted.plugin.name, "pool");
             tracing::warn!(task_id = %message.id, task = %message.task, "{full}; task postponed");
             return stopped(shared, delivery, message, super::gates::pool_full()).await;
         }
@@ -65,7 +68,10 @@ pub(super) async fn ran(
         }
         Outcome::Failure(failure) => {
             if let Some(limit) = failure.kind.limit() {
-                shared.metrics.limit_hit(&admitted.plugin.name, limit);
+                shared
+                    .monitor
+                    .metrics
+                    .limit_hit(&admitted.plugin.name, limit);
             }
             let policy = policy(shared, message, admitted);
             if policy.autoretry_for.contains(&failure.exception.kind) {
@@ -163,9 +169,11 @@ async fn succeeded(
     };
     follow.add(sent);
     shared
+        .monitor
         .metrics
         .task(&message.task, TaskOutcome::Succeeded, Some(runtime));
     shared
+        .monitor
         .events
         .task(&message.id, TaskEvent::Succeeded { result, runtime });
     finish(
@@ -192,9 +200,11 @@ async fn failed(
     tracing::warn!(task_id = %message.id, task = %message.task, "{}: {}", exception.kind, exception.message);
     span::failed(exception);
     shared
+        .monitor
         .metrics
         .task(&message.task, TaskOutcome::Failed, runtime);
     shared
+        .monitor
         .events
         .task(&message.id, TaskEvent::Failed(exception));
     let mut follow = canvas::after_failure(shared, message, exception).await;
@@ -226,8 +236,14 @@ async fn revoked(
     tracing::info!(task_id = %message.id, task = %message.task, "task {what}: REVOKED");
     // Revoked and expired tasks are settled before their plugin is looked up.
     let label = metrics_label(shared, Some(&message.task));
-    shared.metrics.task(label, TaskOutcome::Revoked, None);
-    shared.events.task(&message.id, TaskEvent::Revoked(reason));
+    shared
+        .monitor
+        .metrics
+        .task(label, TaskOutcome::Revoked, None);
+    shared
+        .monitor
+        .events
+        .task(&message.id, TaskEvent::Revoked(reason));
     let exception = reason.exception();
     finish(
         shared,
@@ -345,9 +361,13 @@ async fn retry(
             } => (next, due_ms, countdown, reason),
         };
     shared
+        .monitor
         .metrics
         .task(&message.task, TaskOutcome::Retried, Some(runtime));
-    shared.events.task(&message.id, TaskEvent::Retried(&reason));
+    shared
+        .monitor
+        .events
+        .task(&message.id, TaskEvent::Retried(&reason));
     span::retried(&reason);
     span::state(State::Retry.as_str());
     tracing::info!(

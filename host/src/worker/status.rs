@@ -20,12 +20,13 @@ impl Status {
         )
         .await;
         let connected = matches!(ping, Ok(Ok(_)));
-        let fetching = shared.health.is_fetching();
+        let fetching = shared.monitor.health.is_fetching();
         let heartbeat = shared.registration.beat_within(
             crate::redis::recovery::heartbeat_interval(shared.config.heartbeat_lapse) * 2
                 + Duration::from_secs(1),
         );
         let stopped_loops = shared
+            .monitor
             .loops
             .down()
             .into_iter()
@@ -64,9 +65,9 @@ impl StatusSource for Status {
                 queue_lengths,
                 delayed,
                 dead_letter_length,
-                running: shared.held.running_count() as u64,
-                reserved: shared.held.reserved_count() as u64,
-                concurrency: shared.concurrency.load(Ordering::Relaxed) as u64,
+                running: shared.pool.held.running_count() as u64,
+                reserved: shared.pool.held.reserved_count() as u64,
+                concurrency: shared.pool.concurrency.load(Ordering::Relaxed) as u64,
                 plugins: shared
                     .plugins
                     .registry()
@@ -84,10 +85,10 @@ impl StatusSource for Status {
                 instances_made,
                 instances_recycled,
                 healthy: health.healthy(),
-                uptime_seconds: shared.started.elapsed().as_secs_f64(),
-                spans: shared.telemetry.as_ref().map(|t| t.totals()),
+                uptime_seconds: shared.monitor.started.elapsed().as_secs_f64(),
+                spans: shared.monitor.telemetry.as_ref().map(|t| t.totals()),
             };
-            shared.metrics.render(&snapshot)
+            shared.monitor.metrics.render(&snapshot)
         })
     }
 

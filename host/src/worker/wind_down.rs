@@ -21,7 +21,7 @@ pub(super) async fn wind_down(
 ) -> (usize, bool) {
     let config = &shared.config;
     tracing::info!(
-        running = shared.held.running_count(),
+        running = shared.pool.held.running_count(),
         grace_s = config.shutdown_grace.as_secs_f64(),
         "stopping: no new tasks; waiting for running ones (a second signal stops them at once)"
     );
@@ -44,7 +44,7 @@ pub(super) async fn wind_down(
              away?): returning the unfinished messages anyway"
         );
     }
-    let unfinished: Vec<Delivery> = shared.held.drain_running();
+    let unfinished: Vec<Delivery> = shared.pool.held.drain_running();
     let returned = unstarted.len() + unfinished.len();
     let mut all_returned = true;
     for delivery in unstarted.iter().chain(&unfinished) {
