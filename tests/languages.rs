@@ -145,49 +145,34 @@ except Exception as e:
     assert!(stub.requests().is_empty(), "nothing left the host");
 }
 
-// Rust.
-
-#[test]
-fn rust_template_result_reaches_a_python_get() {
-    a_result_reaches_get("rust");
+/// Every template's plugin shows each behaviour above: a test per language and behaviour,
+/// `<language>::<behaviour>`.
+macro_rules! each_language {
+    ($($language:ident),*; $behaviours:tt) => {
+        $(each_language!(@one $language $behaviours);)*
+    };
+    (@one $language:ident [$($behaviour:ident),*]) => {
+        mod $language {
+            $(
+                #[test]
+                fn $behaviour() {
+                    super::$behaviour(stringify!($language));
+                }
+            )*
+        }
+    };
 }
 
-#[test]
-fn rust_template_failure_reaches_get_with_its_kind_and_message() {
-    a_failure_reaches_get_with_its_kind_and_message("rust");
-}
-
-#[test]
-fn rust_template_retry_runs_again_until_it_succeeds() {
-    a_retry_runs_again_until_it_succeeds("rust");
-}
-
-#[test]
-fn rust_template_progress_is_published_before_the_result() {
-    progress_is_published_before_the_result("rust");
-}
-
-#[test]
-fn rust_template_http_reaches_a_granted_origin() {
-    http_reaches_a_granted_origin("rust");
-}
-
-#[test]
-fn rust_template_http_to_an_origin_not_granted_is_denied() {
-    http_to_an_origin_not_granted_is_denied("rust");
-}
+each_language!(rust, python, js; [
+    a_result_reaches_get,
+    a_failure_reaches_get_with_its_kind_and_message,
+    a_retry_runs_again_until_it_succeeds,
+    progress_is_published_before_the_result,
+    http_reaches_a_granted_origin,
+    http_to_an_origin_not_granted_is_denied
+]);
 
 // Python.
-
-#[test]
-fn python_template_result_reaches_a_python_get() {
-    a_result_reaches_get("python");
-}
-
-#[test]
-fn python_template_failure_reaches_get_with_its_kind_and_message() {
-    a_failure_reaches_get_with_its_kind_and_message("python");
-}
 
 #[test]
 fn python_template_failure_carries_the_python_traceback() {
@@ -217,37 +202,7 @@ except TypeError as e:
     );
 }
 
-#[test]
-fn python_template_retry_runs_again_until_it_succeeds() {
-    a_retry_runs_again_until_it_succeeds("python");
-}
-
-#[test]
-fn python_template_progress_is_published_before_the_result() {
-    progress_is_published_before_the_result("python");
-}
-
-#[test]
-fn python_template_http_reaches_a_granted_origin() {
-    http_reaches_a_granted_origin("python");
-}
-
-#[test]
-fn python_template_http_to_an_origin_not_granted_is_denied() {
-    http_to_an_origin_not_granted_is_denied("python");
-}
-
 // JavaScript.
-
-#[test]
-fn js_template_result_reaches_a_python_get() {
-    a_result_reaches_get("js");
-}
-
-#[test]
-fn js_template_failure_reaches_get_with_its_kind_and_message() {
-    a_failure_reaches_get_with_its_kind_and_message("js");
-}
 
 #[test]
 fn js_template_bad_arguments_raise_a_type_error() {
@@ -269,26 +224,6 @@ fn js_template_kwargs_bind_by_parameter_name() {
 assert app.send_task("NAME.add", (2,), {"y": 40}).get(timeout=30) == 42
 "#,
     );
-}
-
-#[test]
-fn js_template_retry_runs_again_until_it_succeeds() {
-    a_retry_runs_again_until_it_succeeds("js");
-}
-
-#[test]
-fn js_template_progress_is_published_before_the_result() {
-    progress_is_published_before_the_result("js");
-}
-
-#[test]
-fn js_template_http_reaches_a_granted_origin() {
-    http_reaches_a_granted_origin("js");
-}
-
-#[test]
-fn js_template_http_to_an_origin_not_granted_is_denied() {
-    http_to_an_origin_not_granted_is_denied("js");
 }
 
 // The README's quick starts, run as a new user would.
