@@ -29,6 +29,7 @@
 //! - [`shutdown`]: the stop flag every loop watches. [`node`]: the machine's and the worker's
 //!   names. [`signing`]: Ed25519 keys and signed deploy records.
 
+pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod config;

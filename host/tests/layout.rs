@@ -55,8 +55,13 @@ const ROOMS: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "check",
+        &["clock", "redis", "config", "sandbox", "plugins", "worker"],
+    ),
+    (
         "cli",
         &[
+            "check",
             "protocol",
             "clock",
             "redis",

@@ -18,7 +18,7 @@ pub use beside::Beside;
 pub use certs::Certs;
 pub use feed::ResultFeed;
 pub use http::{HttpStub, Reply, Request, get as http_get};
-pub use process::{Process, RedisServer, free_port, signal};
+pub use process::{Output, Process, RedisServer, free_port, signal};
 pub use python::{DEMO_CELERY_APP, python, python_in, python_on, run_snippet, run_snippet_in};
 pub use templates::{source_plugin_wasm, template_wasm};
 

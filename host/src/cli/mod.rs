@@ -8,6 +8,8 @@
 //! - [`dead`]: `dead list|show|requeue|purge`.
 //! - [`schedule`]: `beat` and `schedule list`.
 //! - [`dev`]: the private redis-server of `taskhost dev`.
+//!
+//! `check` runs in the `check` room.
 
 mod build;
 mod dead;
@@ -38,6 +40,17 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `taskhost check`: the worker's own flags, and how to print the report.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub flags: WorkerFlags,
+    /// One JSON object (`{"passed": …, "checks": [{"name", "status", "detail"}]}`) instead of
+    /// lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Celery's log levels.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogLevel {
@@ -59,6 +72,10 @@ pub enum LogFormat {
 pub enum Command {
     /// Consume Celery queues from Redis and run their tasks in the plugins of a directory.
     Worker(WorkerFlags),
+    /// Check, before traffic arrives, that a worker started with these flags (and the
+    /// environment and config file) would work here: config, Redis, ACL, eviction,
+    /// persistence, clocks, plugins, grants, schedule, fleet trust. Exits 1 if it would not.
+    Check(CheckArgs),
     /// Try it out: a worker on a private redis-server (unless a broker is given) that stops
     /// with it, with the plugins of a directory.
     Dev(worker::DevArgs),
@@ -193,6 +210,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Worker(flags) => worker::worker(&flags).await?,
         Command::Dev(args) => worker::dev(&args).await?,
+        Command::Check(args) => return check(&args).await,
         Command::Call(args) => return task::call(&args).await,
         Command::Exec(args) => return task::exec(&args).await,
         Command::New(args) => return new::new(&args),
@@ -209,4 +227,19 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Schedule(command) => schedule::schedule(command).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let report = crate::check::run(&args.flags).await;
+    if args.json {
+        let json = serde_json::json!({ "passed": report.passed(), "checks": report.checks });
+        println!("{json}");
+    } else {
+        print!("{}", report.lines());
+    }
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -36,6 +36,7 @@ pub mod eviction;
 pub mod fleet;
 mod follow;
 pub mod keys;
+pub mod probe;
 pub mod recovery;
 pub mod schedule;
 mod scripts;

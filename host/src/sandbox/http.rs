@@ -69,7 +69,7 @@ fn warn_within(budget: &Mutex<LogBudget>, plugin: &str, task_id: &str, line: &st
 /// shared (CGNAT), reserved, unique- and site-local; and an IPv6 address that carries an
 /// IPv4 one (mapped, compatible, NAT64 64:ff9b::/96, 6to4 2002::/16) when that one is, and
 /// Teredo (2001::/32), whose embedded address is obscured.
-fn is_private(ip: std::net::IpAddr) -> bool {
+pub fn is_private(ip: std::net::IpAddr) -> bool {
     use std::net::{IpAddr, Ipv4Addr};
     match ip {
         IpAddr::V4(v4) => {

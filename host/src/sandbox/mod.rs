@@ -31,6 +31,7 @@ mod reuse;
 mod state;
 mod ticker;
 
+pub use http::is_private;
 pub use incremental::private_dir;
 pub use outcome::{Failure, FailureKind, Outcome};
 pub use recycle::recyclable;

@@ -303,8 +303,9 @@ fn settling(
     (settler, dead_letters)
 }
 
-/// The engine every plugin of this worker is compiled for and runs in.
-fn sandbox(config: &WorkerConfig) -> anyhow::Result<Arc<Sandbox>> {
+/// The engine every plugin of this worker is compiled for and runs in (`taskhost check`
+/// loads the plugins in the same).
+pub fn sandbox(config: &WorkerConfig) -> anyhow::Result<Arc<Sandbox>> {
     Ok(Arc::new(Sandbox::new(&SandboxOptions {
         max_instances: config.pool_instances,
         max_memory_bytes: config.grants.max_memory_bytes(),
