@@ -953,6 +953,46 @@ fn healthz_is_503_while_redis_is_down_and_200_once_it_is_back() {
 }
 
 #[test]
+fn livez_stays_alive_through_a_redis_outage_while_taskhost_health_follows_healthz() {
+    let mut m = Measured::start("mon-livez");
+    let health = |m: &Measured, extra: &[&str]| {
+        let mut args = vec!["health", "--addr", m.addr.as_str()];
+        args.extend(extra);
+        Process::run(&m.dir, &args)
+    };
+    assert!(health(&m, &[]).status.success(), "healthy at start");
+    m.redis.kill();
+    wait_for("/healthz to report Redis down", || {
+        Some(m.healthz()).filter(|(status, _)| *status == 503)
+    });
+    let (status, body) = http_get(&m.addr, "/livez", None).expect("/livez answers");
+    assert_eq!(
+        status, 200,
+        "a Redis outage is not a restart's to mend: {body}"
+    );
+    assert!(health(&m, &["--live"]).status.success());
+    let unhealthy = health(&m, &[]);
+    assert_eq!(unhealthy.status.code(), Some(1), "{unhealthy:?}");
+    assert!(
+        unhealthy.stdout.contains("\"connected\":false"),
+        "{unhealthy:?}"
+    );
+    m.redis.restart();
+    wait_for("taskhost health to pass again", || {
+        health(&m, &[]).status.success().then_some(())
+    });
+}
+
+#[test]
+fn taskhost_health_fails_when_nothing_listens() {
+    let dir = TestDir::new("mon-health-nothing");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let out = Process::run(&dir, &["health", "--addr", &addr]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains(&addr), "{out:?}");
+}
+
+#[test]
 fn the_metrics_endpoint_answers_404_elsewhere() {
     let m = Measured::start("mon-404");
     let (status, _) = http_get(&m.addr, "/nothing", None).expect("answers");

@@ -25,9 +25,17 @@ use crate::config::WorkerFlags;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
 
+/// This build's version and the commit it was built from (`host/build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TASKHOST_COMMIT"),
+    ")"
+);
+
 /// A Celery-compatible worker that runs each task type as a sandboxed WebAssembly component.
 #[derive(Debug, Parser)]
-#[command(name = "taskhost", version, propagate_version = true)]
+#[command(name = "taskhost", version = VERSION, propagate_version = true)]
 pub struct Cli {
     /// Log level, as Celery's: DEBUG, INFO, WARNING, ERROR, CRITICAL [default: INFO for worker
     /// and dev, WARNING otherwise]. RUST_LOG, if set, overrides it.
@@ -49,6 +57,17 @@ pub struct CheckArgs {
     /// lines.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `taskhost health`: where the worker listens, and which answer to ask for.
+#[derive(Debug, clap::Args)]
+pub struct HealthArgs {
+    /// The worker's `--metrics-addr` (a wildcard address is asked on loopback).
+    #[arg(long, env = "TASKHOST_METRICS_ADDR", default_value = "127.0.0.1:9808")]
+    pub addr: String,
+    /// Ask `/livez` (its loops run) instead of `/healthz` (it fetches, Redis answers).
+    #[arg(long)]
+    pub live: bool,
 }
 
 /// Celery's log levels.
@@ -76,6 +95,9 @@ pub enum Command {
     /// environment and config file) would work here: config, Redis, ACL, eviction,
     /// persistence, clocks, plugins, grants, schedule, fleet trust. Exits 1 if it would not.
     Check(CheckArgs),
+    /// Ask a running worker's `/healthz` (or `/livez`) on its `--metrics-addr`: exit 0 when it
+    /// says healthy. A container's health check, where there is no curl.
+    Health(HealthArgs),
     /// Try it out: a worker on a private redis-server (unless a broker is given) that stops
     /// with it, with the plugins of a directory.
     Dev(worker::DevArgs),
@@ -211,6 +233,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Worker(flags) => worker::worker(&flags).await?,
         Command::Dev(args) => worker::dev(&args).await?,
         Command::Check(args) => return check(&args).await,
+        Command::Health(args) => return health(&args).await,
         Command::Call(args) => return task::call(&args).await,
         Command::Exec(args) => return task::exec(&args).await,
         Command::New(args) => return new::new(&args),
@@ -238,6 +261,19 @@ async fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         print!("{}", report.lines());
     }
     Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn health(args: &HealthArgs) -> anyhow::Result<ExitCode> {
+    use crate::monitor::probe;
+    let path = if args.live { "/livez" } else { "/healthz" };
+    let addr = probe::local_address(&args.addr);
+    let (status, body) = probe::get(&addr, path, std::time::Duration::from_secs(3)).await?;
+    print!("{body}");
+    Ok(if status == 200 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -1,5 +1,7 @@
-//! The operator's HTTP endpoint (`--metrics-addr`): `GET /metrics` in Prometheus' text format
-//! and `GET /healthz`, healthy only while the worker is really consuming. A deliberately small
+//! The operator's HTTP endpoint (`--metrics-addr`): `GET /metrics` in Prometheus' text format,
+//! `GET /healthz`, healthy only while the worker is really consuming (readiness), and
+//! `GET /livez`, alive while none of its loops has stopped (liveness: what a restart mends; a
+//! Redis outage is not). A deliberately small
 //! HTTP/1.1 server: one request per connection, GET only, bounded reads and time, so a stuck
 //! or hostile client costs one short-lived task and nothing else.
 
@@ -31,7 +33,12 @@ pub struct Health {
 
 impl Health {
     pub fn healthy(&self) -> bool {
-        self.connected && self.fetching && self.heartbeat && self.stopped_loops.is_empty()
+        self.connected && self.fetching && self.heartbeat && self.alive()
+    }
+
+    /// Every loop of the worker runs: what a restart would mend is not broken.
+    pub fn alive(&self) -> bool {
+        self.stopped_loops.is_empty()
     }
 }
 
@@ -169,7 +176,17 @@ async fn answer(mut stream: TcpStream, status: &dyn Status) {
             let code = if health.healthy() { 200 } else { 503 };
             respond(&mut stream, code, "application/json", &(body + "\n")).await;
         }
-        (_, "/metrics" | "/healthz") => {
+        ("GET", "/livez") => {
+            let health = status.health().await;
+            let body = json!({
+                "status": if health.alive() { "ok" } else { "stopped loops" },
+                "stopped_loops": health.stopped_loops,
+            })
+            .to_string();
+            let code = if health.alive() { 200 } else { 503 };
+            respond(&mut stream, code, "application/json", &(body + "\n")).await;
+        }
+        (_, "/metrics" | "/healthz" | "/livez") => {
             respond(&mut stream, 405, "text/plain", "only GET is served\n").await;
         }
         _ => {
@@ -177,7 +194,7 @@ async fn answer(mut stream: TcpStream, status: &dyn Status) {
                 &mut stream,
                 404,
                 "text/plain",
-                "not found: try /metrics or /healthz\n",
+                "not found: try /metrics, /healthz or /livez\n",
             )
             .await
         }
