@@ -1,6 +1,7 @@
 //! The container image of `deploy/Containerfile`, built on this machine and run as an operator
 //! would: against a Redis, a Python Celery producer's `demo.add` comes back 5, `/healthz` says
-//! healthy, SIGTERM while a task runs lets it finish, and the worker inside is not root.
+//! healthy, SIGTERM while a task runs lets it finish, the worker inside is not root, and
+//! `taskhost check` runs in the image as docs/compose.md has the operator run it.
 //!
 //! No registry is reachable here, so the file's two bases come from local images the test
 //! builds: the binary and plugins this build made (`ARTIFACTS`), and a runtime base holding
@@ -251,6 +252,30 @@ fn the_image_runs_a_celery_task_stays_healthy_stops_cleanly_and_is_not_root() {
         finished || client.llen("celery") == 1,
         "the running task neither finished nor went back: {doc:?}\n{}",
         logs()
+    );
+    // docs/compose.md's step 2: `taskhost check` in the image, with the worker's settings.
+    let checked = podman_ok(
+        &dir,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            "--entrypoint",
+            "/usr/local/bin/taskhost",
+            "-e",
+            &format!("CELERY_BROKER_URL={}", redis.url(0)),
+            "-e",
+            &format!("CELERY_RESULT_BACKEND={}", redis.url(1)),
+            &image,
+            "check",
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(
+        checked.stdout.contains("ok    plugins"),
+        "{}",
+        checked.stdout
     );
     drop(container);
 }
