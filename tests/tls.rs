@@ -155,3 +155,50 @@ fn without_a_client_certificate_a_server_that_asks_for_one_refuses_at_start() {
     assert!(!status.success(), "{log}");
     assert!(log.contains("TLS to Redis at rediss://127.0.0.1"), "{log}");
 }
+
+/// `taskhost check --json` against `tls` with the URL query `query`: exit status and report.
+fn check_over_tls(tls: &Tls, query: &str) -> (Option<i32>, serde_json::Value) {
+    let plugins = tls.dir.plugins(&["demo"]);
+    let plugins = plugins.to_string_lossy().into_owned();
+    let mut command = Process::command(&tls.dir, &["check", "--json", "--plugins", &plugins]);
+    command.env("CELERY_BROKER_URL", tls.url(0, query));
+    let out = Process::run_command(&tls.dir, command);
+    let report = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {out:?}"));
+    (out.status.code(), report)
+}
+
+fn check_named<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no {name} in {report:#}"))
+}
+
+#[test]
+fn check_reaches_a_tls_redis_and_says_so() {
+    let tls = Tls::start("check", false);
+    let (code, report) = check_over_tls(&tls, &ca_query(&tls.certs));
+    let broker = check_named(&report, "broker");
+    assert_eq!(broker["status"], "ok", "{report:#}");
+    assert!(
+        broker["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("over TLS")),
+        "{broker}"
+    );
+    assert_eq!(code, Some(0), "{report:#}");
+}
+
+#[test]
+fn check_fails_a_tls_redis_whose_certificate_is_not_trusted() {
+    let tls = Tls::start("check-untrusted", false);
+    // No CA named: the server's certificate, signed by the test's own CA, is not trusted.
+    let (code, report) = check_over_tls(&tls, "ssl_cert_reqs=required");
+    assert_eq!(
+        check_named(&report, "broker")["status"],
+        "fail",
+        "{report:#}"
+    );
+    assert_eq!(code, Some(1));
+}
