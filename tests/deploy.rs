@@ -123,3 +123,30 @@ fn the_kubernetes_workers_stop_within_their_grace_and_are_probed_as_documented()
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(pod["securityContext"]["runAsUser"], 1000);
 }
+
+#[test]
+fn the_systemd_unit_verifies_and_is_hardened() {
+    let dir = taskhost_tests::TestDir::new("deploy-systemd");
+    let unit = std::fs::read_to_string(root().join("deploy/taskhost.service")).expect("read");
+    for hardening in [
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "CacheDirectoryMode=0700",
+    ] {
+        assert!(unit.contains(hardening), "{hardening}");
+    }
+    // systemd checks the binary named exists: this build's.
+    let binary = taskhost_tests::taskhost_bin();
+    let here = dir.write(
+        "taskhost.service",
+        &unit.replace("/usr/local/bin/taskhost", &binary.to_string_lossy()),
+    );
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&here)
+        .output()
+        .expect("systemd-analyze (systemd) on PATH");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+}

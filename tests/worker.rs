@@ -571,3 +571,60 @@ fn a_task_sent_after_the_worker_stopped_waits_in_the_queue() {
     assert_eq!(s.client.llen("celery"), 1);
     assert_eq!(s.client.state(&id), None);
 }
+
+#[test]
+fn as_pid_1_the_worker_reaps_the_orphans_handed_to_it() {
+    // A PID namespace of its own makes the worker its PID 1, as in a container; a process
+    // entered into that namespace leaves an orphan that exits: the worker must collect it.
+    let dir = TestDir::new("pid1");
+    let redis = RedisServer::start(&dir);
+    let plugins = dir.plugins(&["demo"]);
+    let plugins = plugins.to_string_lossy().into_owned();
+    let mut command = std::process::Command::new("unshare");
+    command
+        .args(["--pid", "--fork", "--kill-child"])
+        .arg(taskhost_tests::taskhost_bin())
+        .args(["worker", "--plugins", &plugins, "-n", "pid1@test"])
+        .env("CELERY_BROKER_URL", redis.url(0))
+        .env("CELERY_RESULT_BACKEND", redis.url(1))
+        .current_dir(dir.path());
+    let unshare = Process::spawn(&dir, "worker.log", command);
+    unshare.wait_log("worker ready");
+    let worker = children_of(unshare.pid())
+        .into_iter()
+        .next()
+        .expect("the worker, unshare's child");
+    let out = std::process::Command::new("nsenter")
+        .args(["--target", &worker.to_string(), "--pid", "--"])
+        .args(["sh", "-c", "sleep 1 &"])
+        .output()
+        .expect("run nsenter");
+    assert!(out.status.success(), "{out:?}");
+    // sh exited at once: its `sleep` is the worker's child now, for the second it lives.
+    let orphan = wait_for("the orphan to be handed to the worker", || {
+        children_of(worker).into_iter().next()
+    });
+    wait_for("the orphan to be reaped, not left a zombie", || {
+        (!std::path::Path::new(&format!("/proc/{orphan}")).exists()).then_some(())
+    });
+}
+
+/// The pids whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // `pid (comm) state ppid …`: the fields after the last `)`.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            children.push(child);
+        }
+    }
+    children
+}

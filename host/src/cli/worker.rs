@@ -10,6 +10,9 @@ use std::path::Path;
 pub async fn worker(flags: &WorkerFlags) -> anyhow::Result<()> {
     let config = WorkerConfig::resolve(flags, None)?;
     note_celery_flags(flags);
+    if std::process::id() == 1 {
+        reap_orphans();
+    }
     let signals = signals();
     crate::worker::run(config, signals.nth(1), signals.nth(2)).await
 }
@@ -117,4 +120,30 @@ impl Signals {
             let _ = rx.wait_for(|count| *count >= n).await;
         }
     }
+}
+
+/// As a container's PID 1, collects the exit status of every orphan the kernel hands it (a
+/// process exec'd into the container whose parent exited first), which would otherwise stay a
+/// zombie for the container's life. Only for `worker`: it starts no children of its own whose
+/// status it would then take from their waiter.
+fn reap_orphans() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut exits) = signal(SignalKind::child()) else {
+        tracing::warn!("cannot listen for SIGCHLD: orphans handed to this PID 1 stay zombies");
+        return;
+    };
+    tokio::spawn(async move {
+        while exits.recv().await.is_some() {
+            loop {
+                let mut status = 0;
+                // SAFETY: waitpid only collects an exited child's status into `status`, a
+                // local; WNOHANG never blocks.
+                #[allow(unsafe_code)]
+                let pid = unsafe { libc::waitpid(-1, &raw mut status, libc::WNOHANG) };
+                if pid <= 0 {
+                    break;
+                }
+            }
+        }
+    });
 }
