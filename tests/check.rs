@@ -65,6 +65,20 @@ fn check(
     (out, report)
 }
 
+/// [`check`] on a Redis of its own, set up for production and then given `redis_commands`.
+fn check_after(
+    test: &str,
+    redis_commands: &str,
+    config: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Output, Value) {
+    let dir = TestDir::new(test);
+    let redis = production_redis(&dir);
+    redis.apply(redis_commands);
+    check(&dir, &redis, config, args, env)
+}
+
 /// The crucible grants of the README's operator section, on a loopback executor and storage.
 fn crucible_grants() -> String {
     "[plugins.crucible]\ntasks = [\"tasks.*\"]\n\
@@ -88,9 +102,7 @@ fn named<'a>(report: &'a Value, name: &str) -> (&'a str, &'a str) {
 
 #[test]
 fn the_readmes_production_set_up_passes_every_check() {
-    let dir = TestDir::new("check-production");
-    let redis = production_redis(&dir);
-    let (out, report) = check(&dir, &redis, &crucible_grants(), &[], &[]);
+    let (out, report) = check_after("check-production", "", &crucible_grants(), &[], &[]);
     let not_ok: Vec<&Value> = report["checks"]
         .as_array()
         .expect("checks")
@@ -118,10 +130,13 @@ fn the_readmes_production_set_up_passes_every_check() {
 
 #[test]
 fn an_evicting_policy_is_a_warning_that_names_what_would_be_deleted() {
-    let dir = TestDir::new("check-eviction");
-    let redis = production_redis(&dir);
-    redis.apply("CONFIG SET maxmemory-policy allkeys-lru");
-    let (out, report) = check(&dir, &redis, &crucible_grants(), &[], &[]);
+    let (out, report) = check_after(
+        "check-eviction",
+        "CONFIG SET maxmemory-policy allkeys-lru",
+        &crucible_grants(),
+        &[],
+        &[],
+    );
     let (status, detail) = named(&report, "broker eviction");
     assert_eq!(status, "warn", "{detail}");
     assert!(
@@ -133,21 +148,27 @@ fn an_evicting_policy_is_a_warning_that_names_what_would_be_deleted() {
 
 #[test]
 fn persistence_off_is_a_warning() {
-    let dir = TestDir::new("check-aof");
-    let redis = production_redis(&dir);
-    redis.apply("CONFIG SET appendonly no");
-    let (_, report) = check(&dir, &redis, &crucible_grants(), &[], &[]);
+    let (_, report) = check_after(
+        "check-aof",
+        "CONFIG SET appendonly no",
+        &crucible_grants(),
+        &[],
+        &[],
+    );
     let (status, detail) = named(&report, "broker persistence");
     assert_eq!(status, "warn", "{detail}");
 }
 
 #[test]
 fn an_acl_user_without_a_command_the_worker_runs_fails_naming_it() {
-    let dir = TestDir::new("check-acl");
-    let redis = production_redis(&dir);
     // The recipe's worker, less the scripts every settle runs.
-    redis.apply("ACL SETUSER worker -@scripting");
-    let (out, report) = check(&dir, &redis, &crucible_grants(), &[], &[]);
+    let (out, report) = check_after(
+        "check-acl",
+        "ACL SETUSER worker -@scripting",
+        &crucible_grants(),
+        &[],
+        &[],
+    );
     let (status, detail) = named(&report, "broker acl");
     assert_eq!(status, "fail", "{detail}");
     assert!(
@@ -160,16 +181,9 @@ fn an_acl_user_without_a_command_the_worker_runs_fails_naming_it() {
 
 #[test]
 fn an_acl_user_without_a_queue_the_worker_consumes_fails_naming_the_key() {
-    let dir = TestDir::new("check-acl-queue");
-    let redis = production_redis(&dir);
     // The recipe grants `celery*`: a queue named otherwise is not the worker's to read.
-    let (out, report) = check(
-        &dir,
-        &redis,
-        &crucible_grants(),
-        &["-Q", "evaluations"],
-        &[],
-    );
+    let queue = ["-Q", "evaluations"];
+    let (out, report) = check_after("check-acl-queue", "", &crucible_grants(), &queue, &[]);
     let (status, detail) = named(&report, "broker acl");
     assert_eq!(status, "fail", "{detail}");
     assert!(detail.contains("evaluations"), "{detail}");
@@ -178,10 +192,8 @@ fn an_acl_user_without_a_queue_the_worker_consumes_fails_naming_the_key() {
 
 #[test]
 fn a_clock_a_minute_off_fails() {
-    let dir = TestDir::new("check-clock");
-    let redis = production_redis(&dir);
     let skewed = [("TASKHOST_TEST_CLOCK_SKEW_MS", "60000")];
-    let (out, report) = check(&dir, &redis, &crucible_grants(), &[], &skewed);
+    let (out, report) = check_after("check-clock", "", &crucible_grants(), &[], &skewed);
     let (status, detail) = named(&report, "broker clock");
     assert_eq!(status, "fail", "{detail}");
     assert!(detail.contains("60.0 s ahead"), "{detail}");
@@ -206,13 +218,11 @@ fn a_granted_name_that_resolves_to_a_private_address_fails_unless_allowed() {
 
 #[test]
 fn a_bad_schedule_fails_the_config_naming_the_entry() {
-    let dir = TestDir::new("check-schedule");
-    let redis = production_redis(&dir);
     let config = format!(
         "{}\n[schedule.\"broken\"]\ntask = \"tasks.health_check\"\ncron = \"61 * * * *\"\n",
         crucible_grants()
     );
-    let (out, report) = check(&dir, &redis, &config, &[], &[]);
+    let (out, report) = check_after("check-schedule", "", &config, &[], &[]);
     let (status, detail) = named(&report, "config");
     assert_eq!(status, "fail", "{detail}");
     assert!(detail.contains("broken"), "{detail}");
